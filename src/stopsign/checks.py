@@ -1,0 +1,210 @@
+"""Data checks before training: class counts and imbalance, exact and near-duplicate images.
+
+A copy of a photo in both train and validation makes validation accuracy a memory test, and with
+~20 validation images one leaked copy moves accuracy by five points; these checks find such copies.
+Files that fail to open are skipped here without a word: the data module reports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+NEAR_THRESHOLD = 6  # Hamming distance (of 64 bits) at or under which two images count as near duplicates
+IMBALANCE_WARNING = 3.0  # warn when the largest class has this many times the images of the smallest
+_HASH_SIDE = 8  # 8 x 8 low-frequency DCT coefficients = a 64-bit hash
+_SAMPLE_SIDE = 32  # the image is reduced to 32 x 32 grey before the DCT, as in the usual pHash
+
+
+def _dct_matrix(size: int) -> np.ndarray:
+    positions = np.arange(size)
+    return np.cos(np.pi * (2 * positions[None, :] + 1) * positions[:, None] / (2 * size))
+
+
+_DCT = _dct_matrix(_SAMPLE_SIDE)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """The 64-bit DCT perceptual hash (pHash) of an image.
+
+    Written by hand because no well-kept pHash library is among our dependencies (imagehash would
+    pull in scipy and PyWavelets for twenty lines of numpy). Bit i is set when the i-th of the 8 x 8
+    lowest-frequency DCT coefficients of the 32 x 32 grey image lies above their median, so resizing,
+    re-encoding and small colour changes leave most bits unchanged.
+    """
+    grey = image.convert("L").resize((_SAMPLE_SIDE, _SAMPLE_SIDE), Image.Resampling.LANCZOS)
+    coefficients = _DCT @ np.asarray(grey, dtype=float) @ _DCT.T
+    low = coefficients[:_HASH_SIDE, :_HASH_SIDE]
+    bits = (low > np.median(low)).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _open_small(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    # A JPEG decodes straight to grey at 1/2 to 1/8 scale: most of the speed on full-size photos.
+    image.draft("L", (4 * _SAMPLE_SIDE, 4 * _SAMPLE_SIDE))
+    image = ImageOps.exif_transpose(image)  # a copy rotated by EXIF and one rotated in pixels look alike
+    image.thumbnail((4 * _SAMPLE_SIDE, 4 * _SAMPLE_SIDE))
+    return image
+
+
+def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
+    differing = hashes[rows, None] ^ hashes[None, :]
+    return np.unpackbits(differing.view(np.uint8).reshape(*differing.shape, 8), axis=-1).sum(axis=-1)
+
+
+def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD) -> dict:
+    """Groups of identical files (sha256 of the bytes) and of look-alike images (pHash within near_threshold).
+
+    Returns {"exact": [[path, ...]], "near": [{"paths": [...], "max_distance": d}], "unreadable": [...],
+    "seconds": s}. A near group lists every file of each look-alike content, exact copies included,
+    and is reported only when it holds at least two different contents.
+    """
+    start = time.perf_counter()
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    hash_of: dict[str, int] = {}
+    unreadable = []
+    for path in map(str, paths):
+        try:
+            data = Path(path).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest not in hash_of:  # decode one file per content
+                hash_of[digest] = perceptual_hash(_open_small(data))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable.append(path)
+            continue
+        by_digest[digest].append(path)
+
+    exact = [sorted(group) for group in by_digest.values() if len(group) > 1]
+    digests = list(by_digest)
+    hashes = np.array([hash_of[d] for d in digests], dtype=np.uint64)
+    near = []
+    for members in _linked_groups(hashes, near_threshold):
+        inside = hashes[members]
+        near.append({
+            "paths": sorted(p for m in members for p in by_digest[digests[m]]),
+            "max_distance": int(_hamming_distances(inside, slice(None)).max()),
+        })
+    seconds = time.perf_counter() - start
+    logger.info("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact), len(near))
+    return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable, "seconds": seconds}
+
+
+def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list[list[int]]:
+    """Connected components (two or more members) of the graph "Hamming distance <= threshold"."""
+    parent = list(range(len(hashes)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for first in range(0, len(hashes), block):  # blocks of rows keep the distance matrix small
+        distances = _hamming_distances(hashes, slice(first, first + block))
+        for i, j in zip(*np.nonzero(distances <= threshold)):
+            a, b = root(first + i), root(j)
+            if a != b:
+                parent[a] = b
+    groups = defaultdict(list)
+    for i in range(len(hashes)):
+        groups[root(i)].append(i)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def check_data(splits: dict[str, list], class_names: list[str]) -> dict:
+    """Class counts, imbalance and duplicates of a split data set, with a plain sentence per problem.
+
+    `splits` maps a split name ("train", "val", "test") to its samples (anything with .path and .label).
+    A duplicate group is cross-split when its files lie in more than one split: the held-out copies
+    were seen in training (or are counted twice), so held-out scores are inflated.
+    """
+    warnings = []
+    class_counts = {
+        split: {name: Counter(s.label for s in samples)[k] for k, name in enumerate(class_names)}
+        for split, samples in splits.items()
+    }
+    imbalance = _imbalance(class_counts, class_names)
+    if imbalance["warning"]:
+        warnings.append(imbalance["warning"])
+    for split, counts in class_counts.items():
+        missing = [name for name, count in counts.items() if count == 0]
+        if split != "train" and missing and sum(counts.values()):
+            warnings.append(
+                f"The {split} split has no images of {', '.join(map(repr, missing))}: their recall "
+                "(and the ROC AUC) cannot be measured on it."
+            )
+
+    where: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for split, samples in splits.items():
+        for sample in samples:
+            where[str(sample.path)].append((split, int(sample.label)))
+    listed_twice = [path for path, places in where.items() if len(places) > 1]
+    if listed_twice:
+        warnings.append(f"Files listed more than once: {len(listed_twice)} (first: {listed_twice[0]}).")
+
+    found = find_duplicates(list(where))
+
+    def describe(paths: list[str]) -> dict:
+        files = [
+            {"path": path, "split": split, "label": class_names[label]}
+            for path in paths
+            for split, label in where[path]
+        ]
+        return {
+            "files": files,
+            "cross_split": len({f["split"] for f in files}) > 1,
+            "labels_disagree": len({f["label"] for f in files}) > 1,
+        }
+
+    exact = [describe(paths) for paths in found["exact"]]
+    near = [{**describe(group["paths"]), "max_distance": group["max_distance"]} for group in found["near"]]
+    cross_split = sum(group["cross_split"] for group in exact + near)
+    if exact:
+        copies = sum(len(group["files"]) - 1 for group in exact)
+        warnings.append(f"Images stored more than once under different names: {len(exact)} ({copies} extra files).")
+    if near:
+        warnings.append(f"Groups of near-duplicate images (resized, re-encoded or lightly edited copies): {len(near)}.")
+    if cross_split:
+        warnings.append(
+            f"Duplicate groups spanning more than one split: {cross_split}. The held-out copies were seen in "
+            "training, so held-out accuracy is inflated; keep each group in one split or remove the copies."
+        )
+    disagree = sum(group["labels_disagree"] for group in exact + near)
+    if disagree:
+        warnings.append(f"Duplicate groups whose copies carry different labels: {disagree}. Fix the labels.")
+    return {
+        "class_counts": class_counts,
+        "imbalance": imbalance,
+        "exact_duplicates": exact,
+        "near_duplicates": near,
+        "cross_split": cross_split,
+        "duplicate_seconds": found["seconds"],
+        "warnings": warnings,
+    }
+
+
+def _imbalance(class_counts: dict[str, dict[str, int]], class_names: list[str]) -> dict:
+    totals = {name: sum(counts[name] for counts in class_counts.values()) for name in class_names}
+    largest = max(totals, key=totals.get)
+    smallest = min(totals, key=totals.get)
+    if totals[smallest] == 0:
+        return {"ratio": None, "warning": f"Class {smallest!r} has no images at all: add some or drop the class."}
+    ratio = totals[largest] / totals[smallest]
+    warning = None
+    if ratio >= IMBALANCE_WARNING:
+        warning = (
+            f"Classes are imbalanced: {largest!r} has {totals[largest]} images, {smallest!r} only "
+            f"{totals[smallest]} (ratio {ratio:.1f}). Accuracy flatters a model that favours {largest!r}; "
+            "read per-class recall and macro F1."
+        )
+    return {"ratio": ratio, "warning": warning}

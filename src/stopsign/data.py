@@ -1,0 +1,335 @@
+"""Labelled data sets: the four layouts on disk, validation of their labels, the seeded stratified split.
+
+`load_data()` recognises the layout, checks every entry, and either returns a `LabelledData` or
+raises one `DataError` that lists every problem found and says how to fix it. Decoding the images
+is `images.py`'s business; here a file only has to exist inside the data folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from .errors import DataError
+from .images import list_images
+
+logger = logging.getLogger(__name__)
+
+ANNOTATIONS = "_annotations.json"
+VAL_FOLDERS = ("val", "valid", "validation")
+MAX_LISTED = 20  # problems shown in one error; the rest are counted
+LAYOUT_HELP = """stopsign reads four layouts:
+  1. CV Studio export: DATA/_annotations.json, images in DATA/images/ (or beside the JSON)
+  2. class folders:    DATA/<class>/*.jpg
+  3. split folders:    DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg (optional DATA/test/)
+  4. CSV:              DATA/labels.csv or any DATA.csv with the header filename,label"""
+CVSTUDIO_FIX = f"Fix or delete these entries in {ANNOTATIONS} (or export the data set from CV Studio again)."
+FOLDERS_FIX = "Give each class its own folder of images: DATA/<class>/, or DATA/train/<class>/ and DATA/val/<class>/."
+CSV_FIX = "Fix these rows of the CSV: each row names one image file (relative to the CSV's folder) and its label."
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path  # absolute
+    label: int  # index into class_names
+
+
+@dataclass
+class LabelledData:
+    root: Path  # the data folder
+    layout: str  # "cvstudio" | "folders" | "splits" | "csv"
+    class_names: list[str]
+    samples: list[Sample]  # every sample, all splits together
+    splits: dict[str, list[Sample]] | None  # None unless the layout fixes "train", "val" (and "test")
+
+    def class_counts(self, samples: list[Sample] | None = None) -> dict[str, int]:
+        """Images per class name, in class order, zeros included."""
+        counts = Counter(sample.label for sample in (self.samples if samples is None else samples))
+        return {name: counts[index] for index, name in enumerate(self.class_names)}
+
+
+def load_data(path: str | os.PathLike, class_names: list[str] | None = None) -> LabelledData:
+    """Load a labelled data set in any of the four layouts (see LAYOUT_HELP).
+
+    `class_names` fixes the class order (a trained model's classes); a label outside it is an error.
+    """
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _load_cvstudio(path, class_names)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _load_csv(path, class_names)
+    if path.is_dir():
+        if (path / ANNOTATIONS).is_file():
+            return _load_cvstudio(path / ANNOTATIONS, class_names)
+        if (path / "labels.csv").is_file():
+            return _load_csv(path / "labels.csv", class_names)
+        if subfolders := _subfolders(path):
+            return _load_folders(path, subfolders, class_names)
+    reason = "does not exist" if not path.exists() else "is not a data set stopsign recognises"
+    raise DataError(f"{path}: {reason}.\n{LAYOUT_HELP}")
+
+
+def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledData:
+    root = json_path.parent
+    repeated: list[str] = []
+
+    def keep_pairs(pairs: list[tuple]) -> dict:
+        # json.loads silently keeps the last of two equal keys; a repeated file name is a labelling slip.
+        repeated.extend(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        return dict(pairs)
+
+    try:
+        document = json.loads(json_path.read_text(encoding="utf-8"), object_pairs_hook=keep_pairs)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{json_path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.\n"
+            "Repair the file there, or export the data set from CV Studio again."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{json_path}: cannot be read as UTF-8 text ({error}).\n{CVSTUDIO_FIX}") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{json_path}: the top level must be a JSON object.\n{CVSTUDIO_FIX}")
+    problems = [f"'{key}': appears more than once (keep one entry)" for key in repeated]
+    if document.get("type", "classification") != "classification":
+        problems.append(f"type is {document['type']!r}: stopsign needs a 'classification' export")
+    labels = document.get("labels")
+    if not (isinstance(labels, list) and all(isinstance(label, str) and label for label in labels)):
+        problems.append("'labels' must be a list of class names (strings)")
+        labels = None  # entries are still checked, but not against the labels
+    elif len(set(labels)) < len(labels):
+        problems.append(f"'labels' lists a class twice: {labels}")
+    annotations = document.get("annotations")
+    if not isinstance(annotations, dict):
+        problems.append("'annotations' must be an object mapping each file name to a list of labels")
+        annotations = {}
+    classes = list(class_names) if class_names is not None else list(labels or [])
+    folders = [root / "images", root] if (root / "images").is_dir() else [root]
+    samples, found = [], set()
+    for name, entry in annotations.items():
+        label, reasons = _one_label(entry)
+        if label is not None and labels is not None and label not in labels:
+            reasons.append(f"label {label!r} is not in 'labels' {labels}")
+        elif label is not None and class_names is not None and label not in classes:
+            reasons.append(f"label {label!r} is not one of the classes {classes}")
+        file = _locate(name, folders, root, reasons, allow_subfolders=False)
+        found.add(file)
+        if reasons:
+            problems.append(f"'{name}': " + "; ".join(reasons))
+        elif label in classes:  # not so when 'labels' was unreadable (already a problem)
+            samples.append(Sample(file, classes.index(label)))
+    _warn_unlisted(folders, found, json_path)
+    return _finish(root, "cvstudio", classes, labels, samples, None, problems, json_path, CVSTUDIO_FIX)
+
+
+def _one_label(entry: object) -> tuple[str | None, list[str]]:
+    """The entry's one label, or None and why there is not exactly one."""
+    if not (isinstance(entry, list) and all(isinstance(a, dict) and isinstance(a.get("label"), str) for a in entry)):
+        return None, ['must be a list of {"label": "<class>"} objects']
+    names = [annotation["label"] for annotation in entry]
+    if len(names) == 1:
+        return names[0], []
+    if not names:
+        return None, ["has no label: label it or delete the entry"]
+    return None, [f"has {len(names)} labels ({', '.join(names)}): a classification image needs exactly one"]
+
+
+def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
+    root = csv_path.parent
+    try:
+        reader = csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8-sig"), newline=""))
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{csv_path}: cannot be read as a UTF-8 CSV file ({error}).\n{CSV_FIX}") from None
+    if not {"filename", "label"} <= set(header):
+        raise DataError(f"{csv_path}: the header must be 'filename,label', found {','.join(header)!r}.\n{CSV_FIX}")
+    entries = [(line, (row["filename"] or "").strip(), (row["label"] or "").strip()) for line, row in rows]
+    own = sorted({label for _, _, label in entries if label})
+    classes = list(class_names) if class_names is not None else own
+    folders = [folder for folder in (root, root / "images") if folder.is_dir()]
+    problems, samples, first_line, found = [], [], {}, set()
+    for line, name, label in entries:
+        reasons = []
+        if not label:
+            reasons.append("has no label")
+        elif label not in classes:
+            reasons.append(f"label {label!r} is not one of the classes {classes}")
+        if name in first_line:
+            reasons.append(f"is listed again (first on line {first_line[name]})")
+        first_line.setdefault(name, line)
+        file = _locate(name, folders, root, reasons, allow_subfolders=True)
+        found.add(file)
+        if reasons:
+            problems.append(f"line {line} '{name}': " + "; ".join(reasons))
+        else:
+            samples.append(Sample(file, classes.index(label)))
+    _warn_unlisted(folders, found, csv_path)
+    return _finish(root, "csv", classes, own, samples, None, problems, csv_path, CSV_FIX)
+
+
+def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | None) -> LabelledData:
+    """Class folders, or split folders (train/ and val/, optional test/) each holding class folders."""
+    problems: list[str] = []
+    folders = {None: root}  # split name -> folder of class folders
+    if "train" in subfolders:
+        val_names = [name for name in VAL_FOLDERS if name in subfolders]
+        if not val_names:
+            raise DataError(f"{root}: has train/ but no val/ (or valid/, validation/) beside it.\n{LAYOUT_HELP}")
+        if len(val_names) > 1:
+            problems.append(f"several validation folders ({', '.join(val_names)}): keep one")
+        folders = {"train": root / "train", "val": root / val_names[0]}
+        folders.update({"test": root / "test"} if "test" in subfolders else {})
+    own = sorted({name for folder in folders.values() for name in _subfolders(folder)})
+    classes = list(class_names) if class_names is not None else own
+    splits = {split: _class_folders(folder, root, classes, problems) for split, folder in folders.items()}
+    for split in [split for split in ("train", "val") if split in splits]:  # each class must be in both
+        counts = Counter(classes[sample.label] for sample in splits[split])
+        problems += [f"{folders[split].name}/{name}: no images" for name in own if name in classes and not counts[name]]
+    if loose := list_images(root):
+        logger.warning("%s: %d image(s) outside the class folders were ignored", root, len(loose))
+    samples = [sample for split in splits.values() for sample in split]
+    layout, splits = ("folders", None) if None in splits else ("splits", splits)
+    return _finish(root, layout, classes, own, samples, splits, problems, root, FOLDERS_FIX)
+
+
+def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[str]) -> list[Sample]:
+    """Samples from folder/<class>/*; a folder naming an unknown class is a problem."""
+    samples = []
+    for name in _subfolders(folder):
+        if name not in classes:
+            problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
+            continue
+        for file in list_images(folder / name):
+            if _inside(file, root):
+                samples.append(Sample(file, classes.index(name)))
+            else:
+                problems.append(f"'{file.relative_to(root)}': links to a file outside the data folder")
+    return samples
+
+
+def _finish(root, layout, classes, own, samples, splits, problems, source, fix) -> LabelledData:
+    """Class-level checks, then one error with every problem, or the data set."""
+    counts = Counter(classes[sample.label] for sample in samples)
+    if own is not None:  # None: the data's own class list was unreadable (already a problem)
+        problems += [f"class '{name}' has no images" for name in own if name in classes and not counts[name]]
+        if len(own) < 2 and len(classes) < 2:
+            problems.append(f"found {len(own)} class(es) {own}: a classifier needs at least two")
+    if problems:
+        listed = [f"  - {problem}" for problem in problems[:MAX_LISTED]]
+        if len(problems) > MAX_LISTED:
+            listed.append(f"  ... and {len(problems) - MAX_LISTED} more")
+        raise DataError("\n".join([f"{source}: {len(problems)} problem(s):", *listed, fix]))
+    if missing := [name for name in classes if not counts[name]]:
+        logger.warning("%s: no images of class(es) %s", source, ", ".join(missing))
+    return LabelledData(root, layout, list(classes), samples, splits)
+
+
+def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], allow_subfolders: bool) -> Path | None:
+    """The file `name` in the first folder holding it; appends why not to `reasons`."""
+    parts = re.split(r"[\\/]", name)
+    if not name:
+        reasons.append("no file name")
+    elif os.path.isabs(name) or re.match(r"^([A-Za-z]:|[\\/])", name):
+        reasons.append("is an absolute path: name the file relative to the data folder")
+    elif ".." in parts:
+        reasons.append("contains '..': the file must be inside the data folder")
+    elif len(parts) > 1 and not allow_subfolders:
+        reasons.append("contains a path separator: give the plain file name")
+    else:
+        for folder in folders:
+            if (folder / name).is_file():  # False for broken links and link loops
+                if _inside(folder / name, root):
+                    return folder / name
+                reasons.append("links to a file outside the data folder")
+                return None
+        where = " or ".join(f"{folder.name}/" if folder != root else "the data folder" for folder in folders)
+        reasons.append(f"file not found (looked in {where})")
+    return None
+
+
+def _inside(file: Path, root: Path) -> bool:
+    # Resolving both sides follows every link, so a link out of the data folder is never opened.
+    return file.resolve().is_relative_to(root.resolve())
+
+
+def _subfolders(folder: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .git) are never classes.
+    try:
+        return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith(".") and entry.is_dir())
+    except OSError as error:
+        raise DataError(f"{folder}: cannot list the folder ({error.strerror or error})") from None
+
+
+def _warn_unlisted(folders: list[Path], listed: set[Path | None], source: Path) -> None:
+    unlisted = [file for folder in folders for file in list_images(folder) if file not in listed]
+    if unlisted:
+        logger.warning("%s: %d image(s) without a label were ignored, e.g. %s", source, len(unlisted), unlisted[0])
+
+
+def split_samples(samples: list[Sample], val_fraction: float, seed: int, *,
+                  class_names: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """A seeded stratified (train, val) split: about `val_fraction` of each class, at least one, in val.
+
+    Written by hand because sklearn's stratified split can leave a small class with no validation image.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    by_label = _by_label(samples, 2, "to draw a validation split", class_names)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(by_label):
+        group = by_label[label]
+        count = min(len(group) - 1, max(1, math.floor(val_fraction * len(group) + 0.5)))
+        order = rng.permutation(len(group))
+        val += [group[i] for i in order[:count]]
+        train += [group[i] for i in order[count:]]
+    return sorted(train, key=_order), sorted(val, key=_order)
+
+
+def kfold_samples(samples: list[Sample], folds: int, seed: int, *,
+                  class_names: list[str] | None = None) -> list[tuple[list[Sample], list[Sample]]]:
+    """Seeded stratified K-fold: `folds` (train, val) pairs; every sample is in val exactly once."""
+    if folds < 2:
+        raise DataError(f"folds must be 2 or more, got {folds}")
+    ordered = sorted(samples, key=_order)
+    _by_label(ordered, folds, f"for {folds}-fold cross-validation", class_names)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    labels = [sample.label for sample in ordered]
+    pairs = splitter.split(np.zeros(len(ordered)), labels)
+    return [([ordered[i] for i in train], [ordered[i] for i in val]) for train, val in pairs]
+
+
+def _order(sample: Sample) -> tuple[str, int]:
+    # Sorting first makes a split depend on the seed only, not on the order the files were listed in.
+    return str(sample.path), sample.label
+
+
+def _by_label(samples: list[Sample], minimum: int, purpose: str, class_names: list[str] | None) -> dict:
+    by_label = defaultdict(list)
+    for sample in sorted(samples, key=_order):
+        by_label[sample.label].append(sample)
+    if not by_label:
+        raise DataError(f"no images: at least {minimum} per class are needed {purpose}")
+    small = [
+        f"class {class_names[label]!r}" if class_names else f"class {label} (e.g. {group[0].path})"
+        for label, group in sorted(by_label.items())
+        if len(group) < minimum
+    ]
+    if small:
+        raise DataError(
+            f"{'; '.join(small)}: fewer than {minimum} images, the least needed {purpose}. "
+            "Add images to that class, or remove it from the data set."
+        )
+    return dict(by_label)

@@ -1,0 +1,17 @@
+"""The one exception type users see: every message names the file or value at fault and the fix."""
+
+
+class StopsignError(Exception):
+    """A problem the user can fix (bad data, a missing file, an unusable checkpoint)."""
+
+
+class DataError(StopsignError):
+    """The data set cannot be used as given; the message lists every offending entry."""
+
+
+class ImageError(StopsignError):
+    """One image file cannot be decoded; the message is the reason, for the skipped-files list."""
+
+
+class CheckpointError(StopsignError):
+    """A checkpoint is missing, unsafe, or does not describe a stopsign classifier."""

@@ -1,0 +1,272 @@
+"""Image views and the one batched pass of a frozen backbone over them, with an on-disk feature store.
+
+A frozen backbone in eval mode is a pure function of (weights, preprocessing, pixels), so the pooled
+features of every view of every image are computed once and reused by every later epoch, run, fold and
+trial. A stored feature is keyed by the backbone's weights and preprocessing (the folder) and by the image
+file's content digest and the view (the file name): a renamed image still hits, an edited one misses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbones import Backbone, file_sha256, get_spec, load_backbone, model_key, weights_path
+from .errors import StopsignError
+from .images import file_digest, read_image
+
+log = logging.getLogger(__name__)
+
+# Above this size the assembled feature matrix lives in a memory-mapped temporary file, not in RAM.
+IN_MEMORY_LIMIT = 1 << 30
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("STOPSIGN_CACHE"):
+        return Path(os.environ["STOPSIGN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stopsign" / "features"
+
+
+# --- views -----------------------------------------------------------------------------------------
+
+def view_params(digest: str, view: int, seed: int, rotation: float) -> tuple[bool, float]:
+    """View 0 is the plain image; view k >= 1 draws a flip and an angle from (seed, image content, k)."""
+    if view == 0:
+        return False, 0.0
+    rng = np.random.default_rng([seed, view, int(digest[:15], 16)])
+    return bool(rng.random() < 0.5), float(rng.uniform(-rotation, rotation))
+
+
+def view_tag(view: int, seed: int, rotation: float) -> str:
+    return "plain" if view == 0 else f"aug-s{seed}-r{rotation:g}-{view}"
+
+
+def render(image: Image.Image, preprocessing: dict, flip: bool = False, angle: float = 0.0) -> torch.Tensor:
+    """Resize to size×size, optionally flip and rotate, then normalise: the one preprocessing of the package."""
+    size = preprocessing["size"]
+    image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if flip:
+        image = TF.hflip(image)
+    if angle:
+        image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
+    return TF.normalize(TF.to_tensor(image), preprocessing["mean"], preprocessing["std"])
+
+
+class ViewsDataset(Dataset):
+    """Item i: every requested (flip, angle) view of image i as one tensor, or the reason it cannot be read.
+
+    Decoding happens here, in DataLoader workers, so it overlaps with the backbone's forward pass.
+    """
+
+    def __init__(self, paths: list[Path], views: list[list[tuple[bool, float]]], preprocessing: dict):
+        self.paths, self.views, self.preprocessing = paths, views, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        size = self.preprocessing["size"]
+        try:
+            image = read_image(self.paths[index], draft=(size, size))
+        except StopsignError as error:
+            return index, None, str(error)
+        tensors = [render(image, self.preprocessing, flip, angle) for flip, angle in self.views[index]]
+        return index, torch.stack(tensors), None
+
+
+def view_loader(dataset: ViewsDataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+                      persistent_workers=False)
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+class FeatureStore:
+    """One .npy file per (image digest, view) under a folder per backbone key; atomic writes, mmap reads."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, digest: str, tag: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}-{tag}.npy"
+
+    def get(self, digest: str, tag: str) -> np.ndarray | None:
+        path = self.path(digest, tag)
+        try:
+            return np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError):  # damaged by something outside our atomic writes
+            log.warning("ignoring damaged cache entry %s", path)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, digest: str, tag: str, array: np.ndarray) -> None:
+        path = self.path(digest, tag)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_npy(path, array)
+        except OSError as error:  # a full or read-only cache costs speed, never the run
+            log.warning("cannot write the feature cache at %s (%s); continuing without it", path, error)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: readers see a whole file or none."""
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".npy", delete=False)
+    try:
+        with handle:
+            np.save(handle, np.ascontiguousarray(array))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+
+
+def cache_info(root: Path | None = None) -> dict:
+    root = Path(root or default_cache_dir())
+    folders = {}
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        files = [p for p in folder.rglob("*.npy") if not p.name.startswith(".tmp-")]
+        folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return {"root": str(root), "folders": folders,
+            "entries": sum(f["entries"] for f in folders.values()),
+            "bytes": sum(f["bytes"] for f in folders.values())}
+
+
+def clear_cache(root: Path | None = None) -> dict:
+    info = cache_info(root)
+    root = Path(info["root"])
+    for name in info["folders"]:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return info
+
+
+# --- extraction -----------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureSet:
+    paths: list[Path]  # the images that could be read, in input order
+    digests: list[str]
+    features: np.ndarray  # (len(paths), len(views), feature_size) float32, columns in the order asked
+    skipped: dict[str, str] = field(default_factory=dict)  # path → reason
+    computed: int = 0  # views that went through the backbone (0 on a warm cache)
+
+
+class FeatureExtractor:
+    """A backbone, loaded only when some view is not in the store, and its store."""
+
+    def __init__(self, backbone: str, weights: str | None = None, *, cache_dir: Path | None = None,
+                 num_workers: int = 2, batch_size: int = 32, bf16: bool = False):
+        spec = get_spec(backbone)
+        self.name, self.weights = backbone, weights
+        self.weights_sha256 = file_sha256(weights_path(backbone, weights))
+        self.preprocessing, self.feature_size = dict(spec.preprocessing), spec.feature_size
+        self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
+        self.store = FeatureStore(Path(cache_dir) / self.key) if cache_dir else None
+        self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
+        self._backbone: Backbone | None = None
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.name, self.weights)
+        return self._backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a batch of preprocessed images."""
+        images = images.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return self.backbone.model(images).float()
+
+    def extract(self, paths: list[Path], *, views: Sequence[int] = (0,), seed: int = 0, rotation: float = 5.0,
+                progress: bool = False) -> FeatureSet:
+        """Features of the given views of each image (0 = plain, k >= 1 augmented), from the store or computed."""
+        views = list(views)
+        count = len(views)
+        tags = [view_tag(v, seed, rotation) for v in views]
+        digests, skipped, readable = [], {}, []
+        for path in paths:
+            try:
+                digests.append(file_digest(path))
+                readable.append(Path(path))
+            except (StopsignError, OSError) as error:
+                skipped[str(path)] = str(error)
+        features = _allocate((len(readable), count, self.feature_size), self.store)
+        missing: list[list[int]] = []
+        for row, digest in enumerate(digests):
+            need = []
+            for column, tag in enumerate(tags):
+                cached = self.store.get(digest, tag) if self.store else None
+                if cached is None or cached.shape != (self.feature_size,):
+                    need.append(column)
+                else:
+                    features[row, column] = cached
+            missing.append(need)
+        rows = [row for row, need in enumerate(missing) if need]
+        computed = 0
+        if rows:
+            dataset = ViewsDataset(
+                [readable[r] for r in rows],
+                [[view_params(digests[r], views[c], seed, rotation) for c in missing[r]] for r in rows],
+                self.preprocessing,
+            )
+            per_batch = max(1, self.batch_size // count)
+            bar = tqdm(total=len(rows), desc="features", unit="img", disable=not progress, leave=False)
+            bad_rows = set()
+            for batch in view_loader(dataset, per_batch, self.num_workers if len(rows) > per_batch else 0):
+                good = [(i, t) for i, t, error in batch if error is None]
+                for i, _, error in batch:
+                    if error is not None:
+                        skipped[str(readable[rows[i]])] = error
+                        bad_rows.add(rows[i])
+                if good:
+                    stacked = torch.cat([t for _, t in good])
+                    out = torch.cat([self.forward(chunk) for chunk in stacked.split(self.batch_size)]).numpy()
+                    at = 0
+                    for i, tensor in good:
+                        row = rows[i]
+                        for column in missing[row]:
+                            features[row, column] = out[at]
+                            if self.store:
+                                self.store.put(digests[row], tags[column], out[at])
+                            at += 1
+                    computed += len(stacked)
+                bar.update(len(batch))
+            bar.close()
+            if bad_rows:
+                keep = [r for r in range(len(readable)) if r not in bad_rows]
+                features = features[keep]
+                readable = [readable[r] for r in keep]
+                digests = [digests[r] for r in keep]
+        for path, reason in skipped.items():
+            log.warning("skipped %s: %s", path, reason)
+        return FeatureSet(readable, digests, np.asarray(features), skipped, computed)
+
+
+def _allocate(shape: tuple, store: FeatureStore | None) -> np.ndarray:
+    if np.prod(shape) * 4 <= IN_MEMORY_LIMIT or store is None:
+        return np.zeros(shape, dtype=np.float32)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=store.folder, prefix=".tmp-matrix-", suffix=".npy", delete=False)
+    handle.close()
+    array = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=shape)
+    os.unlink(handle.name)  # the mapping keeps the data alive; nothing is left behind on exit
+    return array

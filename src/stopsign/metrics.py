@@ -1,0 +1,246 @@
+"""Every number of an evaluation: accuracy and its interval, per class, ROC/PR, calibration, thresholds.
+
+`compute_metrics()` turns `Predictions` into one JSON-ready dict (plain floats, ints, lists, None).
+Each number scikit-learn defines is taken from scikit-learn, so the report can be checked against it;
+only what scikit-learn lacks (the Wilson interval, the binned calibration table and its ECE, the
+operating-point table) is computed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from .errors import DataError
+
+
+CALIBRATION_BINS = 10  # equal-width bins on the top-class probability
+POSITIVE = 1  # for two classes, class index 1 is "positive" (stop in the flagship data set)
+
+
+@dataclass
+class Predictions:
+    """What an evaluation scores: one row of class probabilities per image."""
+
+    paths: list[str]
+    y_true: np.ndarray  # (N,) int class indices
+    probs: np.ndarray  # (N, C) float probabilities, rows sum to 1
+    class_names: list[str]
+    threshold: float | None = None  # two classes only: predict class 1 when p1 >= threshold; None = argmax
+
+    def __post_init__(self):
+        self.paths = [str(p) for p in self.paths]
+        self.y_true = np.asarray(self.y_true, dtype=int).reshape(-1)
+        self.probs = np.asarray(self.probs, dtype=float)
+        self.class_names = list(self.class_names)
+        num_classes = len(self.class_names)
+        if self.probs.shape != (len(self.y_true), num_classes):
+            raise ValueError(
+                f"probs has shape {self.probs.shape}; expected one row per label and one column per class "
+                f"({len(self.y_true)}, {num_classes})"
+            )
+        if len(self.paths) != len(self.y_true):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.y_true)} labels")
+        if not np.allclose(self.probs.sum(axis=1), 1.0, atol=1e-3):
+            raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
+        if len(self.probs):  # float32 softmax rows sum to 1 ± 1e-7; scikit-learn's log_loss wants them exact
+            self.probs = self.probs / self.probs.sum(axis=1, keepdims=True)
+        if len(self.y_true) and (self.y_true.min() < 0 or self.y_true.max() >= num_classes):
+            raise ValueError(f"y_true holds class indices outside 0..{num_classes - 1}")
+        if self.threshold is not None and num_classes != 2:
+            raise ValueError(f"a decision threshold needs exactly two classes, not {num_classes}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        """Predicted class indices: argmax, or p1 >= threshold when a threshold is set (two classes)."""
+        if self.threshold is not None:
+            return (self.probs[:, POSITIVE] >= self.threshold).astype(int)
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """The probability given to the predicted class."""
+        return self.probs[np.arange(len(self.y_true)), self.y_pred]
+
+    def with_threshold(self, threshold: float | None) -> "Predictions":
+        return dataclasses.replace(self, threshold=threshold)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval for a proportion successes / n.
+
+    Written here because no dependency of ours has it (statsmodels is not one); unlike the normal
+    approximation it stays inside [0, 1] and is honest at n = 20 and at 20/20.
+    """
+    if n <= 0:
+        raise ValueError(f"a proportion needs n >= 1, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..{n}, got {successes}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    # At 0/n and n/n the bound is exactly 0 or 1; the formula gets there only up to rounding.
+    lo = 0.0 if successes == 0 else max(0.0, centre - margin)
+    hi = 1.0 if successes == n else min(1.0, centre + margin)
+    return lo, hi
+
+
+def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
+    """Score predictions. `threshold` (two classes only) overrides `pred.threshold`."""
+    if threshold is not None:
+        pred = pred.with_threshold(threshold)
+    n = len(pred.y_true)
+    if n == 0:
+        raise DataError("there are no predictions to score: the evaluation set is empty; add images to it")
+    labels = list(range(pred.num_classes))
+    y_true, y_pred = pred.y_true, pred.y_pred
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    correct = int((y_true == y_pred).sum())
+    result = {
+        "n": n,
+        "class_names": pred.class_names,
+        "threshold": pred.threshold,
+        "accuracy": accuracy_score(y_true, y_pred),
+        "accuracy_ci95": list(wilson_interval(correct, n)),
+        "log_loss": log_loss(y_true, pred.probs, labels=labels),
+        "per_class": {
+            name: {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
+            for k, name in enumerate(pred.class_names)
+        },
+        "macro_f1": f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels),
+        "confusion_normalized": confusion_matrix(y_true, y_pred, labels=labels, normalize="true"),
+    }
+    if pred.num_classes == 2:
+        result.update(_binary_curves(y_true, pred.probs[:, POSITIVE]))
+    else:
+        result.update(_one_vs_rest_auc(pred))
+    result["calibration"] = calibration_table(pred)
+    return json_ready(result)
+
+
+def _binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:
+    present = np.unique(y_true)
+    if len(present) < 2:
+        reason = f"undefined: only class index {int(present[0])} occurs in the true labels"
+        undefined = ("roc_auc", "roc", "pr_auc", "pr", "thresholds", "best_f1_threshold")
+        return {**dict.fromkeys(undefined), "roc_auc_reason": reason}
+    fpr, tpr, roc_thresholds = roc_curve(y_true, scores)
+    precision, recall, _ = precision_recall_curve(y_true, scores)
+    table = operating_points(y_true, scores)
+    return {
+        "roc_auc": roc_auc_score(y_true, scores),
+        "roc": {"fpr": fpr, "tpr": tpr, "thresholds": roc_thresholds},
+        "pr_auc": average_precision_score(y_true, scores),
+        "pr": {"precision": precision, "recall": recall},
+        "thresholds": table,
+        "best_f1_threshold": _best_f1(table),
+    }
+
+
+def operating_points(y_true: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """Precision, recall and false-positive rate of "positive when score >= t", for each distinct score t.
+
+    The counts come from scikit-learn's full ROC curve (every distinct score kept), highest threshold first.
+    """
+    positives = int((y_true == POSITIVE).sum())
+    negatives = len(y_true) - positives
+    fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
+    rows = []
+    for false_rate, true_rate, t in zip(fpr[1:], tpr[1:], thresholds[1:]):  # [0] is the "predict none" point
+        true_positives = round(true_rate * positives)
+        false_positives = round(false_rate * negatives)
+        predicted = true_positives + false_positives
+        precision = true_positives / predicted if predicted else 0.0
+        rows.append({"threshold": float(t), "precision": precision, "recall": float(true_rate), "fpr": float(false_rate)})
+    return rows
+
+
+def _best_f1(table: list[dict]) -> dict:
+    def f1(row):
+        total = row["precision"] + row["recall"]
+        return 2 * row["precision"] * row["recall"] / total if total else 0.0
+
+    best = max(table, key=f1)  # ties keep the highest threshold (the table runs high to low)
+    return {"threshold": best["threshold"], "f1": f1(best), "precision": best["precision"], "recall": best["recall"]}
+
+
+def _one_vs_rest_auc(pred: Predictions) -> dict:
+    per_class, reasons = {}, {}
+    for k, name in enumerate(pred.class_names):
+        is_k = pred.y_true == k
+        if is_k.all() or not is_k.any():
+            per_class[name] = None
+            reasons[name] = "undefined: every image is of this class" if is_k.all() else "undefined: no image of this class"
+        else:
+            per_class[name] = roc_auc_score(is_k, pred.probs[:, k])
+    result = {"roc_auc_per_class": per_class}
+    if reasons:
+        result["roc_auc"] = None
+        result["roc_auc_reason"] = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    else:
+        labels = list(range(pred.num_classes))
+        result["roc_auc"] = roc_auc_score(pred.y_true, pred.probs, multi_class="ovr", average="macro", labels=labels)
+    return result
+
+
+def calibration_table(pred: Predictions, bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability table on the top-class probability, and the expected calibration error.
+
+    The bins are right-closed like sklearn.calibration.calibration_curve's (0.1 falls in the first bin);
+    scikit-learn has no multi-class reliability table or ECE, so this is written here.
+    """
+    top = pred.probs.max(axis=1)
+    hit = pred.probs.argmax(axis=1) == pred.y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    bin_of = np.searchsorted(edges[1:-1], top)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = bin_of == b
+        count = int(inside.sum())
+        confidence = float(top[inside].mean()) if count else None
+        accuracy = float(hit[inside].mean()) if count else None
+        if count:
+            ece += count / len(top) * abs(accuracy - confidence)
+        rows.append(
+            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": confidence, "accuracy": accuracy}
+        )
+    return {"bins": rows, "ece": ece}
+
+
+def json_ready(value):
+    """numpy scalars and arrays to Python numbers and lists; non-finite floats (ROC's inf) to None."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value

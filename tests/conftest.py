@@ -1,0 +1,119 @@
+"""Shared test fixtures: small labelled image sets written to disk in each layout `load_data` reads.
+
+    def test_something(tmp_path, make_images):
+        root = make_images(tmp_path, {"stop": 6, "not_stop": 6}, layout="cvstudio")
+        data = load_data(root)
+
+Every image is different (a seeded 4×4 colour grid, so exact- and near-duplicate checks find
+none) and tinted by its class (red for the first class), so a classifier can tell the classes apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from stopsign.backbones import BACKBONES, BackboneSpec
+
+LAYOUTS = ("cvstudio", "folders", "splits", "csv")
+TINTS = [(220, 30, 30), (30, 160, 60), (40, 60, 200), (200, 180, 40)]  # one per class, cycling
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
+
+
+def make_image(seed: int, size: tuple[int, int] = (32, 32), tint=(128, 128, 128)) -> Image.Image:
+    """An RGB image unique to `seed`: a random 4×4 colour grid blended half-and-half with `tint`."""
+    grid = np.random.default_rng(seed).integers(0, 256, (4, 4, 3))
+    pixels = (grid * 0.5 + np.array(tint) * 0.5).astype(np.uint8)
+    return Image.fromarray(pixels).resize(size, Image.Resampling.NEAREST)
+
+
+def write_images(root: Path, counts: dict, layout: str = "folders", *, size=(32, 32), ext=".png") -> Path:
+    """Write a labelled image set under `root` and return the path to give `load_data`.
+
+    counts: {class: number of images}; for layout="splits" {split: {class: number}}, e.g.
+    {"train": {"stop": 4, "not_stop": 4}, "val": {"stop": 2, "not_stop": 2}}.
+    Layouts: "cvstudio" (root/_annotations.json + root/images/), "folders" (root/<class>/),
+    "splits" (root/<split>/<class>/), "csv" (root/labels.csv + root/images/). Files are named
+    <class>-<n><ext>, <split>-<class>-<n><ext> for splits.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    groups = counts if layout == "splits" else {None: counts}
+    class_names = sorted({name for group in groups.values() for name in group})
+    labels = {}  # file name -> class
+    seed = 0
+    for split, group in groups.items():
+        for name, count in group.items():
+            for index in range(count):
+                seed += 1
+                file_name = f"{split}-{name}-{index}{ext}" if split else f"{name}-{index}{ext}"
+                folder = {"folders": root / name, "splits": root / str(split) / name}.get(layout, root / "images")
+                folder.mkdir(parents=True, exist_ok=True)
+                tint = TINTS[class_names.index(name) % len(TINTS)]
+                make_image(seed, size, tint).save(folder / file_name)
+                labels[file_name] = name
+    if layout == "cvstudio":
+        annotations = {file: [{"label": name, "id": f"id-{i}"}] for i, (file, name) in enumerate(labels.items())}
+        document = {"version": "1.0", "type": "classification", "labels": class_names, "annotations": annotations}
+        (root / "_annotations.json").write_text(json.dumps(document, indent=1, ensure_ascii=False), encoding="utf-8")
+    elif layout == "csv":
+        with open(root / "labels.csv", "w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(["filename", "label"])
+            writer.writerows(labels.items())
+    return root
+
+
+@pytest.fixture
+def make_images():
+    """The `write_images` function: make_images(tmp_path, {"stop": 6, "not_stop": 6}, layout=...)."""
+    return write_images
+
+
+@pytest.fixture
+def shared_photos() -> Path:
+    """The real CV Studio export (197 street photos, 100 not_stop / 97 stop); skips where absent."""
+    if not (SHARED_PHOTOS / "_annotations.json").is_file():
+        pytest.skip(f"the shared real photos are not at {SHARED_PHOTOS}")
+    return SHARED_PHOTOS
+
+
+# --- a tiny backbone, so training tests take seconds -------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """A stand-in backbone: conv → BatchNorm → ReLU → global pool, 8 features, random fixed weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, images):
+        return torch.relu(self.norm(self.conv(images))).mean(dim=(2, 3))
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path_factory, monkeypatch) -> str:
+    """Register backbone "tiny" (32×32 input, 8 features) for this test; returns its name."""
+    torch.manual_seed(0)
+    weights = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(TinyNet().state_dict(), weights)
+
+    def build(state):
+        model = TinyNet()
+        model.load_state_dict(state)
+        return model
+
+    spec = BackboneSpec("tiny", 8, {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+                        lambda given: Path(given) if given else weights, build)
+    monkeypatch.setitem(BACKBONES, "tiny", spec)
+    monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return "tiny"

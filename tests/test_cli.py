@@ -1,0 +1,64 @@
+"""The command line: exit codes, the last line of train, output formats, messages."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from stopsign.cli import build_parser, main
+
+
+@pytest.fixture
+def data(tmp_path, make_images):
+    return make_images(tmp_path / "data", {"stop": 10, "not_stop": 10}, layout="cvstudio")
+
+
+def train_cli(tmp_path, data, *extra):
+    return main(["-q", "train", str(data), "--backbone", "tiny", "--epochs", "3", "--workers", "0",
+                 "--out", str(tmp_path / "runs"), "--name", "cli", "--val-fraction", "0.3", *extra])
+
+
+def test_train_prints_best_accuracy_and_run_folder_last(tmp_path, data, tiny_backbone, capsys):
+    assert train_cli(tmp_path, data) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("best validation accuracy ") and last.endswith(str(tmp_path / "runs" / "cli"))
+
+
+def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):
+    train_cli(tmp_path, data)
+    checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
+    capsys.readouterr()
+    assert main(["-q", "predict", checkpoint, str(data / "images"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 20 and set(rows[0]) == {"path", "label", "probabilities"}
+    assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert table[0]["label"] in ("stop", "not_stop") and 0 <= float(table[0]["probability"]) <= 1
+    (tmp_path / "bad.jpg").write_text("nope")
+    assert main(["-q", "predict", checkpoint, str(tmp_path / "bad.jpg"), str(data / "images" / "stop-0.png")]) == 1
+    out = capsys.readouterr().out
+    assert "error:" in out and "stop-0.png" in out
+
+
+def test_info_and_evaluate(tmp_path, data, tiny_backbone, capsys):
+    train_cli(tmp_path, data)
+    checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
+    capsys.readouterr()
+    assert main(["info", checkpoint]) == 0
+    out = capsys.readouterr().out
+    assert "['not_stop', 'stop']" in out and "head parameters    18" in out
+    assert main(["-q", "evaluate", checkpoint, str(data), "--out", str(tmp_path / "evals")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("accuracy ") and "95% CI" in out and "report.html" in out
+
+
+def test_data_errors_exit_2_with_the_message(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_help_says_how_the_cycle_is_stepped(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "stepped once per epoch" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")

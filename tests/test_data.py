@@ -1,0 +1,255 @@
+"""data.py: each layout loads, every bad entry is named in one DataError, the split is stratified and seeded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from stopsign.data import Sample, kfold_samples, load_data, split_samples
+from stopsign.errors import DataError
+
+COUNTS = {"stop": 5, "not_stop": 3}
+
+
+@pytest.mark.parametrize("layout", ["cvstudio", "folders", "csv"])
+def test_each_layout_loads_classes_counts_and_paths(tmp_path, make_images, layout):
+    data = load_data(make_images(tmp_path, COUNTS, layout=layout))
+    assert data.layout == layout and data.root == tmp_path and data.splits is None
+    assert data.class_names == ["not_stop", "stop"]  # sorted (the CV Studio fixture lists them sorted)
+    assert data.class_counts() == {"not_stop": 3, "stop": 5}
+    for sample in data.samples:
+        assert sample.path.is_absolute() and sample.path.is_file()
+        assert sample.path.name.startswith(data.class_names[sample.label] + "-")
+
+
+def test_split_folders_fix_the_splits(tmp_path, make_images):
+    counts = {"train": {"stop": 4, "not_stop": 3}, "valid": {"stop": 2, "not_stop": 1}, "test": {"stop": 1}}
+    data = load_data(make_images(tmp_path, counts, layout="splits"))
+    assert data.layout == "splits" and data.class_names == ["not_stop", "stop"]
+    assert {split: data.class_counts(samples) for split, samples in data.splits.items()} == {
+        "train": {"not_stop": 3, "stop": 4},
+        "val": {"not_stop": 1, "stop": 2},
+        "test": {"not_stop": 0, "stop": 1},
+    }
+    assert len(data.samples) == 11 and all(sample.path.parent.parent.name == "valid" for sample in data.splits["val"])
+
+
+def test_cvstudio_keeps_the_label_order_and_finds_images_beside_the_json(tmp_path):
+    for name in ("b c é.png", "a.png", "d.png"):  # spaces and Unicode are fine
+        make_image(len(name)).save(tmp_path / name)
+    labels = {"b c é.png": "stop", "a.png": "not_stop", "d.png": "stop"}
+    write_annotations(tmp_path, ["stop", "not_stop"], {key: [{"label": label}] for key, label in labels.items()})
+    data = load_data(tmp_path / "_annotations.json")  # the JSON file itself is a valid path too
+    assert data.class_names == ["stop", "not_stop"]
+    assert {sample.path.name: sample.label for sample in data.samples} == {"b c é.png": 0, "a.png": 1, "d.png": 0}
+
+
+def test_csv_file_of_any_name_with_images_in_a_subfolder(tmp_path, make_images):
+    make_images(tmp_path, COUNTS, layout="csv")
+    (tmp_path / "labels.csv").rename(tmp_path / "my data.csv")
+    data = load_data(tmp_path / "my data.csv")
+    assert data.layout == "csv" and data.class_counts() == {"not_stop": 3, "stop": 5}
+    assert all(sample.path.parent == tmp_path / "images" for sample in data.samples)
+
+
+def test_given_class_names_fix_the_order_and_reject_unknown_labels(tmp_path, make_images):
+    root = make_images(tmp_path, COUNTS, layout="folders")
+    data = load_data(root, class_names=["stop", "not_stop"])
+    assert data.class_counts() == {"stop": 5, "not_stop": 3}
+    assert all(sample.path.parent.name == data.class_names[sample.label] for sample in data.samples)
+    with pytest.raises(DataError, match="'not_stop' is not one of the classes \\['stop', 'yield'\\]"):
+        load_data(root, class_names=["stop", "yield"])
+
+
+def test_unlabelled_images_are_ignored_with_a_warning(tmp_path, make_images, caplog):
+    root = make_images(tmp_path, COUNTS, layout="cvstudio")
+    make_image(99).save(root / "images" / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"):
+        data = load_data(root)
+    assert len(data.samples) == 8 and "stray.png" in caplog.text
+
+
+def test_nonexistent_or_unrecognised_path_lists_the_layouts(tmp_path):
+    make_image(0).save(tmp_path / "loose.png")
+    for path in (tmp_path / "nowhere", tmp_path, tmp_path / "loose.png"):
+        with pytest.raises(DataError, match="four layouts") as caught:
+            load_data(path)
+        assert str(path) in str(caught.value) and "DATA/train/<class>" in str(caught.value)
+
+
+def write_annotations(root: Path, labels, annotations, kind="classification") -> None:
+    document = {"version": "1.0", "type": kind, "labels": labels, "annotations": annotations}
+    (root / "_annotations.json").write_text(json.dumps(document), encoding="utf-8")
+
+
+def cvstudio_error(tmp_path, make_images, change) -> str:
+    """Load a good CV Studio set after `change(document, root)` edits its JSON; return the error."""
+    root = make_images(tmp_path / "data", COUNTS, layout="cvstudio")
+    document = json.loads((root / "_annotations.json").read_text())
+    change(document, root)  # may set document["raw"] to the exact text to write
+    text = document.get("raw") or json.dumps(document)
+    (root / "_annotations.json").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_data(root)
+    return str(caught.value)
+
+
+def add(key, labels):
+    return lambda document, root: document["annotations"].update({key: [{"label": label} for label in labels]})
+
+
+def only_stop(document, root):
+    document["labels"] = ["stop"]
+    document["annotations"] = {key: value for key, value in document["annotations"].items() if "not" not in key}
+
+
+def link_outside(document, root):
+    make_image(50).save(root.parent / "secret.png")
+    os.symlink(root.parent / "secret.png", root / "images" / "escape.png")
+    document["annotations"]["escape.png"] = [{"label": "stop"}]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d, r: d.update(raw='{"labels": ["a",\n  "b" "c"]}'), "not valid JSON: .* at line 2, column 7"),
+        (lambda d, r: d.update(type="object-detection"), "'object-detection': stopsign needs a 'classification'"),
+        (lambda d, r: d.update(labels="stop,not_stop"), "'labels' must be a list of class names"),
+        (lambda d, r: d.update(annotations=["stop-0.png"]), "'annotations' must be an object"),
+        (lambda d, r: d["annotations"].update({"stop-0.png": "stop"}), "'stop-0.png': must be a list of"),
+        (add("ghost.png", ["stop"]), "'ghost.png': file not found"),
+        (add("stop-0.png", ["yield"]), "'stop-0.png': label 'yield' is not in 'labels'"),
+        (add("sub/stop-0.png", ["stop"]), "'sub/stop-0.png': contains a path separator"),
+        (add("../stop-0.png", ["stop"]), r"'\.\./stop-0.png': contains '\.\.'"),
+        (add("/etc/passwd", ["stop"]), "'/etc/passwd': is an absolute path"),
+        (link_outside, "'escape.png': links to a file outside the data folder"),
+        (add("stop-1.png", []), "'stop-1.png': has no label"),
+        (add("stop-2.png", ["stop", "not_stop"]), r"'stop-2.png': has 2 labels \(stop, not_stop\)"),
+        (lambda d, r: d["labels"].append("yield"), "class 'yield' has no images"),
+        (only_stop, r"1 class\(es\) \['stop'\]: a classifier needs at least two"),
+    ],
+)
+def test_bad_cvstudio_entries_are_named(tmp_path, make_images, change, expected):
+    message = cvstudio_error(tmp_path, make_images, change)
+    assert re.search(expected, message), message
+
+
+def test_duplicate_json_keys_are_named(tmp_path, make_images):
+    def duplicate(document, root):
+        text = json.dumps(document)
+        document["raw"] = text.replace('"stop-0.png":', '"stop-0.png": [{"label": "stop"}], "stop-0.png":')
+
+    assert "'stop-0.png': appears more than once" in cvstudio_error(tmp_path, make_images, duplicate)
+
+
+def test_all_problems_come_in_one_error_capped_at_twenty(tmp_path, make_images):
+    def many(document, root):
+        document["type"] = "segmentation"
+        document["annotations"].update({f"ghost-{i:02d}.png": [{"label": "stop"}] for i in range(30)})
+
+    message = cvstudio_error(tmp_path, make_images, many)
+    assert "31 problem(s)" in message and "'segmentation'" in message and "'ghost-18.png'" in message
+    assert "'ghost-19.png'" not in message and "and 11 more" in message
+    assert "Fix or delete these entries" in message  # and says how to fix it
+
+
+def test_bad_class_folders_are_named(tmp_path, make_images):
+    root = make_images(tmp_path / "data", COUNTS, layout="folders")
+    (root / "yield").mkdir()
+    make_image(60).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "stop" / "escape.png")
+    with pytest.raises(DataError) as caught:
+        load_data(root)
+    assert "class 'yield' has no images" in str(caught.value)
+    assert "'stop/escape.png': links to a file outside the data folder" in str(caught.value)
+
+
+def test_one_class_folder_is_not_enough(tmp_path, make_images):
+    with pytest.raises(DataError, match="a classifier needs at least two"):
+        load_data(make_images(tmp_path, {"stop": 4}, layout="folders"))
+
+
+def test_split_folders_need_a_validation_folder_and_every_class_in_it(tmp_path, make_images):
+    root = make_images(tmp_path / "a", {"train": {"stop": 2, "not_stop": 2}}, layout="splits")
+    with pytest.raises(DataError, match="has train/ but no val/"):
+        load_data(root)
+    root = make_images(tmp_path / "b", {"train": {"stop": 2, "not_stop": 2}, "val": {"stop": 2}}, layout="splits")
+    with pytest.raises(DataError, match="val/not_stop: no images"):
+        load_data(root)
+
+
+def test_bad_csv_rows_are_named_with_their_line(tmp_path, make_images):
+    root = make_images(tmp_path, COUNTS, layout="csv")
+    with open(root / "labels.csv", "a", encoding="utf-8") as file:
+        file.write("stop-0.png,stop\nghost.png,stop\n/etc/passwd,stop\nstop-1.png,\n")
+    with pytest.raises(DataError) as caught:
+        load_data(root)
+    message = str(caught.value)
+    assert "line 10 'stop-0.png': is listed again (first on line 2)" in message
+    assert "line 11 'ghost.png': file not found" in message and "line 12 '/etc/passwd': is an absolute path" in message
+    assert "line 13 'stop-1.png': has no label" in message
+    (root / "labels.csv").write_text("file,class\nstop-0.png,stop\n")
+    with pytest.raises(DataError, match="the header must be 'filename,label'"):
+        load_data(root)
+
+
+def samples(counts: dict[int, int]) -> list[Sample]:
+    return [Sample(Path(f"/data/{label}-{i:03d}.png"), label) for label, n in counts.items() for i in range(n)]
+
+
+def test_split_is_stratified_with_the_right_fractions():
+    everything = samples({0: 40, 1: 20})
+    train, val = split_samples(everything, 0.25, seed=0)
+    assert Counter(s.label for s in val) == {0: 10, 1: 5} and Counter(s.label for s in train) == {0: 30, 1: 15}
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(everything)
+
+
+def test_split_puts_at_least_one_image_of_every_class_in_validation():
+    train, val = split_samples(samples({0: 100, 1: 2, 2: 3}), 0.1, seed=0)
+    assert Counter(s.label for s in val) == {0: 10, 1: 1, 2: 1}
+
+
+def test_split_depends_on_the_seed_only():
+    everything = samples({0: 30, 1: 30})
+    shuffled = random.Random(1).sample(everything, len(everything))
+    assert split_samples(everything, 0.2, seed=7) == split_samples(shuffled, 0.2, seed=7)
+    assert split_samples(everything, 0.2, seed=7)[1] != split_samples(everything, 0.2, seed=8)[1]
+
+
+def test_split_refuses_a_class_of_one_and_a_bad_fraction():
+    with pytest.raises(DataError, match="class 'stop'.*fewer than 2 images"):
+        split_samples(samples({0: 5, 1: 1}), 0.2, seed=0, class_names=["not_stop", "stop"])
+    with pytest.raises(DataError, match="class 1 \\(e.g. /data/1-000.png\\)"):
+        split_samples(samples({0: 5, 1: 1}), 0.2, seed=0)
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(DataError, match="val_fraction"):
+            split_samples(samples({0: 5, 1: 5}), fraction, seed=0)
+
+
+def test_kfold_validates_every_sample_exactly_once():
+    everything = samples({0: 23, 1: 12})
+    folds = kfold_samples(everything, 5, seed=3)
+    assert len(folds) == 5
+    assert Counter(s for _, val in folds for s in val) == Counter(everything)
+    for train, val in folds:
+        assert set(train).isdisjoint(val) and len(train) + len(val) == 35
+        assert Counter(s.label for s in val)[1] in (2, 3)  # stratified: 12 stop images over 5 folds
+    assert kfold_samples(everything[::-1], 5, seed=3) == folds
+    assert kfold_samples(everything, 5, seed=4) != folds
+    with pytest.raises(DataError, match="class 'stop'.*fewer than 5"):
+        kfold_samples(samples({0: 9, 1: 4}), 5, seed=0, class_names=["not_stop", "stop"])
+
+
+def test_the_real_cv_studio_export_loads(shared_photos):
+    data = load_data(shared_photos)
+    assert data.layout == "cvstudio" and data.class_names == ["not_stop", "stop"]
+    assert len(data.samples) == 197 and data.class_counts() == {"not_stop": 100, "stop": 97}
+    assert all(sample.path.parent == shared_photos / "images" and sample.path.is_file() for sample in data.samples)

@@ -1,0 +1,124 @@
+"""The feature store and the backbone pass: keys, atomic writes, agreement with the uncached path."""
+
+import multiprocessing
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from stopsign.backbones import BACKBONES
+from stopsign.cli import main
+from stopsign.features import FeatureExtractor, FeatureStore, cache_info, render, view_params
+from stopsign.images import read_image
+
+
+@pytest.fixture
+def images(tmp_path, make_images):
+    root = make_images(tmp_path / "data", {"a": 3, "b": 3}, layout="folders")
+    return sorted(root.glob("*/*.png"))
+
+
+def extractor(cache, name="tiny"):
+    return FeatureExtractor(name, cache_dir=cache, num_workers=0)
+
+
+def test_warm_cache_computes_nothing_and_rename_still_hits(tmp_path, images, tiny_backbone):
+    cold = extractor(tmp_path / "cache").extract(images, views=[0, 1, 2])
+    assert cold.computed == 18 and cold.features.shape == (6, 3, 8)
+    warm = extractor(tmp_path / "cache").extract(images, views=[0, 1, 2])
+    assert warm.computed == 0
+    np.testing.assert_array_equal(cold.features, warm.features)
+    renamed = images[0].with_name("renamed.png")
+    shutil.copy(images[0], renamed)
+    hit = extractor(tmp_path / "cache").extract([renamed])
+    assert hit.computed == 0
+    np.testing.assert_array_equal(hit.features[0, 0], cold.features[0, 0])
+
+
+def test_edited_file_misses(tmp_path, images, tiny_backbone):
+    extractor(tmp_path / "cache").extract(images)
+    image = read_image(images[0])
+    image.putpixel((0, 0), (255, 255, 255))
+    image.save(images[0])
+    assert extractor(tmp_path / "cache").extract(images).computed == 1
+
+
+def test_other_backbone_or_preprocessing_misses(tmp_path, images, tiny_backbone, monkeypatch):
+    extractor(tmp_path / "cache").extract(images)
+    spec = BACKBONES["tiny"]
+    monkeypatch.setitem(BACKBONES, "tiny2", spec.__class__("tiny2", 8, spec.preprocessing, spec.weights_file, spec.build))
+    assert extractor(tmp_path / "cache", "tiny2").extract(images).computed == 6
+    bigger = dict(spec.preprocessing, size=40)
+    monkeypatch.setitem(BACKBONES, "tiny", spec.__class__("tiny", 8, bigger, spec.weights_file, spec.build))
+    assert extractor(tmp_path / "cache").extract(images).computed == 6
+
+
+def test_cached_features_equal_the_uncached_forward(tmp_path, images, tiny_backbone):
+    features = extractor(tmp_path / "cache").extract(images, views=[0, 1], seed=5)
+    plain = extractor(None)
+    for row, path in enumerate(images):
+        digest = features.digests[row]
+        for column, view in enumerate([0, 1]):
+            flip, angle = view_params(digest, view, 5, 5.0)
+            tensor = render(read_image(path, draft=(32, 32)), plain.preprocessing, flip, angle)
+            expected = plain.forward(tensor[None])[0].numpy()
+            np.testing.assert_allclose(features.features[row, column], expected, atol=1e-5)  # float32 noise only
+
+
+def test_a_crashed_writer_leaves_no_entry(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path / "store")
+
+    def crash(handle, array):
+        handle.write(b"\x93NUMPY half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.put("ab" * 32, "plain", np.zeros(8, dtype=np.float32))
+    assert list((tmp_path / "store").rglob("*")) == [tmp_path / "store" / "ab"]
+    assert store.get("ab" * 32, "plain") is None
+
+
+def test_damaged_entry_is_recomputed(tmp_path, images, tiny_backbone):
+    cache = tmp_path / "cache"
+    first = extractor(cache).extract(images[:1])
+    entry = next(cache.rglob("*.npy"))
+    entry.write_bytes(b"garbage")
+    again = extractor(cache).extract(images[:1])
+    assert again.computed == 1
+    np.testing.assert_array_equal(first.features, again.features)
+
+
+def test_two_processes_fill_one_cache(tmp_path, images, tiny_backbone):
+    cache = tmp_path / "cache"
+    context = multiprocessing.get_context("fork")
+    with context.Pool(2) as pool:
+        results = pool.map(_fill_forked, [(cache, images)] * 2)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert len([p for p in cache.rglob("*.npy")]) == 12
+    assert not [p for p in cache.rglob(".tmp-*")]
+    assert extractor(cache).extract(images, views=[0, 1]).computed == 0
+
+
+def _fill_forked(args):
+    cache, paths = args
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    return FeatureExtractor("tiny", cache_dir=cache, num_workers=0).extract(paths, views=[0, 1]).features
+
+
+def test_unreadable_image_is_skipped_with_reason(tmp_path, images, tiny_backbone):
+    images[0].write_bytes(b"")
+    features = extractor(tmp_path / "cache").extract(images)
+    assert len(features.paths) == 5 and str(images[0]) in features.skipped
+    assert "empty" in features.skipped[str(images[0])]
+
+
+def test_cache_info_and_clear_commands(tmp_path, images, tiny_backbone, capsys):
+    extractor(tmp_path / "cache").extract(images)
+    assert cache_info(tmp_path / "cache")["entries"] == 6
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "6 entries" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "removed 6 entries" in capsys.readouterr().out
+    assert cache_info(tmp_path / "cache")["entries"] == 0

@@ -1,0 +1,102 @@
+"""Classifier, load_classifier(), evaluate(): predictions on files, folders and globs; safe loading."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from stopsign import StopsignError, evaluate, load_classifier, train
+from stopsign.errors import CheckpointError
+
+
+@pytest.fixture
+def trained(tmp_path, make_images, tiny_backbone):
+    data = make_images(tmp_path / "data", {"stop": 12, "not_stop": 12}, layout="folders")
+    result = train(data, backbone="tiny", epochs=8, lr_max=0.1, out=str(tmp_path / "runs"), progress=False,
+                   num_workers=0, val_fraction=0.25)
+    return result.run_dir / "best.pt", data
+
+
+def test_predict_files_folders_globs_and_bad_files(trained, tmp_path):
+    checkpoint, data = trained
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    classifier = load_classifier(checkpoint)
+    results = classifier.predict([str(data / "stop"), str(data / "not_stop" / "not_stop-0.png"),
+                                  str(data / "not_stop" / "not_stop-1*.png"), str(broken),
+                                  str(tmp_path / "missing.png")])
+    assert len(results) == 12 + 1 + 3 + 2
+    by_path = {r.path: r for r in results}
+    assert by_path[str(broken)].label is None and by_path[str(broken)].error
+    assert by_path[str(tmp_path / "missing.png")].error
+    good = [r for r in results if r.label]
+    assert all(abs(sum(r.probabilities.values()) - 1) < 1e-5 for r in good)
+    # the head learned the tint: most stop images are called stop
+    stops = [r for r in good if "/stop/" in r.path]
+    assert sum(r.label == "stop" for r in stops) >= 9
+
+
+def test_threshold_moves_predictions(trained):
+    checkpoint, data = trained
+    classifier = load_classifier(checkpoint)
+    images = [str(data / "stop"), str(data / "not_stop")]
+    assert all(r.label == "stop" for r in classifier.predict(images, threshold=0.0))
+    assert all(r.label == "not_stop" for r in classifier.predict(images, threshold=1.01))
+
+
+def test_evaluate_writes_metrics_predictions_and_plots(trained, tmp_path):
+    checkpoint, data = trained
+    out_dir, metrics = evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
+    saved = json.loads((out_dir / "metrics.json").read_text())
+    assert saved["n"] == 24 and saved["accuracy"] == metrics["accuracy"]
+    assert sum(map(sum, saved["confusion"])) == 24
+    assert (out_dir / "predictions.csv").read_text().startswith("path,label,predicted,p_not_stop,p_stop")
+    assert (out_dir / "plots" / "confusion.png").is_file() and (out_dir / "report.html").is_file()
+
+
+def test_evaluate_refuses_unknown_labels(trained, tmp_path, make_images):
+    checkpoint, _ = trained
+    other = make_images(tmp_path / "other", {"cat": 2, "dog": 2}, layout="folders")
+    with pytest.raises(StopsignError, match="cat"):
+        evaluate(checkpoint, other, out=tmp_path / "evals", progress=False)
+
+
+class RunsCode:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.target}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as handle:
+        pickle.dump({"format": "stopsign-checkpoint", "payload": RunsCode(marker)}, handle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_classifier(evil)
+    assert not marker.exists()
+
+
+def test_checkpoint_problems_are_named(trained, tmp_path):
+    checkpoint, _ = trained
+    state = torch.load(checkpoint, weights_only=True)
+    broken = tmp_path / "broken.pt"
+    torch.save({k: v for k, v in state.items() if k != "class_names"}, broken)
+    with pytest.raises(CheckpointError, match="class_names"):
+        load_classifier(broken)
+    other = tmp_path / "other.pt"
+    torch.save(state | {"weights_sha256": "0" * 64}, other)
+    with pytest.raises(CheckpointError, match="--weights"):
+        load_classifier(other)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state | {"head": {"weight": torch.zeros(2, 5), "bias": torch.zeros(2)}}, wrong)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_classifier(wrong)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_classifier(tmp_path / "nothing.pt")

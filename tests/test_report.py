@@ -1,0 +1,152 @@
+"""report: the files exist and are valid, report.html is one self-contained page, its numbers are compute_metrics'."""
+
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stopsign.checks import check_data
+from stopsign.metrics import Predictions, compute_metrics
+from stopsign.report import plot_samples, write_report
+
+NAMES = ["not_stop", "stop"]
+
+
+def Sample(path, label):  # data.Sample's shape: .path and .label
+    return SimpleNamespace(path=path, label=label)
+
+
+class Page(HTMLParser):
+    """Collects what a self-contained page must not reach outside itself for, and its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links, self.tags, self.text = [], [], set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        if "src" in attrs:
+            self.sources.append(attrs["src"])
+        if tag in ("a", "link") and "href" in attrs:
+            self.links.append(attrs["href"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        path = tmp_path / "images" / f"photo_{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def predictions(paths, p1) -> Predictions:
+    y = np.array([0, 1] * (len(paths) // 2))
+    p1 = np.asarray(p1, dtype=float)
+    return Predictions([str(p) for p in paths], y, np.c_[1 - p1, p1], NAMES)
+
+
+P1_WITH_MISTAKES = [0.1, 0.9, 0.2, 0.8, 0.7, 0.35, 0.3, 0.95, 0.05, 0.6, 0.45, 0.55]  # 2 wrong at 0.5, 3 at 0.4
+HISTORY = [
+    dict(epoch=e, lr=0.01 / e, train_loss=1 / e, train_acc=1 - 0.5 / e, val_loss=1.1 / e, val_acc=1 - 0.6 / e, seconds=0.5)
+    for e in range(1, 6)
+]
+
+
+def test_write_report_writes_every_file_and_a_self_contained_page(images, tmp_path):
+    pred = predictions(images, P1_WITH_MISTAKES)
+    leaked = tmp_path / "images" / "leaked.jpg"
+    shutil.copyfile(images[0], leaked)
+    checks = check_data({"train": [Sample(images[0], 0)], "val": [Sample(leaked, 0)]}, NAMES)
+    run_info = {
+        "data": {"source": "photos/", "layout": "class folders"},
+        "skipped": [{"path": "bad.jpg", "reason": "<script>alert(1)</script>"}],
+        "settings": {"epochs": 5, "lr_max": 0.01},
+    }
+    cv = {
+        "folds": 2,
+        "per_fold": [{"accuracy": 0.8}, {"accuracy": 0.9}],
+        "mean": {"accuracy": 0.85},
+        "std": {"accuracy": 0.05},
+        "oof_confusion": [[5, 1], [1, 5]],
+    }
+    out = tmp_path / "report"
+
+    returned = write_report(out, pred, history=HISTORY, run_info=run_info, checks=checks, cv=cv, threshold=0.4)
+
+    for name in ["curves", "samples", "errors", "confusion", "roc", "pr", "calibration"]:
+        with Image.open(out / "plots" / f"{name}.png") as png:
+            assert png.format == "PNG"
+            png.verify()
+    page = parse(out / "report.html")
+    assert page.sources and all(src.startswith("data:image/") or (out / src).is_file() for src in page.sources)
+    assert all(link.startswith("#") for link in page.links)  # only in-page anchors
+    assert not page.tags & {"script", "link", "iframe"}
+    text = " ".join(page.text)
+    metrics = compute_metrics(pred, threshold=0.4)
+    lo, hi = metrics["accuracy_ci95"]
+    assert f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n=12)" in text
+    for heading in ["Run", "Data checks", "Curves", "Metrics", "Threshold", "Cross-validation", "Images"]:
+        assert heading in text
+    assert "<script>alert(1)</script>" in text  # shown as text, so it was escaped in the markup
+    assert "crosses splits" in text
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == returned
+    assert {k: v for k, v in written.items() if k != "cv"} == json.loads(json.dumps(metrics))
+    assert written["cv"] == cv and written["threshold"] == 0.4
+
+    with open(out / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["path", "label", "predicted", "p_not_stop", "p_stop"]
+    assert [row["predicted"] for row in rows] == [NAMES[k] for k in (pred.probs[:, 1] >= 0.4).astype(int)]
+    assert [float(row["p_stop"]) for row in rows] == P1_WITH_MISTAKES
+    assert [row["label"] for row in rows] == [NAMES[k] for k in pred.y_true]
+
+
+def test_report_without_mistakes_says_so_instead_of_an_empty_plot(images, tmp_path):
+    pred = predictions(images, [0.1, 0.9] * 6)
+    out = tmp_path / "report"
+    metrics = write_report(out, pred)
+    assert metrics["accuracy"] == 1.0
+    assert not (out / "plots" / "errors.png").exists()
+    assert not (out / "plots" / "curves.png").exists()  # no history given
+    page = parse(out / "report.html")
+    assert "No image was misclassified." in " ".join(page.text)
+    assert len(page.sources) == 5  # samples, confusion, roc, pr, calibration
+
+
+def test_report_with_one_class_explains_the_missing_auc(images, tmp_path):
+    pred = Predictions([str(p) for p in images[:4]], [1, 1, 1, 1], [[0.2, 0.8], [0.7, 0.3], [0.4, 0.6], [0.1, 0.9]], NAMES)
+    out = tmp_path / "report"
+    write_report(out, pred)
+    assert not (out / "plots" / "roc.png").exists()
+    assert "only class index 1" in " ".join(parse(out / "report.html").text)
+
+
+def test_error_grid_shows_mistakes_even_for_unreadable_files(images, tmp_path):
+    paths = images[:11] + [tmp_path / "missing.jpg"]
+    pred = predictions(paths, P1_WITH_MISTAKES)
+    path = plot_samples(pred, tmp_path / "errors.png", wrong_only=True)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > 100

@@ -1,0 +1,143 @@
+"""train(): the run folder, the recipe, freezing, determinism, and the fast and slow paths agreeing."""
+
+import csv
+import json
+from datetime import datetime
+
+import numpy as np
+import pytest
+import torch
+
+from stopsign import TrainConfig, train
+from stopsign.backbones import FrozenBackboneClassifier, load_backbone
+from stopsign.runs import load_checkpoint
+from stopsign.train import is_better, make_optimizer, train_one_epoch
+
+
+def run(tmp_path, data, **overrides):
+    settings = dict(backbone="tiny", epochs=4, out=str(tmp_path / "runs"), progress=False, num_workers=0,
+                    val_fraction=0.25)
+    return train(data, **(settings | overrides))
+
+
+@pytest.fixture
+def data(tmp_path, make_images):
+    return make_images(tmp_path / "data", {"stop": 12, "not_stop": 12}, layout="cvstudio")
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_folder_holds_every_file(tmp_path, data, tiny_backbone):
+    result = run(tmp_path, data)
+    names = {p.name for p in result.run_dir.iterdir()} | {f"plots/{p.name}" for p in (result.run_dir / "plots").iterdir()}
+    for name in ["config.json", "data.json", "metrics.csv", "summary.json", "best.pt", "last.pt",
+                 "predictions.csv", "metrics.json", "report.html", "plots/curves.png", "plots/samples.png",
+                 "plots/confusion.png"]:
+        assert name in names
+    rows = read_metrics(result.run_dir)
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert datetime.fromisoformat(summary["completed"]).utcoffset() is not None
+    assert summary["parameters"]["percentage used training"] == 75
+    assert summary["parameters"]["learningRatescheduler"] == {"lr_scheduler": "triangular2", "base_lr": 1e-6,
+                                                              "max_lr": 1e-2}
+    assert summary["accuracy"]["accuracy"] == [float(r["val_acc"]) for r in rows]
+    assert summary["best_val_acc"] == result.best_val_acc == max(float(r["val_acc"]) for r in rows)
+
+    split = json.loads((result.run_dir / "data.json").read_text())["split"]
+    assert len(split) == 24 and sum(row["split"] == "val" for row in split) == 6
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["backbone"] == "tiny" and len(config["backbone_weights_sha256"]) == 64
+    assert "torch" in config["versions"]
+
+
+def test_checkpoint_describes_itself(tmp_path, data, tiny_backbone):
+    result = run(tmp_path, data)
+    checkpoint = torch.load(result.run_dir / "best.pt", weights_only=True)
+    assert checkpoint["backbone"] == "tiny"
+    assert checkpoint["class_names"] == ["not_stop", "stop"]
+    assert checkpoint["preprocessing"]["size"] == 32
+    assert checkpoint["epoch"] == result.best_epoch
+    assert checkpoint["head"]["weight"].shape == (2, 8)
+    assert load_checkpoint(result.run_dir / "last.pt")["epoch"] == 4
+
+
+def test_same_seed_same_metrics_other_seed_other_split(tmp_path, data, tiny_backbone):
+    first, second = run(tmp_path, data, seed=3), run(tmp_path, data, seed=3)
+    other = run(tmp_path, data, seed=4)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_metrics(first.run_dir)) == strip(read_metrics(second.run_dir))
+    assert first.run_dir != second.run_dir  # never overwrites
+    val = lambda r: {row["file"] for row in json.loads((r.run_dir / "data.json").read_text())["split"]
+                     if row["split"] == "val"}
+    assert val(first) == val(second) != val(other)
+
+
+def test_recipe_sgd_momentum_and_triangular2_per_epoch(tmp_path, data, tiny_backbone):
+    result = run(tmp_path, data, epochs=12)
+    lrs = [row["lr"] for row in result.history]
+    # one cycle rises over 5 epochs and falls over 5; the next has half the height (triangular2)
+    peak = 1e-2 - 1e-6
+    expected = [1e-6 + peak * (1 - abs(e / 5 - 1)) for e in range(10)] + [1e-6 + peak / 2 * e / 5 for e in range(2)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(8, 2), TrainConfig())
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert type(scheduler).__name__ == "CyclicLR"
+
+
+def test_only_the_new_layer_trains_and_batchnorm_stays(tiny_backbone):
+    backbone = load_backbone("tiny")
+    head = torch.nn.Linear(backbone.feature_size, 2)
+    model = FrozenBackboneClassifier(backbone.model, head).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 8 * 2 + 2
+    assert not backbone.model.training  # eval mode survives model.train()
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    head_before = head.weight.detach().clone()
+    optimizer, _ = make_optimizer(head, TrainConfig(lr_max=0.1))
+    batches = [(torch.randn(8, 3, 32, 32) * 3 + 1, torch.randint(0, 2, (8,))) for _ in range(3)]
+    train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer)
+    after = backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert not torch.equal(head_before, head.weight)
+
+
+def test_fast_and_slow_paths_train_the_same_head(tmp_path, data, tiny_backbone):
+    fast = run(tmp_path, data, augment=False, epochs=6)
+    slow = run(tmp_path, data, augment=False, epochs=6, cache=False)
+    for a, b in zip(fast.history, slow.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+        assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"]
+    fast_head = torch.load(fast.run_dir / "best.pt", weights_only=True)["head"]["weight"]
+    slow_head = torch.load(slow.run_dir / "best.pt", weights_only=True)["head"]["weight"]
+    assert torch.allclose(fast_head, slow_head, atol=1e-4)
+
+
+def test_bad_image_is_skipped_and_counted(tmp_path, data, tiny_backbone):
+    broken = sorted((data / "images").iterdir())[0]
+    broken.write_bytes(b"this is not a picture")
+    result = run(tmp_path, data)
+    record = json.loads((result.run_dir / "data.json").read_text())
+    assert record["counts"]["skipped"] == 1
+    assert record["skipped"][0]["file"].endswith(broken.name)
+    assert all(not row["file"].endswith(broken.name) for row in record["split"])
+
+
+def test_best_epoch_prefers_accuracy_then_lower_loss():
+    best = {"val_acc": 0.8, "val_loss": 0.5}
+    assert is_better({"val_acc": 0.9, "val_loss": 0.9}, best)
+    assert is_better({"val_acc": 0.8, "val_loss": 0.4}, best)
+    assert not is_better({"val_acc": 0.8, "val_loss": 0.6}, best)
+
+
+def test_separate_validation_set(tmp_path, data, make_images, tiny_backbone):
+    val = make_images(tmp_path / "val", {"stop": 3, "not_stop": 3}, layout="folders")
+    result = run(tmp_path, data, val=str(val))
+    split = json.loads((result.run_dir / "data.json").read_text())["split"]
+    assert sum(row["split"] == "val" for row in split) == 6
+    assert sum(row["split"] == "train" for row in split) == 24

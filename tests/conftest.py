@@ -45,6 +45,7 @@ def write_images(root: Path, counts: dict, layout: str = "folders", *, size=(32,
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    root.mkdir(parents=True, exist_ok=True)
     groups = counts if layout == "splits" else {None: counts}
     class_names = sorted({name for group in groups.values() for name in group})
     labels = {}  # file name -> class

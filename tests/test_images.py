@@ -162,11 +162,12 @@ def test_every_truncation_of_valid_files_is_an_image_or_an_image_error():
                     pass  # any other exception type fails the test
 
 
-def test_missing_directory_and_link_loop_are_reasons(tmp_path):
+def test_missing_file_directory_link_loop_and_bad_name_are_reasons(tmp_path):
     (tmp_path / "folder.jpg").mkdir()
     os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
     os.symlink(tmp_path / "a.jpg", tmp_path / "b.jpg")
-    cases = {"gone.jpg": "file not found", "folder.jpg": "is a directory", "a.jpg": "symbolic link loop"}
+    cases = {"gone.jpg": "file not found", "folder.jpg": "is a directory", "a.jpg": "symbolic link loop",
+             "nul\0.jpg": "invalid file name"}
     for file_name, reason in cases.items():
         with pytest.raises(ImageError, match=reason):
             read_image(tmp_path / file_name)

@@ -11,7 +11,7 @@ import torch
 from stopsign import TrainConfig, train
 from stopsign.backbones import FrozenBackboneClassifier, load_backbone
 from stopsign.runs import load_checkpoint
-from stopsign.train import is_better, make_optimizer, train_one_epoch
+from stopsign.fitting import is_better, make_optimizer, train_one_epoch
 
 
 def run(tmp_path, data, **overrides):
@@ -141,3 +141,31 @@ def test_separate_validation_set(tmp_path, data, make_images, tiny_backbone):
     split = json.loads((result.run_dir / "data.json").read_text())["split"]
     assert sum(row["split"] == "val" for row in split) == 6
     assert sum(row["split"] == "train" for row in split) == 24
+
+
+def test_cross_validation_scores_every_image_once_then_trains_on_all(tmp_path, data, tiny_backbone):
+    result = run(tmp_path, data, folds=4)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["n"] == 24  # out-of-fold: every image validated exactly once
+    assert metrics["cv"]["folds"] == 4 and len(metrics["cv"]["per_fold"]) == 4
+    accuracies = [fold["accuracy"] for fold in metrics["cv"]["per_fold"]]
+    assert metrics["cv"]["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert metrics["cv"]["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert sum(map(sum, metrics["cv"]["oof_confusion"])) == 24
+    split = json.loads((result.run_dir / "data.json").read_text())["split"]
+    assert len(split) == 24 and {row["split"] for row in split} == {"train"}  # the final model saw all
+    assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == 4  # no held-out data to pick an epoch on
+
+
+def test_cross_validation_without_the_cache(tmp_path, data, tiny_backbone):
+    fast = run(tmp_path, data, folds=3, augment=False)
+    slow = run(tmp_path, data, folds=3, augment=False, cache=False)
+    read = lambda r: json.loads((r.run_dir / "metrics.json").read_text())["cv"]["mean"]["accuracy"]
+    assert read(slow) == pytest.approx(read(fast))
+
+
+def test_unusable_data_leaves_no_run_folder(tmp_path, make_images, tiny_backbone):
+    lonely = make_images(tmp_path / "lonely", {"stop": 3}, layout="folders")
+    with pytest.raises(Exception, match="class"):
+        run(tmp_path, lonely)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config import BACKBONE_NAMES
 from .errors import StopsignError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         _lite0_file, _lite0,
     ),
 }
+assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must list the registry's backbones"
 
 
 def get_spec(name: str) -> BackboneSpec:

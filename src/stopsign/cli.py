@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .backbones import BACKBONES
-from .config import TrainConfig
+from .config import BACKBONE_NAMES, TrainConfig
 from .errors import StopsignError
 
 DEFAULTS = TrainConfig()
 
 # flag → (TrainConfig field, type, help); defaults come from TrainConfig, the seed recipe.
 TRAIN_FLAGS = {
-    "--backbone": ("backbone", str, f"pretrained backbone: {', '.join(BACKBONES)}"),
+    "--backbone": ("backbone", str, f"pretrained backbone: {', '.join(BACKBONE_NAMES)}"),
     "--weights": ("weights", str, "a local copy of the backbone's weights, for machines without internet"),
     "--epochs": ("epochs", int, "passes over the training set"),
     "--batch-size": ("batch_size", int, "images per optimisation step"),
@@ -35,7 +34,8 @@ TRAIN_FLAGS = {
     "--seed": ("seed", int, "drives the split, the shuffling and the augmentation draws"),
     "--rotation": ("rotation", float, "largest rotation of an augmented view, degrees either way"),
     "--views": ("views", int, "augmented views cached per training image; each epoch samples one"),
-    "--folds": ("folds", int, "K > 1: stratified K-fold cross-validation, then the final model on all data"),
+    "--folds": ("folds", int, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
+                           "then the final model on all data"),
     "--cache-dir": ("cache_dir", str, "where backbone features are cached (default: ~/.cache/stopsign/features)"),
     "--workers": ("num_workers", int, "image decoding processes"),
     "--out": ("out", str, "folder that holds run folders"),
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "train/ val/ folders, or a CSV of filename,label.")
     train.add_argument("data")
     train.add_argument("--val", help="a separate labelled validation set (any layout)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run from its last finished epoch (its own settings and split)")
     for flag, (field, kind, text) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip or rotation")
@@ -90,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or empty the feature cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache-dir")
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP: JSON API and a web page at /")
+    serve.add_argument("model", help="a checkpoint (runs/NAME/best.pt) or an exported .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
     return parser
 
 
@@ -98,13 +111,18 @@ def run_train(args) -> None:
 
     fields = {field for field, _, _ in TRAIN_FLAGS.values()} | {"augment", "cache", "bf16"}
     config = TrainConfig(**{f: getattr(args, f) for f in fields})
-    result = train(args.data, val=args.val, config=config, progress=not args.quiet)
-    print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
-          f"run folder {result.run_dir}")
+    result = train(args.data, val=args.val, config=config, resume=args.resume, progress=not args.quiet)
+    cv = result.metrics.get("cv")
+    if cv:
+        print(f"{cv['folds']}-fold cross-validated accuracy {cv['mean']['accuracy']:.3f} "
+              f"± {cv['std']['accuracy']:.3f}; final model trained on all data; run folder {result.run_dir}")
+    else:
+        print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
+              f"run folder {result.run_dir}")
 
 
 def run_predict(args) -> int:
-    from .predict import load_classifier
+    from .prediction import load_classifier  # torch is imported only for a .pt checkpoint
 
     classifier = load_classifier(args.checkpoint, weights=args.weights)
     results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
@@ -178,8 +196,26 @@ def run_cache(args) -> None:
         print(f"  {name:<32} {folder['entries']:>8} entries {folder['bytes'] / 1e6:>9.1f} MB")
 
 
+def run_export(args) -> None:
+    from .export import export
+
+    path, report = export(args.checkpoint, format=args.format, out=args.out)
+    print(f"exported {path} ({report['format']}, {report['bytes'] / 1e6:.1f} MB)")
+    print(f"checked against PyTorch on {report['image_source']}, batch sizes "
+          f"{' and '.join(map(str, report['batch_sizes']))}: max |difference| of probabilities "
+          f"{report['max_abs_diff']:.2g} (limit {report['tolerance']:g}), same predicted classes")
+
+
+def run_serve(args) -> None:
+    from .serve import serve
+
+    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs; Ctrl+C stops)")
+    serve(args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+          log_level="warning" if args.quiet else "info")
+
+
 COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "info": run_info,
-            "demo": run_demo, "cache": run_cache}
+            "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        interrupted = type(error).__name__ == "Interrupted"
+        print(f"{'interrupted' if interrupted else 'error'}: {error}", file=sys.stderr)
+        return 130 if interrupted else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,11 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The registered backbones, by name, here so that the CLI can list them without importing torch;
+# backbones.py checks that its registry matches.
+BACKBONE_NAMES = ("resnet18", "efficientnet_lite0")
+
 
 @dataclass
 class TrainConfig:
     # model
-    backbone: str = "resnet18"  # a name from backbones.BACKBONES
+    backbone: str = "resnet18"  # a name from BACKBONE_NAMES (backbones.BACKBONES)
     weights: str | None = None  # a local weights file instead of the download (air-gapped machines)
     # data
     val_fraction: float = 0.1  # share of each class drawn into validation when the data gives no split

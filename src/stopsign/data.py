@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class LabelledData:
     class_names: list[str]
     samples: list[Sample]  # every sample, all splits together
     splits: dict[str, list[Sample]] | None  # None unless the layout fixes "train", "val" (and "test")
+    skipped: dict[str, str] = field(default_factory=dict)  # path → reason: class-folder entries that are no file
 
     def class_counts(self, samples: list[Sample] | None = None) -> dict[str, int]:
         """Images per class name, in class order, zeros included."""
@@ -98,9 +99,11 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{json_path}: cannot be read as UTF-8 text ({error}).\n{CVSTUDIO_FIX}") from None
+    except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting deeper than Python's stack
+        raise DataError(f"{json_path}: not a usable JSON document ({str(error)[:200]}).\n{CVSTUDIO_FIX}") from None
     if not isinstance(document, dict):
         raise DataError(f"{json_path}: the top level must be a JSON object.\n{CVSTUDIO_FIX}")
-    problems = [f"'{key}': appears more than once (keep one entry)" for key in repeated]
+    problems = [f"{key!r}: appears more than once (keep one entry)" for key in repeated]
     if document.get("type", "classification") != "classification":
         problems.append(f"type is {document['type']!r}: stopsign needs a 'classification' export")
     labels = document.get("labels")
@@ -125,7 +128,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
         file = _locate(name, folders, root, reasons, allow_subfolders=False)
         found.add(file)
         if reasons:
-            problems.append(f"'{name}': " + "; ".join(reasons))
+            problems.append(f"{name!r}: " + "; ".join(reasons))
         elif label in classes:  # not so when 'labels' was unreadable (already a problem)
             samples.append(Sample(file, classes.index(label)))
     _warn_unlisted(folders, found, json_path)
@@ -172,7 +175,7 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
         file = _locate(name, folders, root, reasons, allow_subfolders=True)
         found.add(file)
         if reasons:
-            problems.append(f"line {line} '{name}': " + "; ".join(reasons))
+            problems.append(f"line {line} {name!r}: " + "; ".join(reasons))
         else:
             samples.append(Sample(file, classes.index(label)))
     _warn_unlisted(folders, found, csv_path)
@@ -193,7 +196,8 @@ def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | No
         folders.update({"test": root / "test"} if "test" in subfolders else {})
     own = sorted({name for folder in folders.values() for name in _subfolders(folder)})
     classes = list(class_names) if class_names is not None else own
-    splits = {split: _class_folders(folder, root, classes, problems) for split, folder in folders.items()}
+    skipped: dict[str, str] = {}
+    splits = {split: _class_folders(folder, root, classes, problems, skipped) for split, folder in folders.items()}
     for split in [split for split in ("train", "val") if split in splits]:  # each class must be in both
         counts = Counter(classes[sample.label] for sample in splits[split])
         problems += [f"{folders[split].name}/{name}: no images" for name in own if name in classes and not counts[name]]
@@ -201,17 +205,18 @@ def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | No
         logger.warning("%s: %d image(s) outside the class folders were ignored", root, len(loose))
     samples = [sample for split in splits.values() for sample in split]
     layout, splits = ("folders", None) if None in splits else ("splits", splits)
-    return _finish(root, layout, classes, own, samples, splits, problems, root, FOLDERS_FIX)
+    return _finish(root, layout, classes, own, samples, splits, problems, root, FOLDERS_FIX, skipped)
 
 
-def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[str]) -> list[Sample]:
+def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[str],
+                   skipped: dict[str, str]) -> list[Sample]:
     """Samples from folder/<class>/*; a folder naming an unknown class is a problem."""
     samples = []
     for name in _subfolders(folder):
         if name not in classes:
             problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
             continue
-        for file in list_images(folder / name):
+        for file in list_images(folder / name, skipped):
             if _inside(file, root):
                 samples.append(Sample(file, classes.index(name)))
             else:
@@ -219,7 +224,7 @@ def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[
     return samples
 
 
-def _finish(root, layout, classes, own, samples, splits, problems, source, fix) -> LabelledData:
+def _finish(root, layout, classes, own, samples, splits, problems, source, fix, skipped=None) -> LabelledData:
     """Class-level checks, then one error with every problem, or the data set."""
     counts = Counter(classes[sample.label] for sample in samples)
     if own is not None:  # None: the data's own class list was unreadable (already a problem)
@@ -233,7 +238,7 @@ def _finish(root, layout, classes, own, samples, splits, problems, source, fix) 
         raise DataError("\n".join([f"{source}: {len(problems)} problem(s):", *listed, fix]))
     if missing := [name for name in classes if not counts[name]]:
         logger.warning("%s: no images of class(es) %s", source, ", ".join(missing))
-    return LabelledData(root, layout, list(classes), samples, splits)
+    return LabelledData(root, layout, list(classes), samples, splits, skipped or {})
 
 
 def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], allow_subfolders: bool) -> Path | None:
@@ -249,7 +254,7 @@ def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], allo
         reasons.append("contains a path separator: give the plain file name")
     else:
         for folder in folders:
-            if (folder / name).is_file():  # False for broken links and link loops
+            if _is_file(folder / name):  # False for broken links and link loops
                 if _inside(folder / name, root):
                     return folder / name
                 reasons.append("links to a file outside the data folder")
@@ -257,6 +262,13 @@ def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], allo
         where = " or ".join(f"{folder.name}/" if folder != root else "the data folder" for folder in folders)
         reasons.append(f"file not found (looked in {where})")
     return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, say: no such file
+        return False
 
 
 def _inside(file: Path, root: Path) -> bool:

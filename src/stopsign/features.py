@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, file_sha256, get_spec, load_backbone, model_key, weights_path
 from .errors import StopsignError
-from .images import file_digest, read_image
+from .images import file_digest, normalize, read_image, resize
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,13 @@ def view_tag(view: int, seed: int, rotation: float) -> str:
 
 
 def render(image: Image.Image, preprocessing: dict, flip: bool = False, angle: float = 0.0) -> torch.Tensor:
-    """Resize to size×size, optionally flip and rotate, then normalise: the one preprocessing of the package."""
-    size = preprocessing["size"]
-    image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    """images.preprocess (resize, normalise) with an optional flip and rotation of the resized image between."""
+    image = resize(image, preprocessing["size"])
     if flip:
         image = TF.hflip(image)
     if angle:
         image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
-    return TF.normalize(TF.to_tensor(image), preprocessing["mean"], preprocessing["std"])
+    return torch.from_numpy(normalize(image, preprocessing))
 
 
 class ViewsDataset(Dataset):

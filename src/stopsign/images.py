@@ -1,6 +1,7 @@
 """Safe decoding of one image file: any mode to RGB, EXIF orientation, a pixel limit, JPEG draft.
 
-Also the content digest of a file and the listing of image files in a folder. Every failure to
+Also the preprocessing of a decoded image for a backbone (numpy, so a deployment needs no torch), the
+content digest of a file and the listing of image files in a folder. Every failure to
 decode is an `ImageError` whose message is a short reason ("not an image file", "truncated or
 corrupt image data", ...), so callers can report the file and skip it.
 """
@@ -51,6 +52,8 @@ def read_image(
             return _decode(file, draft, max_pixels)
     except OSError as error:
         raise ImageError(_OS_REASONS.get(error.errno, error.strerror or str(error))) from None
+    except ValueError:  # os.stat refuses a name holding a NUL byte
+        raise ImageError("invalid file name") from None
 
 
 def decode_image(
@@ -135,6 +138,24 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
+def resize(image: Image.Image, size: int) -> Image.Image:
+    """size×size, bilinear, antialiased when shrinking: exactly what torchvision's TF.resize does to a PIL image."""
+    return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def normalize(image: Image.Image, preprocessing: dict) -> np.ndarray:
+    """RGB pixels to a (3, H, W) float32 array: /255, then (x - mean) / std per channel, in float32 as torch does."""
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+    mean = np.asarray(preprocessing["mean"], dtype=np.float32)
+    std = np.asarray(preprocessing["std"], dtype=np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
+    """The one preprocessing of the package: a decoded RGB image to a backbone's (3, size, size) input."""
+    return normalize(resize(image, preprocessing["size"]), preprocessing)
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """The sha256 of the file's bytes: equal for equal content, whatever the file is called."""
     digest = hashlib.sha256()
@@ -147,11 +168,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, skipped: dict[str, str] | None = None) -> list[Path]:
     """Image files directly in `folder`, sorted by name; the extension matches in any case.
 
-    Skips folders named like images, broken links and link loops, and hidden files: macOS leaves
-    `._photo.jpg` companions in copied folders that carry an image name but hold no image.
+    Skips folders named like images, broken links and link loops (recording why in `skipped`, when
+    given), and hidden files: macOS leaves `._photo.jpg` companions in copied folders that carry an
+    image name but hold no image.
     """
     folder = Path(folder)
     try:
@@ -163,10 +185,17 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
         try:
-            if not stat.S_ISREG(os.stat(entry.path).st_mode):  # follows links; a loop raises
+            mode = os.stat(entry.path).st_mode  # follows links; a loop raises
+            if not stat.S_ISREG(mode):
+                if skipped is not None:
+                    skipped[str(folder / entry.name)] = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
                 continue
-        except OSError:
+        except OSError as error:
             logger.warning("%s: skipped, a broken or looping link", entry.path)
+            if skipped is not None:
+                skipped[str(folder / entry.name)] = ("broken link: its target does not exist"
+                                                     if error.errno == errno.ENOENT else
+                                                     _OS_REASONS.get(error.errno, error.strerror or str(error)))
             continue
         found.append(folder / entry.name)
     return sorted(found, key=lambda path: path.name)

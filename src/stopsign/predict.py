@@ -1,10 +1,12 @@
-"""Classifier: a trained checkpoint that predicts on image files; load_classifier() and evaluate()."""
+"""Classifier: a trained checkpoint that predicts on image files through PyTorch; evaluate().
+
+The rows it returns, the decision rule and load_classifier() live in prediction.py, which an
+onnxruntime-only deployment imports without torch.
+"""
 
 from __future__ import annotations
 
-import glob
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +14,17 @@ import torch
 from torch import nn
 
 from .data import load_data
-from .errors import CheckpointError, StopsignError
+from .errors import CheckpointError
 from .features import FeatureExtractor
-from .images import IMAGE_EXTENSIONS, list_images
+from .images import preprocess
 from .metrics import Predictions
+from .prediction import Prediction, decide, expand_inputs, load_classifier, predict_paths
 from .report import write_report
-from .runs import create_run_dir, load_checkpoint
+from .runs import create_run_dir
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Prediction:
-    path: str
-    label: str | None  # None when the image could not be read
-    probabilities: dict[str, float]
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        data = {"path": self.path, "label": self.label, "probabilities": self.probabilities}
-        return data | ({"error": self.error} if self.error else {})
+__all__ = ["Classifier", "Prediction", "decide", "evaluate", "expand_inputs", "load_classifier"]
 
 
 class Classifier:
@@ -51,7 +44,8 @@ class Classifier:
                 f"{self.extractor.weights_sha256[:12]}…; pass the original file with --weights")
         if self.extractor.preprocessing["size"] != checkpoint["preprocessing"]["size"]:
             raise CheckpointError(f"{source}: preprocessing does not match the {self.backbone_name} backbone")
-        self.head = nn.Linear(checkpoint["feature_size"], len(self.class_names))
+        # The backbone's own width, not the checkpoint's claim: a head of another backbone must not load.
+        self.head = nn.Linear(self.extractor.feature_size, len(self.class_names))
         try:
             self.head.load_state_dict(checkpoint["head"])
         except (RuntimeError, TypeError, AttributeError) as error:
@@ -70,53 +64,15 @@ class Classifier:
             logits = self.head(torch.from_numpy(features.features[:, 0]))
         return features.paths, logits.softmax(1).numpy(), features.skipped
 
+    def image_probabilities(self, images: list) -> np.ndarray:
+        """Class probabilities (N, C) of decoded RGB images (uploads, say): no files, no feature cache."""
+        batch = torch.from_numpy(np.stack([preprocess(image, self.preprocessing) for image in images]))
+        with torch.no_grad():
+            return self.head(self.extractor.forward(batch)).softmax(1).numpy()
+
     def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
         """Predict files, folders and glob patterns; unreadable files get a row with their error."""
-        paths = expand_inputs(images if isinstance(images, (list, tuple)) else [images])
-        readable, probs, skipped = self.probabilities(paths, progress=progress)
-        by_path = {str(p): row for p, row in zip(readable, probs)}
-        results = []
-        for path in paths:
-            row = by_path.get(str(path))
-            if row is None:
-                results.append(Prediction(str(path), None, {}, skipped.get(str(path), "cannot be read")))
-                continue
-            label = int(decide(row[None], threshold)[0])
-            results.append(Prediction(str(path), self.class_names[label],
-                                      {name: float(p) for name, p in zip(self.class_names, row)}))
-        return results
-
-
-def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Argmax, or for two classes: class 1 when its probability reaches `threshold`."""
-    if threshold is None:
-        return probs.argmax(1)
-    if probs.shape[1] != 2:
-        raise StopsignError("--threshold applies to two-class models only")
-    return (probs[:, 1] >= threshold).astype(int)
-
-
-def load_classifier(path: str | Path, **options) -> Classifier:
-    """Load a checkpoint (weights_only=True) into a Classifier; nothing else is needed."""
-    return Classifier(load_checkpoint(path), source=str(path), **options)
-
-
-def expand_inputs(inputs) -> list[Path]:
-    """Files as given, folders to the images directly in them, glob patterns to their matches."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = str(item)
-        path = Path(item)
-        if path.is_dir():
-            paths.extend(list_images(path))
-        elif path.exists() or path.is_symlink():
-            paths.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            paths.extend(p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            paths.append(path)  # reported as unreadable, not a crash
-    return paths
+        return predict_paths(self, images, threshold=threshold, progress=progress)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "runs", name: str | None = None,

@@ -31,6 +31,7 @@ from sklearn.metrics import (
 
 from .metrics import POSITIVE, Predictions, compute_metrics, json_ready
 from .report_html import render_report
+from .runs import atomic_write_bytes, atomic_write_text  # runs imports only errors: no cycle
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,9 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_curves(history: list[dict], path) -> Path:
@@ -217,14 +217,13 @@ def plot_calibration(metrics: dict, path) -> Path:
 
 def write_predictions_csv(pred: Predictions, path) -> Path:
     """One row per image: path, true label, predicted label, then p_<class> for every class."""
-    path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path", "label", "predicted"] + [f"p_{name}" for name in pred.class_names])
-        for i, image_path in enumerate(pred.paths):
-            probs = [repr(float(p)) for p in pred.probs[i]]
-            writer.writerow([image_path, pred.class_names[pred.y_true[i]], pred.class_names[pred.y_pred[i]]] + probs)
-    return path
+    file = io.StringIO(newline="")
+    writer = csv.writer(file)
+    writer.writerow(["path", "label", "predicted"] + [f"p_{name}" for name in pred.class_names])
+    for i, image_path in enumerate(pred.paths):
+        probs = [repr(float(p)) for p in pred.probs[i]]
+        writer.writerow([image_path, pred.class_names[pred.y_true[i]], pred.class_names[pred.y_pred[i]]] + probs)
+    return atomic_write_text(path, file.getvalue())
 
 
 def _data_uri(path: Path) -> str:
@@ -267,7 +266,7 @@ def write_report(
     if cv is not None:
         metrics["cv"] = json_ready(cv)
     write_predictions_csv(pred, out_dir / "predictions.csv")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     images = {}
     if history:
@@ -290,6 +289,6 @@ def write_report(
         thumbnails=_thumbnails(checks),
         cv=cv,
     )
-    (out_dir / "report.html").write_text(page, encoding="utf-8")
+    atomic_write_text(out_dir / "report.html", page)
     logger.info("wrote the report to %s", out_dir / "report.html")
     return metrics

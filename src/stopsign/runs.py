@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -25,23 +26,43 @@ CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_size", "preprocessing",
                  "class_names", "head")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+TEMPORARY_SUFFIX = ".tmp"  # an atomic write's file until it is renamed
+WRITE_PROBE = ".write-test"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX,
+                                             delete=False)
         with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
+    except BaseException as error:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(handle.name)
+        if isinstance(error, OSError):
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StopsignError(
+                f"cannot write {path}: {'the disk is full' if full else error.strerror or error}. "
+                f"Fix: {'free disk space' if full else 'make the folder writable'} or choose another --out; "
+                "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
+            ) from error
         raise
     return path
+
+
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed run never finished (never a finished file)."""
+    for path in [*Path(run_dir).glob(f".*{TEMPORARY_SUFFIX}"), *Path(run_dir).glob(f"*/.*{TEMPORARY_SUFFIX}"),
+                 Path(run_dir) / WRITE_PROBE]:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -81,7 +102,7 @@ def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
                 path.mkdir()
             except FileExistsError:
                 continue
-            probe = path / ".write-test"
+            probe = path / WRITE_PROBE
             probe.write_bytes(b"ok")
             probe.unlink()
             return path
@@ -120,3 +141,85 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is checkpoint version {checkpoint['version']}; "
                               f"this stopsign reads up to {CHECKPOINT_VERSION}: upgrade stopsign")
     return checkpoint
+
+
+# --- what a run records -------------------------------------------------------------------------------
+
+def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict,
+                    resume: dict | None = None) -> dict:
+    """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data.
+
+    backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; resume: the optimizer, scheduler,
+    history and best epoch, so `--resume` continues exactly (last.pt only).
+    """
+    from . import __version__
+
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stopsign_version": __version__,
+        "backbone": backbone["name"], "weights_sha256": backbone["weights_sha256"],
+        "feature_size": backbone["feature_size"], "preprocessing": backbone["preprocessing"],
+        "class_names": list(class_names), "head": head_state, "config": config,
+        "epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"],
+    }
+    if resume is not None:
+        checkpoint["resume"] = resume
+    return checkpoint
+
+
+def resume_state(run_dir: Path) -> dict | None:
+    """The training state saved after the last finished epoch, or None when no epoch finished."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        return None
+    checkpoint = load_checkpoint(path)
+    if "resume" not in checkpoint:
+        raise CheckpointError(f"{path} holds no training state to resume from")
+    return checkpoint["resume"]
+
+
+def data_record(root: Path, layout: str, class_names: list[str], splits: dict[str, list], skipped: dict,
+                config: dict) -> dict:
+    """data.json: the split (file, label, split) relative to the data folder, and the skipped files."""
+    def rel(path) -> str:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            return str(path)
+
+    def counts(samples) -> dict:
+        return {name: sum(s.label == i for s in samples) for i, name in enumerate(class_names)}
+
+    return {"source": str(root), "layout": layout, "class_names": list(class_names),
+            "val_fraction": config["val_fraction"], "seed": config["seed"],
+            "counts": {name: counts(samples) for name, samples in splits.items()} | {"skipped": len(skipped)},
+            "split": [{"file": rel(s.path), "label": class_names[s.label], "split": name}
+                      for name, samples in splits.items() for s in samples],
+            "skipped": [{"file": rel(p), "reason": r} for p, r in sorted(skipped.items())]}
+
+
+def summary(config: dict, history: list[dict], best: dict, started: str, completed: str) -> dict:
+    """summary.json in the shape of CV Studio's run report, plus the best epoch."""
+    return {
+        "started": started, "completed": completed,
+        "parameters": {
+            "epochs": config["epochs"], "learningRate": config["lr_max"], "momentum": config["momentum"],
+            "percentage used training": round(100 * (1 - config["val_fraction"])),
+            "learningRatescheduler": {"lr_scheduler": config["scheduler"], "base_lr": config["lr_base"],
+                                      "max_lr": config["lr_max"]},
+        },
+        "accuracy": {"accuracy": [row["val_acc"] for row in history], "loss": [row["train_loss"] for row in history]},
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+    }
+
+
+def versions() -> dict:
+    import platform
+
+    import numpy
+    import sklearn
+    import torchvision
+
+    from . import __version__
+
+    return {"stopsign": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}

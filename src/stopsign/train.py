@@ -1,10 +1,7 @@
-"""train(): data → features → head → epoch loop → run folder.
+"""train(): data → split → features → fit() → run folder; `--resume` continues an interrupted run.
 
-Two paths train the same head with the same recipe and write the same checkpoint:
-- the fast path (default) computes the frozen backbone's features of each image view once (cached on disk)
-  and trains the linear head on them;
-- the slow path (`cache=False`) runs the backbone over freshly augmented images every epoch, as the seed
-  notebook does; kept for comparison and for later fine-tuning of unfrozen layers.
+Every file of the run folder is written atomically. config.json and data.json are written before training,
+metrics.csv and last.pt after every epoch, so a run killed at any point can be resumed from its last epoch.
 """
 
 from __future__ import annotations
@@ -13,278 +10,161 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from . import __version__
-from .backbones import FrozenBackboneClassifier
 from .checks import check_data
 from .config import TrainConfig
+from .crossval import cross_validate
 from .data import LabelledData, Sample, load_data, split_samples
-from .errors import StopsignError
-from .features import FeatureExtractor, ViewsDataset, default_cache_dir, view_loader
+from .errors import DataError, StopsignError
+from .features import FeatureExtractor, default_cache_dir
+from .fitting import CachedFeatures, LiveImages, fit, stop_after_epoch
 from .metrics import Predictions
 from .report import write_report
-from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, METRIC_COLUMNS, create_run_dir, now,
-                   save_checkpoint, write_csv, write_json)
+from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, now, read_json,
+                   remove_partial_files, resume_state, save_checkpoint, summary, versions, write_csv, write_json)
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(StopsignError):
+    """Ctrl-C during training: the finished epochs' files are written; the message says how to resume."""
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     best_epoch: int
-    best_val_acc: float
+    best_val_acc: float | None
     history: list[dict]
     metrics: dict = field(default_factory=dict)
 
 
-# --- the recipe -------------------------------------------------------------------------------------------
-
-SCHEDULERS: dict[str, Callable] = {
-    # cycle_momentum off: the recipe's momentum is 0.9 throughout, not cycled against the LR.
-    "triangular2": lambda optimizer, c: torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=c.lr_base, max_lr=c.lr_max, step_size_up=c.cycle_epochs, mode="triangular2",
-        cycle_momentum=False),
-    "cosine": lambda optimizer, c: torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, c.epochs), eta_min=c.lr_base),
-    "constant": lambda optimizer, c: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0),
-}
-
-
-def make_optimizer(head: nn.Module, config: TrainConfig):
-    if config.scheduler not in SCHEDULERS:
-        raise StopsignError(f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    optimizer = torch.optim.SGD(head.parameters(), lr=config.lr_max, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    return optimizer, SCHEDULERS[config.scheduler](optimizer, config)
-
-
-def train_one_epoch(model: nn.Module, batches: Iterable, criterion, optimizer) -> tuple[float, float]:
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for inputs, targets in batches:
-        optimizer.zero_grad()
-        logits = model(inputs)
-        loss = criterion(logits, targets)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(targets)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, criterion) -> tuple[float, float, np.ndarray]:
-    """Loss, accuracy and class probabilities (N, C) in the order of the batches."""
-    model.eval()
-    total_loss, correct, seen, probs = 0.0, 0, 0, []
-    for inputs, targets in batches:
-        logits = model(inputs)
-        total_loss += criterion(logits, targets).item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(targets)
-        probs.append(logits.softmax(1))
-    return total_loss / max(seen, 1), correct / max(seen, 1), torch.cat(probs).numpy() if probs else np.zeros((0, 0))
-
-
-def is_better(row: dict, best: dict | None) -> bool:
-    """Highest validation accuracy; ties go to the lower validation loss."""
-    return best is None or (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"])
-
-
-# --- batches for the two paths --------------------------------------------------------------------------
-
-def feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator | None):
-    """Batches of cached features: shuffled, one of each image's views drawn per epoch, when `rng` is given."""
-    index = np.arange(len(labels))
-    views = np.zeros(len(labels), dtype=int)
-    if rng is not None:
-        index = rng.permutation(len(labels))
-        views = rng.integers(0, features.shape[1], size=len(labels))
-    for start in range(0, len(index), batch_size):
-        rows = index[start:start + batch_size]
-        yield torch.from_numpy(np.asarray(features[rows, views[rows]])), torch.from_numpy(labels[rows])
-
-
-def image_batches(samples: list[Sample], preprocessing: dict, config: TrainConfig, rng, skipped: dict):
-    """Batches of freshly decoded, freshly augmented images (the slow path); unreadable files are skipped."""
-    order = rng.permutation(len(samples)) if rng is not None else np.arange(len(samples))
-    draws = [[(bool(rng.random() < 0.5), float(rng.uniform(-config.rotation, config.rotation)))]
-             if rng is not None and config.augment else [(False, 0.0)] for _ in order]
-    dataset = ViewsDataset([samples[i].path for i in order], draws, preprocessing)
-    for batch in view_loader(dataset, config.batch_size, config.num_workers):
-        good = [(i, tensor) for i, tensor, error in batch if error is None]
-        for i, _, error in batch:
-            if error is not None:
-                skipped[str(samples[order[i]].path)] = error
-        if good:
-            yield (torch.cat([t for _, t in good]),
-                   torch.tensor([samples[order[i]].label for i, _ in good], dtype=torch.long))
-
-
-# --- train() ---------------------------------------------------------------------------------------------
-
 def train(data: str | Path | LabelledData, *, val: str | Path | None = None, config: TrainConfig | None = None,
-          progress: bool = True, **overrides) -> RunResult:
-    """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields."""
-    config = (config or TrainConfig()).replace(**overrides)
-    started, clock = now(), time.perf_counter()
-    phases: dict[str, float] = {}
-    torch.manual_seed(config.seed)
-    run_dir = create_run_dir(config.out, config.name, config.backbone)
+          resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
+    """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.
 
+    resume: a run folder of an interrupted run; its own config.json and data.json split are used.
+    """
+    phases, clock, started = {}, time.perf_counter(), now()
+    if resume:
+        run_dir = Path(resume)
+        for name in ("config.json", "data.json"):  # written before training: a run that began has both
+            if not (run_dir / name).is_file():
+                raise StopsignError(f"cannot resume {run_dir}: it has no {name}, so it is not a run folder or "
+                                    "was stopped before training began. Fix: start a new run without --resume")
+        remove_partial_files(run_dir)
+        config = TrainConfig.from_dict(read_json(run_dir / "config.json"))
+    else:
+        config = (config or TrainConfig()).replace(**overrides)
     data = data if isinstance(data, LabelledData) else load_data(data)
-    if val is not None:
+    if resume:
+        train_samples, val_samples = recorded_split(data, read_json(run_dir / "data.json"))
+    elif val is not None:
         train_samples, val_samples = data.samples, load_data(val, class_names=data.class_names).samples
     elif data.splits:
         train_samples, val_samples = data.splits["train"], data.splits["val"]
+    elif config.folds > 1:
+        train_samples, val_samples = data.samples, []  # the final model sees everything; folds score it
     else:
-        train_samples, val_samples = split_samples(data.samples, config.val_fraction, config.seed)
+        train_samples, val_samples = split_samples(data.samples, config.val_fraction, config.seed,
+                                                   class_names=data.class_names)
+    if not resume:  # after the data proved usable, so a typo leaves no empty run folder behind
+        run_dir = create_run_dir(config.out, config.name, config.backbone)
     checks = check_data({"train": train_samples, "val": val_samples}, data.class_names)
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
-    phases["load and check data"] = time.perf_counter() - clock
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     extractor = FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
                                  num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16)
-    head = nn.Linear(extractor.feature_size, len(data.class_names))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    optimizer, scheduler = make_optimizer(head, config)
-    skipped: dict[str, str] = {}
+    backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
+                "feature_size": extractor.feature_size, "preprocessing": extractor.preprocessing}
+    record = config.to_dict() | {"backbone_weights_sha256": extractor.weights_sha256,
+                                 "preprocessing": extractor.preprocessing, "versions": versions()}
+    if not resume:
+        write_json(run_dir / "config.json", record)
+        write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names,
+                                                      {"train": train_samples, "val": val_samples}, {}, record))
+    phases["load and check data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     if config.cache:
-        # Training images need only their augmented views; the plain view is for validation and prediction.
-        views = range(1, config.views + 1) if config.augment and config.views > 0 else [0]
-        train_set = extractor.extract([s.path for s in train_samples], views=views, seed=config.seed,
-                                      rotation=config.rotation, progress=progress)
-        val_set = extractor.extract([s.path for s in val_samples], progress=progress)
-        skipped.update(train_set.skipped | val_set.skipped)
-        label_of = {s.path: s.label for s in train_samples + val_samples}
-        y_train = np.array([label_of[p] for p in train_set.paths], dtype=np.int64)
-        y_val = np.array([label_of[p] for p in val_set.paths], dtype=np.int64)
-        model = head
-        epoch_batches = lambda rng: feature_batches(train_set.features, y_train, config.batch_size, rng)
-        val_batches = lambda: feature_batches(val_set.features, y_val, 256, None)
-        val_paths = val_set.paths
+        every = train_samples + val_samples if config.folds > 1 else train_samples
+        source = CachedFeatures(extractor, every, every if config.folds > 1 else val_samples, config, progress)
         phases["features"] = time.perf_counter() - clock
     else:
-        model = FrozenBackboneClassifier(extractor.backbone.model, head)
-        epoch_batches = lambda rng: image_batches(train_samples, extractor.preprocessing, config, rng, skipped)
-        val_batches = lambda: image_batches(val_samples, extractor.preprocessing, config, None, skipped)
-        val_paths = None
+        source = LiveImages(extractor, config)
+
+    cv = None
+    if config.folds > 1:
+        clock = time.perf_counter()
+        everything = train_samples + val_samples
+        cv = cross_validate(source, everything, data.class_names, extractor.feature_size, config, progress=progress)
+        train_samples, val_samples = everything, []
+        phases["cross-validation"] = time.perf_counter() - clock
+
+    def save_epoch(row: dict, state: dict) -> None:
+        write_csv(run_dir / "metrics.csv", state["history"], METRIC_COLUMNS)
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(state["head"], backbone, data.class_names, record,
+                                                             row, resume=state))
+        if stop.is_set():
+            raise Interrupted(f"stopped after epoch {row['epoch']} of {config.epochs}; its files are written. "
+                              f"Continue with: stopsign train {data.root} --resume {run_dir}")
 
     clock = time.perf_counter()
-    history, best, best_state = [], None, None
-    bar = tqdm(range(config.epochs), desc="epochs", unit="epoch", disable=not progress)
-    for epoch in bar:
-        tick = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        rng = np.random.default_rng([config.seed, epoch])
-        train_loss, train_acc = train_one_epoch(model, epoch_batches(rng), criterion, optimizer)
-        val_loss, val_acc, probs = evaluate(model, val_batches(), criterion)
-        scheduler.step()
-        row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                   val_acc=val_acc, seconds=round(time.perf_counter() - tick, 4))
-        history.append(row)
-        if is_better(row, best):
-            best, best_state, best_probs = row, {k: v.clone() for k, v in head.state_dict().items()}, probs
-        bar.set_postfix(val_acc=f"{val_acc:.3f}", best=f"{best['val_acc']:.3f}")
-        write_csv(run_dir / "metrics.csv", history, METRIC_COLUMNS)
-        save_checkpoint(run_dir / "last.pt", checkpoint(head.state_dict(), extractor, data.class_names, config,
-                                                        row, optimizer=optimizer, scheduler=scheduler))
+    with stop_after_epoch() as stop:
+        result = fit(source, extractor.feature_size, len(data.class_names), train_samples, val_samples, config,
+                     state=resume_state(run_dir) if resume else None, on_epoch=save_epoch, progress=progress,
+                     keep="last" if config.folds > 1 else "best")
+    save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, data.class_names,
+                                                         record, result.best))
     phases["train head"] = time.perf_counter() - clock
-    if val_paths is None:  # slow path: unreadable files were found while training
-        val_paths = [s.path for s in val_samples if str(s.path) not in skipped]
-    save_checkpoint(run_dir / "best.pt", checkpoint(best_state, extractor, data.class_names, config, best))
 
     clock = time.perf_counter()
-    label_of = {s.path: s.label for s in val_samples}
-    predictions = Predictions([str(p) for p in val_paths], np.array([label_of[p] for p in val_paths]),
-                              best_probs, list(data.class_names))
-    kept_train = [s for s in train_samples if str(s.path) not in skipped]
-    kept_val = [s for s in val_samples if str(s.path) not in skipped]
-    write_json(run_dir / "config.json", config.to_dict() | {
-        "backbone_weights_sha256": extractor.weights_sha256, "preprocessing": extractor.preprocessing,
-        "feature_size": extractor.feature_size, "versions": versions()})
-    write_json(run_dir / "data.json", data_record(data, kept_train, kept_val, skipped, config))
+    skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
+    kept = {name: [s for s in samples if str(s.path) not in skipped]
+            for name, samples in (("train", train_samples), ("val", val_samples))}
+    write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record))
     completed = now()
-    write_json(run_dir / "summary.json", summary(config, history, best, started, completed))
+    write_json(run_dir / "summary.json", summary(record, result.history, result.best, started, completed))
+    if cv is not None:
+        predictions = cv.pop("oof")
+    else:
+        predictions = Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
+                                  result.val_probs, data.class_names)
     run_info = {
         "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
-                 "train": data.class_counts(kept_train), "validation": data.class_counts(kept_val)},
-        "skipped files": skipped or "none",
+                 "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
+        "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
         "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
                      "features": "cached" if config.cache else "recomputed every epoch"},
+        "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
+                        else "the validation split",
         "settings": config.to_dict(), "started": started, "completed": completed,
         "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
     }
-    metrics = write_report(run_dir, predictions, history=history, run_info=run_info, checks=checks,
+    metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
                            title=f"stopsign run {run_dir.name}")
     phases["report"] = time.perf_counter() - clock
     log.info("phases: %s", {k: round(v, 2) for k, v in phases.items()})
-    return RunResult(run_dir, best["epoch"], best["val_acc"], history, metrics)
+    return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
 
 
-def checkpoint(head_state: dict, extractor: FeatureExtractor, class_names: list[str], config: TrainConfig,
-               row: dict, optimizer=None, scheduler=None) -> dict:
-    """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data."""
-    state = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stopsign_version": __version__,
-        "backbone": extractor.name, "weights_sha256": extractor.weights_sha256,
-        "feature_size": extractor.feature_size, "preprocessing": extractor.preprocessing,
-        "class_names": list(class_names), "head": head_state, "config": config.to_dict(),
-        "epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"],
-    }
-    if optimizer is not None:
-        state["optimizer"], state["scheduler"] = optimizer.state_dict(), scheduler.state_dict()
-    return state
-
-
-def data_record(data: LabelledData, train_samples, val_samples, skipped: dict, config: TrainConfig) -> dict:
-    def rel(path: Path) -> str:
+def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
+    """The train/val split a run recorded in data.json, matched against the data as it is now."""
+    by_file = {}
+    for sample in data.samples:
         try:
-            return str(Path(path).relative_to(data.root))
+            by_file[str(sample.path.relative_to(data.root))] = sample
         except ValueError:
-            return str(path)
-
-    split = [{"file": rel(s.path), "label": data.class_names[s.label], "split": name}
-             for name, samples in (("train", train_samples), ("val", val_samples)) for s in samples]
-    return {"source": str(data.root), "layout": data.layout, "class_names": list(data.class_names),
-            "val_fraction": config.val_fraction, "seed": config.seed,
-            "counts": {"train": data.class_counts(train_samples), "val": data.class_counts(val_samples),
-                       "skipped": len(skipped)},
-            "split": split, "skipped": [{"file": rel(Path(p)), "reason": r} for p, r in sorted(skipped.items())]}
-
-
-def summary(config: TrainConfig, history: list[dict], best: dict, started: str, completed: str) -> dict:
-    """The shape of CV Studio's run report, plus the best epoch."""
-    return {
-        "started": started, "completed": completed,
-        "parameters": {
-            "epochs": config.epochs, "learningRate": config.lr_max, "momentum": config.momentum,
-            "percentage used training": round(100 * (1 - config.val_fraction)),
-            "learningRatescheduler": {"lr_scheduler": config.scheduler, "base_lr": config.lr_base,
-                                      "max_lr": config.lr_max},
-        },
-        "accuracy": {"accuracy": [row["val_acc"] for row in history], "loss": [row["train_loss"] for row in history]},
-        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-    }
-
-
-def versions() -> dict:
-    import platform
-
-    import sklearn
-    import torchvision
-
-    return {"stopsign": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+            by_file[str(sample.path)] = sample
+    missing = [row["file"] for row in record["split"] if row["file"] not in by_file]
+    if missing:
+        raise DataError(f"cannot resume: {len(missing)} files of the recorded split are no longer in {data.root}, "
+                        f"e.g. {', '.join(missing[:5])}")
+    splits = {"train": [], "val": []}
+    for row in record["split"]:
+        splits[row["split"]].append(by_file[row["file"]])
+    return splits["train"], splits["val"]

@@ -1,0 +1,187 @@
+"""Export a checkpoint's whole classifier to ONNX or TorchScript, checked against PyTorch before it is kept.
+
+The exported graph is backbone + head + softmax: a preprocessed float32 batch (N, 3, size, size), any N, in;
+class probabilities (N, C) out. The file carries what a deployment needs besides pixels, the class names
+and the preprocessing, as metadata (ONNX: metadata_props, each value a JSON string; TorchScript: the extra
+file `stopsign.json`). Each export is written under a temporary name, run on real images (up to 16 of the
+run's validation files, else generated ones) and compared with the PyTorch classifier; only a file that
+agrees is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import __version__
+from .backbones import FrozenBackboneClassifier
+from .errors import ImageError, StopsignError
+from .images import preprocess, read_image
+from .onnx_predict import (EXPORT_FORMAT, EXPORT_VERSION, INPUT_NAME, OUTPUT_NAME, OnnxClassifier,
+                           read_onnx_metadata)
+from .predict import Classifier
+from .runs import load_checkpoint, read_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}  # format → default file suffix
+TOLERANCE = 1e-4  # largest absolute difference of a probability allowed between the export and PyTorch
+CHECK_IMAGES = 16
+OPSET = 17
+EXTRA_FILE = "stopsign.json"
+
+
+def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None) -> tuple[Path, dict]:
+    """Export `checkpoint` to `out` (default: next to it, best.onnx or best.torchscript); return (path, report).
+
+    Raises StopsignError, leaving no file, when the export's probabilities differ from PyTorch's by
+    TOLERANCE or more or when any predicted class differs.
+    """
+    if format not in FORMATS:
+        raise StopsignError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    checkpoint = Path(checkpoint)
+    classifier = Classifier(load_checkpoint(checkpoint), source=str(checkpoint))
+    out = Path(out) if out else checkpoint.with_suffix(FORMATS[format])
+    metadata = export_metadata(classifier, checkpoint)
+    started = time.perf_counter()
+    temporary = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model = export_module(classifier)
+        (write_onnx if format == "onnx" else write_torchscript)(model, classifier.preprocessing, metadata, temporary)
+        images, source = check_images(checkpoint, classifier.preprocessing)
+        report = compare(classifier, format, temporary, images)
+        os.replace(temporary, out)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+    report |= {"format": format, "path": str(out), "bytes": out.stat().st_size, "image_source": source,
+               "seconds": round(time.perf_counter() - started, 2)}
+    log.info("exported %s: %s", out, report)
+    return out, report
+
+
+def export_module(classifier: Classifier) -> nn.Module:
+    """images → probabilities: the classifier's own frozen backbone and head, and a softmax, in eval mode."""
+    model = nn.Sequential(FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head),
+                          nn.Softmax(dim=1))
+    return model.eval()
+
+
+def export_metadata(classifier: Classifier, checkpoint: Path) -> dict:
+    source = classifier.checkpoint
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "stopsign_version": __version__,
+            "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
+            "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
+            "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
+            "input": f"{INPUT_NAME}: float32 (N, 3, {classifier.preprocessing['size']}, "
+                     f"{classifier.preprocessing['size']}), preprocessed",
+            "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"}
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Silence torch's deprecation notices for TorchScript and its ONNX exporter, and its constant-folding
+    remarks: noise to a user, since every export is checked numerically against PyTorch before it is kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
+        yield
+
+
+def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
+    import onnx
+
+    size = preprocessing["size"]
+    # The TorchScript-based exporter: this static CNN needs nothing of the torch.export-based one, which
+    # would add the onnxscript dependency; compare() below catches any divergence either way.
+    with quiet_torch():
+        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def write_torchscript(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
+    size = preprocessing["size"]
+    with torch.no_grad(), quiet_torch():
+        traced = torch.jit.trace(model, torch.zeros(2, 3, size, size))
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(metadata)})
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of an exported file, ONNX or TorchScript (by suffix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False)
+        return read_onnx_metadata({p.key: p.value for p in graph.metadata_props}, path)
+    extra = {EXTRA_FILE: ""}
+    with quiet_torch():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[EXTRA_FILE])
+
+
+def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Image], str]:
+    """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
+    size = preprocessing["size"]
+    images = []
+    data_file = checkpoint.parent / "data.json"
+    if data_file.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = read_json(data_file)
+            files = [Path(record["source"]) / row["file"] for row in record["split"] if row["split"] == "val"]
+            for file in files:
+                if len(images) == CHECK_IMAGES:
+                    break
+                with contextlib.suppress(ImageError):
+                    images.append(read_image(file, draft=(size, size)))
+    if images:
+        return images, f"{len(images)} validation images of the run"
+    # No data at hand: seeded colour grids of assorted shapes, blurred by the resize into smooth scenes.
+    rng = np.random.default_rng(0)
+    for width, height in [(320, 240), (240, 320), (224, 224), (500, 180), (64, 64), (800, 600), (150, 400), (96, 128)]:
+        grid = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        images.append(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC))
+    return images, f"{len(images)} generated images (no validation files found next to the checkpoint)"
+
+
+def compare(classifier: Classifier, format: str, path: Path, images: list[Image.Image]) -> dict:
+    """Run the exported file on `images`, as one batch and the first alone, against the PyTorch classifier."""
+    expected = classifier.image_probabilities(images)
+    if format == "onnx":
+        # The deployed path end to end: onnxruntime, the file's own metadata, numpy preprocessing.
+        exported = OnnxClassifier(path)
+        got, single = exported.image_probabilities(images), exported.image_probabilities(images[:1])
+    else:
+        with quiet_torch():
+            model = torch.jit.load(str(path), map_location="cpu")
+        batch = torch.from_numpy(np.stack([preprocess(image, classifier.preprocessing) for image in images]))
+        with torch.no_grad():
+            got, single = model(batch).numpy(), model(batch[:1]).numpy()
+    difference = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
+    same = bool((got.argmax(1) == expected.argmax(1)).all() and single.argmax(1)[0] == expected.argmax(1)[0])
+    report = {"images": len(images), "batch_sizes": [len(images), 1], "max_abs_diff": difference,
+              "tolerance": TOLERANCE, "same_predictions": same}
+    if not (difference < TOLERANCE and same):
+        raise StopsignError(f"the {format} export of {classifier.backbone_name} does not match PyTorch: max "
+                            f"|difference| of probabilities {difference:.3g} (limit {TOLERANCE:g}), predicted "
+                            f"classes {'identical' if same else 'differ'}; nothing was written. Try the other "
+                            "--format, or report this with your torch and onnxruntime versions.")
+    return report

@@ -1,0 +1,191 @@
+"""The HTTP service: a FastAPI app over one classifier (a .pt checkpoint or an exported .onnx file).
+
+Routes: POST /predict (one image: multipart field `file`, or the raw body), POST /predict/batch (multipart
+field `files`), GET /health, GET /model, GET / (static/index.html, a page that works offline) and FastAPI's
+/docs. The model is loaded once, when the app is created, and only read afterwards, so one request cannot
+change what another sees. Uploads are decoded by images.decode_image (bombs, truncation, modes); a body
+over the limit gets 413 before it is read whole, and what is not a decodable image gets 415.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from . import __version__
+from .errors import ImageError
+from .images import decode_image
+from .prediction import load_classifier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+MAX_BATCH_FILES = 32
+MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around the image bytes
+METRIC_KEYS = {"metrics.json": ("n", "accuracy", "accuracy_ci95", "macro_f1", "roc_auc", "per_class", "confusion"),
+               "summary.json": ("best_val_acc", "best_epoch", "started", "completed")}
+
+
+def _upload_body(description: str, field: str, many: bool) -> dict:
+    """The OpenAPI request body of a route that reads its upload by hand, so /docs offers a file picker."""
+    binary = {"type": "string", "format": "binary"}
+    part = {"type": "array", "items": binary} if many else binary
+    content = {"multipart/form-data": {"schema": {"type": "object", "properties": {field: part},
+                                                  "required": [field]}}}
+    if not many:
+        content["application/octet-stream"] = {"schema": binary}
+    return {"requestBody": {"description": description, "required": True, "content": content}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its route's limit gets 413 as soon as it is known to be too big."""
+
+    def __init__(self, app, limits: dict[str, int], default: int):
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": too_large(int(declared), limit)}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive():  # a chunked body declares no length: count what arrives
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, too_large(received, limit))
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"upload too large: {size} bytes, the limit is {limit} bytes (start the server with a larger --max-upload-mb)"
+
+
+def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+    """The app serving the classifier at `model_path` (.pt or .onnx), loaded once, here."""
+    model_path = Path(model_path)
+    classifier = load_classifier(model_path)
+    size = classifier.preprocessing["size"]
+    names = classifier.class_names
+    info = model_info(classifier, model_path) | {"max_upload_bytes": max_upload_bytes,
+                                                 "max_batch_files": MAX_BATCH_FILES}
+    # One prediction now loads a checkpoint's backbone (it loads lazily) and warms the kernels, so the
+    # first request is as fast as the rest.
+    classifier.image_probabilities([Image.new("RGB", (size, size))])
+    page = resources.files("stopsign").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    app = FastAPI(title="stopsign", version=__version__,
+                  description=f"Image classification with {model_path.name} ({', '.join(names)}).")
+    app.add_middleware(BodyLimit, default=MULTIPART_SLACK,
+                       limits={"/predict": max_upload_bytes + MULTIPART_SLACK,
+                               "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
+    app.state.classifier = classifier
+
+    def decode(data: bytes, name: str):
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"{name}: {too_large(len(data), max_upload_bytes)}")
+        try:
+            return decode_image(data, draft=(size, size))
+        except ImageError as error:
+            raise HTTPException(415, f"{name}: {error}") from None
+
+    def answer(row: np.ndarray) -> dict:
+        return {"label": names[int(row.argmax())], "probabilities": {n: float(p) for n, p in zip(names, row)}}
+
+    def classify_one(data: bytes, name: str) -> dict:  # CPU work, run in the thread pool
+        return answer(classifier.image_probabilities([decode(data, name)])[0])
+
+    def classify_many(uploads: list[tuple[str, bytes]]) -> list[dict]:
+        rows, images = [], []
+        for name, data in uploads:
+            try:
+                images.append(decode(data, name))
+                rows.append({"filename": name})
+            except HTTPException as error:  # one bad file in a batch costs its own row only
+                rows.append({"filename": name, "label": None, "error": error.detail, "status": error.status_code})
+        good = [row for row in rows if "error" not in row]
+        if images:
+            for row, probs in zip(good, classifier.image_probabilities(images)):
+                row |= answer(probs)
+        return rows
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": model_path.name}
+
+    @app.get("/model")
+    def model() -> dict:
+        return info
+
+    @app.post("/predict", openapi_extra=_upload_body("one image file", "file", many=False))
+    async def predict(request: Request) -> dict:
+        started = time.perf_counter()
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=1)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(422, "send the image in the multipart field 'file', or as the raw body")
+            name, data = upload.filename or "file", await upload.read()
+        else:
+            name, data = "body", await request.body()
+        result = await run_in_threadpool(classify_one, data, name)
+        return result | {"latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+    @app.post("/predict/batch", openapi_extra=_upload_body("image files", "files", many=True))
+    async def predict_batch(request: Request) -> dict:
+        started = time.perf_counter()
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(422, "send the images as multipart/form-data in the field 'files'")
+        form = await request.form(max_files=MAX_BATCH_FILES)
+        uploads = [(u.filename or f"file {i}", await u.read())
+                   for i, u in enumerate(form.getlist("files")) if isinstance(u, UploadFile)]
+        if not uploads:
+            raise HTTPException(422, "send one or more images in the multipart field 'files'")
+        results = await run_in_threadpool(classify_many, uploads)
+        return {"results": results, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+    log.info("serving %s (%s): %s", model_path, info["format"], ", ".join(names))
+    return app
+
+
+def model_info(classifier, model_path: Path) -> dict:
+    """What /model shows: the classifier, and the headline metrics of its run when the run folder has them."""
+    info = {"model": model_path.name, "format": "onnx" if model_path.suffix.lower() == ".onnx" else "checkpoint",
+            "backbone": classifier.backbone_name, "class_names": classifier.class_names,
+            "preprocessing": classifier.preprocessing, "metrics": {}}
+    for file_name, keys in METRIC_KEYS.items():
+        try:
+            saved = json.loads((model_path.parent / file_name).read_text())
+        except (OSError, ValueError):
+            continue  # a model file outside a run folder has no metrics; that is fine
+        info["metrics"] |= {key: saved[key] for key in keys if key in saved}
+    return info
+
+
+def serve(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+    """Load the model and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(model_path, max_upload_bytes=max_upload_bytes), host=host, port=port, log_level=log_level)

@@ -1,0 +1,206 @@
+"""serve: the HTTP API through FastAPI's TestClient, a real uvicorn process, and the page in a real browser."""
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from stopsign import load_classifier, train
+from stopsign.data import load_data
+from stopsign.export import export
+from stopsign.serve import create_app
+
+from conftest import SHARED_PHOTOS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def trained(tmp_path, make_images, tiny_backbone):
+    data = make_images(tmp_path / "data", {"stop": 8, "not_stop": 8}, layout="folders", size=(48, 40))
+    result = train(data, backbone="tiny", epochs=6, lr_max=0.1, out=str(tmp_path / "runs"), progress=False,
+                   num_workers=0, val_fraction=0.25)
+    return result.run_dir / "best.pt", data
+
+
+@pytest.fixture
+def client(trained):
+    return TestClient(create_app(trained[0], max_upload_bytes=20_000))
+
+
+def test_predict_one_image_as_multipart_or_raw_body(client, trained):
+    checkpoint, data = trained
+    path = data / "stop" / "stop-0.png"
+    expected = load_classifier(checkpoint).predict([path])[0]
+    for response in (client.post("/predict", files={"file": ("stop-0.png", path.read_bytes(), "image/png")}),
+                     client.post("/predict", content=path.read_bytes(), headers={"content-type": "image/png"})):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["label"] == expected.label and answer["latency_ms"] > 0
+        assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+
+
+def test_batch_answers_each_file_and_isolates_a_bad_one(client, trained):
+    _, data = trained
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted((data / "stop").glob("*.png"))[:3]]
+    files.insert(1, ("files", ("notes.txt", b"not an image", "text/plain")))
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    rows = response.json()["results"]
+    assert [r["filename"] for r in rows] == ["stop-0.png", "notes.txt", "stop-1.png", "stop-2.png"]
+    assert rows[1]["label"] is None and "not an image file" in rows[1]["error"] and rows[1]["status"] == 415
+    assert all(r["label"] in ("stop", "not_stop") and abs(sum(r["probabilities"].values()) - 1) < 1e-5
+               for r in rows if r is not rows[1])
+
+
+def test_health_model_and_an_offline_page(client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/model").json()
+    assert info["class_names"] == ["not_stop", "stop"] and info["backbone"] == "tiny"
+    assert info["preprocessing"]["size"] == 32 and info["format"] == "checkpoint"
+    assert 0 <= info["metrics"]["accuracy"] <= 1 and info["metrics"]["best_epoch"] >= 1
+    page = client.get("/")
+    assert page.status_code == 200 and "<input id=\"picker\"" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works without internet
+    assert client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+
+
+def test_too_large_is_413_not_an_image_is_415_and_the_next_request_is_fine(client, trained):
+    _, data = trained
+    good = (data / "stop" / "stop-0.png").read_bytes()
+    assert client.post("/predict", content=b"\0" * 30_000).status_code == 413  # declared length
+    chunked = client.post("/predict", content=iter([b"\0" * 8_000] * 4))  # no length declared
+    assert chunked.status_code == 413 and "limit" in chunked.json()["detail"]
+    large_part = client.post("/predict/batch", files=[("files", ("big.png", b"\0" * 25_000, "image/png"))])
+    assert large_part.json()["results"][0]["status"] == 413
+    for bad, reason in [(b"hello", "not an image file"), (good[: len(good) // 2], "truncated"),
+                        (b"<html>page</html>", "HTML")]:
+        response = client.post("/predict", files={"file": ("x.png", bad, "image/png")})
+        assert response.status_code == 415 and reason in response.json()["detail"]
+        assert client.post("/predict", files={"file": ("stop-0.png", good, "image/png")}).status_code == 200
+    assert client.post("/predict", files={"other": ("x.png", good, "image/png")}).status_code == 422
+
+
+def test_an_onnx_model_serves_the_same_answers(trained, tmp_path):
+    checkpoint, data = trained
+    onnx_path, _ = export(checkpoint, out=tmp_path / "model.onnx")
+    image = (data / "not_stop" / "not_stop-3.png").read_bytes()
+    answers = []
+    for model in (checkpoint, onnx_path):
+        client = TestClient(create_app(model))
+        answers.append(client.post("/predict", files={"file": ("a.png", image, "image/png")}).json())
+    assert client.get("/model").json()["format"] == "onnx"
+    assert answers[0]["label"] == answers[1]["label"]
+    assert answers[0]["probabilities"] == pytest.approx(answers[1]["probabilities"], abs=1e-4)
+
+
+# --- a real server ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *options: str):
+    """`stopsign serve MODEL` in a subprocess on a free loopback port; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "stopsign.cli", "-q", "serve", str(model), "--port", str(port), *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"the server exited: {process.stdout.read()}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_real_uvicorn_server(trained, tmp_path):
+    checkpoint, data = trained
+    onnx_path, _ = export(checkpoint, out=tmp_path / "model.onnx")  # self-contained: the tiny backbone travels
+    images = sorted((data / "stop").glob("*.png")) + sorted((data / "not_stop").glob("*.png"))
+    expected = {r.path: r.label for r in load_classifier(checkpoint).predict(images)}
+    with running_server(onnx_path, "--max-upload-mb", "0.01") as url, httpx.Client(base_url=url) as http:
+        assert http.get("/model").json()["format"] == "onnx"
+
+        def ask(path: Path) -> str:
+            return httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())}).json()["label"]
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent clients each get their own image's answer
+            assert list(pool.map(ask, images)) == [expected[str(p)] for p in images]
+        assert http.post("/predict", content=b"\0" * 40_000).status_code == 413
+        assert http.post("/predict", content=b"not an image").status_code == 415
+        assert http.post("/predict", content=images[0].read_bytes()).json()["label"] == expected[str(images[0])]
+
+
+# --- the page in a real browser ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stop_model(tmp_path_factory, request):
+    """efficientnet_lite0 trained on the shared real photos (else on demo scenes), a stop and a non-stop image."""
+    out = tmp_path_factory.mktemp("browser")
+    if (SHARED_PHOTOS / "_annotations.json").is_file():
+        data = SHARED_PHOTOS
+        stop, other = SHARED_PHOTOS / "test_images/stop-1.jpeg", SHARED_PHOTOS / "test_images/not-stop-1.jpeg"
+    else:
+        from stopsign.demo import make_demo_data
+
+        data = make_demo_data(out / "demo", per_class=40, seed=0)
+        held = load_data(make_demo_data(out / "held-out", per_class=1, seed=1))
+        by_label = {held.class_names[s.label]: s.path for s in held.samples}
+        stop, other = by_label["stop"], by_label["not_stop"]
+    # The pytest cache keeps the backbone features between sessions: a rerun trains in seconds.
+    cache = request.config.cache.mkdir("stopsign-features")
+    result = train(data, backbone="efficientnet_lite0", epochs=10, augment=False, out=str(out / "runs"),
+                   progress=False, cache_dir=str(cache))
+    return result.run_dir / "best.pt", stop, other
+
+
+@pytest.fixture
+def chromium():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no browser at {CHROMIUM}: install Debian's chromium (make test does)")
+    return CHROMIUM
+
+
+@pytest.mark.slow
+def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    checkpoint, stop, other = stop_model
+    with running_server(checkpoint) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('efficientnet_lite0')")
+            page.set_input_files("#picker", [str(stop), str(other)])
+            page.wait_for_selector(".card[data-done='true'] >> nth=1", timeout=60_000)
+            labels = {name: page.locator(f".card[data-file='{name}'] .label").inner_text()
+                      for name in (stop.name, other.name)}
+            bars = page.locator(f".card[data-file='{stop.name}'] .bar").count()
+            page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
+        finally:
+            browser.close()
+    shutil.copy(tmp_path / "serve_page.png", "/tmp/serve_page.png")
+    assert labels == {stop.name: "stop", other.name: "not_stop"}
+    assert bars == 2  # one probability bar per class

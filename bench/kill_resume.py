@@ -1,7 +1,7 @@
 """Kill -9 and resume, over and over: does an interrupted `stopsign train` always end as an uninterrupted one?
 
 Trains the tests' tiny backbone (30 epochs over 40 generated images) in a subprocess, SIGKILLs it after a
-seeded random delay (anywhere from start-up through training to the report), resumes, and repeats; then
+seeded random point (in start-up, within any epoch and its writes, or while the report is written), resumes, and repeats; then
 resumes once more to the end and compares with an uninterrupted run. After every kill each file in the run
 folder must be whole (JSON parses, checkpoints load with weights_only=True, metrics.csv lists each finished
 epoch once); at the end no temporary file may be left and metrics.csv (but `seconds`) and best.pt must equal
@@ -44,15 +44,15 @@ def main() -> None:
         launcher, out = write_launcher(folder), folder / "runs"
         began = time.monotonic()
         reference = reference_run(launcher, weights, data, out, args.epochs, args.epoch_delay)
-        print(f"uninterrupted run: first epoch written after {reference['first_epoch_s']:.1f} s, "
-              f"done after {reference['total_s']:.1f} s")
+        print(f"uninterrupted run: first epoch after {reference['first_epoch_s']:.1f} s, then "
+              f"{reference['epoch_s']:.2f} s an epoch, report {reference['report_s']:.1f} s, "
+              f"{reference['total_s']:.1f} s in all")
         log = kill_and_resume(launcher, weights, data, out, cycles=args.cycles, seed=args.seed, epochs=args.epochs,
-                              delays=(0.5 * reference["first_epoch_s"], reference["total_s"]),
-                              epoch_delay=args.epoch_delay)
-        print(f"{'cycle':>5}  {'action':<6}  {'kill after':>10}  {'ended':<7}  epochs before → after")
+                              timing=reference, epoch_delay=args.epoch_delay)
+        print(f"{'cycle':>5}  {'action':<6}  {'kill at (phase, after epoch, + seconds)':<40}  {'ended':<7}  "
+              "epochs before → after")
         for row in log:
-            delay = f"{row['delay_s']:.2f} s" if row["delay_s"] is not None else "-"
-            print(f"{row['cycle']:>5}  {row['action']:<6}  {delay:>10}  {row['ended']:<7}  "
+            print(f"{row['cycle']:>5}  {row['action']:<6}  {row['kill']:<40}  {row['ended']:<7}  "
                   f"{row['epochs_before']:>6} → {row['epochs_after']}")
         assert_same_outcome(out / "loop", reference["run_dir"])
         killed = sum(row["ended"] == "killed" for row in log)

@@ -327,27 +327,44 @@ def test_ctrl_c_stops_after_the_epoch_and_says_how_to_resume(tmp_path, data, tin
     assert_same_outcome(run_dir, run(tmp_path, data, epochs=30, name="reference").run_dir)
 
 
+def kill_point(rng: random.Random, before: int, epochs: int, timing: dict) -> tuple[str, int, float]:
+    """Where the next kill lands: (phase, epochs to wait for, then seconds more), drawn from `rng`."""
+    draw = rng.random()
+    if before == epochs:  # a finished run resumed: start-up, then best.pt and the report written again
+        return "finished", 0, rng.uniform(0, timing["first_epoch_s"] + timing["report_s"])
+    if draw < 0.2:  # start-up: imports, data checks, feature extraction
+        return "start-up", 0, rng.uniform(0, timing["first_epoch_s"])
+    if draw < 0.85:  # anywhere in an epoch, its metrics.csv and last.pt writes included
+        return "epoch", min(epochs - 1, before + rng.randint(1, 2)), rng.uniform(0, timing["epoch_s"])
+    return "report", epochs, rng.uniform(0, timing["report_s"])  # best.pt, summary, plots, report.html
+
+
 def kill_and_resume(launcher: Path, weights: Path, data: Path, out: Path, *, cycles: int, seed: int, epochs: int,
-                    delays: tuple[float, float], epoch_delay: float) -> list[dict]:
-    """Start `stopsign train` (or resume it), SIGKILL it after a seeded random delay, check what it left;
+                    timing: dict, epoch_delay: float) -> list[dict]:
+    """Start `stopsign train` (or resume it), SIGKILL it at a seeded random point, check what it left;
     `cycles` times, then resume once more to the end. Returns one row per cycle."""
     rng = random.Random(seed)
     run_dir, log = out / "loop", []
     env = dict(os.environ) | {"STOPSIGN_CACHE": str(out / "cache")}  # a cold cache: kills land in extraction too
     for cycle in range(1, cycles + 2):
+        final = cycle > cycles
         began = (run_dir / "config.json").is_file() and (run_dir / "data.json").is_file()
         if run_dir.exists() and not began:
             shutil.rmtree(run_dir)  # killed before training began: nothing to resume, so start again
         args = ["-q", "train", str(data), "--resume", str(run_dir)] if began else \
             train_args(data, out, epochs) + ["--name", "loop"]
-        before = epochs_written(run_dir)
-        delay = rng.uniform(*delays) if cycle <= cycles else 600.0
+        before = epochs_written(run_dir) if (run_dir / "best.pt").is_file() else \
+            (load_checkpoint(run_dir / "last.pt")["epoch"] if (run_dir / "last.pt").is_file() else 0)
+        phase, wait_epochs, seconds = kill_point(rng, before, epochs, timing)
         errors = out / f"cycle-{cycle}.err"
         with open(errors, "w") as stderr:
-            process = start(launcher, weights, args, epoch_delay=epoch_delay if cycle <= cycles else 0.0,
-                            stderr=stderr, env=env)
+            process = start(launcher, weights, args, epoch_delay=0.0 if final else epoch_delay, stderr=stderr,
+                            env=env)
+            if not final:
+                wait_for(lambda: epochs_written(run_dir) >= wait_epochs or process.poll() is not None, 600)
+                time.sleep(seconds)
             try:
-                process.wait(timeout=delay)
+                process.wait(timeout=600 if final else 0)
                 ended = f"exit {process.returncode}"
             except subprocess.TimeoutExpired:
                 process.kill()
@@ -356,22 +373,26 @@ def kill_and_resume(launcher: Path, weights: Path, data: Path, out: Path, *, cyc
         assert ended in ("killed", "exit 0"), errors.read_text()
         if run_dir.exists():
             assert_intact(run_dir, finished=ended == "exit 0")
-        log.append({"cycle": cycle if cycle <= cycles else "final", "action": "resume" if began else "start",
-                    "delay_s": round(delay, 2) if cycle <= cycles else None, "ended": ended,
+        log.append({"cycle": "final" if final else cycle, "action": "resume" if began else "start",
+                    "kill": "-" if final else f"{phase} {wait_epochs} +{seconds:.2f} s", "ended": ended,
                     "epochs_before": before, "epochs_after": epochs_written(run_dir)})
     return log
 
 
 def reference_run(launcher: Path, weights: Path, data: Path, out: Path, epochs: int, epoch_delay: float) -> dict:
-    """An uninterrupted run in a subprocess, timed: when its first epoch was written and when it ended."""
+    """An uninterrupted run in a subprocess, timed: start-up to the first epoch, one epoch, the report."""
     began = time.monotonic()
     process = start(launcher, weights, train_args(data, out, epochs) + ["--name", "reference"],
                     epoch_delay=epoch_delay, env=dict(os.environ) | {"STOPSIGN_CACHE": str(out / "ref-cache")})
-    wait_for(lambda: epochs_written(out / "reference") > 0 or process.poll() is not None, timeout=300)
-    first_epoch = time.monotonic() - began
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    return {"run_dir": out / "reference", "first_epoch_s": first_epoch, "total_s": time.monotonic() - began}
+    seen = {}
+    while process.poll() is None:
+        seen.setdefault(epochs_written(out / "reference"), time.monotonic() - began)
+        time.sleep(0.01)
+    total = time.monotonic() - began
+    assert process.returncode == 0, process.stderr.read()
+    first, last = seen.get(1, total), seen.get(epochs, total)
+    return {"run_dir": out / "reference", "first_epoch_s": first, "epoch_s": max(0.01, (last - first) / (epochs - 1)),
+            "report_s": total - last, "total_s": total}
 
 
 @pytest.mark.slow
@@ -379,10 +400,10 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, make_images, ti
     """5 cycles here; bench/kill_resume.py runs the same loop for 20 or more."""
     data = make_images(tmp_path / "data", {"stop": 20, "not_stop": 20}, layout="folders")
     launcher, out = write_launcher(tmp_path), tmp_path / "runs"
-    reference = reference_run(launcher, tiny_weights(), data, out, epochs=30, epoch_delay=0.1)
-    log = kill_and_resume(launcher, tiny_weights(), data, out, cycles=5, seed=0, epochs=30,
-                          delays=(0.5 * reference["first_epoch_s"], reference["total_s"]), epoch_delay=0.1)
-    assert sum(row["ended"] == "killed" for row in log) >= 2, log  # not a loop of runs that simply finished
+    reference = reference_run(launcher, tiny_weights(), data, out, epochs=30, epoch_delay=0.05)
+    log = kill_and_resume(launcher, tiny_weights(), data, out, cycles=5, seed=0, epochs=30, timing=reference,
+                          epoch_delay=0.05)
+    assert sum(row["ended"] == "killed" for row in log) >= 3, log  # not a loop of runs that simply finished
     assert log[-1]["ended"] == "exit 0" and log[-1]["epochs_after"] == 30
     assert_same_outcome(out / "loop", reference["run_dir"])
 

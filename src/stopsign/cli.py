@@ -42,6 +42,9 @@ TRAIN_FLAGS = {
     "--name": ("name", str, "run folder name (default: <backbone>-<time>; never overwrites)"),
 }
 
+# settings fixed for a whole study; the recipe itself is what tune searches
+TUNE_FLAGS = ("--backbone", "--weights", "--seed", "--rotation", "--cache-dir", "--workers", "--out", "--name")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stopsign", description=__doc__.split("\n")[0].replace(
@@ -103,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
+
+    tune = commands.add_parser("tune", help="search the training recipe by K-fold cross-validation (Optuna)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                               description="Writes study.db, trials.csv, best.json, plots/ and report.html, then "
+                                           "the best recipe's model trained on all data in final/.")
+    tune.add_argument("data")
+    tune.add_argument("--trials", type=int, default=50, help="trials this process adds to the study")
+    tune.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation that scores a trial")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--resume", metavar="RUN_DIR", help="add trials to the study in this tune folder (its own "
+                                                          "settings); several processes may share one study")
+    tune.add_argument("--no-final", dest="final", action="store_false",
+                      help="no final model (e.g. for extra processes adding trials to a shared study)")
+    for flag in TUNE_FLAGS:
+        field, kind, text = TRAIN_FLAGS[flag]
+        tune.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
     return parser
 
 
@@ -119,6 +138,21 @@ def run_train(args) -> None:
     else:
         print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
               f"run folder {result.run_dir}")
+
+
+def run_tune(args) -> None:
+    from .tune import tune
+
+    fixed = {TRAIN_FLAGS[flag][0]: getattr(args, TRAIN_FLAGS[flag][0]) for flag in TUNE_FLAGS}
+    result = tune(args.data, trials=args.trials, folds=args.folds, timeout=args.timeout, resume=args.resume,
+                  progress=not args.quiet, final=args.final, **fixed)
+    if not result.best_params:
+        print(f"no completed trial yet; the study is in {result.run_dir}")
+        return
+    if result.final_run:
+        print(f"final model (best settings, all data): {result.final_run.run_dir / 'best.pt'}")
+    print(f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} (seed recipe "
+          f"{result.seed_accuracy:.3f}); output folder {result.run_dir}")
 
 
 def run_predict(args) -> int:
@@ -215,7 +249,7 @@ def run_serve(args) -> None:
 
 
 COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "info": run_info,
-            "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve}
+            "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve, "tune": run_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,6 +260,11 @@ def render_report(
         _cv_section(cv, metrics["class_names"]),
         _images_section(metrics, images),
     ]
+    return render_page(title, f"Accuracy {accuracy_sentence(metrics)}", sections)
+
+
+def render_page(title: str, headline: str, sections: list[Section | None]) -> str:
+    """A page: the title, a one-line headline, links to the sections, then the sections (None ones left out)."""
     sections = [s for s in sections if s]
     links = " ".join(f'<a href="#{anchor}">{escape(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(
@@ -268,6 +273,6 @@ def render_report(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{escape(title)}</h1><p>Accuracy {escape(accuracy_sentence(metrics))}</p><nav>{links}</nav>"
+        f"<h1>{escape(title)}</h1><p>{escape(headline)}</p><nav>{links}</nav>"
         f"{body}</body></html>\n"
     )

@@ -1,0 +1,101 @@
+"""How long `stopsign tune` takes on a warm feature cache, and what it gains over the seed recipe.
+
+    .venv/bin/python bench/bench_tune.py [DATA] [--backbone efficientnet_lite0] [--trials 100] [--folds 5]
+
+1. one fold of fit() on cached features, with the source's one thread and with torch's default thread count;
+2. the seed recipe's K-fold score, from crossval.cross_validate and from tune's own scorer (must agree);
+3. tune(): wall time for N trials × K folds (the features come from the cache), per-trial time, pruned trials,
+   and the tuned recipe's K-fold accuracy against the seed recipe's on the same folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stopsign.config import TrainConfig
+from stopsign.crossval import cross_validate
+from stopsign.data import kfold_samples, load_data
+from stopsign.features import FeatureExtractor, default_cache_dir
+from stopsign.fitting import CachedFeatures, fit
+from stopsign.tune import MAX_VIEWS, cross_validated_score, tune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
+
+
+def timed(function, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        tick = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - tick)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data", nargs="?", default=str(SHARED))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    data = load_data(args.data)
+    config = TrainConfig(backbone=args.backbone, folds=args.folds)
+    extractor = FeatureExtractor(config.backbone, cache_dir=default_cache_dir(), num_workers=config.num_workers)
+    tick = time.perf_counter()
+    source = CachedFeatures(extractor, data.samples, data.samples, config.replace(views=MAX_VIEWS), progress=True)
+    features_s = time.perf_counter() - tick
+    seed_source = source.for_config(config)
+    train_samples, val_samples = kfold_samples(data.samples, args.folds, config.seed)[0]
+    one_fold = lambda: fit(seed_source, extractor.feature_size, len(data.class_names), train_samples, val_samples,
+                           config, keep="last")
+    one_thread = timed(one_fold, 5)
+    seed_source.threads = None  # torch's default thread count, as fit() ran before
+    default_threads = timed(one_fold, 3)
+    seed_source.threads = 1
+
+    cv = cross_validate(seed_source, data.samples, data.class_names, extractor.feature_size, config)
+    scores = cross_validated_score(seed_source, data.samples, extractor.feature_size, data.class_names, config)
+    assert abs(cv["mean"]["accuracy"] - scores["accuracy"]) < 1e-12, (cv["mean"], scores)
+
+    with tempfile.TemporaryDirectory() as out:
+        tick = time.perf_counter()
+        result = tune(data, trials=args.trials, folds=args.folds, backbone=args.backbone, out=out, progress=True,
+                      final=False)
+        tune_s = time.perf_counter() - tick
+        rows = (result.run_dir / "trials.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        trials = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    seconds = [float(t["seconds"]) for t in trials]
+    pruned = sum(t["state"] == "pruned" for t in trials)
+
+    print(f"\n{args.backbone}, {len(data.samples)} images, {args.folds} folds, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads by default; features from the cache in {features_s:.1f} s")
+    table = [
+        ("fit(), one fold of the seed recipe, 1 thread (median)", f"{statistics.median(one_thread) * 1e3:.0f} ms"),
+        ("fit(), one fold, torch's default threads (median)", f"{statistics.median(default_threads) * 1e3:.0f} ms"),
+        (f"seed recipe {args.folds}-fold accuracy (cross_validate = tune scorer)",
+         f"{scores['accuracy']:.4f} ± {scores['accuracy_std']:.4f}, log-loss {scores['log_loss']:.4f}"),
+        (f"tuned recipe {args.folds}-fold accuracy (best of {args.trials} trials)",
+         f"{result.best_accuracy:.4f}, objective {result.best_value:.4f}"),
+        (f"tune() wall time, {args.trials} trials × {args.folds} folds", f"{tune_s:.1f} s"),
+        ("per trial: mean / median / max", f"{statistics.mean(seconds):.2f} / {statistics.median(seconds):.2f} / "
+                                           f"{max(seconds):.2f} s"),
+        ("pruned trials", f"{pruned} of {len(trials)}"),
+    ]
+    width = max(len(name) for name, _ in table)
+    for name, value in table:
+        print(f"{name:<{width}}  {value}")
+    print(f"best settings: {result.best_params}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""tune(): a seeded Optuna search over the head's recipe, every trial scored by K-fold cross-validation.
+
+The backbone's features of every image are computed once, for the largest number of augmented views in the
+search space; a trial narrows them to its own views and trains K linear heads, so a trial takes about a
+second on a CPU. The study lives in `study.db` (SQLite) in the tune folder: `resume` adds trials to it,
+and several processes can add trials to one study at the same time.
+
+The objective is the mean fold accuracy minus 0.001 × the mean fold log-loss. The log-loss term (typically
+0.1–1) is worth a fraction of one image of accuracy (1/200 = 0.005 on 200 photos), so it only orders trials
+whose accuracy ties. Never a single validation split: on 200 photos a 20-image split moves 5 points per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import log_loss
+from tqdm.auto import tqdm
+
+from .errors import DataError, StopsignError
+
+try:
+    import optuna
+    import sqlalchemy  # optuna's own dependency
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+except ImportError as error:  # the optional `tune` extra
+    raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
+
+from .config import TrainConfig
+from .data import LabelledData, Sample, kfold_samples, load_data
+from .features import FeatureExtractor, default_cache_dir
+from .fitting import CachedFeatures, fit
+from .runs import create_run_dir, now, read_json, versions, write_csv, write_json
+from .train import Interrupted, RunResult, train
+from .tune_report import write_tune_report
+
+log = logging.getLogger(__name__)
+
+LOG_LOSS_WEIGHT = 1e-3
+OBJECTIVE = "mean fold accuracy − 0.001 × mean fold log-loss (log-loss only breaks accuracy ties)"
+MAX_VIEWS = 8  # augmented views extracted once per image; a trial trains on its first `views` of them
+
+# TrainConfig fields and their ranges. Every range holds the seed recipe's value, except weight decay's 0,
+# which a log scale cannot hold (1e-6 is as good as none).
+SEARCH_SPACE = {
+    "lr_max": FloatDistribution(1e-4, 1.0, log=True),
+    "lr_base": FloatDistribution(1e-7, 1e-4, log=True),  # always below lr_max's range: the cycle rises
+    "momentum": FloatDistribution(0.0, 0.99),
+    "epochs": IntDistribution(5, 30),
+    "batch_size": CategoricalDistribution([16, 32, 64, 128]),
+    "weight_decay": FloatDistribution(1e-6, 1e-1, log=True),
+    "label_smoothing": FloatDistribution(0.0, 0.2),
+    "views": IntDistribution(1, MAX_VIEWS),
+    "scheduler": CategoricalDistribution(["triangular2", "cosine", "constant"]),
+}
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    best_params: dict  # TrainConfig overrides: train(data, **best_params) rebuilds the best trial's recipe
+    best_value: float  # the objective (see OBJECTIVE)
+    best_accuracy: float  # the best trial's mean fold accuracy
+    final_run: RunResult | None  # the model trained on all data with best_params (None: final=False)
+    folds: int = 5
+    seed_accuracy: float = float("nan")  # the seed recipe's mean fold accuracy on the same folds
+
+
+def suggest(trial: optuna.Trial) -> dict:
+    """A trial's draw from SEARCH_SPACE, as TrainConfig overrides."""
+    values = {}
+    for name, space in SEARCH_SPACE.items():
+        if isinstance(space, CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, space.choices)
+        elif isinstance(space, IntDistribution):
+            values[name] = trial.suggest_int(name, space.low, space.high, log=space.log)
+        else:
+            values[name] = trial.suggest_float(name, space.low, space.high, log=space.log)
+    return values
+
+
+def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
+                          config: TrainConfig, on_fold: Callable[[int, dict], None] | None = None) -> dict:
+    """K-fold scores of `config` (K = config.folds; the folds of train(folds=K) and cross_validate()).
+
+    Each fold keeps its last epoch. `on_fold(index, scores so far)` runs after each fold and may raise
+    optuna.TrialPruned. Only accuracy and log-loss, not crossval's full metrics, which would double a trial's time.
+    """
+    accuracies, losses = [], []
+    for index, (train_samples, val_samples) in enumerate(kfold_samples(samples, config.folds, config.seed,
+                                                                        class_names=class_names)):
+        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last")
+        truth = np.array([s.label for s in result.val_samples])
+        accuracies.append(float((result.val_probs.argmax(1) == truth).mean()))
+        losses.append(float(log_loss(truth, result.val_probs, labels=list(range(len(class_names))))))
+        scores = {"accuracy": float(np.mean(accuracies)), "log_loss": float(np.mean(losses)),
+                  "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+                  "fold_accuracy": accuracies, "fold_log_loss": losses}
+        if on_fold:
+            on_fold(index, scores)
+    return scores | {"value": scores["accuracy"] - LOG_LOSS_WEIGHT * scores["log_loss"]}
+
+
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random draws for trial n come from (seed, n), not from what this process drew before: a
+    resumed study draws what an uninterrupted one would, and processes sharing a study never repeat each
+    other's draws (as they would with one seed each, or both begin at the same random draws)."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed, constant_liar=True)  # constant liar: parallel workers avoid running trials
+        self.base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        # optuna has no public per-trial reseed; these are the generators of TPE and of its start-up sampler.
+        self._rng.rng.seed([self.base_seed, trial.number])
+        self._random_sampler._rng.rng.seed([self.base_seed, trial.number, 1])
+
+
+def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, timeout: float | None = None,
+         config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
+         final: bool = True, **overrides) -> TuneResult:
+    """Search SEARCH_SPACE for `trials` more trials (or `timeout` seconds) and train the best recipe on all data.
+
+    Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...).
+    resume: a tune folder; its own settings are used and its study grows (another process may be adding
+    trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()  # optuna's messages go through logging, which the CLI configures
+    optuna.logging.enable_propagation()
+    data = data if isinstance(data, LabelledData) else load_data(data)
+    samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
+    if resume:
+        run_dir, config = reopen_tune_folder(Path(resume), data, samples)
+    else:
+        config = (config or TrainConfig()).replace(folds=folds, **overrides)
+        run_dir = create_tune_folder(config, data, samples)
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    extractor = FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
+                                 num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16)
+    source = CachedFeatures(extractor, samples, samples, config.replace(views=max(MAX_VIEWS, config.views)),
+                            progress=progress)
+    for path, reason in source.skipped.items():
+        log.warning("skipped %s: %s", path, reason)
+
+    def score(trial_config: TrainConfig, on_fold=None) -> dict:
+        return cross_validated_score(source.for_config(trial_config), samples, extractor.feature_size,
+                                     data.class_names, trial_config, on_fold)
+
+    def objective(trial: optuna.Trial) -> float:
+        def on_fold(index: int, scores: dict) -> None:
+            trial.report(scores["accuracy"], index)
+            if trial.should_prune():
+                record_scores(trial, scores)
+                raise optuna.TrialPruned()
+
+        scores = score(config.replace(**suggest(trial)), on_fold)
+        record_scores(trial, scores)
+        return scores["value"]
+
+    study = optuna.create_study(
+        study_name="tune", direction="maximize", load_if_exists=True, sampler=TrialSeededTPESampler(config.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        storage=sqlite_storage(run_dir / "study.db"))
+    # the recipe as given (the seed's, unless overridden), on the same folds
+    baseline = score(config) | {"params": {name: getattr(config, name) for name in SEARCH_SPACE}}
+    bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
+
+    def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        best = completed_best(study)
+        if best:
+            bar.set_postfix(best_cv_accuracy=f"{best.user_attrs['scores']['accuracy']:.3f}", trial=best.number)
+
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[show])
+    except KeyboardInterrupt:
+        write_outputs(study, run_dir, baseline, None)
+        raise Interrupted(f"stopped; finished trials are in {run_dir}. Continue with: "
+                          f"stopsign tune {data.root} --resume {run_dir} --trials N") from None
+    finally:
+        bar.close()
+    best = write_outputs(study, run_dir, baseline, None)
+    if best is None:
+        return TuneResult(run_dir, {}, float("nan"), float("nan"), None, config.folds, baseline["accuracy"])
+    final_run = None
+    if final:
+        final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
+                          progress=progress)
+        best = write_outputs(study, run_dir, baseline, final_run.run_dir)
+    return TuneResult(run_dir, best["params"], best["value"], best["accuracy"], final_run, config.folds,
+                      baseline["accuracy"])
+
+
+def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
+    """The study in SQLite, in WAL mode without a disk sync per commit: a trial commits some twenty times, and
+    synced commits (7 ms each here) took a third of a trial's time. A killed process loses nothing; a power cut
+    may lose the last trials. The 60 s busy timeout lets processes that share the study wait for each other."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}",
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
+
+    def on_connect(connection, _record) -> None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    sqlalchemy.event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # the connection that created the tables has no pragmas: start afresh
+    return storage
+
+
+def create_tune_folder(config: TrainConfig, data: LabelledData, samples: list[Sample]) -> Path:
+    """A new folder with config.json: the settings fixed for the study, what fixes its folds, the search."""
+    if config.folds < 2:
+        raise StopsignError(f"tuning needs folds >= 2, got {config.folds}: it never scores on a single split")
+    run_dir = create_run_dir(config.out, config.name, f"tune-{config.backbone}")
+    write_json(run_dir / "config.json", config.to_dict() | {
+        "data": {"root": str(data.root), "images": len(samples), "digest": samples_digest(data, samples)},
+        "tune": {"objective": OBJECTIVE, "search_space": {k: repr(v) for k, v in SEARCH_SPACE.items()},
+                 "sampler": f"TPE seeded per trial from seed {config.seed}",
+                 "pruner": "median of the running mean fold accuracy, from the second fold on"},
+        "started": now(), "versions": versions()})
+    return run_dir
+
+
+def reopen_tune_folder(run_dir: Path, data: LabelledData, samples: list[Sample]) -> tuple[Path, TrainConfig]:
+    """A tune folder to add trials to, and its own settings; refused for other data (the folds would differ)."""
+    if not (run_dir / "study.db").is_file() or not (run_dir / "config.json").is_file():
+        raise StopsignError(f"{run_dir} has no study.db and config.json: it is not a tune folder")
+    record = read_json(run_dir / "config.json")
+    if record["data"]["digest"] != samples_digest(data, samples):
+        raise DataError(f"{data.root} holds other images or labels than the study in {run_dir} was started with "
+                        f"({record['data']['images']} images from {record['data']['root']}); its folds would "
+                        "differ. Tune these data in a new folder instead")
+    return run_dir, TrainConfig.from_dict(record)
+
+
+def record_scores(trial: optuna.Trial, scores: dict) -> None:
+    trial.set_user_attr("scores", scores)  # one attribute: one commit
+
+
+def completed_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def samples_digest(data: LabelledData, samples: list[Sample]) -> str:
+    """What fixes the folds: every image (relative to the data folder) and its class name."""
+    lines = sorted(f"{path_in(data.root, s.path)}\t{data.class_names[s.label]}" for s in samples)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def path_in(root: Path, path: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def trial_rows(study: optuna.Study, folds: int) -> list[dict]:
+    """One row per trial: its state, scores, parameters and fold scores (as far as it got)."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs.get("scores", {})
+        row = {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
+               "accuracy": attrs.get("accuracy"), "accuracy_std": attrs.get("accuracy_std"),
+               "log_loss": attrs.get("log_loss"),
+               "seconds": round(trial.duration.total_seconds(), 3) if trial.duration else None}
+        row |= {name: trial.params.get(name) for name in SEARCH_SPACE}
+        for key in ("accuracy", "log_loss"):
+            values = attrs.get(f"fold_{key}", [])
+            row |= {f"fold{k + 1}_{key}": values[k] if k < len(values) else None for k in range(folds)}
+        rows.append(row)
+    return rows
+
+
+def write_outputs(study: optuna.Study, run_dir: Path, baseline: dict, final_dir: Path | None) -> dict | None:
+    """trials.csv, best.json, the plots and report.html from every trial in the study so far; the best trial."""
+    folds = len(baseline["fold_accuracy"])
+    rows = trial_rows(study, folds)
+    write_csv(run_dir / "trials.csv", rows, list(rows[0]) if rows else ["number", "state", "value"])
+    trial = completed_best(study)
+    if trial is None:
+        return None
+    states = [row["state"] for row in rows]
+    best = {
+        "trial": trial.number, "value": trial.value, "objective": OBJECTIVE, "folds": folds,
+        **{key: trial.user_attrs["scores"][key] for key in ("accuracy", "accuracy_std", "log_loss", "fold_accuracy",
+                                                            "fold_log_loss")},
+        "params": trial.params,
+        "seed_recipe": baseline,
+        "trials": {state: states.count(state) for state in sorted(set(states))},
+        "final_run": str(final_dir) if final_dir else None,
+    }
+    write_json(run_dir / "best.json", best)
+    write_tune_report(run_dir, rows, best, SEARCH_SPACE, importances(study), title=f"stopsign tune {run_dir.name}")
+    return best
+
+
+def importances(study: optuna.Study) -> dict | str:
+    """Parameter importances, or the reason there are none (they need two or more completed trials that differ)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "too few trials ... importances will be equal": none, then
+            return optuna.importance.get_param_importances(study)
+    except Exception as error:  # an optional plot: whatever the evaluator raises, the report goes on without it
+        log.info("no parameter importances: %s", error)
+        return f"not computed: {error}"

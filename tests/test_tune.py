@@ -1,0 +1,176 @@
+"""tune(): seeded and resumable studies, objectives that see only their folds, shared studies, the output folder."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+import stopsign.tune as tune_module
+from stopsign import TrainConfig
+from stopsign.backbones import BACKBONES
+from stopsign.cli import main
+from stopsign.data import kfold_samples, load_data
+from stopsign.features import FeatureExtractor
+from stopsign.fitting import CachedFeatures
+from stopsign.tune import SEARCH_SPACE, tune
+
+TESTS = Path(__file__).resolve().parent
+SETTINGS = dict(folds=3, backbone="tiny", num_workers=0, progress=False, final=False)
+
+
+@pytest.fixture
+def data(tmp_path, make_images):
+    return make_images(tmp_path / "data", {"stop": 9, "not_stop": 9}, layout="cvstudio")
+
+
+def read_trials(run_dir: Path) -> list[dict]:
+    with open(run_dir / "trials.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def test_same_seed_same_trials_other_seed_other_trials(tmp_path, data, tiny_backbone):
+    first = tune(data, trials=4, out=str(tmp_path / "runs"), **SETTINGS)
+    second = tune(data, trials=4, out=str(tmp_path / "runs"), **SETTINGS)
+    other = tune(data, trials=4, out=str(tmp_path / "runs"), seed=1, **SETTINGS)
+    assert first.run_dir != second.run_dir
+    assert read_trials(first.run_dir) == read_trials(second.run_dir)
+    assert len(read_trials(first.run_dir)) == 4
+    params = lambda result: [{k: row[k] for k in SEARCH_SPACE} for row in read_trials(result.run_dir)]
+    assert params(first) != params(other)
+    assert first.best_params == second.best_params and first.best_value == second.best_value
+
+
+def test_resume_adds_trials_and_draws_what_an_uninterrupted_study_would(tmp_path, data, tiny_backbone):
+    whole = tune(data, trials=4, out=str(tmp_path / "runs"), **SETTINGS)
+    started = tune(data, trials=2, out=str(tmp_path / "runs"), **SETTINGS)
+    before = read_trials(started.run_dir)
+    resumed = tune(data, trials=2, resume=started.run_dir, progress=False, final=False)
+    assert resumed.run_dir == started.run_dir
+    after = read_trials(started.run_dir)
+    assert len(before) == 2 and len(after) == 4 and after[:2] == before
+    assert after == read_trials(whole.run_dir)
+
+
+def test_resume_refuses_other_data(tmp_path, data, make_images, tiny_backbone):
+    started = tune(data, trials=1, out=str(tmp_path / "runs"), **SETTINGS)
+    other = make_images(tmp_path / "other", {"stop": 9, "not_stop": 10}, layout="cvstudio")
+    with pytest.raises(Exception, match="other images or labels"):
+        tune(other, trials=1, resume=started.run_dir, progress=False, final=False)
+
+
+def test_objective_sees_only_its_folds(tmp_path, data, tiny_backbone, monkeypatch):
+    calls = []
+    real_fit = tune_module.fit
+
+    def spy(source, num_features, num_classes, train_samples, val_samples, config, **kwargs):
+        calls.append((set(train_samples), set(val_samples), kwargs.get("keep")))
+        return real_fit(source, num_features, num_classes, train_samples, val_samples, config, **kwargs)
+
+    monkeypatch.setattr(tune_module, "fit", spy)
+    trials, folds = 3, 3
+    tune(data, trials=trials, out=str(tmp_path / "runs"), **SETTINGS)
+    samples = load_data(data).samples
+    fold_vals = [set(val) for _, val in kfold_samples(samples, folds, seed=0)]
+    assert len(calls) == folds * (trials + 1)  # every trial and the seed recipe: K fits each, nothing else
+    for index, (train, val, keep) in enumerate(calls):
+        assert keep == "last"  # no epoch chosen on the held-out fold
+        assert not train & val
+        assert val == fold_vals[index % folds]  # a fold's validation set, never another split
+        assert train | val == set(samples)
+
+
+def test_narrowed_features_are_those_of_fewer_views(tmp_path, data, tiny_backbone):
+    samples = load_data(data).samples
+    extractor = FeatureExtractor("tiny", cache_dir=tmp_path / "cache", num_workers=0)
+    config = TrainConfig(backbone="tiny", views=2, batch_size=5)
+    many = CachedFeatures(extractor, samples, samples, config.replace(views=6))
+    narrowed, fresh = many.for_config(config), CachedFeatures(extractor, samples, samples, config)
+    assert narrowed.train_features.shape[1] == 2 and narrowed.batch_size == 5
+    np.testing.assert_array_equal(narrowed.train_features, fresh.train_features)
+    rng = lambda: np.random.default_rng(3)
+    for (a, y), (b, z) in zip(narrowed.train_batches(samples, rng()), fresh.train_batches(samples, rng())):
+        assert a.equal(b) and y.equal(z)
+    with pytest.raises(ValueError, match="views"):
+        many.for_config(config.replace(views=7))
+    with pytest.raises(ValueError, match="seed"):
+        many.for_config(config.replace(seed=1))
+
+
+LAUNCHER = '''import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import TinyNet
+from stopsign.backbones import BACKBONES, BackboneSpec
+from stopsign.cli import main
+
+def build(state):
+    model = TinyNet()
+    model.load_state_dict(state)
+    return model
+
+BACKBONES["tiny"] = BackboneSpec("tiny", 8, {{"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}},
+                                 lambda given: Path(given) if given else Path({weights!r}), build)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_two_processes_share_one_study(tmp_path, data, tiny_backbone):
+    study = tune(data, trials=0, out=str(tmp_path / "runs"), name="shared", **SETTINGS)
+    assert read_trials(study.run_dir) == []
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(tests=str(TESTS), weights=str(BACKBONES["tiny"].weights_file(None))))
+    command = [sys.executable, str(launcher), "-q", "tune", str(data), "--resume", str(study.run_dir),
+               "--trials", "3", "--no-final"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ)) for _ in range(2)]
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+        assert "cross-validated accuracy" in out.splitlines()[-1]
+    trials = read_trials(study.run_dir)
+    assert sorted(int(t["number"]) for t in trials) == list(range(6))
+    assert {t["state"] for t in trials} <= {"complete", "pruned"}
+    draws = {tuple(t[k] for k in SEARCH_SPACE) for t in trials}
+    assert len(draws) == 6  # the processes did not repeat each other's draws
+    loaded = optuna.load_study(study_name="tune", storage=f"sqlite:///{study.run_dir / 'study.db'}")
+    assert len(loaded.trials) == 6
+
+
+def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbone, capsys):
+    code = main(["-q", "tune", str(data), "--trials", "3", "--folds", "3", "--backbone", "tiny", "--workers", "0",
+                 "--out", str(tmp_path / "runs"), "--name", "study"])
+    assert code == 0
+    run_dir = tmp_path / "runs" / "study"
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "3-fold cross-validated accuracy" in last and str(run_dir) in last
+
+    with open(run_dir / "trials.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert columns[:7] == ["number", "state", "value", "accuracy", "accuracy_std", "log_loss", "seconds"]
+    assert set(SEARCH_SPACE) <= set(columns)
+    assert {"fold1_accuracy", "fold3_accuracy", "fold3_log_loss"} <= set(columns)
+
+    best = json.loads((run_dir / "best.json").read_text())
+    assert {"trial", "value", "objective", "folds", "accuracy", "accuracy_std", "log_loss", "fold_accuracy",
+            "params", "seed_recipe", "trials", "final_run"} <= set(best)
+    assert set(best["params"]) == set(SEARCH_SPACE) and best["folds"] == 3 and best["trials"]["complete"] >= 1
+    assert best["value"] == pytest.approx(best["accuracy"] - 1e-3 * best["log_loss"])
+
+    plots = run_dir / "plots"
+    for name in ["history.png"] + [f"slice_{name}.png" for name in SEARCH_SPACE]:
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+    page = (run_dir / "report.html").read_text()
+    assert "Best settings" in page and "seed recipe" in page and page.count("data:image/png") >= len(SEARCH_SPACE) + 1
+
+    final = Path(best["final_run"])
+    assert final == run_dir / "final" and (final / "best.pt").is_file()
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["cv"]["mean"]["accuracy"] == pytest.approx(best["accuracy"])  # the same folds, the same recipe
+    config = json.loads((final / "config.json").read_text())
+    assert {k: config[k] for k in SEARCH_SPACE} == best["params"]

@@ -54,7 +54,12 @@ def main() -> None:
         for row in log:
             print(f"{row['cycle']:>5}  {row['action']:<6}  {row['kill']:<40}  {row['ended']:<7}  "
                   f"{row['epochs_before']:>6} → {row['epochs_after']}")
-        assert_same_outcome(out / "loop", reference["run_dir"])
+        try:
+            assert_same_outcome(out / "loop", reference["run_dir"])
+        except AssertionError:
+            import shutil
+            shutil.copytree(out, Path(tempfile.gettempdir()) / "kill_resume_failed", dirs_exist_ok=True)
+            raise
         killed = sum(row["ended"] == "killed" for row in log)
         print(f"{killed} of {args.cycles} cycles killed; every file whole after each; the final run folder holds "
               f"no temporary file and equals the uninterrupted run ({time.monotonic() - began:.0f} s in all)")

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 # Above this size the assembled feature matrix lives in a memory-mapped temporary file, not in RAM.
 IN_MEMORY_LIMIT = 1 << 30
-# Views per backbone call. Small enough that a layer's activations stay in the CPU's caches (efficientnet_lite0,
-# 2 cores: 8 views take about 0.6 the time per view of 32); bench/bench_forward.py measures it.
+# Views per backbone call: small enough that a layer's activations stay in the CPU's caches, large enough
+# to share the per-call overhead (bench/bench_forward.py and bench/bench_speed.py measure it).
 FORWARD_CHUNK = 8
 
 
@@ -193,14 +193,15 @@ class FeatureExtractor:
             self._backbone = load_backbone(self.name, self.weights)
         return self._backbone
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a batch of preprocessed images, FORWARD_CHUNK views per backbone call."""
+    @property
+    def inference_model(self) -> torch.nn.Module:
         if self._inference_model is None:
             self._inference_model = inference_model(self.backbone.model)  # BatchNorm folded: same features ±1e-5
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            return torch.cat([self._inference_model(chunk.contiguous(memory_format=torch.channels_last)).float()
-                              for chunk in images.split(FORWARD_CHUNK)])
+        return self._inference_model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a batch of preprocessed images."""
+        return _forward(self.inference_model, images, self.bf16)
 
     def extract(self, paths: list[Path], *, views: Sequence[int] = (0,), seed: int = 0, rotation: float = 5.0,
                 progress: bool = False) -> FeatureSet:
@@ -234,30 +235,39 @@ class FeatureExtractor:
                 [[view_params(digests[r], views[c], seed, rotation) for c in missing[r]] for r in rows],
                 self.preprocessing,
             )
-            per_batch = max(1, self.batch_size // count)
+            per_batch = max(1, FORWARD_CHUNK // count)
+            workers = self.num_workers if len(rows) > per_batch else 0
+            # With no more cores than workers, each worker runs the backbone on the images it decoded, one thread
+            # each: on 2 busy cores that took 0.36 of the floor's time, against 0.65 for the same model run
+            # here with 2 threads, whose barrier after every layer waits on the slower, often descheduled, thread.
+            in_workers = 0 < workers and _cpu_count() <= workers
+            collate = _ForwardViews(self.inference_model, self.bf16) if in_workers else list
             bar = tqdm(total=len(rows), desc="features", unit="img", disable=not progress, leave=False)
             bad_rows = set()
             # Cache writes (each fsynced, a few ms) go on in a thread while the backbone runs.
             writer = ThreadPoolExecutor(max_workers=2) if self.store else None
             writes = []
-            for batch in view_loader(dataset, per_batch, self.num_workers if len(rows) > per_batch else 0):
-                good = [(i, t) for i, t, error in batch if error is None]
+            loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=collate)
+            for batch in loader:
+                batch, out = batch if in_workers else (batch, None)
+                good = [i for i, tensor, error in batch if error is None]
                 for i, _, error in batch:
                     if error is not None:
                         skipped[str(readable[rows[i]])] = error
                         bad_rows.add(rows[i])
                 if good:
-                    stacked = torch.cat([t for _, t in good])
-                    out = self.forward(stacked).numpy()
+                    if out is None:
+                        out = self.forward(torch.cat([tensor for _, tensor, error in batch if error is None]))
+                    out = out.numpy()
                     at = 0
-                    for i, tensor in good:
+                    for i in good:
                         row = rows[i]
                         for column in missing[row]:
                             features[row, column] = out[at]
                             if writer:
                                 writes.append(writer.submit(self.store.put, digests[row], tags[column], out[at]))
                             at += 1
-                    computed += len(stacked)
+                    computed += len(out)
                 bar.update(len(batch))
             bar.close()
             if writer:
@@ -272,6 +282,29 @@ class FeatureExtractor:
         for path, reason in skipped.items():
             log.warning("skipped %s: %s", path, reason)
         return FeatureSet(readable, digests, np.asarray(features), skipped, computed)
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> torch.Tensor:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        return torch.cat([model(chunk.contiguous(memory_format=torch.channels_last)).float()
+                          for chunk in images.split(FORWARD_CHUNK)])
+
+
+class _ForwardViews:
+    """A DataLoader collate_fn that runs the backbone in the worker: (index, None, error) items and the features."""
+
+    def __init__(self, model: torch.nn.Module, bf16: bool):
+        self.model, self.bf16 = model, bf16
+
+    def __call__(self, batch: list) -> tuple[list, torch.Tensor | None]:
+        tensors = [tensor for _, tensor, error in batch if error is None]
+        features = _forward(self.model, torch.cat(tensors), self.bf16) if tensors else None
+        return [(index, None, error) for index, _, error in batch], features
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _allocate(shape: tuple, store: FeatureStore | None) -> np.ndarray:

@@ -362,7 +362,11 @@ def kill_and_resume(launcher: Path, weights: Path, data: Path, out: Path, *, cyc
         with open(errors, "w") as stderr:
             process = start(launcher, weights, args, epoch_delay=0.0 if final else epoch_delay, stderr=stderr,
                             env=env)
-            if not final:
+            if phase == "start-up":  # the delay, but never past this process's first epoch
+                deadline = time.monotonic() + seconds
+                wait_for(lambda: time.monotonic() > deadline or epochs_written(run_dir) > before
+                         or process.poll() is not None, 600)
+            elif not final:
                 wait_for(lambda: epochs_written(run_dir) >= wait_epochs or process.poll() is not None, 600)
                 time.sleep(seconds)
             try:

@@ -182,6 +182,7 @@ class FeatureExtractor:
         self.weights_sha256 = file_sha256(weights_path(backbone, weights))
         self.preprocessing, self.feature_size = dict(spec.preprocessing), spec.feature_size
         self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
+        self.key += "-bf16" if bf16 else ""  # bf16 features differ from float32 ones by ~1e-1: never mix them
         self.store = FeatureStore(Path(cache_dir) / self.key) if cache_dir else None
         self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
         self._backbone: Backbone | None = None

@@ -164,19 +164,19 @@ def run_train(workdir: Path, **overrides) -> dict:
     return {"val_acc": result.best_val_acc, "phases": handler.phases, "views": views}
 
 
-RUNNERS = {"seed": run_seed, "floor": run_floor, "pass": run_pass, "cold": run_train, "warm": run_train,
-           "lr": lambda workdir: run_train(workdir, lr_max=OTHER_LR_MAX)}
-
-
-def child(case: str, workdir: Path) -> None:
+def child(case: str, workdir: Path, views: int | None) -> None:
     import torch  # noqa: F401  imports (about 1.5 s, the same for every case) stay outside the clock
     import torchvision  # noqa: F401
 
     import stopsign  # noqa: F401
     import stopsign.report  # noqa: F401
 
+    overrides = {} if views is None else {"views": views}
+    runners = {"seed": run_seed, "floor": run_floor, "pass": run_pass, "cold": lambda w: run_train(w, **overrides),
+               "warm": lambda w: run_train(w, **overrides),
+               "lr": lambda w: run_train(w, lr_max=OTHER_LR_MAX, **overrides)}
     clock = time.perf_counter()
-    result = RUNNERS[case](workdir)
+    result = runners[case](workdir)
     result["seconds"] = time.perf_counter() - clock
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -185,8 +185,9 @@ def child(case: str, workdir: Path) -> None:
 
 # --- the table -----------------------------------------------------------------------------------------------------
 
-def measure(case: str, workdir: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", case, "--workdir", str(workdir)],
+def measure(case: str, workdir: Path, views: int | None) -> dict:
+    extra = [] if views is None else ["--views", str(views)]
+    out = subprocess.run([sys.executable, __file__, "--child", case, "--workdir", str(workdir), *extra],
                          capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -228,23 +229,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(CASES), help="comma-separated cases; cold comes before warm/lr")
+    parser.add_argument("--views", type=int, help="TrainConfig.views for cases 3-5 (default: the config's)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.workdir)
+        return child(args.child, args.workdir, args.views)
     cases = [c for c in CASES if c in args.only.split(",")]
     results: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-speed-") as workdir:  # a fresh cache each repeat
             for case in cases:
-                results.setdefault(case, []).append(measure(case, Path(workdir)))
+                results.setdefault(case, []).append(measure(case, Path(workdir), args.views))
                 print(f"repeat {repeat + 1}/{args.repeats} {case}: {results[case][-1]['seconds']:.2f} s",
                       file=sys.stderr, flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-    print(f"{BACKBONE} on {DATA.name} ({len(split()[0].samples)} photos), median of {args.repeats}")
+    from stopsign.config import TrainConfig
+
+    views = TrainConfig().views if args.views is None else args.views
+    print(f"{BACKBONE} on {DATA.name} ({len(split()[0].samples)} photos), views={views}, median of {args.repeats}")
     print(table(results))
 
 

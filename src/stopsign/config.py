@@ -21,7 +21,7 @@ class TrainConfig:
     seed: int = 0  # drives the split, the shuffling and the augmentation draws
     augment: bool = True  # train-time horizontal flip and rotation
     rotation: float = 5.0  # largest rotation of an augmented view, in degrees either way
-    views: int = 4  # augmented views cached per training image (fast path); see README for the measurement
+    views: int = 1  # augmented views cached per training image; the README says why 1 (bench/choose_views.py)
     # optimisation (the seed recipe)
     epochs: int = 10
     batch_size: int = 32

@@ -239,8 +239,9 @@ class FeatureExtractor:
             per_batch = max(1, FORWARD_CHUNK // count)
             workers = self.num_workers if len(rows) > per_batch else 0
             # With no more cores than workers, each worker runs the backbone on the images it decoded, one thread
-            # each: on 2 busy cores that took 0.36 of the floor's time, against 0.65 for the same model run
-            # here with 2 threads, whose barrier after every layer waits on the slower, often descheduled, thread.
+            # each (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48 for the same model run
+            # here with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread layer waits for the slower,
+            # often descheduled, thread).
             in_workers = 0 < workers and _cpu_count() <= workers
             collate = _ForwardViews(self.inference_model, self.bf16) if in_workers else list
             bar = tqdm(total=len(rows), desc="features", unit="img", disable=not progress, leave=False)

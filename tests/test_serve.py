@@ -169,7 +169,8 @@ def stop_model(tmp_path_factory, request):
         by_label = {held.class_names[s.label]: s.path for s in held.samples}
         stop, other = by_label["stop"], by_label["not_stop"]
     # The pytest cache keeps the backbone features between sessions: a rerun trains in seconds.
-    cache = request.config.cache.mkdir("stopsign-features")
+    cache = (request.config.cache.mkdir("stopsign-features") if hasattr(request.config, "cache")
+             else out / "features")  # pytest run with -p no:cacheprovider
     result = train(data, backbone="efficientnet_lite0", epochs=10, augment=False, out=str(out / "runs"),
                    progress=False, cache_dir=str(cache))
     return result.run_dir / "best.pt", stop, other

@@ -3,19 +3,26 @@
 A copy of a photo in both train and validation makes validation accuracy a memory test, and with
 ~20 validation images one leaked copy moves accuracy by five points; these checks find such copies.
 Files that fail to open are skipped here without a word: the data module reports them.
+Each file's (sha256, pHash) pair is kept in a small on-disk map per folder, keyed by the file's resolved
+path, size and modification time, so a second run over the same photos decodes none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import StopsignError
+from .runs import atomic_write_text  # runs imports only errors: no cycle
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +69,101 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
     return np.unpackbits(differing.view(np.uint8).reshape(*differing.shape, 8), axis=-1).sum(axis=-1)
 
 
-def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD) -> dict:
+def default_hash_cache_dir() -> Path:
+    """Next to the feature cache (features.default_cache_dir(), same environment variables), so
+    STOPSIGN_CACHE moves both; not imported from features, which would pull torch into the checks."""
+    if os.environ.get("STOPSIGN_CACHE"):
+        return Path(os.environ["STOPSIGN_CACHE"]).parent / "hash-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stopsign" / "hash-cache"
+
+
+class HashCache:
+    """(sha256, pHash) per file, one JSON map per folder, keyed by file name, size and mtime_ns.
+
+    A damaged or unreadable map is ignored (its files are hashed again) and a map that cannot be written
+    costs speed, never the check. An edited file changes its size or mtime, so it misses and is hashed again.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder else None
+        self.maps: dict[str, dict] = {}  # resolved image folder -> {file name: [size, mtime_ns, sha256, phash]}
+        self.changed: set[str] = set()
+
+    def _file(self, image_folder: str) -> Path:
+        return self.folder / f"{hashlib.sha256(image_folder.encode()).hexdigest()[:24]}.json"
+
+    def _map(self, image_folder: str) -> dict:
+        if image_folder not in self.maps:
+            files = {}
+            try:
+                stored = json.loads(self._file(image_folder).read_text(encoding="utf-8"))
+                if stored.get("folder") == image_folder and isinstance(stored.get("files"), dict):
+                    files = stored["files"]
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, AttributeError) as error:
+                logger.warning("ignoring the damaged hash cache %s (%s)", self._file(image_folder), error)
+            self.maps[image_folder] = files
+        return self.maps[image_folder]
+
+    def get(self, path: str, info: os.stat_result) -> tuple[str, int] | None:
+        if self.folder is None:
+            return None
+        folder, name = os.path.split(os.path.realpath(path))
+        entry = self._map(folder).get(name)
+        if (isinstance(entry, list) and len(entry) == 4 and entry[:2] == [info.st_size, info.st_mtime_ns]
+                and isinstance(entry[2], str) and isinstance(entry[3], int)):
+            return entry[2], entry[3]
+        return None
+
+    def put(self, path: str, info: os.stat_result, digest: str, phash: int) -> None:
+        if self.folder is None:
+            return
+        folder, name = os.path.split(os.path.realpath(path))
+        self._map(folder)[name] = [info.st_size, info.st_mtime_ns, digest, phash]
+        self.changed.add(folder)
+
+    def save(self) -> None:
+        for image_folder in sorted(self.changed):
+            try:
+                atomic_write_text(self._file(image_folder), json.dumps({"folder": image_folder,
+                                                                        "files": self.maps[image_folder]}))
+            except StopsignError as error:
+                logger.warning("cannot write the hash cache (%s); continuing without it", error)
+        self.changed.clear()
+
+
+def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, cache_dir: Path | None = None) -> dict:
     """Groups of identical files (sha256 of the bytes) and of look-alike images (pHash within near_threshold).
 
     Returns {"exact": [[path, ...]], "near": [{"paths": [...], "max_distance": d}], "unreadable": [...],
     "seconds": s}. A near group lists every file of each look-alike content, exact copies included,
-    and is reported only when it holds at least two different contents.
+    and is reported only when it holds at least two different contents. cache_dir: where HashCache keeps
+    the hashes of files already seen (None: hash every file).
     """
     start = time.perf_counter()
+    cache = HashCache(cache_dir)
     by_digest: dict[str, list[str]] = defaultdict(list)
     hash_of: dict[str, int] = {}
     unreadable = []
     for path in map(str, paths):
         try:
-            data = Path(path).read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest not in hash_of:  # decode one file per content
-                hash_of[digest] = perceptual_hash(_open_small(data))
+            info = os.stat(path)  # before reading: a later edit changes the mtime, so the entry misses
+            known = cache.get(path, info)
+            if known:
+                digest, hash_of[digest] = known
+            else:
+                data = Path(path).read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                if digest not in hash_of:  # decode one file per content
+                    hash_of[digest] = perceptual_hash(_open_small(data))
+                cache.put(path, info, digest, hash_of[digest])
         except (OSError, ValueError, Image.DecompressionBombError):
             unreadable.append(path)
             continue
         by_digest[digest].append(path)
+    cache.save()
 
     exact = [sorted(group) for group in by_digest.values() if len(group) > 1]
     digests = list(by_digest)
@@ -121,12 +202,13 @@ def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list
     return [members for members in groups.values() if len(members) > 1]
 
 
-def check_data(splits: dict[str, list], class_names: list[str]) -> dict:
+def check_data(splits: dict[str, list], class_names: list[str], *, cache_dir: Path | None = None) -> dict:
     """Class counts, imbalance and duplicates of a split data set, with a plain sentence per problem.
 
     `splits` maps a split name ("train", "val", "test") to its samples (anything with .path and .label).
     A duplicate group is cross-split when its files lie in more than one split: the held-out copies
-    were seen in training (or are counted twice), so held-out scores are inflated.
+    were seen in training (or are counted twice), so held-out scores are inflated. cache_dir: where the
+    per-file hashes are kept (default: default_hash_cache_dir()).
     """
     warnings = []
     class_counts = {
@@ -152,7 +234,7 @@ def check_data(splits: dict[str, list], class_names: list[str]) -> dict:
     if listed_twice:
         warnings.append(f"Files listed more than once: {len(listed_twice)} (first: {listed_twice[0]}).")
 
-    found = find_duplicates(list(where))
+    found = find_duplicates(list(where), cache_dir=cache_dir or default_hash_cache_dir())
 
     def describe(paths: list[str]) -> dict:
         files = [

@@ -72,6 +72,12 @@ def write_images(root: Path, counts: dict, layout: str = "folders", *, size=(32,
     return root
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test caches features and file hashes in its own folder, never in the user's ~/.cache."""
+    monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def make_images():
     """The `write_images` function: make_images(tmp_path, {"stop": 6, "not_stop": 6}, layout=...)."""

@@ -126,3 +126,22 @@ def test_real_photos_exact_copies_found_quickly():
         sizes = {os.path.getsize(p) for p in group}
         assert len(sizes) == 1
     assert seconds < 20  # ~0.6 s on two cores; full-size decoding would be several times slower
+
+
+def test_hash_cache_gives_identical_results_and_notices_edits_and_damage(clean_set, tmp_path, monkeypatch):
+    cache = tmp_path / "hash-cache"
+    copy = tmp_path / "copy.jpg"
+    shutil.copyfile(clean_set[0], copy)
+    paths = clean_set + [copy]
+    fresh = find_duplicates(paths)
+    assert find_duplicates(paths, cache_dir=cache)["exact"] == fresh["exact"]  # cold: fills the cache
+    monkeypatch.setattr("stopsign.checks.perceptual_hash", lambda image: pytest.fail("a warm run decoded a file"))
+    warm = find_duplicates(paths, cache_dir=cache)
+    assert {k: v for k, v in warm.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
+    monkeypatch.undo()
+
+    distinct_image(99).save(copy, quality=92)  # edited: new size and mtime, so hashed again
+    assert find_duplicates(paths, cache_dir=cache)["exact"] == []
+    for file in cache.glob("*.json"):
+        file.write_text("{not json")
+    assert find_duplicates(paths, cache_dir=cache)["exact"] == []  # a damaged cache is recomputed

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .config import cache_root
 from .errors import StopsignError
 from .runs import atomic_write_text  # runs imports only errors: no cycle
 
@@ -70,12 +71,7 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
 
 
 def default_hash_cache_dir() -> Path:
-    """Next to the feature cache (features.default_cache_dir(), same environment variables), so
-    STOPSIGN_CACHE moves both; not imported from features, which would pull torch into the checks."""
-    if os.environ.get("STOPSIGN_CACHE"):
-        return Path(os.environ["STOPSIGN_CACHE"]).parent / "hash-cache"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stopsign" / "hash-cache"
+    return cache_root() / "hash-cache"
 
 
 class HashCache:

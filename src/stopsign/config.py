@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,3 +53,11 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def cache_root() -> Path:
+    """Where stopsign keeps what it can recompute (backbone features, file hashes): $STOPSIGN_CACHE,
+    else $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign."""
+    if os.environ.get("STOPSIGN_CACHE"):
+        return Path(os.environ["STOPSIGN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stopsign"

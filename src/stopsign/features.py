@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, file_sha256, get_spec, inference_model, load_backbone, model_key, weights_path
+from .config import cache_root
 from .errors import StopsignError
 from .images import file_digest, normalize, read_image, resize
 
@@ -39,10 +40,7 @@ FORWARD_CHUNK = 8
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("STOPSIGN_CACHE"):
-        return Path(os.environ["STOPSIGN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "stopsign" / "features"
+    return cache_root() / "features"
 
 
 # --- views -----------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ def _number(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.4g}"
+        if value and (abs(value) < 1e-3 or abs(value) >= 1e4):  # a learning rate of 1e-6 is not 0.000
+            return f"{value:.4g}"
+        return f"{value:.3f}"
     return escape(str(value))
 
 

@@ -169,3 +169,21 @@ def test_unusable_data_leaves_no_run_folder(tmp_path, make_images, tiny_backbone
     with pytest.raises(Exception, match="class"):
         run(tmp_path, lonely)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_ctrl_c_while_computing_features_says_how_to_resume(tmp_path, data, tiny_backbone, monkeypatch):
+    from stopsign.features import FeatureExtractor
+    from stopsign.train import Interrupted
+
+    extract = FeatureExtractor.extract
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FeatureExtractor, "extract", interrupted)
+    with pytest.raises(Interrupted, match="--resume") as error:
+        run(tmp_path, data, name="stopped")
+    assert str(tmp_path / "runs" / "stopped") in str(error.value)
+    monkeypatch.setattr(FeatureExtractor, "extract", extract)
+    resumed = train(data, resume=tmp_path / "runs" / "stopped", progress=False)
+    assert len(resumed.history) == 4 and (resumed.run_dir / "best.pt").is_file()

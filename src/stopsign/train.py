@@ -92,7 +92,11 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
     clock = time.perf_counter()
     if config.cache:
         every = train_samples + val_samples if config.folds > 1 else train_samples
-        source = CachedFeatures(extractor, every, every if config.folds > 1 else val_samples, config, progress)
+        try:
+            source = CachedFeatures(extractor, every, every if config.folds > 1 else val_samples, config, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped while computing features; those computed are cached. "
+                              f"Continue with: stopsign train {data.root} --resume {run_dir}") from None
         phases["features"] = time.perf_counter() - clock
     else:
         source = LiveImages(extractor, config)

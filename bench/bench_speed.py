@@ -204,8 +204,8 @@ def table(results: dict[str, list[dict]]) -> str:
     names = {"seed": "1 seed loop (notebook)", "floor": "2 floor", "pass": "  stopsign pass, plain views",
              "cold": "3 stopsign.train, cold cache", "warm": "4 stopsign.train, warm cache",
              "lr": f"5 lr_max={OTHER_LR_MAX:g}, warm cache"}
-    rows = [f"| case | wall s | × floor | × seed | train head s | other phases s | views/s | peak RSS MB "
-            f"(main / worker) | val acc |", "|" + "---|" * 9]
+    rows = ["| case | wall s | × floor | × seed | train head s | other phases s | views/s | peak RSS MB "
+            "(main / worker) | val acc |", "|" + "---|" * 9]
     for case in (c for c in CASES if c in results):
         seconds = median(case, "seconds")
         phases = {k: statistics.median(r["phases"][k] for r in results[case])

@@ -13,7 +13,6 @@ the uninterrupted run's. tests/test_faults.py runs the same loop for 5 cycles.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

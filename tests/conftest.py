@@ -78,6 +78,23 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+def train_tiny(tmp_path: Path, data, **overrides):
+    """Train the `tiny_backbone` fast into tmp_path/runs: the settings training tests share; overrides win."""
+    from stopsign import train
+
+    settings = dict(backbone="tiny", epochs=4, out=str(tmp_path / "runs"), progress=False, num_workers=0,
+                    val_fraction=0.25)
+    return train(data, **(settings | overrides))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, make_images, tiny_backbone) -> tuple[Path, Path]:
+    """(best.pt of the tiny backbone trained on 10 + 10 tinted images in class folders, that data folder)."""
+    data = make_images(tmp_path / "data", {"stop": 10, "not_stop": 10}, layout="folders", size=(48, 40))
+    result = train_tiny(tmp_path, data, epochs=6, lr_max=0.1, val_fraction=0.3)
+    return result.run_dir / "best.pt", data
+
+
 @pytest.fixture
 def make_images():
     """The `write_images` function: make_images(tmp_path, {"stop": 6, "not_stop": 6}, layout=...)."""

@@ -21,11 +21,8 @@ from conftest import make_image
 
 
 @pytest.fixture
-def trained(tmp_path, make_images, tiny_backbone):
-    data = make_images(tmp_path / "data", {"stop": 10, "not_stop": 10}, layout="folders", size=(48, 40))
-    result = train(data, backbone="tiny", epochs=6, lr_max=0.1, out=str(tmp_path / "runs"), progress=False,
-                   num_workers=0, val_fraction=0.3)
-    return result.run_dir / "best.pt", data
+def trained(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def run_exported(path, batch: np.ndarray) -> np.ndarray:

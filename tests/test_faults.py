@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from conftest import make_image
+from conftest import make_image, train_tiny
 from stopsign import load_classifier, train
 from stopsign import images as images_module
 from stopsign.backbones import BACKBONES
@@ -40,9 +40,7 @@ runs_module = importlib.import_module("stopsign.runs")
 
 
 def run(tmp_path, data, **overrides):
-    options = dict(backbone="tiny", epochs=8, out=str(tmp_path / "runs"), progress=False, num_workers=0,
-                   val_fraction=0.25)
-    return train(data, **(options | overrides))
+    return train_tiny(tmp_path, data, **({"epochs": 8} | overrides))
 
 
 @pytest.fixture

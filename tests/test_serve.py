@@ -26,11 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture
-def trained(tmp_path, make_images, tiny_backbone):
-    data = make_images(tmp_path / "data", {"stop": 8, "not_stop": 8}, layout="folders", size=(48, 40))
-    result = train(data, backbone="tiny", epochs=6, lr_max=0.1, out=str(tmp_path / "runs"), progress=False,
-                   num_workers=0, val_fraction=0.25)
-    return result.run_dir / "best.pt", data
+def trained(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture

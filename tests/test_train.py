@@ -7,6 +7,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny
 
 from stopsign import TrainConfig, train
 from stopsign.backbones import FrozenBackboneClassifier, load_backbone
@@ -14,10 +15,7 @@ from stopsign.runs import load_checkpoint
 from stopsign.fitting import is_better, make_optimizer, train_one_epoch
 
 
-def run(tmp_path, data, **overrides):
-    settings = dict(backbone="tiny", epochs=4, out=str(tmp_path / "runs"), progress=False, num_workers=0,
-                    val_fraction=0.25)
-    return train(data, **(settings | overrides))
+run = train_tiny
 
 
 @pytest.fixture

@@ -125,12 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args) -> None:
-    from .train import train
-
-    fields = {field for field, _, _ in TRAIN_FLAGS.values()} | {"augment", "cache", "bf16"}
-    config = TrainConfig(**{f: getattr(args, f) for f in fields})
-    result = train(args.data, val=args.val, config=config, resume=args.resume, progress=not args.quiet)
+def print_result(result) -> None:
+    """The last line of a training command: the accuracy to trust and where the run folder is."""
     cv = result.metrics.get("cv")
     if cv:
         print(f"{cv['folds']}-fold cross-validated accuracy {cv['mean']['accuracy']:.3f} "
@@ -138,6 +134,15 @@ def run_train(args) -> None:
     else:
         print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
               f"run folder {result.run_dir}")
+
+
+def run_train(args) -> None:
+    from .train import train
+
+    fields = {field for field, _, _ in TRAIN_FLAGS.values()} | {"augment", "cache", "bf16"}
+    config = TrainConfig(**{f: getattr(args, f) for f in fields})
+    result = train(args.data, val=args.val, config=config, resume=args.resume, progress=not args.quiet)
+    print_result(result)
 
 
 def run_tune(args) -> None:
@@ -216,8 +221,7 @@ def run_demo(args) -> None:
     result = train(data, backbone="efficientnet_lite0", epochs=args.epochs, seed=args.seed, out=args.out,
                    name="demo", progress=not args.quiet)
     print(f"plots: {result.run_dir / 'plots'}; report: {result.run_dir / 'report.html'}")
-    print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
-          f"run folder {result.run_dir}")
+    print_result(result)
 
 
 def run_cache(args) -> None:

@@ -177,24 +177,26 @@ def resume_state(run_dir: Path) -> dict | None:
     return checkpoint["resume"]
 
 
+def relative(path, root: Path) -> str:
+    """How data.json names a file: relative to the data folder when inside it, else as given."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def data_record(root: Path, layout: str, class_names: list[str], splits: dict[str, list], skipped: dict,
                 config: dict) -> dict:
     """data.json: the split (file, label, split) relative to the data folder, and the skipped files."""
-    def rel(path) -> str:
-        try:
-            return str(Path(path).relative_to(root))
-        except ValueError:
-            return str(path)
-
     def counts(samples) -> dict:
         return {name: sum(s.label == i for s in samples) for i, name in enumerate(class_names)}
 
     return {"source": str(root), "layout": layout, "class_names": list(class_names),
             "val_fraction": config["val_fraction"], "seed": config["seed"],
             "counts": {name: counts(samples) for name, samples in splits.items()} | {"skipped": len(skipped)},
-            "split": [{"file": rel(s.path), "label": class_names[s.label], "split": name}
+            "split": [{"file": relative(s.path, root), "label": class_names[s.label], "split": name}
                       for name, samples in splits.items() for s in samples],
-            "skipped": [{"file": rel(p), "reason": r} for p, r in sorted(skipped.items())]}
+            "skipped": [{"file": relative(p, root), "reason": r} for p, r in sorted(skipped.items())]}
 
 
 def summary(config: dict, history: list[dict], best: dict, started: str, completed: str) -> dict:

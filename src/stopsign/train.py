@@ -21,7 +21,7 @@ from .features import FeatureExtractor, default_cache_dir
 from .fitting import CachedFeatures, LiveImages, fit, stop_after_epoch
 from .metrics import Predictions
 from .report import write_report
-from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, now, read_json,
+from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, now, read_json, relative,
                    remove_partial_files, resume_state, save_checkpoint, summary, versions, write_csv, write_json)
 
 log = logging.getLogger(__name__)
@@ -157,12 +157,7 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
 
 def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
     """The train/val split a run recorded in data.json, matched against the data as it is now."""
-    by_file = {}
-    for sample in data.samples:
-        try:
-            by_file[str(sample.path.relative_to(data.root))] = sample
-        except ValueError:
-            by_file[str(sample.path)] = sample
+    by_file = {relative(sample.path, data.root): sample for sample in data.samples}
     missing = [row["file"] for row in record["split"] if row["file"] not in by_file]
     if missing:
         raise DataError(f"cannot resume: {len(missing)} files of the recorded split are no longer in {data.root}, "

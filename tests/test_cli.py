@@ -3,6 +3,9 @@
 import csv
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +65,14 @@ def test_help_says_how_the_cycle_is_stepped(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "stepped once per epoch" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_the_installed_command_exits_with_the_status_main_returns(tmp_path):
+    script = Path(sys.executable).parent / "stopsign"
+    if not script.exists():
+        pytest.skip("stopsign is not installed as a command next to this Python")
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("stopsign ")
+    missing = subprocess.run([str(script), "train", str(tmp_path / "nowhere")], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and not missing.stdout

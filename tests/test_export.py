@@ -12,6 +12,7 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 import stopsign.export as export_module
+from stopsign.cli import main
 from stopsign import StopsignError, load_classifier, train
 from stopsign.export import export, read_metadata
 from stopsign.images import preprocess, read_image
@@ -33,7 +34,7 @@ def run_exported(path, batch: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("format, suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript")])
-def test_export_round_trip_matches_pytorch_at_any_batch_size(trained, format, suffix):
+def test_export_round_trip_matches_pytorch_at_any_batch_size(trained, format, suffix, capsys):
     checkpoint, data = trained
     path, report = export(checkpoint, format=format)
     assert path == checkpoint.with_suffix(suffix) and path.is_file()
@@ -44,6 +45,9 @@ def test_export_round_trip_matches_pytorch_at_any_batch_size(trained, format, su
     metadata = read_metadata(path)
     assert metadata["class_names"] == classifier.class_names == ["not_stop", "stop"]
     assert metadata["preprocessing"] == classifier.preprocessing and metadata["backbone"] == "tiny"
+    assert main(["info", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "class_names        ['not_stop', 'stop']" in shown and "backbone           tiny" in shown
 
     images = [read_image(p) for p in sorted((data / "stop").glob("*.png"))[:5]]
     expected = classifier.image_probabilities(images)

@@ -9,6 +9,7 @@ import torch
 
 from stopsign.backbones import BACKBONES
 from stopsign.cli import main
+from stopsign.config import cache_root
 from stopsign.features import FeatureExtractor, FeatureStore, cache_info, render, view_params
 from stopsign.images import read_image
 
@@ -119,6 +120,12 @@ def test_cache_info_and_clear_commands(tmp_path, images, tiny_backbone, capsys):
     assert cache_info(tmp_path / "cache")["entries"] == 6
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "6 entries" in capsys.readouterr().out
+    thumbnails = cache_root() / "thumbnails"
+    thumbnails.mkdir(parents=True)
+    (thumbnails / "a-192.jpg").write_bytes(b"x" * 2000)
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert f"thumbnails {thumbnails} holds 1 files, 0.0 MB" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert "removed 6 entries" in capsys.readouterr().out
-    assert cache_info(tmp_path / "cache")["entries"] == 0
+    out = capsys.readouterr().out
+    assert "removed 6 entries" in out and "thumbnails" in out
+    assert cache_info(tmp_path / "cache")["entries"] == 0 and not thumbnails.exists()

@@ -2,7 +2,9 @@
 
 import csv
 import json
+import os
 import shutil
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +15,8 @@ from PIL import Image
 
 from stopsign.checks import check_data
 from stopsign.metrics import Predictions, compute_metrics
-from stopsign.report import plot_samples, write_report
+from stopsign.photos import plot_samples
+from stopsign.report import write_report
 
 NAMES = ["not_stop", "stop"]
 
@@ -94,11 +97,15 @@ def test_write_report_writes_every_file_and_a_self_contained_page(images, tmp_pa
 
     returned = write_report(out, pred, history=HISTORY, run_info=run_info, checks=checks, cv=cv, threshold=0.4)
 
-    for name in ["curves", "samples", "errors", "confusion", "roc", "pr", "calibration"]:
+    for name in ["curves", "confusion", "roc", "pr", "calibration"]:  # charts: PNG, sharp lines
         with Image.open(out / "plots" / f"{name}.png") as png:
             assert png.format == "PNG"
             png.verify()
+    for name in ["samples", "errors"]:  # photos: JPEG
+        with Image.open(out / "plots" / f"{name}.jpg") as jpeg:
+            assert jpeg.format == "JPEG" and jpeg.width > 400
     page = parse(out / "report.html")
+    assert sum(src.startswith("data:image/jpeg;base64,") for src in page.sources) >= 2
     assert page.sources and all(src.startswith("data:image/") or (out / src).is_file() for src in page.sources)
     assert all(link.startswith("#") for link in page.links)  # only in-page anchors
     assert not page.tags & {"script", "link", "iframe"}
@@ -129,7 +136,7 @@ def test_report_without_mistakes_says_so_instead_of_an_empty_plot(images, tmp_pa
     out = tmp_path / "report"
     metrics = write_report(out, pred)
     assert metrics["accuracy"] == 1.0
-    assert not (out / "plots" / "errors.png").exists()
+    assert not (out / "plots" / "errors.jpg").exists()
     assert not (out / "plots" / "curves.png").exists()  # no history given
     page = parse(out / "report.html")
     assert "No image was misclassified." in " ".join(page.text)
@@ -147,6 +154,63 @@ def test_report_with_one_class_explains_the_missing_auc(images, tmp_path):
 def test_error_grid_shows_mistakes_even_for_unreadable_files(images, tmp_path):
     paths = images[:11] + [tmp_path / "missing.jpg"]
     pred = predictions(paths, P1_WITH_MISTAKES)
-    path = plot_samples(pred, tmp_path / "errors.png", wrong_only=True)
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.width > 100
+    path = plot_samples(pred, tmp_path / "errors.jpg", wrong_only=True)
+    with Image.open(path) as jpeg:
+        assert jpeg.format == "JPEG" and jpeg.width > 100
+
+
+def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(images, tmp_path, monkeypatch):
+    import stopsign.photos as photos
+
+    decoded = []
+    real_read_image = photos.read_image
+    monkeypatch.setattr(photos, "read_image", lambda path, **kw: decoded.append(Path(path).name) or real_read_image(path, **kw))
+    store = tmp_path / "thumbnails"
+    first = photos.Thumbnails(store=store)
+    assert first.get(images[0], 48).size == (48, 36)
+    assert len(list(store.glob("*.jpg"))) == 1 and decoded == ["photo_0.jpg"]
+
+    renamed = tmp_path / "renamed.jpg"
+    shutil.copyfile(images[0], renamed)
+    again = photos.Thumbnails(store=store).get(renamed, 48)
+    assert decoded == ["photo_0.jpg"]  # same bytes under another name: read from the store
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(first.get(images[0], 48), dtype=int)).mean() < 4
+
+    Image.new("RGB", (64, 48), "red").save(renamed)  # edited: misses, decoded, stored beside the old entry
+    assert photos.Thumbnails(store=store).get(renamed, 48).getpixel((5, 5))[0] > 240
+    assert decoded == ["photo_0.jpg", "renamed.jpg"] and len(list(store.glob("*.jpg"))) == 2
+
+    for entry in store.glob("*.jpg"):
+        entry.write_bytes(b"damaged")
+    assert photos.Thumbnails(store=store).get(images[0], 48).size == (48, 36)  # decoded again, rewritten
+    assert decoded[-1] == "photo_0.jpg"
+    with Image.open(next(p for p in store.glob("*.jpg") if p.stat().st_size > 100)) as entry:
+        assert entry.format == "JPEG"
+
+    monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path / "cache"))
+    write_report(tmp_path / "one", predictions(images, P1_WITH_MISTAKES))
+    count = len(decoded)
+    write_report(tmp_path / "two", predictions(images, P1_WITH_MISTAKES))
+    assert len(decoded) == count  # the whole second report: every photo from the store
+    assert (tmp_path / "one" / "plots" / "samples.jpg").read_bytes() == (tmp_path / "two" / "plots" / "samples.jpg").read_bytes()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="charts are drawn in a forked process only on Linux")
+def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing(images, tmp_path, monkeypatch, caplog):
+    import stopsign.report as report
+
+    pred = predictions(images, P1_WITH_MISTAKES)
+    write_report(tmp_path / "forked", pred, history=HISTORY)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # the child was reaped: no process left behind
+    with monkeypatch.context() as patch:
+        patch.setattr(report.sys, "platform", "win32")  # no fork: every chart drawn in this process
+        write_report(tmp_path / "here", pred, history=HISTORY)
+    for name in ["curves", "calibration", "confusion"]:
+        assert (tmp_path / "forked/plots" / f"{name}.png").read_bytes() == (tmp_path / "here/plots" / f"{name}.png").read_bytes()
+
+    parent, real = os.getpid(), report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", lambda *a: real(*a) if os.getpid() == parent else os._exit(3))
+    write_report(tmp_path / "failed", pred, history=HISTORY)
+    assert "the chart process failed" in caplog.text
+    assert (tmp_path / "failed/plots/curves.png").read_bytes() == (tmp_path / "here/plots/curves.png").read_bytes()

@@ -32,7 +32,7 @@ def test_run_folder_holds_every_file(tmp_path, data, tiny_backbone):
     result = run(tmp_path, data)
     names = {p.name for p in result.run_dir.iterdir()} | {f"plots/{p.name}" for p in (result.run_dir / "plots").iterdir()}
     for name in ["config.json", "data.json", "metrics.csv", "summary.json", "best.pt", "last.pt",
-                 "predictions.csv", "metrics.json", "report.html", "plots/curves.png", "plots/samples.png",
+                 "predictions.csv", "metrics.json", "report.html", "plots/curves.png", "plots/samples.jpg",
                  "plots/confusion.png"]:
         assert name in names
     rows = read_metrics(result.run_dir)
@@ -185,3 +185,23 @@ def test_ctrl_c_while_computing_features_says_how_to_resume(tmp_path, data, tiny
     monkeypatch.setattr(FeatureExtractor, "extract", extract)
     resumed = train(data, resume=tmp_path / "runs" / "stopped", progress=False)
     assert len(resumed.history) == 4 and (resumed.run_dir / "best.pt").is_file()
+
+
+def test_train_leaves_the_garbage_collector_as_it_found_it(tmp_path, data, tiny_backbone):
+    import gc
+    import sys
+
+    train_module = sys.modules["stopsign.train"]  # the module: `stopsign.train` is the function
+    seen = []
+    real_fit = train_module.fit
+    with pytest.MonkeyPatch.context() as patch:  # during the run, what existed before is frozen
+        patch.setattr(train_module, "fit", lambda *a, **k: seen.append(gc.get_freeze_count()) or real_fit(*a, **k))
+        run(tmp_path / "a", data)
+    assert seen[0] > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze the heap itself keeps it frozen
+    try:
+        frozen = gc.get_freeze_count()
+        run(tmp_path / "b", data)
+        assert gc.get_freeze_count() > 0.9 * frozen  # not unfrozen (objects freed meanwhile leave the count)
+    finally:
+        gc.unfreeze()

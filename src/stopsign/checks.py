@@ -71,7 +71,7 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
 
 
 def default_hash_cache_dir() -> Path:
-    return cache_root() / "hash-cache"
+    return cache_root() / "hash-cache"  # features.OTHER_STORES names it for `stopsign cache`
 
 
 class HashCache:

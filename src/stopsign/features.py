@@ -43,6 +43,11 @@ def default_cache_dir() -> Path:
     return cache_root() / "features"
 
 
+# The other things stopsign keeps under cache_root(), each recomputed when missing (checks.py, report.py):
+# `stopsign cache info|clear` shows and empties them with the features.
+OTHER_STORES = {"file hashes": "hash-cache", "thumbnails": "thumbnails"}
+
+
 # --- views -----------------------------------------------------------------------------------------
 
 def view_params(digest: str, view: int, seed: int, rotation: float) -> tuple[bool, float]:
@@ -141,21 +146,30 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def cache_info(root: Path | None = None) -> dict:
+    """The feature cache's size per backbone folder, and the size of the other stores under cache_root()."""
     root = Path(root or default_cache_dir())
     folders = {}
     for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         files = [p for p in folder.rglob("*.npy") if not p.name.startswith(".tmp-")]
         folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
-    return {"root": str(root), "folders": folders,
+    stores = {}
+    for name, folder in OTHER_STORES.items():
+        files = [p for p in (cache_root() / folder).glob("*") if p.is_file()]
+        stores[name] = {"path": str(cache_root() / folder), "files": len(files),
+                        "bytes": sum(p.stat().st_size for p in files)}
+    return {"root": str(root), "folders": folders, "stores": stores,
             "entries": sum(f["entries"] for f in folders.values()),
             "bytes": sum(f["bytes"] for f in folders.values())}
 
 
 def clear_cache(root: Path | None = None) -> dict:
+    """Empty the feature cache and the other stores; return what they held."""
     info = cache_info(root)
     root = Path(info["root"])
     for name in info["folders"]:
         shutil.rmtree(root / name, ignore_errors=True)
+    for store in info["stores"].values():
+        shutil.rmtree(store["path"], ignore_errors=True)
     return info
 
 

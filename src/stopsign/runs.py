@@ -30,8 +30,11 @@ TEMPORARY_SUFFIX = ".tmp"  # an atomic write's file until it is renamed
 WRITE_PROBE = ".write-test"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it.
+
+    durable=False skips the fsync, for caches: after a power cut such a file may be empty, never half written.
+    """
     path = Path(path)
     handle = None
     try:
@@ -41,7 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         with handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException as error:
         if handle is not None:

@@ -6,8 +6,10 @@ metrics.csv and last.pt after every epoch, so a run killed at any point can be r
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,26 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
+@contextmanager
+def settled_heap():
+    """Keep the garbage collector off the objects that existed before the call, until it returns (a decorator).
+
+    torch and the other imports leave about a million long-lived objects; one full collection scans them
+    all, and took 0.19 s of a warm run. Frozen, they are skipped (and stay shared copy-on-write with the
+    processes that fork: decode workers, the chart process); unfrozen afterwards, so anything among them that
+    becomes garbage later is still collected. A caller that froze the heap itself keeps its own arrangement.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@settled_heap()
 def train(data: str | Path | LabelledData, *, val: str | Path | None = None, config: TrainConfig | None = None,
           resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
     """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.

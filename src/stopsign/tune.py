@@ -37,7 +37,7 @@ from .data import LabelledData, Sample, kfold_samples, load_data
 from .features import FeatureExtractor, default_cache_dir
 from .fitting import CachedFeatures, fit
 from .runs import create_run_dir, now, read_json, versions, write_csv, write_json
-from .train import Interrupted, RunResult, train
+from .train import Interrupted, RunResult, settled_heap, train
 from .tune_report import write_tune_report
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         self._random_sampler._rng.rng.seed([self.base_seed, trial.number, 1])
 
 
+@settled_heap()
 def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, timeout: float | None = None,
          config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
          final: bool = True, **overrides) -> TuneResult:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from optuna.distributions import CategoricalDistribution
 
-from .report import _data_uri, _figure, _save
+from .charts import new_figure, save_figure
+from .report import data_uri
 from .report_html import _mapping_table, _table, render_page
 from .runs import atomic_write_text
 
@@ -23,7 +24,7 @@ TOP_TRIALS = 10  # rows of the best-trials table
 
 def plot_history(rows: list[dict], seed_accuracy: float, path) -> Path:
     """Every trial's mean fold accuracy against its number, the best so far, and the seed recipe's."""
-    figure = _figure(8, 4)
+    figure = new_figure(8, 4)
     axis = figure.subplots()
     done = [r for r in rows if r["state"] == "complete"]
     pruned = [r for r in rows if r["state"] == "pruned" and r["fold1_accuracy"] is not None]
@@ -43,23 +44,23 @@ def plot_history(rows: list[dict], seed_accuracy: float, path) -> Path:
     axis.set_title("optimisation history")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_importances(importances: dict, path) -> Path:
-    figure = _figure(6, 0.35 * len(importances) + 1.2)
+    figure = new_figure(6, 0.35 * len(importances) + 1.2)
     axis = figure.subplots()
     names = list(importances)[::-1]  # the most important on top
     axis.barh(names, [importances[name] for name in names], color="tab:blue")
     axis.set_xlabel("importance (share of the objective's variation)")
     axis.set_title("parameter importances")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_slice(rows: list[dict], name: str, space, path) -> Path:
     """The mean fold accuracy of every completed trial against one parameter, coloured by trial number."""
     done = [r for r in rows if r["state"] == "complete"]
-    figure = _figure(4.2, 3.4)
+    figure = new_figure(4.2, 3.4)
     axis = figure.subplots()
     if isinstance(space, CategoricalDistribution):
         choices = list(space.choices)
@@ -74,7 +75,7 @@ def plot_slice(rows: list[dict], name: str, space, path) -> Path:
     axis.set_xlabel(name)
     axis.set_ylabel("mean fold accuracy")
     axis.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def running_accuracy(row: dict) -> float:
@@ -93,7 +94,7 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
         images["importances"] = plot_importances(importances, plots / "importances.png")
     for name, space in search_space.items():
         images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
-    uris = {name: _data_uri(path) for name, path in images.items()}
+    uris = {name: data_uri(path) for name, path in images.items()}
 
     def plot(name: str, alt: str) -> str:
         return f'<img class="plot" src="{uris[name]}" alt="{escape(alt)}">' if name in uris else ""

@@ -1,0 +1,175 @@
+"""The report's charts: training curves, confusion matrix, ROC, precision-recall, calibration; data in, PNG out.
+
+Drawn on matplotlib's object API with the Agg canvas, so nothing here touches pyplot's global state or needs a
+display. Margins are fixed in inches where the labels are known in advance: matplotlib's constrained layout
+measures every tick label, and took most of a warm run's time.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    PrecisionRecallDisplay,
+    RocCurveDisplay,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from .metrics import POSITIVE, Predictions
+from .runs import atomic_write_bytes  # runs imports only errors: no cycle
+
+CURVE_MARGINS = (0.75, 0.55, 0.15, 0.35)  # inches (left, bottom, right, top): room for tick labels and a title
+
+
+def new_figure(width: float, height: float, margins: tuple[float, float, float, float] | None = None) -> Figure:
+    """A figure of width x height inches on the Agg canvas.
+
+    margins: (left, bottom, right, top) around the axes in inches, for figures whose labels are known in
+    advance. Fixed margins cost nothing; matplotlib's constrained layout measures every tick label and took
+    most of a warm run's seconds. Without margins the layout is constrained (labels of unknown length).
+    """
+    figure = Figure(figsize=(width, height), dpi=80, layout=None if margins else "constrained")
+    FigureCanvasAgg(figure)
+    if margins:
+        left, bottom, right, top = margins
+        figure.subplots_adjust(left=left / width, bottom=bottom / height, right=1 - right / width,
+                               top=1 - top / height)
+    return figure
+
+
+def _title(axis, text: str) -> None:
+    """An axis title at a fixed height: left to itself, matplotlib measures every tick label to place it."""
+    axis.set_title(text, y=1.0)
+
+
+def save_figure(figure: Figure, path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_curves(history: list[dict], path) -> Path:
+    """Loss and accuracy (train and val) and the learning rate, against the epoch."""
+    epochs = [row["epoch"] for row in history]
+
+    def column(key):
+        return [np.nan if row.get(key) is None else float(row[key]) for row in history]
+
+    figure = new_figure(13, 3.6, margins=CURVE_MARGINS)
+    loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "acc")):
+        for split in ("train", "val"):
+            values = column(f"{split}_{metric}")
+            if not all(math.isnan(v) for v in values):
+                axis.plot(epochs, values, marker="o", markersize=3, label=split)
+        axis.set_xlabel("epoch")
+        axis.legend(loc="upper right" if metric == "loss" else "lower right")  # where the curves are not
+        axis.grid(alpha=0.3)
+    _title(loss_axis, "loss")
+    _title(accuracy_axis, "accuracy")
+    accuracy_axis.set_ylim(-0.02, 1.02)
+    rates = column("lr")
+    lr_axis.plot(epochs, rates, marker="o", markersize=3, color="tab:gray")
+    positive = [r for r in rates if r > 0]
+    if positive and max(positive) / min(positive) > 100:
+        lr_axis.set_yscale("log")
+        lr_axis.yaxis.set_minor_locator(NullLocator())  # dozens of unlabelled minor ticks, each a costly artist
+        lr_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # "1e-06": no mathtext,
+        # whose parser takes a quarter of a second to build in every new process
+    _title(lr_axis, "learning rate")
+    lr_axis.set_xlabel("epoch")
+    lr_axis.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_confusion(pred: Predictions, path) -> Path:
+    """The confusion matrix as counts and row-normalised (rows = truth), side by side."""
+    labels = list(range(pred.num_classes))
+    name_width = min(2.5, 0.08 * max(len(name) for name in pred.class_names))  # inches at 10 pt, roughly
+    side, gap, top = 3.4, 0.3, 0.35  # inches: each matrix a square of this side
+    upright = name_width > 0.9 * side / pred.num_classes  # names wider than their column stand on end
+    left, bottom = 0.6 + name_width, 0.55 + (name_width if upright else 0.2)
+    figure = new_figure(left + 2 * side + gap + 0.1, bottom + side + top, margins=(left, bottom, 0.1, top))
+    counts_axis, normalized_axis = figure.subplots(1, 2, gridspec_kw={"wspace": gap / side})
+    for axis, normalize, fmt, title in (
+        (counts_axis, None, "d", "counts"),
+        (normalized_axis, "true", ".2f", "share of each true class"),
+    ):
+        matrix = confusion_matrix(pred.y_true, pred.y_pred, labels=labels, normalize=normalize)
+        ConfusionMatrixDisplay(matrix, display_labels=pred.class_names).plot(
+            ax=axis, values_format=fmt, colorbar=False, cmap="Blues",
+            xticks_rotation="vertical" if upright else "horizontal"
+        )
+        _title(axis, title)
+    normalized_axis.set_yticklabels([])  # the rows are the left matrix's, on the same line
+    normalized_axis.set_ylabel("")
+    return save_figure(figure, path)
+
+
+def scored_classes(pred: Predictions) -> list[int]:
+    """Classes with a one-vs-rest curve: the positive class for two classes, every class present otherwise."""
+    candidates = [POSITIVE] if pred.num_classes == 2 else range(pred.num_classes)
+    return [k for k in candidates if 0 < (pred.y_true == k).sum() < len(pred.y_true)]
+
+
+def plot_roc(pred: Predictions, path) -> Path:
+    """ROC curve (one-vs-rest per class when there are more than two)."""
+    figure = new_figure(5, 4.5, margins=CURVE_MARGINS)
+    axis = figure.subplots()
+    for n, k in enumerate(scored_classes(pred)):
+        is_k, scores = pred.y_true == k, pred.probs[:, k]
+        fpr, tpr, _ = roc_curve(is_k, scores)
+        display = RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=roc_auc_score(is_k, scores))
+        display.plot(ax=axis, name=pred.class_names[k], plot_chance_level=n == 0)
+    _title(axis, "ROC")
+    return save_figure(figure, path)
+
+
+def plot_pr(pred: Predictions, path) -> Path:
+    """Precision-recall curve with average precision (one-vs-rest per class when there are more than two)."""
+    figure = new_figure(5, 4.5, margins=CURVE_MARGINS)
+    axis = figure.subplots()
+    for k in scored_classes(pred):
+        is_k, scores = pred.y_true == k, pred.probs[:, k]
+        precision, recall, _ = precision_recall_curve(is_k, scores)
+        display = PrecisionRecallDisplay(precision, recall, average_precision=average_precision_score(is_k, scores))
+        display.plot(ax=axis, name=pred.class_names[k])
+        axis.axhline(is_k.mean(), color="gray", linestyle="--", linewidth=1, label=f"chance ({is_k.mean():.2f})")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(loc="lower left")
+    _title(axis, "precision-recall")
+    return save_figure(figure, path)
+
+
+def plot_calibration(metrics: dict, path) -> Path:
+    """Reliability diagram of the top-class probability, with the number of images per bin below."""
+    bins = metrics["calibration"]["bins"]
+    centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    width = bins[0]["hi"] - bins[0]["lo"]
+    filled = [b for b in bins if b["count"]]
+    figure = new_figure(5, 5.5, margins=CURVE_MARGINS)
+    reliability, counts = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True, gridspec_kw={"hspace": 0.1})
+    reliability.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfectly calibrated")
+    accuracy = [b["accuracy"] for b in filled]
+    reliability.bar([(b["lo"] + b["hi"]) / 2 for b in filled], accuracy, width=width * 0.9, alpha=0.7, label="accuracy in bin")
+    reliability.plot([b["confidence"] for b in filled], accuracy, "o", color="black", markersize=4, label="at mean confidence")
+    reliability.set_ylabel("accuracy")
+    reliability.set_ylim(0, 1.02)
+    _title(reliability, f"calibration (ECE {metrics['calibration']['ece']:.3f})")
+    reliability.legend(loc="upper left")
+    counts.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="tab:gray")
+    counts.set_xlabel("top-class probability")
+    counts.set_ylabel("images")
+    counts.set_xlim(0, 1)
+    return save_figure(figure, path)

@@ -1,0 +1,182 @@
+"""The report's photos: thumbnails kept by content, the sample and error grids, duplicate-group thumbnails.
+
+Grids are pasted with PIL and saved as JPEG: laying out one matplotlib axis per photo, or encoding photos as
+PNG, took many times longer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .config import cache_root
+from .errors import ImageError, StopsignError
+from .images import file_digest, read_image
+from .metrics import Predictions
+from .runs import atomic_write_bytes  # runs imports only errors: no cycle
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_IMAGES = 100  # errors.jpg shows every mistake up to this many (a figure of 1,000 photos helps no one)
+THUMBNAIL_SIDE = 96  # duplicate-group thumbnails in the HTML, in pixels
+GRID_IMAGE_SIDE = 192  # images of samples.jpg and errors.jpg, in pixels (the size the matplotlib grid showed)
+MAX_THUMBNAIL_GROUPS = 50  # duplicate groups shown with thumbnails; the rest are listed by name
+WRONG = "#c0392b"
+
+
+def default_thumbnail_dir() -> Path:
+    return cache_root() / "thumbnails"  # features.OTHER_STORES names it for `stopsign cache`
+
+
+class Thumbnails:
+    """Upright RGB thumbnails for one report: each file is decoded once, at the largest size asked first.
+
+    Each thumbnail is also kept as a small JPEG in `store`, named by the sha256 of the file's bytes, so the
+    next report of the same photos reads a 10 KB file instead of decoding the photo (4 ms for a 1500-pixel
+    JPEG on the development machine; a report shows up to 16 samples, 100 mistakes and 100 duplicate groups).
+    A thumbnail is always the stored JPEG's pixels, so a report is the same whether the store was warm. The
+    store is a cache: a damaged entry is decoded again, and one that cannot be written costs speed, never the
+    report.
+    """
+
+    def __init__(self, side: int = GRID_IMAGE_SIDE, store: Path | None = None):
+        self.side = side
+        self.store = Path(store) if store else None
+        self.decoded: dict[str, Image.Image | None] = {}
+
+    def get(self, path, side: int) -> Image.Image | None:
+        """A copy of the image at most side x side pixels, or None when it cannot be read."""
+        path = str(path)
+        if path not in self.decoded:
+            self.decoded[path] = self._load(path)
+        image = self.decoded[path]
+        if image is None:
+            return None
+        image = image.copy()
+        image.thumbnail((side, side))
+        return image
+
+    def _load(self, path: str) -> Image.Image | None:
+        try:
+            stored = self.store / f"{file_digest(path)}-{self.side}.jpg" if self.store else None
+        except ImageError:
+            return None
+        if stored is not None and stored.is_file():
+            try:
+                with Image.open(stored) as image:
+                    return image.convert("RGB")
+            except (OSError, ValueError):
+                pass  # damaged: decoded again and rewritten below
+        try:  # JPEG: decoded at a reduced scale no smaller than self.side
+            image = read_image(path, draft=(self.side, self.side))
+            image.thumbnail((self.side, self.side))
+        except ImageError:
+            return None
+        if stored is None:
+            return image
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        try:
+            atomic_write_bytes(stored, buffer.getvalue(), durable=False)
+        except StopsignError as error:
+            logger.debug("thumbnail not stored: %s", error)
+        with Image.open(buffer) as image:  # the stored pixels
+            return image.convert("RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """The text, cut with an ellipsis where it is wider than width pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: bool = False,
+                 thumbnails: Thumbnails | None = None) -> Path:
+    """A grid of images titled "predicted p=0.93 / truth", mistakes in red with a thick red frame.
+
+    wrong_only=True shows every misclassified image (up to MAX_ERROR_IMAGES), most confident first,
+    and ignores max_images; otherwise the first max_images images in evaluation order. Drawn with PIL,
+    not matplotlib subplots: pasting thumbnails is many times faster than laying out one axis per image.
+    """
+    thumbnails = thumbnails or Thumbnails()
+    y_pred, confidence = pred.y_pred, pred.confidence
+    wrong = y_pred != pred.y_true
+    if wrong_only:
+        order = [i for i in np.argsort(-confidence, kind="stable") if wrong[i]]
+        shown = order[:MAX_ERROR_IMAGES]
+    else:
+        shown = list(range(min(max_images, len(pred.y_true))))
+    columns = max(1, min(5, len(shown)))
+    rows = max(1, math.ceil(len(shown) / columns))
+    pad, title_height, side = 8, 20, GRID_IMAGE_SIDE
+    cell_width, cell_height = side + 2 * pad, side + title_height + 2 * pad
+    heading = ""
+    if wrong_only and shown:
+        total = int(wrong.sum())
+        heading = f"{total} misclassified, most confident first" + (f" (first {len(shown)})" if total > len(shown) else "")
+    top = 28 if heading else 0
+    grid = Image.new("RGB", (columns * cell_width, top + rows * cell_height), "white")
+    draw = ImageDraw.Draw(grid)
+    title_font, heading_font = _font(13), _font(16)
+    if heading:
+        draw.text((grid.width / 2, top / 2), heading, fill="black", font=heading_font, anchor="mm")
+    if not shown:
+        draw.text((grid.width / 2, grid.height / 2), "no misclassified images" if wrong_only else "no images to show",
+                  fill="black", font=heading_font, anchor="mm")
+        return _save_image(grid, path)
+    for slot, i in enumerate(shown):
+        x = (slot % columns) * cell_width
+        y = top + (slot // columns) * cell_height
+        color = WRONG if wrong[i] else "black"
+        title = f"{pred.class_names[y_pred[i]]} p={confidence[i]:.2f} / {pred.class_names[pred.y_true[i]]}"
+        draw.text((x + cell_width / 2, y + pad + title_height / 2), _fit_text(draw, title, title_font, cell_width - 4),
+                  fill=color, font=title_font, anchor="mm")
+        box = (x + pad, y + pad + title_height, x + pad + side, y + pad + title_height + side)
+        image = thumbnails.get(pred.paths[i], side)
+        if image is None:
+            draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "unreadable", fill="black", font=title_font,
+                      anchor="mm")
+        else:  # centred in the square, as imshow would show it
+            grid.paste(image, (box[0] + (side - image.width) // 2, box[1] + (side - image.height) // 2))
+        frame = 3 if wrong[i] else 1
+        draw.rectangle((box[0] - frame, box[1] - frame, box[2] + frame - 1, box[3] + frame - 1),
+                       outline=color if wrong[i] else "#999999", width=frame)
+    return _save_image(grid, path)
+
+
+def _save_image(image: Image.Image, path) -> Path:
+    """A grid of photos as JPEG: a quarter of the PNG's bytes, encoded 40 times faster (0.003 s against 0.12 s)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def duplicate_thumbnails(checks: dict | None, thumbnails: Thumbnails | None = None) -> dict[str, str]:
+    """JPEG data URIs for the files of the duplicate groups the report shows."""
+    thumbnails = thumbnails or Thumbnails(THUMBNAIL_SIDE)
+    if not checks:
+        return {}
+    groups = checks.get("exact_duplicates", [])[:MAX_THUMBNAIL_GROUPS] + checks.get("near_duplicates", [])[:MAX_THUMBNAIL_GROUPS]
+    uris = {}
+    for file in (f for group in groups for f in group["files"]):
+        if file["path"] in uris:
+            continue
+        image = thumbnails.get(file["path"], THUMBNAIL_SIDE)
+        if image is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+            uris[file["path"]] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return uris

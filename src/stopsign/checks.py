@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import cache_root
+from .config import HASH_CACHE, cache_root
 from .errors import StopsignError
 from .runs import atomic_write_text  # runs imports only errors: no cycle
 
@@ -71,7 +71,7 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
 
 
 def default_hash_cache_dir() -> Path:
-    return cache_root() / "hash-cache"  # features.OTHER_STORES names it for `stopsign cache`
+    return cache_root() / HASH_CACHE
 
 
 class HashCache:

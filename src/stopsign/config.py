@@ -55,8 +55,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Folders under cache_root() besides the features; `stopsign cache info|clear` shows and empties all three.
+HASH_CACHE = "hash-cache"  # file hashes for the duplicate checks (checks.py)
+THUMBNAILS = "thumbnails"  # the reports' photo thumbnails (photos.py)
+
+
 def cache_root() -> Path:
-    """Where stopsign keeps what it can recompute (backbone features, file hashes): $STOPSIGN_CACHE,
+    """Where stopsign keeps what it can recompute (features, file hashes, thumbnails): $STOPSIGN_CACHE,
     else $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign."""
     if os.environ.get("STOPSIGN_CACHE"):
         return Path(os.environ["STOPSIGN_CACHE"])

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, file_sha256, get_spec, inference_model, load_backbone, model_key, weights_path
-from .config import cache_root
+from .config import HASH_CACHE, THUMBNAILS, cache_root
 from .errors import StopsignError
 from .images import file_digest, normalize, read_image, resize
 
@@ -43,9 +43,7 @@ def default_cache_dir() -> Path:
     return cache_root() / "features"
 
 
-# The other things stopsign keeps under cache_root(), each recomputed when missing (checks.py, report.py):
-# `stopsign cache info|clear` shows and empties them with the features.
-OTHER_STORES = {"file hashes": "hash-cache", "thumbnails": "thumbnails"}
+OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS}  # small, each recomputed when missing
 
 
 # --- views -----------------------------------------------------------------------------------------

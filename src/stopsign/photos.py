@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import cache_root
+from .config import THUMBNAILS, cache_root
 from .errors import ImageError, StopsignError
 from .images import file_digest, read_image
 from .metrics import Predictions
@@ -31,7 +31,7 @@ WRONG = "#c0392b"
 
 
 def default_thumbnail_dir() -> Path:
-    return cache_root() / "thumbnails"  # features.OTHER_STORES names it for `stopsign cache`
+    return cache_root() / THUMBNAILS
 
 
 class Thumbnails:

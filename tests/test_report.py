@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,3 +215,13 @@ def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing
     write_report(tmp_path / "failed", pred, history=HISTORY)
     assert "the chart process failed" in caplog.text
     assert (tmp_path / "failed/plots/curves.png").read_bytes() == (tmp_path / "here/plots/curves.png").read_bytes()
+
+    caplog.clear()  # a child that hangs (say on a lock another thread held at the fork) is killed, not awaited
+    monkeypatch.setattr(report, "CHILD_TIMEOUT", 0.5)
+    monkeypatch.setattr(report, "plot_curves", lambda *a: real(*a) if os.getpid() == parent else time.sleep(600))
+    started = time.monotonic()
+    write_report(tmp_path / "hung", pred, history=HISTORY)
+    assert time.monotonic() - started < 30 and "failed or hung" in caplog.text
+    assert (tmp_path / "hung/plots/curves.png").read_bytes() == (tmp_path / "here/plots/curves.png").read_bytes()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)

@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +46,7 @@ def data_uri(path: Path) -> str:
 
 
 FORKED_CHARTS = ("curves", "calibration")  # the child finishes first: the photo thread slows the parent
+CHILD_TIMEOUT = 30.0  # seconds the parent waits for the chart child after its own work (it needs about 0.2 s)
 
 
 class ForkedCharts:
@@ -52,8 +55,10 @@ class ForkedCharts:
     matplotlib holds the GIL, so threads cannot share its work; a forked child has every module loaded already
     and starts in a few milliseconds. On two cores the report of a run on warm features went from 0.40 to
     0.28 s (bench/bench_speed.py), most of what is left of such a run. Only on Linux: macOS forbids fork after
-    some system libraries are loaded, Windows has no fork. The child draws into files (atomic writes) and exits whatever happens, so a
-    killed parent leaves no process behind for long; a chart the child did not deliver is drawn here instead.
+    some system libraries are loaded, Windows has no fork. The child draws into files (atomic writes), writes
+    nothing else (a stream lock held by another thread at the fork, as in a notebook, would hang it) and exits
+    whatever happens, so a killed parent leaves no process behind for long. A chart the child did not deliver,
+    failing or taking longer than CHILD_TIMEOUT, is drawn here instead.
     """
 
     def __init__(self, charts: dict):
@@ -74,6 +79,8 @@ class ForkedCharts:
             if self.pid == 0:
                 code = 1
                 try:
+                    warnings.simplefilter("ignore")  # the parent says what there is to say when it redraws
+                    logging.disable(logging.CRITICAL)
                     for draw, data, path in self.charts.values():
                         draw(data, path)
                     code = 0
@@ -82,16 +89,25 @@ class ForkedCharts:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.pid:
-            _, status = os.waitpid(self.pid, 0)
-            self.status = status
+        if not self.pid:
+            return
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while True:
+            done, self.status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                _, self.status = os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.002)
 
     def result(self) -> dict[str, Path]:
         """The paths of the child's charts, drawn here instead if the child failed."""
         if not self.pid:
             return {}
         if self.status != 0:
-            logger.warning("the chart process failed (status %s); drawing its charts here", self.status)
+            logger.warning("the chart process failed or hung (wait status %s); drawing its charts here", self.status)
         return {name: path if self.status == 0 else draw(data, path) for name, (draw, data, path) in self.charts.items()}
 
 

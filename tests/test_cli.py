@@ -76,3 +76,12 @@ def test_the_installed_command_exits_with_the_status_main_returns(tmp_path):
     missing = subprocess.run([str(script), "train", str(tmp_path / "nowhere")], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 2 and "nowhere" in missing.stderr and not missing.stdout
+
+
+def test_info_on_a_file_that_is_no_export_says_so(tmp_path, capsys):
+    for name in ("model.torchscript", "model.onnx"):
+        (tmp_path / name).write_bytes(b"not a model")
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert f"error: {tmp_path / name} is not" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing.torchscript")]) == 2
+    assert "does not exist" in capsys.readouterr().err

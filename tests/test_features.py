@@ -123,9 +123,11 @@ def test_cache_info_and_clear_commands(tmp_path, images, tiny_backbone, capsys):
     thumbnails = cache_root() / "thumbnails"
     thumbnails.mkdir(parents=True)
     (thumbnails / "a-192.jpg").write_bytes(b"x" * 2000)
-    assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert f"thumbnails {thumbnails} holds 1 files, 0.0 MB" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert "removed 6 entries" in out and "thumbnails" in out
-    assert cache_info(tmp_path / "cache")["entries"] == 0 and not thumbnails.exists()
+    assert "removed 6 entries" in out and "thumbnails" not in out  # a folder of its own: only that folder
+    assert cache_info(tmp_path / "cache")["entries"] == 0 and thumbnails.exists()
+    assert main(["cache", "info"]) == 0
+    assert f"thumbnails {thumbnails} holds 1 files, 0.0 MB" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert f"thumbnails {thumbnails} removed 1 files" in capsys.readouterr().out and not thumbnails.exists()

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from html.parser import HTMLParser
@@ -12,8 +13,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
+from stopsign.charts import axis_names
 from stopsign.checks import check_data
 from stopsign.metrics import Predictions, compute_metrics
 from stopsign.photos import plot_samples
@@ -185,8 +187,18 @@ def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(im
         entry.write_bytes(b"damaged")
     assert photos.Thumbnails(store=store).get(images[0], 48).size == (48, 36)  # decoded again, rewritten
     assert decoded[-1] == "photo_0.jpg"
-    with Image.open(next(p for p in store.glob("*.jpg") if p.stat().st_size > 100)) as entry:
+    stored = next(p for p in store.glob("*.jpg") if p.stat().st_size > 100)
+    with Image.open(stored) as entry:
         assert entry.format == "JPEG"
+    data = stored.read_bytes()  # what a crash can leave of an unsynced write: the right length, a zero tail
+    stored.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    count = len(decoded)
+    photos.Thumbnails(store=store).get(images[0], 48)
+    assert len(decoded) == count + 1 and stored.read_bytes() == data
+
+    not_a_folder = tmp_path / "store-is-a-file"  # an unusable store costs speed, never the thumbnail
+    not_a_folder.write_text("")
+    assert photos.Thumbnails(store=not_a_folder).get(images[1], 48).size == (48, 36)
 
     monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path / "cache"))
     write_report(tmp_path / "one", predictions(images, P1_WITH_MISTAKES))
@@ -196,25 +208,50 @@ def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(im
     assert (tmp_path / "one" / "plots" / "samples.jpg").read_bytes() == (tmp_path / "two" / "plots" / "samples.jpg").read_bytes()
 
 
+@pytest.fixture
+def chart_children(monkeypatch):
+    """The pids of the chart processes write_report forks, as it forks them."""
+    import stopsign.report as report
+
+    pids, enter = [], report.ForkedCharts.__enter__
+
+    def recording_enter(self):
+        entered = enter(self)
+        pids.append(self.pid)
+        return entered
+
+    monkeypatch.setattr(report.ForkedCharts, "__enter__", recording_enter)
+    return pids
+
+
+def gone(pid) -> bool:
+    """The process has exited and was reaped (a zombie still has its /proc entry)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="charts are drawn in a forked process only on Linux")
-def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing(images, tmp_path, monkeypatch, caplog):
+def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing(images, tmp_path, monkeypatch,
+                                                                                caplog, chart_children):
     import stopsign.report as report
 
     pred = predictions(images, P1_WITH_MISTAKES)
     write_report(tmp_path / "forked", pred, history=HISTORY)
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # the child was reaped: no process left behind
+    assert chart_children[-1] and gone(chart_children[-1])
     with monkeypatch.context() as patch:
-        patch.setattr(report.sys, "platform", "win32")  # no fork: every chart drawn in this process
+        patch.setattr(report, "FORK", False)  # every chart drawn in this process
         write_report(tmp_path / "here", pred, history=HISTORY)
-    for name in ["curves", "calibration", "confusion"]:
-        assert (tmp_path / "forked/plots" / f"{name}.png").read_bytes() == (tmp_path / "here/plots" / f"{name}.png").read_bytes()
+    assert chart_children[-1] is None
+
+    def same(run, names=("curves", "calibration", "confusion")):
+        return all((tmp_path / run / "plots" / f"{name}.png").read_bytes()
+                   == (tmp_path / "here/plots" / f"{name}.png").read_bytes() for name in names)
+
+    assert same("forked")
 
     parent, real = os.getpid(), report.plot_curves
     monkeypatch.setattr(report, "plot_curves", lambda *a: real(*a) if os.getpid() == parent else os._exit(3))
     write_report(tmp_path / "failed", pred, history=HISTORY)
-    assert "the chart process failed" in caplog.text
-    assert (tmp_path / "failed/plots/curves.png").read_bytes() == (tmp_path / "here/plots/curves.png").read_bytes()
+    assert "the chart process failed" in caplog.text and same("failed") and gone(chart_children[-1])
 
     caplog.clear()  # a child that hangs (say on a lock another thread held at the fork) is killed, not awaited
     monkeypatch.setattr(report, "CHILD_TIMEOUT", 0.5)
@@ -222,6 +259,48 @@ def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing
     started = time.monotonic()
     write_report(tmp_path / "hung", pred, history=HISTORY)
     assert time.monotonic() - started < 30 and "failed or hung" in caplog.text
-    assert (tmp_path / "hung/plots/curves.png").read_bytes() == (tmp_path / "here/plots/curves.png").read_bytes()
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    assert same("hung") and gone(chart_children[-1])
+
+    class Interrupting:  # Ctrl-C while the parent waits for the child: the child is killed and reaped first
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "CHILD_TIMEOUT", 30.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "time", Interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            write_report(tmp_path / "interrupted", pred, history=HISTORY)
+    assert gone(chart_children[-1])
+
+    monkeypatch.setattr(report, "plot_curves", real)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps children: no status to read
+    try:
+        write_report(tmp_path / "unreaped", pred, history=HISTORY)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert same("unreaped")
+
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(report.os, "fork", no_fork)
+    write_report(tmp_path / "unforked", pred, history=HISTORY)
+    assert same("unforked") and chart_children[-1] is None
+
+
+def test_one_mistake_gets_its_whole_heading(images, tmp_path):
+    pred = predictions(images, [0.1, 0.9] * 5 + [0.1, 0.2])  # only the last image is wrong
+    with Image.open(plot_samples(pred, tmp_path / "errors.jpg", wrong_only=True)) as grid:
+        heading_width = ImageFont.load_default(size=16).getlength("1 misclassified, most confident first")
+        assert grid.width >= heading_width + 16 > 192 + 16  # wider than its one photo
+
+
+def test_long_class_names_are_shortened_in_the_middle_and_stay_distinct():
+    shown = axis_names(["stop sign at a distance, seen from the left", "stop sign at a distance, seen from the right",
+                        "x"])
+    assert shown == ["stop sign at …from the left", "stop sign at …rom the right", "x"]
+    colliding = axis_names(["stop sign seen from the left at a distance", "stop sign seen from the right at a distance"])
+    assert colliding == ["0: stop sign see…at a distance", "1: stop sign see…at a distance"]

@@ -30,6 +30,7 @@ from .metrics import POSITIVE, Predictions
 from .runs import atomic_write_bytes  # runs imports only errors: no cycle
 
 CURVE_MARGINS = (0.75, 0.55, 0.15, 0.35)  # inches (left, bottom, right, top): room for tick labels and a title
+LONGEST_NAME = 30  # characters of a class name on the confusion matrix's axes; longer ones lose their middle
 
 
 def new_figure(width: float, height: float, margins: tuple[float, float, float, float] | None = None) -> Figure:
@@ -93,10 +94,19 @@ def plot_curves(history: list[dict], path) -> Path:
     return save_figure(figure, path)
 
 
+def axis_names(class_names: list[str]) -> list[str]:
+    """Class names short enough for an axis: a long one keeps its start and its end, where names tend to differ;
+    names that still collide get their class index in front."""
+    keep = (LONGEST_NAME - 4) // 2
+    names = [name if len(name) <= LONGEST_NAME else name[:keep] + "…" + name[-keep:] for name in class_names]
+    return names if len(set(names)) == len(names) else [f"{k}: {name}" for k, name in enumerate(names)]
+
+
 def plot_confusion(pred: Predictions, path) -> Path:
     """The confusion matrix as counts and row-normalised (rows = truth), side by side."""
     labels = list(range(pred.num_classes))
-    name_width = min(2.5, 0.08 * max(len(name) for name in pred.class_names))  # inches at 10 pt, roughly
+    names = axis_names(pred.class_names)
+    name_width = 0.08 * max(len(name) for name in names)  # inches at 10 pt, roughly
     side, gap, top = 3.4, 0.3, 0.35  # inches: each matrix a square of this side
     upright = name_width > 0.9 * side / pred.num_classes  # names wider than their column stand on end
     left, bottom = 0.6 + name_width, 0.55 + (name_width if upright else 0.2)
@@ -107,7 +117,7 @@ def plot_confusion(pred: Predictions, path) -> Path:
         (normalized_axis, "true", ".2f", "share of each true class"),
     ):
         matrix = confusion_matrix(pred.y_true, pred.y_pred, labels=labels, normalize=normalize)
-        ConfusionMatrixDisplay(matrix, display_labels=pred.class_names).plot(
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(
             ax=axis, values_format=fmt, colorbar=False, cmap="Blues",
             xticks_rotation="vertical" if upright else "horizontal"
         )

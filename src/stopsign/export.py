@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .backbones import FrozenBackboneClassifier
-from .errors import ImageError, StopsignError
+from .errors import CheckpointError, ImageError, StopsignError
 from .images import preprocess, read_image
 from .onnx_predict import (EXPORT_FORMAT, EXPORT_VERSION, INPUT_NAME, OUTPUT_NAME, OnnxClassifier,
                            read_onnx_metadata)
@@ -132,10 +132,16 @@ def read_metadata(path: str | Path) -> dict:
 
         graph = onnx.load(str(path), load_external_data=False)
         return read_onnx_metadata({p.key: p.value for p in graph.metadata_props}, path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
     extra = {EXTRA_FILE: ""}
-    with quiet_torch():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[EXTRA_FILE])
+    try:
+        with quiet_torch():
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[EXTRA_FILE])
+    except (RuntimeError, ValueError) as error:  # not TorchScript, or TorchScript without stopsign's metadata
+        raise CheckpointError(f"{path} is not a TorchScript model exported by stopsign "
+                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
 
 
 def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Image], str]:

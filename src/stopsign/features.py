@@ -144,24 +144,23 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def cache_info(root: Path | None = None) -> dict:
-    """The feature cache's size per backbone folder, and the size of the other stores under cache_root()."""
+    """The feature cache's size per backbone folder; without a root of its own, also the other stores'."""
+    stores = {} if root else {name: cache_root() / folder for name, folder in OTHER_STORES.items()}
     root = Path(root or default_cache_dir())
     folders = {}
     for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         files = [p for p in folder.rglob("*.npy") if not p.name.startswith(".tmp-")]
         folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
-    stores = {}
-    for name, folder in OTHER_STORES.items():
-        files = [p for p in (cache_root() / folder).glob("*") if p.is_file()]
-        stores[name] = {"path": str(cache_root() / folder), "files": len(files),
-                        "bytes": sum(p.stat().st_size for p in files)}
+    for name, folder in stores.items():
+        files = [p for p in folder.glob("*") if p.is_file()]
+        stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
     return {"root": str(root), "folders": folders, "stores": stores,
             "entries": sum(f["entries"] for f in folders.values()),
             "bytes": sum(f["bytes"] for f in folders.values())}
 
 
 def clear_cache(root: Path | None = None) -> dict:
-    """Empty the feature cache and the other stores; return what they held."""
+    """Empty the feature cache (and, without a root of its own, the other stores); return what they held."""
     info = cache_info(root)
     root = Path(info["root"])
     for name in info["folders"]:

@@ -28,6 +28,7 @@ THUMBNAIL_SIDE = 96  # duplicate-group thumbnails in the HTML, in pixels
 GRID_IMAGE_SIDE = 192  # images of samples.jpg and errors.jpg, in pixels (the size the matplotlib grid showed)
 MAX_THUMBNAIL_GROUPS = 50  # duplicate groups shown with thumbnails; the rest are listed by name
 WRONG = "#c0392b"
+JPEG_END = b"\xff\xd9"  # the end-of-image marker: a stored thumbnail without it is damaged
 
 
 def default_thumbnail_dir() -> Path:
@@ -67,12 +68,13 @@ class Thumbnails:
             stored = self.store / f"{file_digest(path)}-{self.side}.jpg" if self.store else None
         except ImageError:
             return None
-        if stored is not None and stored.is_file():
-            try:
-                with Image.open(stored) as image:
+        try:
+            data = stored.read_bytes() if stored is not None else b""
+            if data.endswith(JPEG_END):  # else missing, or cut short or zero-filled by a crash: decoded again
+                with Image.open(io.BytesIO(data)) as image:
                     return image.convert("RGB")
-            except (OSError, ValueError):
-                pass  # damaged: decoded again and rewritten below
+        except (OSError, ValueError):
+            pass  # unreadable or damaged: decoded again and rewritten below
         try:  # JPEG: decoded at a reduced scale no smaller than self.side
             image = read_image(path, draft=(self.side, self.side))
             image.thumbnail((self.side, self.side))
@@ -128,9 +130,11 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
         total = int(wrong.sum())
         heading = f"{total} misclassified, most confident first" + (f" (first {len(shown)})" if total > len(shown) else "")
     top = 28 if heading else 0
-    grid = Image.new("RGB", (columns * cell_width, top + rows * cell_height), "white")
-    draw = ImageDraw.Draw(grid)
     title_font, heading_font = _font(13), _font(16)
+    width = max(columns * cell_width, math.ceil(heading_font.getlength(heading)) + 2 * pad)  # one photo, whole heading
+    left = (width - columns * cell_width) // 2
+    grid = Image.new("RGB", (width, top + rows * cell_height), "white")
+    draw = ImageDraw.Draw(grid)
     if heading:
         draw.text((grid.width / 2, top / 2), heading, fill="black", font=heading_font, anchor="mm")
     if not shown:
@@ -138,7 +142,7 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
                   fill="black", font=heading_font, anchor="mm")
         return _save_image(grid, path)
     for slot, i in enumerate(shown):
-        x = (slot % columns) * cell_width
+        x = left + (slot % columns) * cell_width
         y = top + (slot // columns) * cell_height
         color = WRONG if wrong[i] else "black"
         title = f"{pred.class_names[y_pred[i]]} p={confidence[i]:.2f} / {pred.class_names[pred.y_true[i]]}"

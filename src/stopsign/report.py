@@ -8,6 +8,7 @@ side by side (a forked process, a thread) and writes what they make.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -47,6 +48,7 @@ def data_uri(path: Path) -> str:
 
 FORKED_CHARTS = ("curves", "calibration")  # the child finishes first: the photo thread slows the parent
 CHILD_TIMEOUT = 30.0  # seconds the parent waits for the chart child after its own work (it needs about 0.2 s)
+FORK = sys.platform == "linux"  # macOS forbids fork after some system libraries are loaded; Windows has none
 
 
 class ForkedCharts:
@@ -54,11 +56,11 @@ class ForkedCharts:
 
     matplotlib holds the GIL, so threads cannot share its work; a forked child has every module loaded already
     and starts in a few milliseconds. On two cores the report of a run on warm features went from 0.40 to
-    0.28 s (bench/bench_speed.py), most of what is left of such a run. Only on Linux: macOS forbids fork after
-    some system libraries are loaded, Windows has no fork. The child draws into files (atomic writes), writes
-    nothing else (a stream lock held by another thread at the fork, as in a notebook, would hang it) and exits
-    whatever happens, so a killed parent leaves no process behind for long. A chart the child did not deliver,
-    failing or taking longer than CHILD_TIMEOUT, is drawn here instead.
+    0.28 s (bench/bench_speed.py), most of what is left of such a run. Only where FORK says. The child draws
+    into files (atomic writes), writes nothing else (a stream lock held by another thread at the fork, as in a
+    notebook, would hang it) and exits whatever happens, so a killed parent leaves no process behind for long.
+    Whatever goes wrong (no fork, a child that fails, hangs past CHILD_TIMEOUT or is reaped by someone else),
+    the charts are drawn here instead; an interrupted wait kills and reaps the child before it goes on.
     """
 
     def __init__(self, charts: dict):
@@ -70,12 +72,15 @@ class ForkedCharts:
         return self.charts if self.pid else ()
 
     def __enter__(self) -> "ForkedCharts":
-        if self.charts and sys.platform == "linux":
+        if self.charts and FORK:
             # Python 3.12+ warns on any fork beside other threads (torch's idle pool here); the child only draws
             # with matplotlib and PIL, starts no thread and never returns to the caller.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self.pid = os.fork()
+                try:
+                    self.pid = os.fork()
+                except OSError as error:  # out of memory or processes: draw everything here
+                    logger.debug("no chart process: %s", error)
             if self.pid == 0:
                 code = 1
                 try:
@@ -91,16 +96,21 @@ class ForkedCharts:
     def __exit__(self, *exc) -> None:
         if not self.pid:
             return
-        deadline = time.monotonic() + CHILD_TIMEOUT
-        while True:
-            done, self.status = os.waitpid(self.pid, os.WNOHANG)
-            if done:
-                return
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                _, self.status = os.waitpid(self.pid, 0)
-                return
-            time.sleep(0.002)
+        try:
+            deadline = time.monotonic() + CHILD_TIMEOUT
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+                if done:
+                    self.status = status
+                    return
+                time.sleep(0.002)
+        except ChildProcessError:  # SIGCHLD ignored: the kernel reaped the child, its status is unknown
+            return
+        finally:
+            if self.status is None:  # timed out, interrupted (Ctrl-C) or unknown: no child left behind
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
 
     def result(self) -> dict[str, Path]:
         """The paths of the child's charts, drawn here instead if the child failed."""

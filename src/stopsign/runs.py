@@ -33,7 +33,8 @@ WRITE_PROBE = ".write-test"
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> Path:
     """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it.
 
-    durable=False skips the fsync, for caches: after a power cut such a file may be empty, never half written.
+    durable=False skips the fsync, for caches that check what they read: after a power cut such a file may be
+    empty or end in zeros.
     """
     path = Path(path)
     handle = None

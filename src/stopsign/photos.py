@@ -168,6 +168,11 @@ def _save_image(image: Image.Image, path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def data_uri(data: bytes, kind: str) -> str:
+    """An image's bytes as a data: URI, for a page that must hold its images itself."""
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
 def duplicate_thumbnails(checks: dict | None, thumbnails: Thumbnails | None = None) -> dict[str, str]:
     """JPEG data URIs for the files of the duplicate groups the report shows."""
     thumbnails = thumbnails or Thumbnails(THUMBNAIL_SIDE)
@@ -182,5 +187,5 @@ def duplicate_thumbnails(checks: dict | None, thumbnails: Thumbnails | None = No
         if image is not None:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=80)
-            uris[file["path"]] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            uris[file["path"]] = data_uri(buffer.getvalue(), "jpeg")
     return uris

@@ -7,7 +7,6 @@ side by side (a forked process, a thread) and writes what they make.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
 import io
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from .charts import plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
 from .metrics import Predictions, compute_metrics, json_ready
-from .photos import Thumbnails, default_thumbnail_dir, duplicate_thumbnails, plot_samples
+from .photos import Thumbnails, data_uri, default_thumbnail_dir, duplicate_thumbnails, plot_samples
 from .report_html import render_report
 from .runs import atomic_write_text  # runs imports only errors: no cycle
 
@@ -41,9 +40,9 @@ def write_predictions_csv(pred: Predictions, path) -> Path:
     return atomic_write_text(path, file.getvalue())
 
 
-def data_uri(path: Path) -> str:
-    kind = "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png"
-    return f"data:image/{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def file_data_uri(path: Path) -> str:
+    """A written plot as a data: URI (JPEG or PNG by its suffix)."""
+    return data_uri(Path(path).read_bytes(), "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
 
 
 FORKED_CHARTS = ("curves", "calibration")  # the child finishes first: the photo thread slows the parent
@@ -170,7 +169,7 @@ def write_report(
     page = render_report(
         title,
         metrics,
-        images={name: data_uri(path) for name, path in (images | grids).items()},
+        images={name: file_data_uri(path) for name, path in (images | grids).items()},
         run_info=run_info,
         checks=checks,
         thumbnails=thumbnail_uris,

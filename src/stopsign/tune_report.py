@@ -15,7 +15,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 
 from .charts import new_figure, save_figure
-from .report import data_uri
+from .report import file_data_uri
 from .report_html import _mapping_table, _table, render_page
 from .runs import atomic_write_text
 
@@ -94,7 +94,7 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
         images["importances"] = plot_importances(importances, plots / "importances.png")
     for name, space in search_space.items():
         images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
-    uris = {name: data_uri(path) for name, path in images.items()}
+    uris = {name: file_data_uri(path) for name, path in images.items()}
 
     def plot(name: str, alt: str) -> str:
         return f'<img class="plot" src="{uris[name]}" alt="{escape(alt)}">' if name in uris else ""

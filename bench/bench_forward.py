@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from stopsign.backbones import inference_model, load_backbone
-from stopsign.features import render
-from stopsign.images import read_image
+from stopsign.model.backbones import inference_model, load_backbone
+from stopsign.model.transforms import preprocess
+from stopsign.data.images import read_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 
@@ -33,7 +33,8 @@ def main() -> None:
     backbone = load_backbone(args.backbone)
     size = backbone.preprocessing["size"]
     paths = sorted((DATA / "images").glob("*.jpg"))[: args.images]
-    images = torch.stack([render(read_image(p, draft=(size, size)), backbone.preprocessing) for p in paths])
+    images = torch.stack([torch.from_numpy(preprocess(read_image(p, draft=(size, size)), backbone.preprocessing))
+                          for p in paths])
     images = images.contiguous(memory_format=torch.channels_last)
     plain, fused = backbone.model, inference_model(backbone.model)
     variants = [("plain", plain, 32, False), ("plain", plain, 8, False)]

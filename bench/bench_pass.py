@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench_speed import BACKBONE, split
-from stopsign.backbones import inference_model, load_backbone
-from stopsign.features import FeatureExtractor, ViewsDataset
+from stopsign.model.backbones import inference_model, load_backbone
+from stopsign.model.features import FeatureExtractor, ViewsDataset
 
 
 def main() -> None:

@@ -114,8 +114,8 @@ def bench(model: Path, photos, clients: int, seconds: float, bound_mb: float) ->
 
 def demo_models(folder: Path) -> list[Path]:
     from stopsign import train
-    from stopsign.demo import make_demo_data
-    from stopsign.export import export
+    from stopsign.data.demo import make_demo_data
+    from stopsign.deploy.export import export
 
     data = make_demo_data(folder / "data", per_class=12, seed=0)
     run = train(data, backbone="efficientnet_lite0", epochs=2, augment=False, out=str(folder / "runs"),

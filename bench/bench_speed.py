@@ -39,7 +39,7 @@ OTHER_LR_MAX = 3e-3
 
 
 def split():
-    from stopsign.data import load_data, split_samples
+    from stopsign.data.datasets import load_data, split_samples
 
     data = load_data(DATA)
     train, val = split_samples(data.samples, 0.1, 0, class_names=data.class_names)
@@ -56,7 +56,7 @@ def run_seed(workdir: Path) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from stopsign.backbones import load_backbone
+    from stopsign.model.backbones import load_backbone
 
     class PhotoDataset(Dataset):
         def __init__(self, samples, transform):
@@ -112,8 +112,8 @@ def run_floor(workdir: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from stopsign.backbones import load_backbone
-    from stopsign.features import ViewsDataset
+    from stopsign.model.backbones import load_backbone
+    from stopsign.model.features import ViewsDataset
 
     data, _, _ = split()
     backbone = load_backbone(BACKBONE)
@@ -130,7 +130,7 @@ def run_floor(workdir: Path) -> dict:
 # --- 3. stopsign ---------------------------------------------------------------------------------------------------
 
 def run_pass(workdir: Path) -> dict:
-    from stopsign.features import FeatureExtractor
+    from stopsign.model.features import FeatureExtractor
 
     data, _, _ = split()
     extracted = FeatureExtractor(BACKBONE).extract([s.path for s in data.samples])
@@ -152,10 +152,10 @@ class PhaseLog(logging.Handler):
 
 def run_train(workdir: Path, **overrides) -> dict:
     import stopsign
-    from stopsign.features import cache_info
+    from stopsign.cache import cache_info
 
     handler = PhaseLog()
-    logger = logging.getLogger("stopsign.train")
+    logger = logging.getLogger("stopsign.training.trainer")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     cache = workdir / "cache"
@@ -174,7 +174,7 @@ def child(case: str, workdir: Path, views: int | None) -> None:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    for module in ("stopsign.train", "stopsign.report"):
+    for module in ("stopsign.training.trainer", "stopsign.reporting.report"):
         importlib.import_module(module)
 
     overrides = {} if views is None else {"views": views}

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from stopsign.config import TrainConfig
-from stopsign.crossval import cross_validate
-from stopsign.data import kfold_samples, load_data
-from stopsign.features import FeatureExtractor, default_cache_dir
-from stopsign.fitting import CachedFeatures, fit
-from stopsign.tune import MAX_VIEWS, cross_validated_score, tune
+from stopsign.training.crossval import cross_validate
+from stopsign.data.datasets import kfold_samples, load_data
+from stopsign.model.features import FeatureExtractor, default_cache_dir
+from stopsign.training.fitting import fit
+from stopsign.training.sources import CachedFeatures
+from stopsign.training.tune import MAX_VIEWS, cross_validated_score, tune
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 

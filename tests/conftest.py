@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stopsign.backbones import BACKBONES, BackboneSpec
+from stopsign.model.backbones import BACKBONES, BackboneSpec
 
 LAYOUTS = ("cvstudio", "folders", "splits", "csv")
 TINTS = [(220, 30, 30), (30, 160, 60), (40, 60, 200), (200, 180, 40)]  # one per class, cycling
@@ -139,5 +139,6 @@ def tiny_backbone(tmp_path_factory, monkeypatch) -> str:
     spec = BackboneSpec("tiny", 8, {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
                         lambda given: Path(given) if given else weights, build)
     monkeypatch.setitem(BACKBONES, "tiny", spec)
+    monkeypatch.setattr("stopsign.config.BACKBONE_NAMES", tuple(BACKBONES))  # the CLI offers it too
     monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
     return "tiny"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from stopsign.backbones import BACKBONES, download_weights, load_backbone
+from stopsign.model.backbones import BACKBONES, download_weights, load_backbone
 from stopsign.errors import StopsignError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from stopsign.checks import check_data, find_duplicates
+from stopsign.data.checks import check_data, find_duplicates
 
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cvstudio-stop-signs" / "images"
 
@@ -135,7 +135,7 @@ def test_hash_cache_gives_identical_results_and_notices_edits_and_damage(clean_s
     paths = clean_set + [copy]
     fresh = find_duplicates(paths)
     assert find_duplicates(paths, cache_dir=cache)["exact"] == fresh["exact"]  # cold: fills the cache
-    monkeypatch.setattr("stopsign.checks.perceptual_hash", lambda image: pytest.fail("a warm run decoded a file"))
+    monkeypatch.setattr("stopsign.data.checks.perceptual_hash", lambda image: pytest.fail("a warm run decoded a file"))
     warm = find_duplicates(paths, cache_dir=cache)
     assert {k: v for k, v in warm.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image
-from stopsign.data import Sample, kfold_samples, load_data, split_samples
+from stopsign.data.datasets import Sample, kfold_samples, load_data, split_samples
 from stopsign.errors import DataError
 
 COUNTS = {"stop": 5, "not_stop": 3}

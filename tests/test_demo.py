@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stopsign.demo import make_demo_data, render_scene, stop_sign_patch
+from stopsign.data.demo import make_demo_data, render_scene, stop_sign_patch
 from stopsign.errors import StopsignError
 
 

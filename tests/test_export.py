@@ -11,12 +11,13 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import nn
 
-import stopsign.export as export_module
+import stopsign.deploy.export as export_module
 from stopsign.cli import main
 from stopsign import StopsignError, load_classifier, train
-from stopsign.export import export, read_metadata
-from stopsign.images import preprocess, read_image
-from stopsign.onnx_predict import OnnxClassifier
+from stopsign.deploy.export import export, read_metadata
+from stopsign.data.images import read_image
+from stopsign.model.transforms import preprocess
+from stopsign.inference.onnx import OnnxClassifier
 
 from conftest import make_image
 

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from stopsign.backbones import BACKBONES
+from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
-from stopsign.config import cache_root
-from stopsign.features import FeatureExtractor, FeatureStore, cache_info, render, view_params
-from stopsign.images import read_image
+from stopsign.cache import cache_root
+from stopsign.cache import cache_info
+from stopsign.model.features import FeatureExtractor, FeatureStore
+from stopsign.model.transforms import preprocess, view_params
+from stopsign.data.images import read_image
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_cached_features_equal_the_uncached_forward(tmp_path, images, tiny_backb
         digest = features.digests[row]
         for column, view in enumerate([0, 1]):
             flip, angle = view_params(digest, view, 5, 5.0)
-            tensor = render(read_image(path, draft=(32, 32)), plain.preprocessing, flip, angle)
+            tensor = torch.from_numpy(preprocess(read_image(path, draft=(32, 32)), plain.preprocessing, flip, angle))
             expected = plain.forward(tensor[None])[0].numpy()
             np.testing.assert_allclose(features.features[row, column], expected, atol=1e-5)  # float32 noise only
 

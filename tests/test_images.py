@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from stopsign import images
+from stopsign.data import images
 from stopsign.errors import ImageError
-from stopsign.images import decode_image, file_digest, list_images, read_image
+from stopsign.data.images import decode_image, file_digest, list_images, read_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -20,7 +20,7 @@ from sklearn.metrics import (
 )
 
 from stopsign.errors import DataError
-from stopsign.metrics import Predictions, compute_metrics, wilson_interval
+from stopsign.reporting.metrics import Predictions, compute_metrics, wilson_interval
 
 NAMES = ["not_stop", "stop"]
 

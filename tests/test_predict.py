@@ -42,7 +42,9 @@ def test_threshold_moves_predictions(trained):
     classifier = load_classifier(checkpoint)
     images = [str(data / "stop"), str(data / "not_stop")]
     assert all(r.label == "stop" for r in classifier.predict(images, threshold=0.0))
-    assert all(r.label == "not_stop" for r in classifier.predict(images, threshold=1.01))
+    assert all(r.label == "not_stop" for r in classifier.predict(images, threshold=1.0))
+    with pytest.raises(StopsignError, match="between 0 and 1"):
+        classifier.predict(images, threshold=1.01)
 
 
 def test_evaluate_writes_metrics_predictions_and_plots(trained, tmp_path):

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from stopsign.charts import axis_names
-from stopsign.checks import check_data
-from stopsign.metrics import Predictions, compute_metrics
-from stopsign.photos import plot_samples
-from stopsign.report import write_report
+from stopsign.reporting.charts import axis_names
+from stopsign.data.checks import check_data
+from stopsign.reporting.metrics import Predictions, compute_metrics
+from stopsign.reporting.photos import plot_samples
+from stopsign.reporting.report import write_report
 
 NAMES = ["not_stop", "stop"]
 
@@ -163,7 +163,7 @@ def test_error_grid_shows_mistakes_even_for_unreadable_files(images, tmp_path):
 
 
 def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(images, tmp_path, monkeypatch):
-    import stopsign.photos as photos
+    import stopsign.reporting.photos as photos
 
     decoded = []
     real_read_image = photos.read_image
@@ -211,7 +211,7 @@ def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(im
 @pytest.fixture
 def chart_children(monkeypatch):
     """The pids of the chart processes write_report forks, as it forks them."""
-    import stopsign.report as report
+    import stopsign.reporting.report as report
 
     pids, enter = [], report.ForkedCharts.__enter__
 
@@ -232,7 +232,7 @@ def gone(pid) -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="charts are drawn in a forked process only on Linux")
 def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing(images, tmp_path, monkeypatch,
                                                                                 caplog, chart_children):
-    import stopsign.report as report
+    import stopsign.reporting.report as report
 
     pred = predictions(images, P1_WITH_MISTAKES)
     write_report(tmp_path / "forked", pred, history=HISTORY)

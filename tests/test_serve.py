@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stopsign import load_classifier, train
-from stopsign.data import load_data
-from stopsign.export import export
-from stopsign.serve import create_app
+from stopsign.data.datasets import load_data
+from stopsign.deploy.export import export
+from stopsign.deploy.serve import create_app
 
 from conftest import SHARED_PHOTOS
 
@@ -159,7 +159,7 @@ def stop_model(tmp_path_factory, request):
         data = SHARED_PHOTOS
         stop, other = SHARED_PHOTOS / "test_images/stop-1.jpeg", SHARED_PHOTOS / "test_images/not-stop-1.jpeg"
     else:
-        from stopsign.demo import make_demo_data
+        from stopsign.data.demo import make_demo_data
 
         data = make_demo_data(out / "demo", per_class=40, seed=0)
         held = load_data(make_demo_data(out / "held-out", per_class=1, seed=1))

@@ -10,9 +10,10 @@ import torch
 from conftest import train_tiny
 
 from stopsign import TrainConfig, train
-from stopsign.backbones import FrozenBackboneClassifier, load_backbone
-from stopsign.runs import load_checkpoint
-from stopsign.fitting import is_better, make_optimizer, train_one_epoch
+from stopsign.errors import DataError
+from stopsign.model.backbones import FrozenBackboneClassifier, load_backbone
+from stopsign.training.runs import load_checkpoint
+from stopsign.training.fitting import is_better, make_optimizer, train_one_epoch
 
 
 run = train_tiny
@@ -164,14 +165,14 @@ def test_cross_validation_without_the_cache(tmp_path, data, tiny_backbone):
 
 def test_unusable_data_leaves_no_run_folder(tmp_path, make_images, tiny_backbone):
     lonely = make_images(tmp_path / "lonely", {"stop": 3}, layout="folders")
-    with pytest.raises(Exception, match="class"):
+    with pytest.raises(DataError, match="class"):
         run(tmp_path, lonely)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_ctrl_c_while_computing_features_says_how_to_resume(tmp_path, data, tiny_backbone, monkeypatch):
-    from stopsign.features import FeatureExtractor
-    from stopsign.train import Interrupted
+    from stopsign.model.features import FeatureExtractor
+    from stopsign.errors import Interrupted
 
     extract = FeatureExtractor.extract
 
@@ -191,7 +192,7 @@ def test_train_leaves_the_garbage_collector_as_it_found_it(tmp_path, data, tiny_
     import gc
     import sys
 
-    train_module = sys.modules["stopsign.train"]  # the module: `stopsign.train` is the function
+    from stopsign.training import trainer as train_module
     seen = []
     real_fit = train_module.fit
     with pytest.MonkeyPatch.context() as patch:  # during the run, what existed before is frozen

@@ -1,6 +1,7 @@
 """tune(): seeded and resumable studies, objectives that see only their folds, shared studies, the output folder."""
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -11,14 +12,15 @@ import numpy as np
 import optuna
 import pytest
 
-import stopsign.tune as tune_module
+import stopsign.training.tune as tune_module
 from stopsign import TrainConfig
-from stopsign.backbones import BACKBONES
+from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
-from stopsign.data import kfold_samples, load_data
-from stopsign.features import FeatureExtractor
-from stopsign.fitting import CachedFeatures
-from stopsign.tune import SEARCH_SPACE, tune
+from stopsign.data.datasets import kfold_samples, load_data
+from stopsign.errors import DataError
+from stopsign.model.features import FeatureExtractor
+from stopsign.training.sources import CachedFeatures
+from stopsign.training.tune import SEARCH_SPACE, tune
 
 TESTS = Path(__file__).resolve().parent
 SETTINGS = dict(folds=3, backbone="tiny", num_workers=0, progress=False, final=False)
@@ -60,19 +62,20 @@ def test_resume_adds_trials_and_draws_what_an_uninterrupted_study_would(tmp_path
 def test_resume_refuses_other_data(tmp_path, data, make_images, tiny_backbone):
     started = tune(data, trials=1, out=str(tmp_path / "runs"), **SETTINGS)
     other = make_images(tmp_path / "other", {"stop": 9, "not_stop": 10}, layout="cvstudio")
-    with pytest.raises(Exception, match="other images or labels"):
+    with pytest.raises(DataError, match="other images or labels"):
         tune(other, trials=1, resume=started.run_dir, progress=False, final=False)
 
 
 def test_objective_sees_only_its_folds(tmp_path, data, tiny_backbone, monkeypatch):
     calls = []
-    real_fit = tune_module.fit
+    crossval = importlib.import_module("stopsign.training.crossval")  # the one K-fold loop, which tune calls
+    real_fit = crossval.fit
 
     def spy(source, num_features, num_classes, train_samples, val_samples, config, **kwargs):
         calls.append((set(train_samples), set(val_samples), kwargs.get("keep")))
         return real_fit(source, num_features, num_classes, train_samples, val_samples, config, **kwargs)
 
-    monkeypatch.setattr(tune_module, "fit", spy)
+    monkeypatch.setattr(crossval, "fit", spy)
     trials, folds = 3, 3
     tune(data, trials=trials, out=str(tmp_path / "runs"), **SETTINGS)
     samples = load_data(data).samples
@@ -94,7 +97,7 @@ def test_narrowed_features_are_those_of_fewer_views(tmp_path, data, tiny_backbon
     assert narrowed.train_features.shape[1] == 2 and narrowed.batch_size == 5
     np.testing.assert_array_equal(narrowed.train_features, fresh.train_features)
     rng = lambda: np.random.default_rng(3)
-    for (a, y), (b, z) in zip(narrowed.train_batches(samples, rng()), fresh.train_batches(samples, rng())):
+    for (a, y), (b, z) in zip(narrowed.train_batches(samples, 0, rng()), fresh.train_batches(samples, 0, rng())):
         assert a.equal(b) and y.equal(z)
     with pytest.raises(ValueError, match="views"):
         many.for_config(config.replace(views=7))
@@ -106,7 +109,8 @@ LAUNCHER = '''import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import TinyNet
-from stopsign.backbones import BACKBONES, BackboneSpec
+from stopsign import config
+from stopsign.model.backbones import BACKBONES, BackboneSpec
 from stopsign.cli import main
 
 def build(state):
@@ -116,6 +120,7 @@ def build(state):
 
 BACKBONES["tiny"] = BackboneSpec("tiny", 8, {{"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}},
                                  lambda given: Path(given) if given else Path({weights!r}), build)
+config.BACKBONE_NAMES = tuple(BACKBONES)  # offered by the CLI's --backbone
 sys.exit(main(sys.argv[1:]))
 '''
 

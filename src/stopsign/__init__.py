@@ -2,32 +2,43 @@
 
     import stopsign
     run = stopsign.train("data/", backbone="efficientnet_lite0")
-    classifier = stopsign.load_classifier(run.run_dir / "best.pt")
+    classifier = stopsign.load_classifier(run.run_dir)          # a run folder, best.pt, .onnx or .torchscript
     classifier.predict(["photo.jpg"])
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Each public name is imported from its module on first use, not here, so that `import stopsign` costs
 # nothing and a deployment that predicts with an .onnx file never imports torch.
-_PUBLIC = {"Classifier": "predict", "StopsignError": "errors", "TrainConfig": "config", "evaluate": "predict",
-           "load_classifier": "prediction", "train": "train"}
+_PUBLIC = {
+    "Classifier": "inference.base",
+    "StopsignError": "errors",
+    "TrainConfig": "config",
+    "create_app": "deploy.serve",
+    "evaluate": "inference.evaluate",
+    "export": "deploy.export",
+    "load_classifier": "inference.load",
+    "train": "training.trainer",
+    "tune": "training.tune",
+}
 
 if TYPE_CHECKING:
     from .config import TrainConfig
+    from .deploy.export import export
+    from .deploy.serve import create_app
     from .errors import StopsignError
-    from .predict import Classifier, evaluate
-    from .prediction import load_classifier
-    from .train import train
+    from .inference.base import Classifier
+    from .inference.evaluate import evaluate
+    from .inference.load import load_classifier
+    from .training.trainer import train
+    from .training.tune import tune
 
-__all__ = ["Classifier", "StopsignError", "TrainConfig", "evaluate", "load_classifier", "train", "__version__"]
+__all__ = [*sorted(_PUBLIC), "__version__"]
 
 
 def __getattr__(name: str):
@@ -40,15 +51,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # Importing the submodule stopsign.train binds it as the attribute `train`; the public function of
-        # that name must win, as it did when this file imported everything eagerly.
-        if name in _PUBLIC and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

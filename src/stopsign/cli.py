@@ -3,49 +3,65 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import csv
-import gc
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import BACKBONE_NAMES, TrainConfig
-from .errors import StopsignError
-
-DEFAULTS = TrainConfig()
-
-# flag → (TrainConfig field, type, help); defaults come from TrainConfig, the seed recipe.
-TRAIN_FLAGS = {
-    "--backbone": ("backbone", str, f"pretrained backbone: {', '.join(BACKBONE_NAMES)}"),
-    "--weights": ("weights", str, "a local copy of the backbone's weights, for machines without internet"),
-    "--epochs": ("epochs", int, "passes over the training set"),
-    "--batch-size": ("batch_size", int, "images per optimisation step"),
-    "--lr-base": ("lr_base", float, "lowest learning rate of the cycle"),
-    "--lr-max": ("lr_max", float, "highest learning rate of the cycle"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "SGD weight decay"),
-    "--label-smoothing": ("label_smoothing", float, "CrossEntropyLoss label smoothing"),
-    "--scheduler": ("scheduler", str, "triangular2 (CyclicLR, the seed recipe), cosine or constant"),
-    "--cycle-epochs": ("cycle_epochs", int,
-                       "CyclicLR is stepped once per epoch: the LR rises linearly from --lr-base to --lr-max "
-                       "over this many epochs, falls back over as many, and each later cycle's height halves"),
-    "--val-fraction": ("val_fraction", float, "share of each class held out for validation when no split is given"),
-    "--seed": ("seed", int, "drives the split, the shuffling and the augmentation draws"),
-    "--rotation": ("rotation", float, "largest rotation of an augmented view, degrees either way"),
-    "--views": ("views", int, "augmented views cached per training image; each epoch samples one"),
-    "--folds": ("folds", int, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
-                           "then the final model on all data"),
-    "--cache-dir": ("cache_dir", str, "where backbone features are cached (default: ~/.cache/stopsign/features)"),
-    "--workers": ("num_workers", int, "image decoding processes"),
-    "--out": ("out", str, "folder that holds run folders"),
-    "--name": ("name", str, "run folder name (default: <backbone>-<time>; never overwrites)"),
-}
+from .config import TrainConfig
+from .errors import Interrupted, StopsignError
+from .heap import freeze_at_exit
 
 # settings fixed for a whole study; the recipe itself is what tune searches
-TUNE_FLAGS = ("--backbone", "--weights", "--seed", "--rotation", "--cache-dir", "--workers", "--out", "--name")
+TUNE_FIELDS = ("backbone", "weights", "seed", "rotation", "cache_dir", "num_workers", "out", "name")
+# what `train` takes from the command line besides DATA, --val and --resume: every setting
+TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig))
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="value"):
+    """An argparse type: `kind` within [low, high] (open ends where asked); anything else exits 2 with one line."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {' and '.join(filter(None, (lower, upper)))}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
+    """A flag for each named TrainConfig field, with the field's own help, choices, range and default."""
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in fields:
+            continue
+        meta, default = field.metadata, field.default
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):  # on by default: --no-NAME turns it off; off by default: --NAME turns it on
+            flag = f"--no-{flag[2:]}" if default else flag
+            parser.add_argument(flag, dest=field.name, action="store_false" if default else "store_true",
+                                default=argparse.SUPPRESS, help=meta["help"])
+            parser.set_defaults(**{field.name: default})
+            continue
+        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+        if kind is not str:
+            kind = bounded(kind, meta["low"], meta["high"], meta["low_open"], meta["high_open"])
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        parser.add_argument(flag, dest=field.name, type=kind, choices=choices,
+                            default=argparse.SUPPRESS if default is None else default, help=meta["help"])
+        if default is None:
+            parser.set_defaults(**{field.name: None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val", help="a separate labelled validation set (any layout)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
-    for flag, (field, kind, text) in TRAIN_FLAGS.items():
-        train.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
-    train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip or rotation")
-    train.add_argument("--no-cache", dest="cache", action="store_false",
-                       help="recompute the backbone on augmented images every epoch (the seed's slow loop)")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone pass")
+    add_config_flags(train, TRAIN_FIELDS)
 
     predict = commands.add_parser("predict", help="predict images with a checkpoint")
     predict.add_argument("checkpoint")
@@ -90,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate the built-in stop-sign demo data and train on it (offline)")
     demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes")
     demo.add_argument("--per-class", type=int, default=120)
-    demo.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    demo.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs")
 
@@ -121,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "settings); several processes may share one study")
     tune.add_argument("--no-final", dest="final", action="store_false",
                       help="no final model (e.g. for extra processes adding trials to a shared study)")
-    for flag in TUNE_FLAGS:
-        field, kind, text = TRAIN_FLAGS[flag]
-        tune.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), help=text)
+    add_config_flags(tune, TUNE_FIELDS)
     return parser
 
 
@@ -139,18 +148,17 @@ def print_result(result) -> None:
 
 
 def run_train(args) -> None:
-    from .train import train
+    from .training.trainer import train
 
-    fields = {field for field, _, _ in TRAIN_FLAGS.values()} | {"augment", "cache", "bf16"}
-    config = TrainConfig(**{f: getattr(args, f) for f in fields})
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
     result = train(args.data, val=args.val, config=config, resume=args.resume, progress=not args.quiet)
     print_result(result)
 
 
 def run_tune(args) -> None:
-    from .tune import tune
+    from .training.tune import tune
 
-    fixed = {TRAIN_FLAGS[flag][0]: getattr(args, TRAIN_FLAGS[flag][0]) for flag in TUNE_FLAGS}
+    fixed = {name: getattr(args, name) for name in TUNE_FIELDS}
     result = tune(args.data, trials=args.trials, folds=args.folds, timeout=args.timeout, resume=args.resume,
                   progress=not args.quiet, final=args.final, **fixed)
     if not result.best_params:
@@ -163,7 +171,7 @@ def run_tune(args) -> None:
 
 
 def run_predict(args) -> int:
-    from .prediction import load_classifier  # torch is imported only for a .pt checkpoint
+    from .inference.load import load_classifier  # torch is imported only for a .pt or .torchscript model
 
     classifier = load_classifier(args.checkpoint, weights=args.weights)
     results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
@@ -184,7 +192,7 @@ def run_predict(args) -> int:
 
 
 def run_evaluate(args) -> None:
-    from .predict import evaluate
+    from .inference.evaluate import evaluate
 
     out_dir, metrics = evaluate(args.checkpoint, args.data, out=args.out, name=args.name,
                                 threshold=args.threshold, progress=not args.quiet, weights=args.weights)
@@ -198,22 +206,24 @@ def run_evaluate(args) -> None:
 
 
 def run_info(args) -> None:
-    suffix = Path(args.checkpoint).suffix.lower()
-    if suffix in (".onnx", ".torchscript"):  # an exported file: the metadata `stopsign export` wrote
-        if suffix == ".onnx":
-            from .onnx_predict import OnnxClassifier  # no torch
+    from .inference.load import EXPORT_SUFFIXES, resolve_model_path
 
-            metadata = OnnxClassifier(args.checkpoint).metadata
+    path = resolve_model_path(args.checkpoint)
+    if path.suffix.lower() in EXPORT_SUFFIXES:  # an exported file: the metadata `stopsign export` wrote
+        if path.suffix.lower() == ".onnx":
+            from .inference.onnx import OnnxClassifier  # no torch
+
+            metadata = OnnxClassifier(path).metadata
         else:
-            from .export import read_metadata
+            from .inference.torchscript import load_torchscript
 
-            metadata = read_metadata(args.checkpoint)
+            metadata = load_torchscript(path)[1]
         for key, value in metadata.items():
             print(f"{key:<18} {value}")
         return
-    from .runs import load_checkpoint
+    from .training.runs import load_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(path)
     shown = {k: v for k, v in checkpoint.items() if k not in ("head", "optimizer", "scheduler", "config")}
     shown["head parameters"] = sum(t.numel() for t in checkpoint["head"].values())
     for key, value in shown.items():
@@ -224,8 +234,8 @@ def run_info(args) -> None:
 
 
 def run_demo(args) -> None:
-    from .demo import make_demo_data
-    from .train import train
+    from .data.demo import make_demo_data
+    from .training.trainer import train
 
     data = Path(args.data)
     if (data / "_annotations.json").is_file():  # the generator writes atomically: an export there is whole
@@ -240,7 +250,7 @@ def run_demo(args) -> None:
 
 
 def run_cache(args) -> None:
-    from .features import cache_info, clear_cache
+    from .cache import cache_info, clear_cache
 
     info = (clear_cache if args.action == "clear" else cache_info)(args.cache_dir)
     verb = "removed" if args.action == "clear" else "holds"
@@ -252,7 +262,7 @@ def run_cache(args) -> None:
 
 
 def run_export(args) -> None:
-    from .export import export
+    from .deploy.export import export
 
     path, report = export(args.checkpoint, format=args.format, out=args.out)
     print(f"exported {path} ({report['format']}, {report['bytes'] / 1e6:.1f} MB)")
@@ -262,7 +272,7 @@ def run_export(args) -> None:
 
 
 def run_serve(args) -> None:
-    from .serve import serve
+    from .deploy.serve import serve
 
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs; Ctrl+C stops)")
     serve(args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:
-        interrupted = type(error).__name__ == "Interrupted"
+        interrupted = isinstance(error, Interrupted)
         print(f"{'interrupted' if interrupted else 'error'}: {error}", file=sys.stderr)
         return 130 if interrupted else 2
     except KeyboardInterrupt:
@@ -294,7 +304,7 @@ def run() -> None:
     gives back anyway: 0.9 s of every command on the development machine, longer than training on cached
     features. Frozen objects are skipped (0.2 s); atexit handlers, flushing and closing still happen.
     """
-    atexit.register(gc.freeze)  # freezing stops no other exit handler, whatever the order they run in
+    freeze_at_exit()
     sys.exit(main())
 
 

@@ -1,47 +1,69 @@
-"""The training settings: one dataclass whose defaults are the seed recipe."""
+"""The training settings: one dataclass whose defaults are the seed recipe.
+
+Each field carries its one help text (and, where it has one, its flag, choices and range) as metadata; the
+command line builds `stopsign train`'s and `stopsign tune`'s flags from it, so a setting is described once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-# The registered backbones, by name, here so that the CLI can list them without importing torch;
-# backbones.py checks that its registry matches.
+# The registered backbones and schedulers, by name, here so that the CLI can offer them without importing
+# torch; model/backbones.py and training/fitting.py check that their registries match.
 BACKBONE_NAMES = ("resnet18", "efficientnet_lite0")
+SCHEDULER_NAMES = ("triangular2", "cosine", "constant")
+
+
+def setting(default, help: str, *, flag: str | None = None, choices=None,
+            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A TrainConfig field: its default and what the command line needs to offer and check it.
+
+    choices: a tuple, or a function returning one; low/high bound the value (inclusive unless low_open/high_open);
+    flag defaults to --field-name.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "low": low,
+                                            "high": high, "low_open": low_open, "high_open": high_open})
 
 
 @dataclass
 class TrainConfig:
     # model
-    backbone: str = "resnet18"  # a name from BACKBONE_NAMES (backbones.BACKBONES)
-    weights: str | None = None  # a local weights file instead of the download (air-gapped machines)
+    backbone: str = setting("resnet18", "pretrained backbone", choices=lambda: BACKBONE_NAMES)  # read when asked
+    weights: str | None = setting(None, "a local copy of the backbone's weights, for machines without internet")
     # data
-    val_fraction: float = 0.1  # share of each class drawn into validation when the data gives no split
-    seed: int = 0  # drives the split, the shuffling and the augmentation draws
-    augment: bool = True  # train-time horizontal flip and rotation
-    rotation: float = 5.0  # largest rotation of an augmented view, in degrees either way
-    views: int = 1  # augmented views cached per training image; the README says why 1 (bench/choose_views.py)
+    val_fraction: float = setting(0.1, "share of each class held out for validation when the data gives no split",
+                                  low=0, high=1, low_open=True, high_open=True)
+    seed: int = setting(0, "drives the split, the shuffling and the augmentation draws")
+    augment: bool = setting(True, "train-time horizontal flip and rotation (--no-augment: none)")
+    rotation: float = setting(5.0, "largest rotation of an augmented view, degrees either way", low=0, high=180)
+    views: int = setting(1, "augmented views cached per training image; each epoch samples one "
+                            "(the README says why 1)", low=1)
     # optimisation (the seed recipe)
-    epochs: int = 10
-    batch_size: int = 32
-    lr_base: float = 1e-6  # CyclicLR lower bound
-    lr_max: float = 1e-2  # CyclicLR upper bound
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    scheduler: str = "triangular2"  # CyclicLR triangular2 (the seed); "cosine" or "constant" for experiments
-    cycle_epochs: int = 5  # CyclicLR: epochs of a cycle's rising half (stepped once per epoch, as the seed)
+    epochs: int = setting(10, "passes over the training set", low=1)
+    batch_size: int = setting(32, "images per optimisation step", low=1)
+    lr_base: float = setting(1e-6, "lowest learning rate of the cycle", low=0)
+    lr_max: float = setting(1e-2, "highest learning rate of the cycle", low=0, low_open=True)
+    momentum: float = setting(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = setting(0.0, "SGD weight decay", low=0)
+    label_smoothing: float = setting(0.0, "CrossEntropyLoss label smoothing", low=0, high=1, high_open=True)
+    scheduler: str = setting("triangular2", "learning-rate schedule: triangular2 (CyclicLR, the seed recipe), "
+                                            "cosine or constant", choices=SCHEDULER_NAMES)
+    cycle_epochs: int = setting(5, "CyclicLR is stepped once per epoch: the LR rises linearly from --lr-base to "
+                                   "--lr-max over this many epochs, falls back over as many, and each later "
+                                   "cycle's height halves", low=1)
     # speed
-    cache: bool = True  # train the head on cached backbone features (the fast path)
-    cache_dir: str | None = None  # default: the user's cache folder
-    num_workers: int = 2  # decode processes feeding the backbone
-    bf16: bool = False  # bf16 autocast for the backbone pass (only where it predicts exactly as float32)
-    folds: int = 0  # K > 1: stratified K-fold cross-validation before the final model
+    cache: bool = setting(True, "train the head on cached backbone features (--no-cache: recompute the backbone "
+                                "on augmented images every epoch, the seed's slow loop)")
+    cache_dir: str | None = setting(None, "where backbone features are cached "
+                                          "(default: $STOPSIGN_CACHE/features, else ~/.cache/stopsign/features)")
+    num_workers: int = setting(2, "image decoding processes", flag="--workers", low=0)
+    bf16: bool = setting(False, "bf16 autocast for the backbone pass (faster; may change some predictions)")
+    folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
+                            "then the final model on all data", low=0)
     # output
-    out: str = "runs"
-    name: str | None = None  # run folder name; default: <backbone>-<timestamp>
+    out: str = setting("runs", "folder that holds run folders")
+    name: str | None = setting(None, "run folder name (default: <backbone>-<time>; never overwrites)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,16 +75,3 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-
-# Folders under cache_root() besides the features; `stopsign cache info|clear` shows and empties all three.
-HASH_CACHE = "hash-cache"  # file hashes for the duplicate checks (checks.py)
-THUMBNAILS = "thumbnails"  # the reports' photo thumbnails (photos.py)
-
-
-def cache_root() -> Path:
-    """Where stopsign keeps what it can recompute (features, file hashes, thumbnails): $STOPSIGN_CACHE,
-    else $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign."""
-    if os.environ.get("STOPSIGN_CACHE"):
-        return Path(os.environ["STOPSIGN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stopsign"

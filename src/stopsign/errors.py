@@ -1,4 +1,4 @@
-"""The one exception type users see: every message names the file or value at fault and the fix."""
+"""The exceptions users see: every message names the file or value at fault and the fix."""
 
 
 class StopsignError(Exception):
@@ -15,3 +15,7 @@ class ImageError(StopsignError):
 
 class CheckpointError(StopsignError):
     """A checkpoint is missing, unsafe, or does not describe a stopsign classifier."""
+
+
+class Interrupted(StopsignError):
+    """Ctrl-C during training or tuning: what finished is written; the message says how to resume."""

@@ -1,7 +1,7 @@
 """report.html and the files beside it: predictions (and optionally history, run info, checks,
 cross-validation) in; predictions.csv, metrics.json, plots/ and one self-contained page out.
 
-The charts are `charts`', the photo grids `photos`', the HTML `report_html`'s; this module runs them
+The charts are `charts`', the photo grids `photos`', the HTML `html`'s; this module runs them
 side by side (a forked process, a thread) and writes what they make.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 from .charts import plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
 from .metrics import Predictions, compute_metrics, json_ready
 from .photos import Thumbnails, data_uri, default_thumbnail_dir, duplicate_thumbnails, plot_samples
-from .report_html import render_report
-from .runs import atomic_write_text  # runs imports only errors: no cycle
+from ..files import atomic_write_text
+from .html import render_report
 
 logger = logging.getLogger(__name__)
 

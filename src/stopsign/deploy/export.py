@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import __version__
-from .backbones import FrozenBackboneClassifier
-from .errors import CheckpointError, ImageError, StopsignError
-from .images import preprocess, read_image
-from .onnx_predict import (EXPORT_FORMAT, EXPORT_VERSION, INPUT_NAME, OUTPUT_NAME, OnnxClassifier,
-                           read_onnx_metadata)
-from .predict import Classifier
-from .runs import load_checkpoint, read_json
+from .. import __version__
+from ..data.images import read_image
+from ..errors import CheckpointError, ImageError, StopsignError
+from ..files import read_json
+from ..inference.exported import EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPUT_NAME, OUTPUT_NAME, parse_onnx_properties
+from ..inference.load import resolve_model_path
+from ..inference.pytorch import CheckpointClassifier
+from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
+from ..model.backbones import FrozenBackboneClassifier
+from ..training.runs import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}  # format → default
 TOLERANCE = 1e-4  # largest absolute difference of a probability allowed between the export and PyTorch
 CHECK_IMAGES = 16
 OPSET = 17
-EXTRA_FILE = "stopsign.json"
 
 
 def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None) -> tuple[Path, dict]:
@@ -49,8 +49,8 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     """
     if format not in FORMATS:
         raise StopsignError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
-    checkpoint = Path(checkpoint)
-    classifier = Classifier(load_checkpoint(checkpoint), source=str(checkpoint))
+    checkpoint = resolve_model_path(checkpoint)
+    classifier = CheckpointClassifier(load_checkpoint(checkpoint), source=str(checkpoint))
     out = Path(out) if out else checkpoint.with_suffix(FORMATS[format])
     metadata = export_metadata(classifier, checkpoint)
     started = time.perf_counter()
@@ -71,14 +71,14 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     return out, report
 
 
-def export_module(classifier: Classifier) -> nn.Module:
+def export_module(classifier: CheckpointClassifier) -> nn.Module:
     """images → probabilities: the classifier's own frozen backbone and head, and a softmax, in eval mode."""
     model = nn.Sequential(FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head),
                           nn.Softmax(dim=1))
     return model.eval()
 
 
-def export_metadata(classifier: Classifier, checkpoint: Path) -> dict:
+def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
     source = classifier.checkpoint
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "stopsign_version": __version__,
             "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
@@ -87,17 +87,6 @@ def export_metadata(classifier: Classifier, checkpoint: Path) -> dict:
             "input": f"{INPUT_NAME}: float32 (N, 3, {classifier.preprocessing['size']}, "
                      f"{classifier.preprocessing['size']}), preprocessed",
             "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"}
-
-
-@contextlib.contextmanager
-def quiet_torch():
-    """Silence torch's deprecation notices for TorchScript and its ONNX exporter, and its constant-folding
-    remarks: noise to a user, since every export is checked numerically against PyTorch before it is kept."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message="Constant folding")
-        yield
 
 
 def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
@@ -125,23 +114,19 @@ def write_torchscript(model: nn.Module, preprocessing: dict, metadata: dict, pat
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata of an exported file, ONNX or TorchScript (by suffix)."""
+    """The metadata of an exported file, ONNX (read with the onnx package, no onnxruntime) or TorchScript."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         import onnx
 
-        graph = onnx.load(str(path), load_external_data=False)
-        return read_onnx_metadata({p.key: p.value for p in graph.metadata_props}, path)
-    if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
-    extra = {EXTRA_FILE: ""}
-    try:
-        with quiet_torch():
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        return json.loads(extra[EXTRA_FILE])
-    except (RuntimeError, ValueError) as error:  # not TorchScript, or TorchScript without stopsign's metadata
-        raise CheckpointError(f"{path} is not a TorchScript model exported by stopsign "
-                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+        if not path.is_file():
+            raise CheckpointError(f"model file {path} does not exist")
+        try:
+            graph = onnx.load(str(path), load_external_data=False)
+        except Exception as error:  # onnx raises protobuf's DecodeError and others for files that are no model
+            raise CheckpointError(f"{path} is not a readable ONNX model ({error})") from error
+        return parse_onnx_properties({p.key: p.value for p in graph.metadata_props}, path)
+    return load_torchscript(path)[1]
 
 
 def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Image], str]:
@@ -168,19 +153,17 @@ def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Imag
     return images, f"{len(images)} generated images (no validation files found next to the checkpoint)"
 
 
-def compare(classifier: Classifier, format: str, path: Path, images: list[Image.Image]) -> dict:
+def compare(classifier: CheckpointClassifier, format: str, path: Path, images: list[Image.Image]) -> dict:
     """Run the exported file on `images`, as one batch and the first alone, against the PyTorch classifier."""
     expected = classifier.image_probabilities(images)
+    # The deployed path end to end: the file's own metadata, numpy preprocessing, its own runtime.
     if format == "onnx":
-        # The deployed path end to end: onnxruntime, the file's own metadata, numpy preprocessing.
+        from ..inference.onnx import OnnxClassifier  # onnxruntime: needed only to check an ONNX export
+
         exported = OnnxClassifier(path)
-        got, single = exported.image_probabilities(images), exported.image_probabilities(images[:1])
     else:
-        with quiet_torch():
-            model = torch.jit.load(str(path), map_location="cpu")
-        batch = torch.from_numpy(np.stack([preprocess(image, classifier.preprocessing) for image in images]))
-        with torch.no_grad():
-            got, single = model(batch).numpy(), model(batch[:1]).numpy()
+        exported = TorchScriptClassifier(path)
+    got, single = exported.image_probabilities(images), exported.image_probabilities(images[:1])
     difference = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
     same = bool((got.argmax(1) == expected.argmax(1)).all() and single.argmax(1)[0] == expected.argmax(1)[0])
     report = {"images": len(images), "batch_sizes": [len(images), 1], "max_abs_diff": difference,

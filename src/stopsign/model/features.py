@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,15 +19,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, file_sha256, get_spec, inference_model, load_backbone, model_key, weights_path
-from .config import HASH_CACHE, THUMBNAILS, cache_root
-from .errors import StopsignError
-from .images import file_digest, normalize, read_image, resize
+from ..cache import FEATURES, store_dir
+from ..data.images import file_digest, read_image
+from ..errors import StopsignError
+from ..files import atomic_save_npy
+from .backbones import Backbone, get_spec, inference_model, load_backbone, model_key, weights_sha256
+from .transforms import preprocess, view_params, view_tag
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +39,7 @@ FORWARD_CHUNK = 8
 
 
 def default_cache_dir() -> Path:
-    return cache_root() / "features"
-
-
-OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS}  # small, each recomputed when missing
-
-
-# --- views -----------------------------------------------------------------------------------------
-
-def view_params(digest: str, view: int, seed: int, rotation: float) -> tuple[bool, float]:
-    """View 0 is the plain image; view k >= 1 draws a flip and an angle from (seed, image content, k)."""
-    if view == 0:
-        return False, 0.0
-    rng = np.random.default_rng([seed, view, int(digest[:15], 16)])
-    return bool(rng.random() < 0.5), float(rng.uniform(-rotation, rotation))
-
-
-def view_tag(view: int, seed: int, rotation: float) -> str:
-    return "plain" if view == 0 else f"aug-s{seed}-r{rotation:g}-{view}"
-
-
-def render(image: Image.Image, preprocessing: dict, flip: bool = False, angle: float = 0.0) -> torch.Tensor:
-    """images.preprocess (resize, normalise) with an optional flip and rotation of the resized image between."""
-    image = resize(image, preprocessing["size"])
-    if flip:
-        image = TF.hflip(image)
-    if angle:
-        image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
-    return torch.from_numpy(normalize(image, preprocessing))
+    return store_dir(FEATURES)
 
 
 class ViewsDataset(Dataset):
@@ -88,7 +60,8 @@ class ViewsDataset(Dataset):
             image = read_image(self.paths[index], draft=(size, size))
         except StopsignError as error:
             return index, None, str(error)
-        tensors = [render(image, self.preprocessing, flip, angle) for flip, angle in self.views[index]]
+        tensors = [torch.from_numpy(preprocess(image, self.preprocessing, flip, angle))
+                   for flip, angle in self.views[index]]
         return index, torch.stack(tensors), None
 
 
@@ -122,52 +95,9 @@ class FeatureStore:
     def put(self, digest: str, tag: str, array: np.ndarray) -> None:
         path = self.path(digest, tag)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_npy(path, array)
-        except OSError as error:  # a full or read-only cache costs speed, never the run
+        except (OSError, StopsignError) as error:  # a full or read-only cache costs speed, never the run
             log.warning("cannot write the feature cache at %s (%s); continuing without it", path, error)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: readers see a whole file or none."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".npy", delete=False)
-    try:
-        with handle:
-            np.save(handle, np.ascontiguousarray(array))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
-
-
-def cache_info(root: Path | None = None) -> dict:
-    """The feature cache's size per backbone folder; without a root of its own, also the other stores'."""
-    stores = {} if root else {name: cache_root() / folder for name, folder in OTHER_STORES.items()}
-    root = Path(root or default_cache_dir())
-    folders = {}
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        files = [p for p in folder.rglob("*.npy") if not p.name.startswith(".tmp-")]
-        folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
-    for name, folder in stores.items():
-        files = [p for p in folder.glob("*") if p.is_file()]
-        stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
-    return {"root": str(root), "folders": folders, "stores": stores,
-            "entries": sum(f["entries"] for f in folders.values()),
-            "bytes": sum(f["bytes"] for f in folders.values())}
-
-
-def clear_cache(root: Path | None = None) -> dict:
-    """Empty the feature cache (and, without a root of its own, the other stores); return what they held."""
-    info = cache_info(root)
-    root = Path(info["root"])
-    for name in info["folders"]:
-        shutil.rmtree(root / name, ignore_errors=True)
-    for store in info["stores"].values():
-        shutil.rmtree(store["path"], ignore_errors=True)
-    return info
 
 
 # --- extraction -----------------------------------------------------------------------------------------
@@ -188,7 +118,7 @@ class FeatureExtractor:
                  num_workers: int = 2, batch_size: int = 32, bf16: bool = False):
         spec = get_spec(backbone)
         self.name, self.weights = backbone, weights
-        self.weights_sha256 = file_sha256(weights_path(backbone, weights))
+        self.weights_sha256 = weights_sha256(backbone, weights)
         self.preprocessing, self.feature_size = dict(spec.preprocessing), spec.feature_size
         self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
         self.key += "-bf16" if bf16 else ""  # bf16 features differ from float32 ones by ~1e-1: never mix them

@@ -26,8 +26,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from .metrics import POSITIVE, Predictions
-from .runs import atomic_write_bytes  # runs imports only errors: no cycle
+from ..decision import POSITIVE
+from ..files import atomic_write_bytes
+from .metrics import Predictions
 
 CURVE_MARGINS = (0.75, 0.55, 0.15, 0.35)  # inches (left, bottom, right, top): room for tick labels and a title
 LONGEST_NAME = 30  # characters of a class name on the confusion matrix's axes; longer ones lose their middle

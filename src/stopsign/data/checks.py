@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from scipy.fft import dctn
 
-from .config import HASH_CACHE, cache_root
-from .errors import StopsignError
-from .runs import atomic_write_text  # runs imports only errors: no cycle
+from ..cache import HASH_CACHE, store_dir
+from ..errors import StopsignError
+from ..files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,25 +34,15 @@ _HASH_SIDE = 8  # 8 x 8 low-frequency DCT coefficients = a 64-bit hash
 _SAMPLE_SIDE = 32  # the image is reduced to 32 x 32 grey before the DCT, as in the usual pHash
 
 
-def _dct_matrix(size: int) -> np.ndarray:
-    positions = np.arange(size)
-    return np.cos(np.pi * (2 * positions[None, :] + 1) * positions[:, None] / (2 * size))
-
-
-_DCT = _dct_matrix(_SAMPLE_SIDE)
-
-
 def perceptual_hash(image: Image.Image) -> int:
     """The 64-bit DCT perceptual hash (pHash) of an image.
 
-    Written by hand because no well-kept pHash library is among our dependencies (imagehash would
-    pull in scipy and PyWavelets for twenty lines of numpy). Bit i is set when the i-th of the 8 x 8
-    lowest-frequency DCT coefficients of the 32 x 32 grey image lies above their median, so resizing,
-    re-encoding and small colour changes leave most bits unchanged.
+    Bit i is set when the i-th of the 8 x 8 lowest-frequency DCT-II coefficients (scipy's) of the 32 x 32 grey
+    image lies above their median, so resizing, re-encoding and small colour changes leave most bits unchanged.
+    These few lines stand in for imagehash, which would add PyWavelets (scipy already comes with scikit-learn).
     """
     grey = image.convert("L").resize((_SAMPLE_SIDE, _SAMPLE_SIDE), Image.Resampling.LANCZOS)
-    coefficients = _DCT @ np.asarray(grey, dtype=float) @ _DCT.T
-    low = coefficients[:_HASH_SIDE, :_HASH_SIDE]
+    low = dctn(np.asarray(grey, dtype=float), type=2)[:_HASH_SIDE, :_HASH_SIDE]
     bits = (low > np.median(low)).ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
@@ -71,7 +62,7 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
 
 
 def default_hash_cache_dir() -> Path:
-    return cache_root() / HASH_CACHE
+    return store_dir(HASH_CACHE)
 
 
 class HashCache:

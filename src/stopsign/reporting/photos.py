@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import THUMBNAILS, cache_root
-from .errors import ImageError, StopsignError
-from .images import file_digest, read_image
+from ..cache import THUMBNAILS, store_dir
+from ..data.images import file_digest, read_image
+from ..errors import ImageError, StopsignError
+from ..files import atomic_write_bytes
 from .metrics import Predictions
-from .runs import atomic_write_bytes  # runs imports only errors: no cycle
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ JPEG_END = b"\xff\xd9"  # the end-of-image marker: a stored thumbnail without it
 
 
 def default_thumbnail_dir() -> Path:
-    return cache_root() / THUMBNAILS
+    return store_dir(THUMBNAILS)
 
 
 class Thumbnails:

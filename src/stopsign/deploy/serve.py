@@ -22,10 +22,11 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from . import __version__
-from .errors import ImageError
-from .images import decode_image
-from .prediction import load_classifier
+from .. import __version__
+from ..data.images import decode_image
+from ..decision import decide
+from ..errors import ImageError
+from ..inference.load import load_classifier, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,21 @@ def too_large(size: int, limit: int) -> str:
     return f"upload too large: {size} bytes, the limit is {limit} bytes (start the server with a larger --max-upload-mb)"
 
 
-def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
-    """The app serving the classifier at `model_path` (.pt or .onnx), loaded once, here."""
-    model_path = Path(model_path)
+def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               threshold: float | None = None) -> FastAPI:
+    """The app serving the classifier at `model_path` (.pt, .onnx, .torchscript or a run folder), loaded once,
+    here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does."""
+    model_path = resolve_model_path(model_path)
     classifier = load_classifier(model_path)
+    decide(np.full((1, len(classifier.class_names)), 1 / len(classifier.class_names)), threshold)  # refuse a bad one now
     size = classifier.preprocessing["size"]
     names = classifier.class_names
     info = model_info(classifier, model_path) | {"max_upload_bytes": max_upload_bytes,
-                                                 "max_batch_files": MAX_BATCH_FILES}
+                                                 "max_batch_files": MAX_BATCH_FILES, "threshold": threshold}
     # One prediction now loads a checkpoint's backbone (it loads lazily) and warms the kernels, so the
     # first request is as fast as the rest.
     classifier.image_probabilities([Image.new("RGB", (size, size))])
-    page = resources.files("stopsign").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("stopsign.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
 
     app = FastAPI(title="stopsign", version=__version__,
                   description=f"Image classification with {model_path.name} ({', '.join(names)}).")
@@ -107,7 +111,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
             raise HTTPException(415, f"{name}: {error}") from None
 
     def answer(row: np.ndarray) -> dict:
-        return {"label": names[int(row.argmax())], "probabilities": {n: float(p) for n, p in zip(names, row)}}
+        return {"label": names[int(decide(row[None], threshold)[0])], "probabilities": {n: float(p) for n, p in zip(names, row)}}
 
     def classify_one(data: bytes, name: str) -> dict:  # CPU work, run in the thread pool
         return answer(classifier.image_probabilities([decode(data, name)])[0])
@@ -171,7 +175,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
 
 def model_info(classifier, model_path: Path) -> dict:
     """What /model shows: the classifier, and the headline metrics of its run when the run folder has them."""
-    info = {"model": model_path.name, "format": "onnx" if model_path.suffix.lower() == ".onnx" else "checkpoint",
+    info = {"model": model_path.name, "format": {".onnx": "onnx", ".torchscript": "torchscript"}.get(model_path.suffix.lower(), "checkpoint"),
             "backbone": classifier.backbone_name, "class_names": classifier.class_names,
             "preprocessing": classifier.preprocessing, "metrics": {}}
     for file_name, keys in METRIC_KEYS.items():
@@ -184,8 +188,10 @@ def model_info(classifier, model_path: Path) -> dict:
 
 
 def serve(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, threshold: float | None = None,
+          log_level: str = "info") -> None:
     """Load the model and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(model_path, max_upload_bytes=max_upload_bytes), host=host, port=port, log_level=log_level)
+    app = create_app(model_path, max_upload_bytes=max_upload_bytes, threshold=threshold)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -9,25 +9,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import Sample, kfold_samples
+from typing import Iterator
+
+from ..config import TrainConfig
+from ..data.datasets import Sample, kfold_samples
+from ..reporting.metrics import Predictions, compute_metrics
 from .fitting import fit
-from .metrics import Predictions, compute_metrics
 
 SUMMARISED = ("accuracy", "log_loss", "macro_f1", "roc_auc", "ece")
 
 
+def held_out_predictions(source, samples: list[Sample], class_names: list[str], num_features: int,
+                         config: TrainConfig) -> Iterator[Predictions]:
+    """The K-fold loop (K = config.folds): for each fold, a head fit on the others (its last epoch kept) and
+    its predictions on the held-out fold. `source` is CachedFeatures or LiveImages over all samples."""
+    for train_samples, val_samples in kfold_samples(samples, config.folds, config.seed, class_names=class_names):
+        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last")
+        yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
+                          result.val_probs, class_names)
+
+
 def cross_validate(source, samples: list[Sample], class_names: list[str], num_features: int,
-                   config: TrainConfig, *, progress: bool = False) -> dict:
-    """Fit one head per fold on `source` (CachedFeatures or LiveImages over all samples).
+                   config: TrainConfig) -> dict:
+    """Every metric of each fold, their mean and spread, and the out-of-fold predictions.
 
     Returns {"folds", "per_fold": [metrics], "mean", "std", "oof_confusion", "oof": Predictions}.
     """
     per_fold, paths, truth, probs = [], [], [], []
-    for train_samples, val_samples in kfold_samples(samples, config.folds, config.seed):
-        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last")
-        fold = Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
-                           result.val_probs, class_names)
+    for fold in held_out_predictions(source, samples, class_names, num_features, config):
         per_fold.append(_summary(compute_metrics(fold)))
         paths += fold.paths
         truth += list(fold.y_true)

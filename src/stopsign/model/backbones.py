@@ -22,8 +22,9 @@ import torch.fx
 import torch.nn.utils.fusion
 from torch import nn
 
-from .config import BACKBONE_NAMES
-from .errors import StopsignError
+from ..config import BACKBONE_NAMES
+from ..errors import StopsignError
+from ..files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,7 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _digests[key] = digest.hexdigest()
+        _digests[key] = sha256_file(path)
     return _digests[key]
 
 
@@ -157,6 +154,11 @@ def weights_path(name: str, weights: str | None = None) -> Path:
     if not path.is_file():
         raise StopsignError(f"weights file {path} does not exist; check the path given to --weights")
     return path
+
+
+def weights_sha256(name: str, weights: str | None = None) -> str:
+    """The sha256 of the weights a backbone would load (found or downloaded first, as load_backbone does)."""
+    return file_sha256(weights_path(name, weights))
 
 
 def load_backbone(name: str, weights: str | None = None) -> Backbone:

@@ -1,98 +1,32 @@
-"""The run folder: atomic writes of every file in it, self-describing checkpoints, and loading them back.
-
-Every file is written to a temporary name in the same folder, fsynced and renamed, so a run killed at any
-instant leaves each file either whole or absent.
+"""The run folder: what a run records (config, split, metrics, summary), its self-describing checkpoints,
+and loading them back. Every file is written with files.py's atomic writes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import errno
 import io
-import json
-import os
 import pickle
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, StopsignError
+from ..errors import CheckpointError, StopsignError
+from ..files import atomic_write_bytes, relative
+from ..files import remove_partial_files as remove_temporary_files
 
 CHECKPOINT_FORMAT = "stopsign-checkpoint"
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_size", "preprocessing",
                  "class_names", "head")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
-TEMPORARY_SUFFIX = ".tmp"  # an atomic write's file until it is renamed
 WRITE_PROBE = ".write-test"
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> Path:
-    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it.
-
-    durable=False skips the fsync, for caches that check what they read: after a power cut such a file may be
-    empty or end in zeros.
-    """
-    path = Path(path)
-    handle = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX,
-                                             delete=False)
-        with handle:
-            handle.write(data)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException as error:
-        if handle is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(handle.name)
-        if isinstance(error, OSError):
-            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StopsignError(
-                f"cannot write {path}: {'the disk is full' if full else error.strerror or error}. "
-                f"Fix: {'free disk space' if full else 'make the folder writable'} or choose another --out; "
-                "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
-            ) from error
-        raise
-    return path
-
-
 def remove_partial_files(run_dir: Path) -> None:
-    """Delete the temporary files of writes that a killed run never finished (never a finished file)."""
-    for path in [*Path(run_dir).glob(f".*{TEMPORARY_SUFFIX}"), *Path(run_dir).glob(f"*/.*{TEMPORARY_SUFFIX}"),
-                 Path(run_dir) / WRITE_PROBE]:
-        path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, data) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buffer.getvalue())
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def now() -> str:
-    """ISO 8601 with the true UTC offset of this machine's local time."""
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+    """Delete what a killed run left half-done: unfinished atomic writes and the write probe."""
+    remove_temporary_files(run_dir)
+    (Path(run_dir) / WRITE_PROBE).unlink(missing_ok=True)
 
 
 def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
@@ -157,7 +91,7 @@ def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], co
     backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; resume: the optimizer, scheduler,
     history and best epoch, so `--resume` continues exactly (last.pt only).
     """
-    from . import __version__
+    from .. import __version__
 
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stopsign_version": __version__,
@@ -180,14 +114,6 @@ def resume_state(run_dir: Path) -> dict | None:
     if "resume" not in checkpoint:
         raise CheckpointError(f"{path} holds no training state to resume from")
     return checkpoint["resume"]
-
-
-def relative(path, root: Path) -> str:
-    """How data.json names a file: relative to the data folder when inside it, else as given."""
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def data_record(root: Path, layout: str, class_names: list[str], splits: dict[str, list], skipped: dict,
@@ -226,7 +152,7 @@ def versions() -> dict:
     import sklearn
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     return {"stopsign": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}

@@ -2,7 +2,7 @@
 
 `compute_metrics()` turns `Predictions` into one JSON-ready dict (plain floats, ints, lists, None).
 Each number scikit-learn defines is taken from scikit-learn, so the report can be checked against it;
-only what scikit-learn lacks (the Wilson interval, the binned calibration table and its ECE, the
+the Wilson interval is scipy's; only what neither has (the binned calibration table and its ECE, the
 operating-point table) is computed here.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -26,11 +26,10 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from .errors import DataError
-
+from ..decision import POSITIVE, decide
+from ..errors import DataError
 
 CALIBRATION_BINS = 10  # equal-width bins on the top-class probability
-POSITIVE = 1  # for two classes, class index 1 is "positive" (stop in the flagship data set)
 
 
 @dataclass
@@ -72,9 +71,7 @@ class Predictions:
     @property
     def y_pred(self) -> np.ndarray:
         """Predicted class indices: argmax, or p1 >= threshold when a threshold is set (two classes)."""
-        if self.threshold is not None:
-            return (self.probs[:, POSITIVE] >= self.threshold).astype(int)
-        return self.probs.argmax(axis=1)
+        return decide(self.probs, self.threshold)
 
     @property
     def confidence(self) -> np.ndarray:
@@ -86,24 +83,14 @@ class Predictions:
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval for a proportion successes / n.
-
-    Written here because no dependency of ours has it (statsmodels is not one); unlike the normal
-    approximation it stays inside [0, 1] and is honest at n = 20 and at 20/20.
-    """
+    """The Wilson score interval for a proportion successes / n (scipy's binomtest): unlike the normal
+    approximation it stays inside [0, 1] and is honest at n = 20 and at 20/20."""
     if n <= 0:
         raise ValueError(f"a proportion needs n >= 1, got n={n}")
     if not 0 <= successes <= n:
         raise ValueError(f"successes must lie in 0..{n}, got {successes}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # At 0/n and n/n the bound is exactly 0 or 1; the formula gets there only up to rounding.
-    lo = 0.0 if successes == 0 else max(0.0, centre - margin)
-    hi = 1.0 if successes == n else min(1.0, centre + margin)
-    return lo, hi
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:

@@ -1,7 +1,7 @@
 """The tune folder's plots and report.html: trial rows in, files out.
 
 Drawn from the rows of trials.csv on report.py's figures (matplotlib's object API, no pyplot) rather than with
-optuna.visualization.matplotlib, which draws through pyplot's global state; the page is report_html's. Files
+optuna.visualization.matplotlib, which draws through pyplot's global state; the page is html's. Files
 are written atomically (report.py's writes): processes that share a study rewrite them as they finish.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 
 from .charts import new_figure, save_figure
+from ..files import atomic_write_text
+from .html import _mapping_table, _table, render_page
 from .report import file_data_uri
-from .report_html import _mapping_table, _table, render_page
-from .runs import atomic_write_text
 
 TOP_TRIALS = 10  # rows of the best-trials table
 

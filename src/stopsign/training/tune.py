@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import log_loss
 from tqdm.auto import tqdm
 
-from .errors import DataError, StopsignError
+from ..errors import DataError, Interrupted, StopsignError
 
 try:
     import optuna
@@ -32,13 +32,15 @@ try:
 except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
-from .config import TrainConfig
-from .data import LabelledData, Sample, kfold_samples, load_data
-from .features import FeatureExtractor, default_cache_dir
-from .fitting import CachedFeatures, fit
-from .runs import create_run_dir, now, read_json, versions, write_csv, write_json
-from .train import Interrupted, RunResult, settled_heap, train
-from .tune_report import write_tune_report
+from ..config import TrainConfig
+from ..data.datasets import LabelledData, Sample, load_data
+from ..files import now, read_json, relative, write_csv, write_json
+from ..heap import settled_heap
+from ..reporting.tune_report import write_tune_report
+from .crossval import held_out_predictions
+from .runs import create_run_dir, versions
+from .sources import CachedFeatures
+from .trainer import RunResult, make_extractor, train
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +95,9 @@ def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_fea
     optuna.TrialPruned. Only accuracy and log-loss, not crossval's full metrics, which would double a trial's time.
     """
     accuracies, losses = [], []
-    for index, (train_samples, val_samples) in enumerate(kfold_samples(samples, config.folds, config.seed,
-                                                                        class_names=class_names)):
-        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last")
-        truth = np.array([s.label for s in result.val_samples])
-        accuracies.append(float((result.val_probs.argmax(1) == truth).mean()))
-        losses.append(float(log_loss(truth, result.val_probs, labels=list(range(len(class_names))))))
+    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config)):
+        accuracies.append(float((fold.y_pred == fold.y_true).mean()))
+        losses.append(float(log_loss(fold.y_true, fold.probs, labels=list(range(len(class_names))))))
         scores = {"accuracy": float(np.mean(accuracies)), "log_loss": float(np.mean(losses)),
                   "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
                   "fold_accuracy": accuracies, "fold_log_loss": losses}
@@ -144,9 +143,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, t
         config = (config or TrainConfig()).replace(folds=folds, **overrides)
         run_dir = create_tune_folder(config, data, samples)
 
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    extractor = FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
-                                 num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16)
+    extractor = make_extractor(config)
     source = CachedFeatures(extractor, samples, samples, config.replace(views=max(MAX_VIEWS, config.views)),
                             progress=progress)
     for path, reason in source.skipped.items():
@@ -254,15 +251,8 @@ def completed_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def samples_digest(data: LabelledData, samples: list[Sample]) -> str:
     """What fixes the folds: every image (relative to the data folder) and its class name."""
-    lines = sorted(f"{path_in(data.root, s.path)}\t{data.class_names[s.label]}" for s in samples)
+    lines = sorted(f"{relative(s.path, data.root)}\t{data.class_names[s.label]}" for s in samples)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def path_in(root: Path, path: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def trial_rows(study: optuna.Study, folds: int) -> list[dict]:

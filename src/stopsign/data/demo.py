@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from stopsign.errors import StopsignError
+from ..errors import StopsignError
 
 log = logging.getLogger(__name__)
 

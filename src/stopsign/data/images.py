@@ -1,7 +1,6 @@
 """Safe decoding of one image file: any mode to RGB, EXIF orientation, a pixel limit, JPEG draft.
 
-Also the preprocessing of a decoded image for a backbone (numpy, so a deployment needs no torch), the
-content digest of a file and the listing of image files in a folder. Every failure to
+Also the content digest of a file and the listing of image files in a folder. Every failure to
 decode is an `ImageError` whose message is a short reason ("not an image file", "truncated or
 corrupt image data", ...), so callers can report the file and skip it.
 """
@@ -9,7 +8,6 @@ corrupt image data", ...), so callers can report the file and skip it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import logging
 import os
@@ -22,7 +20,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, ImageError
+from ..errors import DataError, ImageError
+from ..files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -138,34 +137,12 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def resize(image: Image.Image, size: int) -> Image.Image:
-    """size×size, bilinear, antialiased when shrinking: exactly what torchvision's TF.resize does to a PIL image."""
-    return image.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def normalize(image: Image.Image, preprocessing: dict) -> np.ndarray:
-    """RGB pixels to a (3, H, W) float32 array: /255, then (x - mean) / std per channel, in float32 as torch does."""
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
-    mean = np.asarray(preprocessing["mean"], dtype=np.float32)
-    std = np.asarray(preprocessing["std"], dtype=np.float32)
-    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
-
-
-def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
-    """The one preprocessing of the package: a decoded RGB image to a backbone's (3, size, size) input."""
-    return normalize(resize(image, preprocessing["size"]), preprocessing)
-
-
 def file_digest(path: str | os.PathLike) -> str:
     """The sha256 of the file's bytes: equal for equal content, whatever the file is called."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as error:
         raise ImageError(_OS_REASONS.get(error.errno, error.strerror or str(error))) from None
-    return digest.hexdigest()
 
 
 def list_images(folder: str | os.PathLike, skipped: dict[str, str] | None = None) -> list[Path]:

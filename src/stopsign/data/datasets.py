@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from .errors import DataError
+from ..errors import DataError
 from .images import list_images
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,61 @@
+"""Where stopsign keeps what it can recompute, and `stopsign cache info|clear` over all of it.
+
+Three stores live under one root: the backbone features (a folder per backbone key), the file hashes of the
+duplicate checks, and the reports' photo thumbnails. Each is a cache: deleting it costs time, never results.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .files import TEMPORARY_SUFFIX
+
+FEATURES = "features"  # model/features.py: one folder per backbone key
+HASH_CACHE = "hash-cache"  # data/checks.py: (sha256, pHash) per file, keyed by name, size and mtime
+THUMBNAILS = "thumbnails"  # reporting/photos.py: JPEG thumbnails keyed by the photo's content
+OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS}  # small, each recomputed when missing
+
+
+def cache_root() -> Path:
+    """$STOPSIGN_CACHE, else $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign."""
+    if os.environ.get("STOPSIGN_CACHE"):
+        return Path(os.environ["STOPSIGN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stopsign"
+
+
+def store_dir(name: str) -> Path:
+    """The folder of one store (FEATURES, HASH_CACHE or THUMBNAILS) under cache_root()."""
+    return cache_root() / name
+
+
+def _finished(path: Path) -> bool:
+    return path.is_file() and not path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
+    """The feature cache's size per backbone folder; without a folder of its own, also the other stores'."""
+    stores = {} if features_dir else {name: store_dir(folder) for name, folder in OTHER_STORES.items()}
+    root = Path(features_dir or store_dir(FEATURES))
+    folders = {}
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        files = [p for p in folder.rglob("*") if _finished(p)]
+        folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    for name, folder in stores.items():
+        files = [p for p in folder.glob("*") if _finished(p)]
+        stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return {"root": str(root), "folders": folders, "stores": stores,
+            "entries": sum(f["entries"] for f in folders.values()),
+            "bytes": sum(f["bytes"] for f in folders.values())}
+
+
+def clear_cache(features_dir: str | os.PathLike | None = None) -> dict:
+    """Empty the feature cache (and, without a folder of its own, the other stores); return what they held."""
+    info = cache_info(features_dir)
+    root = Path(info["root"])
+    for name in info["folders"]:
+        shutil.rmtree(root / name, ignore_errors=True)
+    for store in info["stores"].values():
+        shutil.rmtree(store["path"], ignore_errors=True)
+    return info

@@ -1,0 +1,127 @@
+"""Writing and naming files: atomic writes (bytes, text, JSON, CSV, .npy), one sha256 of a file, paths
+relative to a folder.
+
+Every write goes to a temporary name in the destination folder, is flushed (and fsynced, unless the caller
+is a cache that checks what it reads) and renamed, so a process killed at any instant leaves each file
+either whole or absent. The files take the umask's permissions, like any file the user creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StopsignError
+
+TEMPORARY_SUFFIX = ".tmp"  # an atomic write's file until it is renamed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
+    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it.
+
+    durable=False skips the fsync, for caches that check what they read: after a power cut such a file may be
+    empty or end in zeros.
+    """
+    return atomic_write(path, lambda handle: handle.write(data), durable=durable)
+
+
+def atomic_write(path: str | os.PathLike, write, *, durable: bool = True) -> Path:
+    """Call `write(binary file)` on a temporary file beside `path`, then rename it to `path` (see the module)."""
+    path = Path(path)
+    handle = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX,
+                                             delete=False)
+        with handle:
+            write(handle)
+            handle.flush()
+            # NamedTemporaryFile creates 0600 files; a finished file gets what the user's umask gives.
+            os.chmod(handle.name, 0o666 & ~_umask())
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException as error:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(handle.name)
+        if isinstance(error, OSError):
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StopsignError(
+                f"cannot write {path}: {'the disk is full' if full else error.strerror or error}. "
+                f"Fix: {'free disk space' if full else 'make the folder writable'} or choose another --out; "
+                "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
+            ) from error
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray, *, durable: bool = True) -> Path:
+    return atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array)), durable=durable)
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def remove_partial_files(folder: str | os.PathLike) -> None:
+    """Delete the temporary files of atomic writes that a killed process never finished (never a finished
+    file), in `folder` and the folders directly in it."""
+    folder = Path(folder)
+    for path in [*folder.glob(f".*{TEMPORARY_SUFFIX}"), *folder.glob(f"*/.*{TEMPORARY_SUFFIX}")]:
+        path.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks: equal for equal content, whatever the file's name.
+    OSError propagates; callers turn it into their own reason."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """How records name a file: relative to `root` when inside it, else as given."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def now() -> str:
+    """ISO 8601 with the true UTC offset of this machine's local time."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,128 @@
+"""What every classifier shares, free of torch: prediction rows, input expansion, and `predict()`, written once.
+
+A classifier knows its class names and preprocessing and turns image files (`probabilities`) or decoded
+images (`image_probabilities`) into class probabilities; everything else, turning them into rows through the
+one decision rule (decision.decide), is here. The backends each depend only on this module:
+`pytorch.CheckpointClassifier` (a .pt checkpoint), `torchscript.TorchScriptClassifier` and
+`onnx.OnnxClassifier` (exported files); `load.load_classifier` picks one by the file's suffix.
+"""
+
+from __future__ import annotations
+
+import abc
+import glob
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
+from ..decision import decide
+from ..errors import StopsignError
+from ..model.transforms import preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None  # None when the image could not be read
+    probabilities: dict[str, float]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        data = {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+        return data | ({"error": self.error} if self.error else {})
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Files as given, folders to the images directly in them, glob patterns to their matches."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(list_images(path))
+        elif path.exists() or path.is_symlink():
+            paths.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            paths.extend(p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            paths.append(path)  # reported as unreadable, not a crash
+    return paths
+
+
+class Classifier(abc.ABC):
+    """A trained classifier: class names, the preprocessing its input needs, and predictions on images.
+
+    Backends set `class_names`, `backbone_name` and `preprocessing` and implement `probabilities` and
+    `image_probabilities`.
+    """
+
+    class_names: list[str]
+    backbone_name: str
+    preprocessing: dict
+
+    @abc.abstractmethod
+    def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
+        """Class probabilities (N, C) for the readable images, and {path: reason} for the others."""
+
+    @abc.abstractmethod
+    def image_probabilities(self, images: list) -> np.ndarray:
+        """Class probabilities (N, C) of decoded RGB images (uploads, say)."""
+
+    def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
+        """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
+        a row with its error instead of a label. `threshold` (two classes): the second class when p >= it."""
+        paths = expand_inputs(images if isinstance(images, (list, tuple)) else [images])
+        readable, probs, skipped = self.probabilities(paths, progress=progress)
+        labels = decide(probs, threshold) if len(probs) else []
+        by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}
+        results = []
+        for path in paths:
+            if str(path) not in by_path:
+                results.append(Prediction(str(path), None, {}, skipped.get(str(path), "cannot be read")))
+                continue
+            row, label = by_path[str(path)]
+            results.append(Prediction(str(path), self.class_names[int(label)],
+                                      {name: float(p) for name, p in zip(self.class_names, row)}))
+        return results
+
+
+class BatchClassifier(Classifier):
+    """A classifier over a whole exported network: preprocessed float32 batches (N, 3, size, size) in,
+    probabilities out (`run`). Files are decoded and preprocessed here, in bounded batches."""
+
+    batch_size = 16
+
+    @abc.abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) of a preprocessed float32 batch (N, 3, size, size)."""
+
+    def image_probabilities(self, images: list) -> np.ndarray:
+        return self.run(np.stack([preprocess(image, self.preprocessing) for image in images]))
+
+    def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
+        size = self.preprocessing["size"]
+        readable, skipped, chunks, pending = [], {}, [], []
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
+        for path in paths:
+            try:
+                pending.append(preprocess(read_image(path, draft=(size, size)), self.preprocessing))
+                readable.append(Path(path))
+            except StopsignError as error:
+                skipped[str(path)] = str(error)
+                log.warning("skipped %s: %s", path, error)
+            if len(pending) == self.batch_size:  # bounded memory on a folder of thousands
+                chunks.append(self.run(np.stack(pending)))
+                pending = []
+            bar.update(1)
+        if pending:
+            chunks.append(self.run(np.stack(pending)))
+        bar.close()
+        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return readable, probs, skipped

@@ -1,0 +1,31 @@
+"""evaluate(): score any model (checkpoint or export) on labelled data; writes an evaluation folder with
+metrics.json, predictions.csv, plots/ and report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.datasets import load_data
+from ..reporting.metrics import Predictions
+from ..reporting.report import write_report
+from ..training.runs import create_run_dir
+from .load import load_classifier
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "runs", name: str | None = None,
+             threshold: float | None = None, progress: bool = True, **options) -> tuple[Path, dict]:
+    """Score a model on labelled data in any layout; return the evaluation folder and its metrics."""
+    classifier = load_classifier(checkpoint, **options)
+    labelled = load_data(data, class_names=classifier.class_names)
+    out_dir = create_run_dir(out, name, "eval")
+    readable, probs, skipped = classifier.probabilities([s.path for s in labelled.samples], progress=progress)
+    label_of = {s.path: s.label for s in labelled.samples}
+    predictions = Predictions([str(p) for p in readable], np.array([label_of[p] for p in readable]), probs,
+                              classifier.class_names)
+    run_info = {"checkpoint": str(checkpoint), "data": {"source": str(labelled.root), "layout": labelled.layout,
+                                                        "counts": labelled.class_counts()},
+                "skipped files": skipped or "none", "backbone": classifier.backbone_name}
+    return out_dir, write_report(out_dir, predictions, run_info=run_info, threshold=threshold,
+                                 title=f"stopsign evaluation of {checkpoint}")

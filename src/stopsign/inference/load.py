@@ -1,0 +1,44 @@
+"""load_classifier(): a model file to the classifier that runs it, chosen by the file's suffix (as
+Ultralytics' AutoBackend does). Each backend is imported only when asked for, so an .onnx deployment never
+imports torch and a .pt one never imports onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import StopsignError
+from .base import Classifier
+
+RUN_MODEL = "best.pt"  # what a run folder given as a model means
+EXPORT_SUFFIXES = (".onnx", ".torchscript")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run folder means its best.pt; anything else is taken as given."""
+    path = Path(path)
+    return path / RUN_MODEL if path.is_dir() else path
+
+
+def load_classifier(path: str | Path, **options) -> Classifier:
+    """A .pt checkpoint (or a run folder) → CheckpointClassifier; .onnx → OnnxClassifier; .torchscript →
+    TorchScriptClassifier.
+
+    `options` (weights, cache_dir, num_workers) concern a checkpoint's PyTorch backbone; an exported file holds
+    its whole network, so there they must be left unset or at their defaults.
+    """
+    path = resolve_model_path(path)
+    suffix = path.suffix.lower()
+    if suffix in EXPORT_SUFFIXES:
+        if options.get("weights"):
+            raise StopsignError(f"{path}: --weights applies to .pt checkpoints; an exported model holds its weights")
+        if suffix == ".onnx":
+            from .onnx import OnnxClassifier
+
+            return OnnxClassifier(path)
+        from .torchscript import TorchScriptClassifier
+
+        return TorchScriptClassifier(path)
+    from ..training.runs import load_checkpoint
+    from .pytorch import CheckpointClassifier
+
+    return CheckpointClassifier(load_checkpoint(path), source=str(path), **options)

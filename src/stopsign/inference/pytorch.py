@@ -1,0 +1,58 @@
+"""CheckpointClassifier: a trained checkpoint (.pt) that predicts through PyTorch, with the frozen backbone's
+feature cache and decode workers of training, so predicting a folder twice computes nothing twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..model.features import FeatureExtractor
+from ..model.transforms import preprocess
+from .base import Classifier
+
+
+class CheckpointClassifier(Classifier):
+    """A frozen backbone and the trained head of one checkpoint (a dict from training.runs.load_checkpoint)."""
+
+    def __init__(self, checkpoint: dict, *, weights: str | None = None, cache_dir: Path | None = None,
+                 num_workers: int = 2, source: str = "checkpoint"):
+        self.checkpoint = checkpoint
+        self.class_names: list[str] = list(checkpoint["class_names"])
+        self.backbone_name: str = checkpoint["backbone"]
+        weights = weights or (checkpoint.get("config") or {}).get("weights")
+        self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=cache_dir, num_workers=num_workers)
+        if self.extractor.weights_sha256 != checkpoint["weights_sha256"]:
+            raise CheckpointError(
+                f"{source} was trained on {self.backbone_name} weights with sha256 "
+                f"{checkpoint['weights_sha256'][:12]}…, but the weights found hash to "
+                f"{self.extractor.weights_sha256[:12]}…; pass the original file with --weights")
+        if self.extractor.preprocessing["size"] != checkpoint["preprocessing"]["size"]:
+            raise CheckpointError(f"{source}: preprocessing does not match the {self.backbone_name} backbone")
+        # The backbone's own width, not the checkpoint's claim: a head of another backbone must not load.
+        self.head = nn.Linear(self.extractor.feature_size, len(self.class_names))
+        try:
+            self.head.load_state_dict(checkpoint["head"])
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{source}: the head's weights do not fit {self.backbone_name} "
+                                  f"with {len(self.class_names)} classes ({error})") from error
+        self.head.eval()
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.extractor.preprocessing
+
+    def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
+        features = self.extractor.extract([Path(p) for p in paths], progress=progress)
+        with torch.no_grad():
+            logits = self.head(torch.from_numpy(features.features[:, 0]))
+        return features.paths, logits.softmax(1).numpy(), features.skipped
+
+    def image_probabilities(self, images: list) -> np.ndarray:
+        """No files, no feature cache: decoded images straight through backbone and head."""
+        batch = torch.from_numpy(np.stack([preprocess(image, self.preprocessing) for image in images]))
+        with torch.no_grad():
+            return self.head(self.extractor.forward(batch)).softmax(1).numpy()

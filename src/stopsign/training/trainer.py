@@ -1,0 +1,194 @@
+"""train(): data → split → checks → features → (cross-validation) → fit() → run folder → report.
+
+Each step is a function below, in the order train() calls them. config.json is written once the data proved
+usable, data.json once the features are known (so it lists the files that could not be decoded), metrics.csv
+and last.pt after every epoch: a run killed at any point resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..data.checks import check_data
+from ..data.datasets import LabelledData, Sample, load_data, split_samples
+from ..errors import DataError, Interrupted, StopsignError
+from ..files import now, read_json, relative, write_csv, write_json
+from ..heap import settled_heap
+from ..model.features import FeatureExtractor, default_cache_dir
+from ..reporting.metrics import Predictions
+from ..reporting.report import write_report
+from .crossval import cross_validate
+from .fitting import fit, stop_after_epoch
+from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, remove_partial_files, resume_state,
+                   save_checkpoint, summary, versions)
+from .sources import CachedFeatures, LiveImages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int
+    best_val_acc: float | None
+    history: list[dict]
+    metrics: dict = field(default_factory=dict)
+
+
+@settled_heap()
+def train(data: str | Path | LabelledData, *, val: str | Path | None = None, config: TrainConfig | None = None,
+          resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
+    """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.
+
+    resume: a run folder of an interrupted run; its own config.json and data.json split are used.
+    """
+    phases, clock, started = {}, time.perf_counter(), now()
+    config, run_dir = resolve_config(config, overrides, resume)
+    data = data if isinstance(data, LabelledData) else load_data(data)
+    recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
+    train_samples, val_samples = choose_split(data, config, val, recorded)
+    run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
+    checks = check_data({"train": train_samples, "val": val_samples}, data.class_names)
+    for warning in checks.get("warnings", []):
+        log.warning("%s", warning)
+    extractor = make_extractor(config)
+    record = config.to_dict() | {"backbone_weights_sha256": extractor.weights_sha256,
+                                 "preprocessing": extractor.preprocessing, "versions": versions()}
+    if not resume:
+        write_json(run_dir / "config.json", record)
+    phases["load and check data"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    resume_hint = f"Continue with: stopsign train {data.root} --resume {run_dir}"
+    source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
+    skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
+    kept = {name: [s for s in samples if str(s.path) not in skipped]
+            for name, samples in (("train", train_samples), ("val", val_samples))}
+    if recorded is None:
+        write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record))
+    phases["features"] = time.perf_counter() - clock
+
+    cv = None
+    if config.folds > 1:
+        clock = time.perf_counter()
+        cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config)
+        phases["cross-validation"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
+                          state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint)
+    phases["train head"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    completed = now()
+    write_json(run_dir / "summary.json", summary(record, result.history, result.best, started, completed))
+    predictions = cv.pop("oof") if cv else Predictions(
+        [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
+        data.class_names)
+    run_info = {
+        "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
+                 "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
+        "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
+        "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
+                     "features": "cached" if config.cache else "recomputed every epoch"},
+        "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
+                        else "the validation split",
+        "settings": config.to_dict(), "started": started, "completed": completed,
+        "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
+    }
+    metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
+                           title=f"stopsign run {run_dir.name}")
+    phases["report"] = time.perf_counter() - clock
+    log.info("phases: %s", {k: round(v, 2) for k, v in phases.items()})
+    return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
+
+
+def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None
+                   ) -> tuple[TrainConfig, Path | None]:
+    """The settings of this run, and the run folder when resuming (its own config.json wins)."""
+    if not resume:
+        return (config or TrainConfig()).replace(**overrides), None
+    run_dir = Path(resume)
+    if not (run_dir / "config.json").is_file():  # written before training: a run that began has it
+        raise StopsignError(f"cannot resume {run_dir}: it has no config.json, so it is not a run folder or "
+                            "was stopped before training began. Fix: start a new run without --resume")
+    remove_partial_files(run_dir)
+    return TrainConfig.from_dict(read_json(run_dir / "config.json")), run_dir
+
+
+def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None
+                 ) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) samples: as a resumed run recorded them, a given validation set, the layout's own
+    split, everything (cross-validation scores the final model), or a seeded stratified split."""
+    if recorded is not None:
+        return recorded_split(data, recorded)
+    if val is not None:
+        train_samples, val_samples = data.samples, load_data(val, class_names=data.class_names).samples
+    elif data.splits:
+        train_samples, val_samples = data.splits["train"], data.splits["val"]
+    else:
+        return ((data.samples, []) if config.folds > 1 else
+                split_samples(data.samples, config.val_fraction, config.seed, class_names=data.class_names))
+    return (train_samples + val_samples, []) if config.folds > 1 else (train_samples, val_samples)
+
+
+
+def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
+    """The train/val split a run recorded in data.json, matched against the data as it is now."""
+    by_file = {relative(sample.path, data.root): sample for sample in data.samples}
+    missing = [row["file"] for row in record["split"] if row["file"] not in by_file]
+    if missing:
+        raise DataError(f"cannot resume: {len(missing)} files of the recorded split are no longer in {data.root}, "
+                        f"e.g. {', '.join(missing[:5])}")
+    splits = {"train": [], "val": []}
+    for row in record["split"]:
+        splits[row["split"]].append(by_file[row["file"]])
+    return splits["train"], splits["val"]
+
+
+def make_extractor(config: TrainConfig) -> FeatureExtractor:
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    return FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
+                            num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16)
+
+
+def make_source(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
+                config: TrainConfig, progress: bool, resume_hint: str):
+    """Where fit() gets its batches: cached features (each view computed once) or, with cache=False, live images.
+    With folds, every image needs both its augmented views (as a training image) and its plain one (held out)."""
+    if not config.cache:
+        return LiveImages(extractor, train_samples + val_samples, config)
+    held_out = train_samples if config.folds > 1 else val_samples
+    try:
+        return CachedFeatures(extractor, train_samples, held_out, config, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped while computing features; those computed are cached. {resume_hint}") from None
+
+
+def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
+                 train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig, record: dict, *,
+                 state: dict | None, progress: bool, resume_hint: str):
+    """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
+    after the current epoch's files are written."""
+    backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
+                "feature_size": extractor.feature_size, "preprocessing": extractor.preprocessing}
+
+    def save_epoch(row: dict, epoch_state: dict) -> None:
+        write_csv(run_dir / "metrics.csv", epoch_state["history"], METRIC_COLUMNS)
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record,
+                                                             row, resume=epoch_state))
+        if stop.is_set():
+            raise Interrupted(f"stopped after epoch {row['epoch']} of {config.epochs}; its files are written. "
+                              f"{resume_hint}")
+
+    with stop_after_epoch() as stop:
+        result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, config,
+                     state=state, on_epoch=save_epoch, progress=progress,
+                     keep="last" if config.folds > 1 else "best")
+    save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
+                                                         result.best))
+    return result

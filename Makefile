@@ -24,7 +24,9 @@ demo: $(VENV)/.runtime
 chromium:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
+# lint-imports: the layers of docs/ARCHITECTURE.md (pyproject.toml's [tool.importlinter]); a back edge fails.
 test: $(VENV)/.dev chromium
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev

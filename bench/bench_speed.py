@@ -10,6 +10,8 @@ Cases (each repeat runs each case in its own subprocess, so peak memory is the c
   cold     stopsign.train() with its defaults (efficientnet_lite0), fresh cache folders
   warm     the same again on the cache the cold run filled
   lr       another lr_max on that warm cache
+  nofork   warm again, every report chart drawn in this process (reporting.report.FORK off): what the forked
+           chart process saves
 Prints median wall seconds, the ratio to the floor and to the seed loop, training-only seconds (the "train
 head" phase), the other phases, peak RSS (main process and its largest child: a DataLoader worker, or the
 report's chart process), views per second of the extraction pass and the best validation accuracy, all on
@@ -34,7 +36,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 BACKBONE = "efficientnet_lite0"
-CASES = ("seed", "floor", "pass", "cold", "warm", "lr")
+CASES = ("seed", "floor", "pass", "cold", "warm", "lr", "nofork")
 OTHER_LR_MAX = 3e-3
 
 
@@ -166,6 +168,13 @@ def run_train(workdir: Path, **overrides) -> dict:
     return {"val_acc": result.best_val_acc, "phases": handler.phases, "views": views}
 
 
+def run_unforked(workdir: Path) -> dict:
+    from stopsign.reporting import report
+
+    report.FORK = False
+    return run_train(workdir)
+
+
 def child(case: str, workdir: Path, views: int | None) -> None:
     # Imports (about 2 s, the same for every case) stay outside the clock, stopsign's own modules included:
     # where bytecode is not cached (PYTHONDONTWRITEBYTECODE) compiling them would count against stopsign only.
@@ -180,7 +189,7 @@ def child(case: str, workdir: Path, views: int | None) -> None:
     overrides = {} if views is None else {"views": views}
     runners = {"seed": run_seed, "floor": run_floor, "pass": run_pass, "cold": lambda w: run_train(w, **overrides),
                "warm": lambda w: run_train(w, **overrides),
-               "lr": lambda w: run_train(w, lr_max=OTHER_LR_MAX, **overrides)}
+               "lr": lambda w: run_train(w, lr_max=OTHER_LR_MAX, **overrides), "nofork": run_unforked}
     clock = time.perf_counter()
     result = runners[case](workdir)
     result["seconds"] = time.perf_counter() - clock
@@ -211,7 +220,7 @@ def table(results: dict[str, list[dict]]) -> str:
     floor, seed = median("floor", "seconds"), median("seed", "seconds")
     names = {"seed": "1 seed loop (notebook)", "floor": "2 floor", "pass": "  stopsign pass, plain views",
              "cold": "3 stopsign.train, cold cache", "warm": "4 stopsign.train, warm cache",
-             "lr": f"5 lr_max={OTHER_LR_MAX:g}, warm cache"}
+             "lr": f"5 lr_max={OTHER_LR_MAX:g}, warm cache", "nofork": "6 warm, charts not forked"}
     rows = ["| case | wall s | × floor | × seed | train head s | other phases s | views/s | peak RSS MB "
             "(main / child) | val acc |", "|" + "---|" * 9]
     for case in (c for c in CASES if c in results):
@@ -220,7 +229,7 @@ def table(results: dict[str, list[dict]]) -> str:
                   for k in results[case][0].get("phases", {})}
         head = phases.pop("train head", None)
         views = median(case, "views")
-        extracting = phases.get("features") if case in ("cold", "warm", "lr") else seconds
+        extracting = phases.get("features") if case in ("cold", "warm", "lr", "nofork") else seconds
         rate = f"{views / extracting:.1f}" if views and extracting else "–"
         others = ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "–"
         acc = median(case, "val_acc")

@@ -124,6 +124,25 @@ class TinyNet(nn.Module):
         return torch.relu(self.norm(self.conv(images))).mean(dim=(2, 3))
 
 
+def tiny_spec(weights: Path) -> BackboneSpec:
+    """The registry entry of backbone "tiny" (32×32 input, 8 features) with its weights in `weights`."""
+    def build(state):
+        model = TinyNet()
+        model.load_state_dict(state)
+        return model
+
+    return BackboneSpec("tiny", 8, {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+                        lambda given: Path(given) if given else Path(weights), build)
+
+
+def register_tiny(weights: Path) -> None:
+    """Register "tiny" for good, in a fresh interpreter (a test's subprocess): the registry and the CLI's choices."""
+    from stopsign import config
+
+    BACKBONES["tiny"] = tiny_spec(weights)
+    config.BACKBONE_NAMES = tuple(BACKBONES)
+
+
 @pytest.fixture
 def tiny_backbone(tmp_path_factory, monkeypatch) -> str:
     """Register backbone "tiny" (32×32 input, 8 features) for this test; returns its name."""
@@ -131,14 +150,7 @@ def tiny_backbone(tmp_path_factory, monkeypatch) -> str:
     weights = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(TinyNet().state_dict(), weights)
 
-    def build(state):
-        model = TinyNet()
-        model.load_state_dict(state)
-        return model
-
-    spec = BackboneSpec("tiny", 8, {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
-                        lambda given: Path(given) if given else weights, build)
-    monkeypatch.setitem(BACKBONES, "tiny", spec)
+    monkeypatch.setitem(BACKBONES, "tiny", tiny_spec(weights))
     monkeypatch.setattr("stopsign.config.BACKBONE_NAMES", tuple(BACKBONES))  # the CLI offers it too
     monkeypatch.setenv("STOPSIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
     return "tiny"

@@ -257,23 +257,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, {tests!r})
-from conftest import TinyNet
-from stopsign import config
+from conftest import register_tiny
 from stopsign.training import fitting
-from stopsign.model.backbones import BACKBONES, BackboneSpec
 from stopsign.cli import main
 
-
-def build(state):
-    model = TinyNet()
-    model.load_state_dict(state)
-    return model
-
-
-weights = Path(sys.argv[1])
-BACKBONES["tiny"] = BackboneSpec("tiny", 8, {{"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}},
-                                 lambda given: Path(given) if given else weights, build)
-config.BACKBONE_NAMES = tuple(BACKBONES)  # offered by the CLI's --backbone
+register_tiny(Path(sys.argv[1]))
 delay = float(os.environ.get("EPOCH_DELAY", "0"))
 if delay:  # slower epochs, so that a signal lands mid-training
     one_epoch = fitting.train_one_epoch

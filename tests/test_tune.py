@@ -108,19 +108,10 @@ def test_narrowed_features_are_those_of_fewer_views(tmp_path, data, tiny_backbon
 LAUNCHER = '''import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from conftest import TinyNet
-from stopsign import config
-from stopsign.model.backbones import BACKBONES, BackboneSpec
+from conftest import register_tiny
 from stopsign.cli import main
 
-def build(state):
-    model = TinyNet()
-    model.load_state_dict(state)
-    return model
-
-BACKBONES["tiny"] = BackboneSpec("tiny", 8, {{"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}},
-                                 lambda given: Path(given) if given else Path({weights!r}), build)
-config.BACKBONE_NAMES = tuple(BACKBONES)  # offered by the CLI's --backbone
+register_tiny(Path({weights!r}))
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -41,6 +41,10 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
     return parse
 
 
+PROBABILITY = bounded(float, 0, 1)
+THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
+
+
 def add_config_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
     """A flag for each named TrainConfig field, with the field's own help, choices, range and default."""
     for field in dataclasses.fields(TrainConfig):
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint")
     predict.add_argument("images", nargs="+", help="files, folders or glob patterns")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    predict.add_argument("--threshold", type=float, help="two classes: predict the second when its p >= this")
+    predict.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
     predict.add_argument("--weights", help="local copy of the backbone's weights")
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on labelled data")
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data")
     evaluate.add_argument("--out", default="runs")
     evaluate.add_argument("--name")
-    evaluate.add_argument("--threshold", type=float)
+    evaluate.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
     evaluate.add_argument("--weights")
 
     info = commands.add_parser("info", help="show what a checkpoint (.pt) or an exported model (.onnx, .torchscript) holds")
@@ -119,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
+    serve.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
 
     tune = commands.add_parser("tune", help="search the training recipe by K-fold cross-validation (Optuna)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -276,7 +281,7 @@ def run_serve(args) -> None:
 
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs; Ctrl+C stops)")
     serve(args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
-          log_level="warning" if args.quiet else "info")
+          threshold=args.threshold, log_level="warning" if args.quiet else "info")
 
 
 COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "info": run_info,

@@ -19,4 +19,6 @@ def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         raise StopsignError(f"a decision threshold applies to two-class models only, not {probs.shape[1]} classes")
     if not 0.0 <= threshold <= 1.0:
         raise StopsignError(f"a decision threshold is a probability between 0 and 1, got {threshold}")
-    return (probs[:, POSITIVE] >= threshold).astype(int)
+    # In float64: NumPy would round a Python float threshold to float32 probabilities' precision first, so a
+    # threshold just above p would still call p positive.
+    return (probs[:, POSITIVE].astype(np.float64) >= float(threshold)).astype(int)

@@ -57,8 +57,6 @@ class Predictions:
             raise ValueError(f"{len(self.paths)} paths but {len(self.y_true)} labels")
         if not np.allclose(self.probs.sum(axis=1), 1.0, atol=1e-3):
             raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
-        if len(self.probs):  # float32 softmax rows sum to 1 ± 1e-7; scikit-learn's log_loss wants them exact
-            self.probs = self.probs / self.probs.sum(axis=1, keepdims=True)
         if len(self.y_true) and (self.y_true.min() < 0 or self.y_true.max() >= num_classes):
             raise ValueError(f"y_true holds class indices outside 0..{num_classes - 1}")
         if self.threshold is not None and num_classes != 2:
@@ -77,6 +75,12 @@ class Predictions:
     def confidence(self) -> np.ndarray:
         """The probability given to the predicted class."""
         return self.probs[np.arange(len(self.y_true)), self.y_pred]
+
+    def log_loss(self) -> float:
+        """scikit-learn's log-loss. The rows are renormalised for it alone (float32 softmax rows sum to 1 ± 1e-7
+        and it wants them exact); decisions use the probabilities as given, as every classifier does."""
+        probs = self.probs / self.probs.sum(axis=1, keepdims=True)
+        return float(log_loss(self.y_true, probs, labels=list(range(self.num_classes))))
 
     def with_threshold(self, threshold: float | None) -> "Predictions":
         return dataclasses.replace(self, threshold=threshold)
@@ -112,7 +116,7 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         "threshold": pred.threshold,
         "accuracy": accuracy_score(y_true, y_pred),
         "accuracy_ci95": list(wilson_interval(correct, n)),
-        "log_loss": log_loss(y_true, pred.probs, labels=labels),
+        "log_loss": pred.log_loss(),
         "per_class": {
             name: {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
             for k, name in enumerate(pred.class_names)

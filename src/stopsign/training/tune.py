@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sklearn.metrics import log_loss
 from tqdm.auto import tqdm
 
 from ..errors import DataError, Interrupted, StopsignError
@@ -97,7 +96,7 @@ def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_fea
     accuracies, losses = [], []
     for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config)):
         accuracies.append(float((fold.y_pred == fold.y_true).mean()))
-        losses.append(float(log_loss(fold.y_true, fold.probs, labels=list(range(len(class_names))))))
+        losses.append(fold.log_loss())
         scores = {"accuracy": float(np.mean(accuracies)), "log_loss": float(np.mean(losses)),
                   "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
                   "fold_accuracy": accuracies, "fold_log_loss": losses}

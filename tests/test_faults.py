@@ -680,7 +680,7 @@ def test_a_checkpoint_of_another_backbone_or_missing_keys_says_what_is_wrong(tmp
         with pytest.raises(StopsignError, match=expected):
             load_classifier(tmp_path / name)
     (tmp_path / "cut.pt").write_bytes((tmp_path / "wide.pt").read_bytes()[:300])
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a stopsign checkpoint: a damaged or truncated torch.save file"):
         load_classifier(tmp_path / "cut.pt")
 
 

@@ -112,28 +112,29 @@ def test_load_checkpoint_of_a_missing_file(tmp_path):
 def test_load_checkpoint_refuses_json_renamed_pt(tmp_path):
     path = tmp_path / "model.pt"
     path.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "version": 1}))
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(CheckpointError, match="not a stopsign checkpoint") as caught:
         load_checkpoint(path)
     assert str(path) in str(caught.value)
 
 
-# torch's weights-only unpickler reads text as pickle opcodes: "h" (BINGET) raises KeyError and a CSV line
-# IndexError, neither of which load_checkpoint turns into a CheckpointError (yet).
-UNCAUGHT = "load_checkpoint lets torch.load's KeyError/IndexError on text files escape (runs.py load_checkpoint)"
-
-
-@pytest.mark.parametrize("text", [
-    "",
-    "not a checkpoint\n",
-    pytest.param("hello, not a checkpoint\n", marks=pytest.mark.xfail(raises=KeyError, strict=True, reason=UNCAUGHT)),
-    pytest.param("epoch,lr\n1,0.1\n", marks=pytest.mark.xfail(raises=IndexError, strict=True, reason=UNCAUGHT)),
-], ids=["empty", "text", "text-starting-with-h", "csv"])
-def test_load_checkpoint_refuses_plain_text(tmp_path, text):
+@pytest.mark.parametrize("data", [
+    b"", b"not a checkpoint\n",
+    b"hello, not a checkpoint\n",  # torch's unpickler would read "h" as BINGET and raise KeyError
+    b"epoch,lr\n1,0.1\n",  # ... and this as opcodes that raise IndexError
+    b"\xff\xd8\xff\xe0 a JPEG renamed .pt",
+], ids=["empty", "text", "text-starting-with-h", "csv", "jpeg"])
+def test_load_checkpoint_says_what_is_not_a_checkpoint(tmp_path, data):
     path = tmp_path / "notes.pt"
-    path.write_text(text)
-    with pytest.raises(CheckpointError) as caught:
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="is not a stopsign checkpoint: it is not a file written by torch.save"
+                       ) as caught:
         load_checkpoint(path)
-    assert str(path) in str(caught.value)
+    assert str(path) in str(caught.value) and "could run code" not in str(caught.value)
+
+
+def test_a_run_folder_is_not_a_checkpoint_file(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 def test_load_checkpoint_refuses_a_dict_without_the_format_key(tmp_path):

@@ -189,6 +189,25 @@ def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list
     return [members for members in groups.values() if len(members) > 1]
 
 
+def duplicate_groups(paths, *, cache_dir: Path | None = None) -> dict[str, int]:
+    """Each image that has an exact or near copy among `paths` → the number of its group (0, 1, ... in path
+    order); images with no copy are left out. The split, the folds and tune keep each group on one side."""
+    found = find_duplicates(list(paths), cache_dir=cache_dir or default_hash_cache_dir())
+    parent: dict[str, str] = {}
+
+    def root(path: str) -> str:
+        while parent.setdefault(path, path) != path:
+            path = parent[path]
+        return path
+
+    for group in [*found["exact"], *(near["paths"] for near in found["near"])]:
+        for path in group[1:]:
+            parent[root(path)] = root(group[0])
+    roots = sorted({root(path) for path in parent}, key=lambda r: min(p for p in parent if root(p) == r))
+    number = {r: i for i, r in enumerate(roots)}
+    return {path: number[root(path)] for path in sorted(parent)}
+
+
 def check_data(splits: dict[str, list], class_names: list[str], *, cache_dir: Path | None = None) -> dict:
     """Class counts, imbalance and duplicates of a split data set, with a plain sentence per problem.
 

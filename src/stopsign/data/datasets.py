@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import DataError
 from .images import list_images
@@ -290,36 +290,68 @@ def _warn_unlisted(folders: list[Path], listed: set[Path | None], source: Path) 
         logger.warning("%s: %d image(s) without a label were ignored, e.g. %s", source, len(unlisted), unlisted[0])
 
 
-def split_samples(samples: list[Sample], val_fraction: float, seed: int, *,
-                  class_names: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+def split_samples(samples: list[Sample], val_fraction: float, seed: int, *, class_names: list[str] | None = None,
+                  groups: dict[str, int] | None = None) -> tuple[list[Sample], list[Sample]]:
     """A seeded stratified (train, val) split: about `val_fraction` of each class, at least one, in val.
 
-    Written by hand because sklearn's stratified split can leave a small class with no validation image.
+    groups: {path: group} (checks.duplicate_groups): the images of one group go to the same side, so no copy
+    of a validation photo is trained on; a group counts for the class of its first image. Without groups, or
+    with none, every image is its own group. Written by hand because sklearn's stratified split can leave a
+    small class with no validation image.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    by_label = _by_label(samples, 2, "to draw a validation split", class_names)
+    _by_label(samples, 2, "to draw a validation split", class_names)
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for label in sorted(by_label):
-        group = by_label[label]
-        count = min(len(group) - 1, max(1, math.floor(val_fraction * len(group) + 0.5)))
-        order = rng.permutation(len(group))
-        val += [group[i] for i in order[:count]]
-        train += [group[i] for i in order[count:]]
+    for label, units in sorted(_units(samples, groups).items()):
+        size = sum(len(unit) for unit in units)
+        count = min(size - 1, max(1, math.floor(val_fraction * size + 0.5)))
+        taken = 0
+        for i in rng.permutation(len(units)):
+            unit = units[i]
+            # a unit goes to val while that brings val nearer its share and leaves the class some training image
+            if abs(taken + len(unit) - count) < abs(taken - count) and taken + len(unit) < size:
+                val += unit
+                taken += len(unit)
+            else:
+                train += unit
     return sorted(train, key=_order), sorted(val, key=_order)
 
 
-def kfold_samples(samples: list[Sample], folds: int, seed: int, *,
-                  class_names: list[str] | None = None) -> list[tuple[list[Sample], list[Sample]]]:
-    """Seeded stratified K-fold: `folds` (train, val) pairs; every sample is in val exactly once."""
+def _units(samples: list[Sample], groups: dict[str, int] | None) -> dict[int, list[list[Sample]]]:
+    """The samples as units that stay together, by the label of each unit's first sample, in path order."""
+    by_group: dict[object, list[Sample]] = {}
+    for sample in sorted(samples, key=_order):
+        key = (groups or {}).get(str(sample.path))
+        by_group.setdefault(("group", key) if key is not None else ("image", str(sample.path)), []).append(sample)
+    units: dict[int, list[list[Sample]]] = defaultdict(list)
+    for unit in sorted(by_group.values(), key=lambda members: _order(members[0])):
+        units[unit[0].label].append(unit)
+    return units
+
+
+def kfold_samples(samples: list[Sample], folds: int, seed: int, *, class_names: list[str] | None = None,
+                  groups: dict[str, int] | None = None) -> list[tuple[list[Sample], list[Sample]]]:
+    """Seeded stratified K-fold: `folds` (train, val) pairs; every sample is in val exactly once.
+
+    groups: {path: group} (checks.duplicate_groups): each group's images fall in one fold (scikit-learn's
+    StratifiedGroupKFold); without groups among these samples, StratifiedKFold.
+    """
     if folds < 2:
         raise DataError(f"folds must be 2 or more, got {folds}")
     ordered = sorted(samples, key=_order)
     _by_label(ordered, folds, f"for {folds}-fold cross-validation", class_names)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     labels = [sample.label for sample in ordered]
-    pairs = splitter.split(np.zeros(len(ordered)), labels)
+    keys = [(groups or {}).get(str(sample.path)) for sample in ordered]
+    if any(key is not None for key in keys):
+        ids = [key if key is not None else f"image {i}" for i, key in enumerate(keys)]
+        numbers = {key: n for n, key in enumerate(dict.fromkeys(map(str, ids)))}
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        pairs = splitter.split(np.zeros(len(ordered)), labels, groups=[numbers[str(key)] for key in ids])
+    else:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        pairs = splitter.split(np.zeros(len(ordered)), labels)
     return [([ordered[i] for i in train], [ordered[i] for i in val]) for train, val in pairs]
 
 

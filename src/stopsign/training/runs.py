@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -60,8 +61,18 @@ def save_checkpoint(path: Path, checkpoint: dict) -> Path:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with weights_only=True: tensors and plain data only, never code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint; a run folder holds best.pt and last.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as file:
+        head = file.read(2)
+    # torch.save writes a zip archive (since torch 1.6), or a pickle (protocol 2+ starts with 0x80) before it.
+    if not zipfile.is_zipfile(path):
+        if head == b"PK":
+            raise CheckpointError(f"{path} is not a stopsign checkpoint: a damaged or truncated torch.save file")
+        if head[:1] != b"\x80":
+            raise CheckpointError(f"{path} is not a stopsign checkpoint: it is not a file written by torch.save")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -69,10 +80,10 @@ def load_checkpoint(path: str | Path) -> dict:
             f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
             f"code ({str(error).splitlines()[0][:200]}). Only load checkpoints written by stopsign."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({error})") from error
+    except Exception as error:  # a damaged archive fails inside torch in many ways (RuntimeError, KeyError, ...)
+        raise CheckpointError(f"{path} is not a stopsign checkpoint: it cannot be read ({error!r})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a stopsign checkpoint (no format={CHECKPOINT_FORMAT!r} key)")
+        raise CheckpointError(f"{path} is not a stopsign checkpoint: no format={CHECKPOINT_FORMAT!r} key")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}; it is damaged or from another tool")
@@ -117,8 +128,9 @@ def resume_state(run_dir: Path) -> dict | None:
 
 
 def data_record(root: Path, layout: str, class_names: list[str], splits: dict[str, list], skipped: dict,
-                config: dict) -> dict:
-    """data.json: the split (file, label, split) relative to the data folder, and the skipped files."""
+                config: dict, groups: dict[str, int] | None = None, folds: dict[str, int] | None = None) -> dict:
+    """data.json: the split (file, label, split, and its duplicate group and fold where it has one) relative to
+    the data folder, and the skipped files."""
     def counts(samples) -> dict:
         return {name: sum(s.label == i for s in samples) for i, name in enumerate(class_names)}
 
@@ -126,6 +138,8 @@ def data_record(root: Path, layout: str, class_names: list[str], splits: dict[st
             "val_fraction": config["val_fraction"], "seed": config["seed"],
             "counts": {name: counts(samples) for name, samples in splits.items()} | {"skipped": len(skipped)},
             "split": [{"file": relative(s.path, root), "label": class_names[s.label], "split": name}
+                      | ({"group": groups[str(s.path)]} if str(s.path) in (groups or {}) else {})
+                      | ({"fold": folds[str(s.path)]} if str(s.path) in (folds or {}) else {})
                       for name, samples in splits.items() for s in samples],
             "skipped": [{"file": relative(p, root), "reason": r} for p, r in sorted(skipped.items())]}
 

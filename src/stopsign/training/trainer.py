@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..data.checks import check_data
-from ..data.datasets import LabelledData, Sample, load_data, split_samples
+from ..data.checks import check_data, duplicate_groups
+from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
 from ..errors import DataError, Interrupted, StopsignError
 from ..files import now, read_json, relative, write_csv, write_json
 from ..heap import settled_heap
@@ -50,9 +50,13 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
     config, run_dir = resolve_config(config, overrides, resume)
     data = data if isinstance(data, LabelledData) else load_data(data)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
-    train_samples, val_samples = choose_split(data, config, val, recorded)
+    groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
+    train_samples, val_samples = choose_split(data, config, val, recorded, groups)
     run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
-    checks = check_data({"train": train_samples, "val": val_samples}, data.class_names)
+    folds = fold_numbers(train_samples, config, data.class_names, groups)
+    drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k] for k in range(1, config.folds + 1)}
+             if folds else {"train": train_samples, "val": val_samples})
+    checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
     extractor = make_extractor(config)
@@ -69,13 +73,14 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
     kept = {name: [s for s in samples if str(s.path) not in skipped]
             for name, samples in (("train", train_samples), ("val", val_samples))}
     if recorded is None:
-        write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record))
+        write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record,
+                                                      groups, folds))
     phases["features"] = time.perf_counter() - clock
 
     cv = None
     if config.folds > 1:
         clock = time.perf_counter()
-        cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config)
+        cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config, groups)
         phases["cross-validation"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -120,10 +125,11 @@ def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Pa
     return TrainConfig.from_dict(read_json(run_dir / "config.json")), run_dir
 
 
-def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None
-                 ) -> tuple[list[Sample], list[Sample]]:
+def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None,
+                 groups: dict[str, int] | None = None) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) samples: as a resumed run recorded them, a given validation set, the layout's own
-    split, everything (cross-validation scores the final model), or a seeded stratified split."""
+    split, everything (cross-validation scores the final model), or a seeded stratified split that keeps each
+    duplicate group on one side."""
     if recorded is not None:
         return recorded_split(data, recorded)
     if val is not None:
@@ -132,9 +138,19 @@ def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None
         train_samples, val_samples = data.splits["train"], data.splits["val"]
     else:
         return ((data.samples, []) if config.folds > 1 else
-                split_samples(data.samples, config.val_fraction, config.seed, class_names=data.class_names))
+                split_samples(data.samples, config.val_fraction, config.seed, class_names=data.class_names,
+                              groups=groups))
     return (train_samples + val_samples, []) if config.folds > 1 else (train_samples, val_samples)
 
+
+
+def fold_numbers(samples: list[Sample], config: TrainConfig, class_names: list[str], groups: dict[str, int]
+                 ) -> dict[str, int]:
+    """With cross-validation, each image's fold (1..K, the folds cross_validate draws); else nothing."""
+    if config.folds < 2:
+        return {}
+    pairs = kfold_samples(samples, config.folds, config.seed, class_names=class_names, groups=groups)
+    return {str(s.path): k for k, (_, held_out) in enumerate(pairs, start=1) for s in held_out}
 
 
 def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:

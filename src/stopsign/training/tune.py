@@ -34,6 +34,7 @@ except ImportError as error:  # the optional `tune` extra
 from ..config import TrainConfig
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
+from ..data.checks import duplicate_groups
 from ..heap import settled_heap
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
@@ -87,14 +88,15 @@ def suggest(trial: optuna.Trial) -> dict:
 
 
 def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
-                          config: TrainConfig, on_fold: Callable[[int, dict], None] | None = None) -> dict:
+                          config: TrainConfig, on_fold: Callable[[int, dict], None] | None = None,
+                          groups: dict[str, int] | None = None) -> dict:
     """K-fold scores of `config` (K = config.folds; the folds of train(folds=K) and cross_validate()).
 
     Each fold keeps its last epoch. `on_fold(index, scores so far)` runs after each fold and may raise
     optuna.TrialPruned. Only accuracy and log-loss, not crossval's full metrics, which would double a trial's time.
     """
     accuracies, losses = [], []
-    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config)):
+    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config, groups)):
         accuracies.append(float((fold.y_pred == fold.y_true).mean()))
         losses.append(fold.log_loss())
         scores = {"accuracy": float(np.mean(accuracies)), "log_loss": float(np.mean(losses)),
@@ -143,6 +145,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, t
         run_dir = create_tune_folder(config, data, samples)
 
     extractor = make_extractor(config)
+    groups = duplicate_groups(s.path for s in samples)  # copies of one photo stay in one fold
     source = CachedFeatures(extractor, samples, samples, config.replace(views=max(MAX_VIEWS, config.views)),
                             progress=progress)
     for path, reason in source.skipped.items():
@@ -150,7 +153,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, t
 
     def score(trial_config: TrainConfig, on_fold=None) -> dict:
         return cross_validated_score(source.for_config(trial_config), samples, extractor.feature_size,
-                                     data.class_names, trial_config, on_fold)
+                                     data.class_names, trial_config, on_fold, groups)
 
     def objective(trial: optuna.Trial) -> float:
         def on_fold(index: int, scores: dict) -> None:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from datetime import datetime
 
 import numpy as np
@@ -206,3 +207,43 @@ def test_train_leaves_the_garbage_collector_as_it_found_it(tmp_path, data, tiny_
         assert gc.get_freeze_count() > 0.9 * frozen  # not unfrozen (objects freed meanwhile leave the count)
     finally:
         gc.unfreeze()
+
+
+# --- duplicate groups stay on one side of whatever is drawn ------------------------------------------------
+
+def with_copies(make_images, root):
+    """Class folders of 12 + 12 images in which 3 stop photos and 2 not_stop photos have a renamed copy."""
+    data = make_images(root, {"stop": 12, "not_stop": 12}, layout="folders")
+    for name in ("stop-0", "stop-1", "stop-2"):
+        shutil.copy(data / "stop" / f"{name}.png", data / "stop" / f"copy-of-{name}.png")
+    for name in ("not_stop-0", "not_stop-1"):
+        shutil.copy(data / "not_stop" / f"{name}.png", data / "not_stop" / f"copy-of-{name}.png")
+    return data
+
+
+def group_sides(run_dir, key):
+    rows = json.loads((run_dir / "data.json").read_text())["split"]
+    sides = {}
+    for row in rows:
+        if "group" in row:
+            sides.setdefault(row["group"], set()).add(row[key])
+    return sides
+
+
+def test_the_split_keeps_each_duplicate_group_on_one_side(tmp_path, make_images, tiny_backbone):
+    data = with_copies(make_images, tmp_path / "data")
+    for seed in range(4):
+        result = train_tiny(tmp_path, data, epochs=1, seed=seed, val_fraction=0.4, name=f"s{seed}")
+        sides = group_sides(result.run_dir, "split")
+        assert len(sides) == 5 and all(len(side) == 1 for side in sides.values())
+        assert "Duplicate groups spanning more than one split" not in (result.run_dir / "report.html").read_text()
+
+
+def test_folds_keep_each_duplicate_group_in_one_fold_and_say_so(tmp_path, make_images, tiny_backbone):
+    data = with_copies(make_images, tmp_path / "data")
+    result = train_tiny(tmp_path, data, epochs=2, folds=3)
+    sides = group_sides(result.run_dir, "fold")
+    assert len(sides) == 5 and all(len(side) == 1 for side in sides.values())
+    folds = {row["fold"] for row in json.loads((result.run_dir / "data.json").read_text())["split"]}
+    assert folds == {1, 2, 3}
+    assert "Duplicate groups spanning more than one split" not in (result.run_dir / "report.html").read_text()

@@ -85,3 +85,28 @@ def test_info_on_a_file_that_is_no_export_says_so(tmp_path, capsys):
         assert f"error: {tmp_path / name} is not" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing.torchscript")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_quiet_goes_before_or_after_the_subcommand(tmp_path, make_images, tiny_backbone, capsys):
+    data = make_images(tmp_path / "data", {"stop": 5, "not_stop": 5}, layout="folders")
+    for argv in (["-q", "train", str(data)], ["train", str(data), "-q"], ["train", str(data), "--quiet"]):
+        args = build_parser().parse_args(argv)
+        assert args.quiet is True and args.command == "train"
+    assert build_parser().parse_args(["train", str(data)]).quiet is False
+    for command in ("train", "predict", "evaluate", "info", "demo", "cache", "export", "serve", "tune"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert "-q, --quiet" in capsys.readouterr().out
+
+
+def test_numbers_and_names_are_checked_before_any_data_is_read(tmp_path, capsys):
+    for flags, message in ((["--epochs", "0"], "--epochs: 0 is out of range: it must be >= 1"),
+                           (["--batch-size", "-3"], "--batch-size: -3 is out of range"),
+                           (["--rotation", "-10"], "--rotation: -10 is out of range"),
+                           (["--epochs", "ten"], "--epochs: 'ten' is not an integer"),
+                           (["--backbone", "resnet81"], "invalid choice: 'resnet81'"),
+                           (["--scheduler", "cosin"], "invalid choice: 'cosin'")):
+        with pytest.raises(SystemExit) as exited:
+            main(["train", str(tmp_path / "no-such-data"), *flags, "--out", str(tmp_path / "runs")])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

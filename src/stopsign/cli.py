@@ -42,6 +42,7 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
 
 
 PROBABILITY = bounded(float, 0, 1)
+QUIET_HELP = "no progress bars (warnings are still shown)"
 THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
 
 
@@ -72,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stopsign", description=__doc__.split("\n")[0].replace(
         "The command line", "stopsign: transfer-learning image classifiers"))
     parser.add_argument("--version", action="version", version=f"stopsign {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    # -q also after the subcommand, listed in its --help; SUPPRESS keeps a -q given before it
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    train = commands.add_parser("train", parents=[quiet], help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="DATA: a CV Studio export (_annotations.json), class folders, "
                                             "train/ val/ folders, or a CSV of filename,label.")
     train.add_argument("data")
@@ -84,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
     add_config_flags(train, TRAIN_FIELDS)
 
-    predict = commands.add_parser("predict", help="predict images with a checkpoint")
+    predict = commands.add_parser("predict", parents=[quiet], help="predict images with a checkpoint")
     predict.add_argument("checkpoint")
     predict.add_argument("images", nargs="+", help="files, folders or glob patterns")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
     predict.add_argument("--weights", help="local copy of the backbone's weights")
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on labelled data")
+    evaluate = commands.add_parser("evaluate", parents=[quiet], help="score a checkpoint on labelled data")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("data")
     evaluate.add_argument("--out", default="runs")
@@ -99,33 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
     evaluate.add_argument("--weights")
 
-    info = commands.add_parser("info", help="show what a checkpoint (.pt) or an exported model (.onnx, .torchscript) holds")
+    info = commands.add_parser("info", parents=[quiet], help="show what a checkpoint (.pt) or an exported model (.onnx, .torchscript) holds")
     info.add_argument("checkpoint")
 
-    demo = commands.add_parser("demo", help="generate the built-in stop-sign demo data and train on it (offline)")
+    demo = commands.add_parser("demo", parents=[quiet], help="generate the built-in stop-sign demo data and train on it (offline)")
     demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes")
     demo.add_argument("--per-class", type=int, default=120)
     demo.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs")
 
-    cache = commands.add_parser("cache", help="show or empty the feature cache")
+    cache = commands.add_parser("cache", parents=[quiet], help="show or empty the feature cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache-dir")
 
-    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
+    export = commands.add_parser("export", parents=[quiet], help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
     export.add_argument("checkpoint")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
 
-    serve = commands.add_parser("serve", help="serve a model over HTTP: JSON API and a web page at /")
+    serve = commands.add_parser("serve", parents=[quiet], help="serve a model over HTTP: JSON API and a web page at /")
     serve.add_argument("model", help="a checkpoint (runs/NAME/best.pt) or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
     serve.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
 
-    tune = commands.add_parser("tune", help="search the training recipe by K-fold cross-validation (Optuna)",
+    tune = commands.add_parser("tune", parents=[quiet], help="search the training recipe by K-fold cross-validation (Optuna)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                description="Writes study.db, trials.csv, best.json, plots/ and report.html, then "
                                            "the best recipe's model trained on all data in final/.")
@@ -290,7 +294,7 @@ COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:

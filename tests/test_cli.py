@@ -110,3 +110,12 @@ def test_numbers_and_names_are_checked_before_any_data_is_read(tmp_path, capsys)
             main(["train", str(tmp_path / "no-such-data"), *flags, "--out", str(tmp_path / "runs")])
         assert exited.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_help_shows_each_default_once_and_no_misleading_ones(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "--no-augment train-time horizontal flip and rotation (--no-augment: none)" in text
+    assert "--epochs EPOCHS passes over the training set (default: 10)" in text

@@ -55,18 +55,19 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -
         flag = meta["flag"] or "--" + field.name.replace("_", "-")
         if isinstance(default, bool):  # on by default: --no-NAME turns it off; off by default: --NAME turns it on
             flag = f"--no-{flag[2:]}" if default else flag
+            # the parser's default, not the flag's: help shows no "(default: True)" beside --no-augment
+            parser.set_defaults(**{field.name: default})
             parser.add_argument(flag, dest=field.name, action="store_false" if default else "store_true",
                                 default=argparse.SUPPRESS, help=meta["help"])
-            parser.set_defaults(**{field.name: default})
             continue
         kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
         if kind is not str:
             kind = bounded(kind, meta["low"], meta["high"], meta["low_open"], meta["high_open"])
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        if default is None:  # the help says what None means; argparse would add "(default: None)"
+            parser.set_defaults(**{field.name: None})
         parser.add_argument(flag, dest=field.name, type=kind, choices=choices,
                             default=argparse.SUPPRESS if default is None else default, help=meta["help"])
-        if default is None:
-            parser.set_defaults(**{field.name: None})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="DATA: a CV Studio export (_annotations.json), class folders, "
                                             "train/ val/ folders, or a CSV of filename,label.")
     train.add_argument("data")
-    train.add_argument("--val", help="a separate labelled validation set (any layout)")
-    train.add_argument("--resume", metavar="RUN_DIR",
+    train.set_defaults(val=None, resume=None)  # unset by default; SUPPRESS keeps "(default: None)" out of --help
+    train.add_argument("--val", default=argparse.SUPPRESS, help="a separate labelled validation set (any layout)")
+    train.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
     add_config_flags(train, TRAIN_FIELDS)
 
@@ -137,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("data")
     tune.add_argument("--trials", type=int, default=50, help="trials this process adds to the study")
     tune.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation that scores a trial")
-    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    tune.add_argument("--resume", metavar="RUN_DIR", help="add trials to the study in this tune folder (its own "
+    tune.set_defaults(timeout=None, resume=None)
+    tune.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=argparse.SUPPRESS, help="stop starting trials after this many seconds")
+    tune.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS, help="add trials to the study in this tune folder (its own "
                                                           "settings); several processes may share one study")
     tune.add_argument("--no-final", dest="final", action="store_false",
                       help="no final model (e.g. for extra processes adding trials to a shared study)")

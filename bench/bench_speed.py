@@ -158,7 +158,7 @@ def run_train(workdir: Path, **overrides) -> dict:
 
     handler = PhaseLog()
     logger = logging.getLogger("stopsign.training.trainer")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # the "phases:" line is a debug message
     logger.addHandler(handler)
     cache = workdir / "cache"
     before = cache_info(cache)["entries"]

@@ -26,7 +26,7 @@ from bench_speed import BACKBONE, DATA, PhaseLog, split
 def run(cache: Path, out: Path, views: int, seed: int) -> dict:
     handler = PhaseLog()
     logger = logging.getLogger("stopsign.training.trainer")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # the "phases:" line is a debug message
     logger.addHandler(handler)
     clock = time.perf_counter()
     try:

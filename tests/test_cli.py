@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,22 @@ def train_cli(tmp_path, data, *extra):
 
 def test_train_prints_best_accuracy_and_run_folder_last(tmp_path, data, tiny_backbone, capsys):
     assert train_cli(tmp_path, data) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("best validation accuracy ") and last.endswith(str(tmp_path / "runs" / "cli"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"best validation accuracy \d\.\d{3} \(95% CI \d\.\d\d-\d\.\d\d, n=6\) at epoch \d", lines[0])
+    assert lines[1] == ("warning: the best of 3 epochs on the same 6 validation images: this figure is "
+                        "optimistic; --folds 5 gives an unbiased one")
+    assert lines[-1] == f"report {tmp_path / 'runs' / 'cli' / 'report.html'}"
+
+
+def test_train_says_what_it_reads_and_each_epoch_unless_quiet(tmp_path, data, tiny_backbone, capsys):
+    main(["train", str(data), "--backbone", "tiny", "--epochs", "2", "--workers", "0", "--out",
+          str(tmp_path / "runs"), "--val-fraction", "0.3"])
+    err = capsys.readouterr().err
+    assert "CV Studio export: 20 images, not_stop 10 / stop 10; split 14/6" in err
+    assert re.search(r"epoch 1/2  lr 1e-06  train loss \d\.\d{4} acc \d\.\d{3}  val loss \d\.\d{4} acc", err)
+    assert "epoch 2/2" in err
+    train_cli(tmp_path, data, "--name", "quiet")
+    assert "epoch 1/" not in capsys.readouterr().err
 
 
 def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):

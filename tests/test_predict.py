@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,37 @@ def test_checkpoint_problems_are_named(trained, tmp_path):
         load_classifier(wrong)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "nothing.pt")
+
+
+def test_evaluate_on_training_images_says_so_and_scores_the_new_ones_apart(trained, tmp_path, capsys, monkeypatch):
+    checkpoint, data = trained
+    # The tiny backbone's 8 features make every tinted grid of a class look alike: count exact copies only.
+    monkeypatch.setattr("stopsign.model.signature.NEAR_COPY", 1.01)
+    trained_on = torch.load(checkpoint, weights_only=True)["trained_on"]
+    split = json.loads((checkpoint.parent / "data.json").read_text())["split"]
+    assert len(trained_on["digests"]) == sum(row["split"] == "train" for row in split) == 18
+    assert trained_on["features"].dtype == torch.float16 and trained_on["features"].shape == (18, 8)
+    _, metrics = evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
+    copies = metrics["training_copies"]
+    assert (copies["exact"], copies["near"], copies["new"]) == (18, 0, 6)
+    assert copies["new_images"]["n"] == 6 and 0 <= copies["new_images"]["accuracy"] <= 1
+    from stopsign.cli import main
+
+    assert main(["-q", "evaluate", str(checkpoint), str(data), "--out", str(tmp_path / "evals")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 18 of the 24 images are training images of this model (18 exact, 0 near copies)" in out
+    assert "on the 6 new images: accuracy" in out
+
+
+def test_near_copies_are_told_apart_from_new_photos_by_feature_similarity():
+    from stopsign.model.signature import NEAR_COPY, make_signature, match_training
+
+    rng = np.random.default_rng(0)
+    trained = rng.normal(size=(5, 64)).astype(np.float32)
+    signature = make_signature([f"d{i}" for i in range(5)], trained)
+    copy = trained[2] + 0.05 * rng.normal(size=64)  # re-encoded: cosine about 0.999
+    new = rng.normal(size=64)  # a different photo: cosine about 0
+    blend = trained[3] * 0.8 + rng.normal(size=64) * 0.8  # cosine well under NEAR_COPY
+    marks = match_training(signature, ["d0", "x", "y", "z"], np.stack([trained[0], copy, new, blend]))
+    assert marks == ["exact", "near", None, None] and NEAR_COPY == 0.92
+    assert match_training(None, ["d0"], trained[:1]) == [None]

@@ -208,17 +208,30 @@ def test_data_record_counts_and_relative_names(tmp_path):
 def test_summary_shape():
     config = TrainConfig(epochs=3, lr_max=0.05, lr_base=1e-5, momentum=0.8, val_fraction=0.2,
                          scheduler="cosine").to_dict()
-    history = [dict(epoch=i, val_acc=acc, train_loss=loss, val_loss=1 - acc)
+    history = [dict(epoch=i, val_acc=acc, train_loss=loss, val_loss=1 - acc, train_acc=0.7)
                for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.6), (0.8, 0.4)], start=1)]
-    result = summary(config, history, history[1], "2024-01-01T10:00:00+00:00", "2024-01-01T10:05:00+00:00")
-    assert set(result) == {"started", "completed", "parameters", "accuracy", "best_val_acc", "best_epoch"}
+    result = summary(config, history, history[1], "2024-01-01T10:00:00+00:00", "2024-01-01T10:05:00+00:00",
+                     share_trained=0.8)
+    assert set(result) == {"started", "completed", "parameters", "accuracy", "cv_accuracy", "best_val_acc",
+                           "best_epoch"}
     assert result["started"] == "2024-01-01T10:00:00+00:00" and result["completed"] == "2024-01-01T10:05:00+00:00"
     assert result["parameters"] == {
         "epochs": 3, "learningRate": 0.05, "momentum": 0.8, "percentage used training": 80,
         "learningRatescheduler": {"lr_scheduler": "cosine", "base_lr": 1e-5, "max_lr": 0.05},
     }
-    assert result["accuracy"] == {"accuracy": [0.5, 0.9, 0.8], "loss": [0.9, 0.6, 0.4]}
+    # validation loss beside validation accuracy, as the seed records both per epoch
+    assert result["accuracy"] == {"accuracy": [0.5, 0.9, 0.8], "loss": [0.5, pytest.approx(0.1), pytest.approx(0.2)],
+                                  "measured_on": "validation"}
     assert (result["best_val_acc"], result["best_epoch"]) == (0.9, 2)
+
+
+def test_summary_of_a_cross_validated_run_says_what_it_measured():
+    config = TrainConfig(epochs=2, folds=5).to_dict()
+    history = [dict(epoch=i, val_acc=None, val_loss=None, train_acc=0.6 + i / 10, train_loss=1 / i) for i in (1, 2)]
+    result = summary(config, history, history[1], "s", "c", share_trained=1.0, cv_accuracy=0.93)
+    assert result["parameters"]["percentage used training"] == 100  # the final model trains on every image
+    assert result["accuracy"] == {"accuracy": [0.7, 0.8], "loss": [1.0, 0.5], "measured_on": "training"}
+    assert result["cv_accuracy"] == 0.93
 
 
 def test_remove_partial_files_keeps_finished_files(tmp_path):
@@ -236,3 +249,11 @@ def test_remove_partial_files_keeps_finished_files(tmp_path):
     assert not any(p.exists() for p in partial)
     remove_partial_files(run)  # nothing left to remove: no error
     remove_partial_files(tmp_path / "missing")
+
+
+def test_a_taken_name_is_said_out_loud(tmp_path, caplog):
+    create_run_dir(tmp_path, "demo", "x")
+    with caplog.at_level("WARNING"):
+        second = create_run_dir(tmp_path, "demo", "x")
+    assert second.name == "demo-2"
+    assert f"{tmp_path / 'demo'} already exists; this run goes to {second}" in caplog.text

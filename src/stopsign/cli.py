@@ -148,15 +148,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def copies_sentence(metrics: dict) -> str | None:
+    """How many evaluated images the model was trained on, and the scores on the others (the ones to quote)."""
+    copies = metrics.get("training_copies")
+    if not copies:
+        return None
+    seen, n = copies["exact"] + copies["near"], metrics["n"]
+    if not seen:
+        return f"none of the {n} images is a training image of this model or a near copy of one"
+    sentence = (f"warning: {seen} of the {n} images are training images of this model ({copies['exact']} exact, "
+                f"{copies['near']} near copies): accuracy on them measures memory")
+    new = copies["new_images"]
+    if new:
+        low, high = new["accuracy_ci95"]
+        recall = ", ".join(f"{name} {r:.3f}" for name, r in new["recall"].items() if r is not None)
+        sentence += (f"; on the {new['n']} new images: accuracy {new['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}), "
+                     f"recall {recall} (the figure to quote)")
+    return sentence
+
+
+def accuracy_phrase(metrics: dict) -> str:
+    low, high = metrics["accuracy_ci95"]
+    return f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
+
+
 def print_result(result) -> None:
-    """The last line of a training command: the accuracy to trust and where the run folder is."""
-    cv = result.metrics.get("cv")
+    """The last lines of a training command: the accuracy to trust, its warnings, and where the report is."""
+    metrics = result.metrics
+    cv = metrics.get("cv")
     if cv:
-        print(f"{cv['folds']}-fold cross-validated accuracy {cv['mean']['accuracy']:.3f} "
-              f"± {cv['std']['accuracy']:.3f}; final model trained on all data; run folder {result.run_dir}")
+        print(f"{cv['folds']}-fold cross-validated {accuracy_phrase(metrics)}, mean of folds "
+              f"{cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}; final model trained on all data")
     else:
-        print(f"best validation accuracy {result.best_val_acc:.3f} (epoch {result.best_epoch}); "
-              f"run folder {result.run_dir}")
+        print(f"best validation {accuracy_phrase(metrics)} at epoch {result.best_epoch}")
+        warning = (metrics.get("selection") or {}).get("warning")
+        if warning:
+            print(f"warning: {warning}")
+        copies = copies_sentence(metrics)
+        if copies and copies.startswith("warning"):
+            print(copies)
+    if metrics.get("test"):
+        print(f"test {accuracy_phrase(metrics['test'])}: scored once with the kept model, the figure to quote")
+    print(f"report {result.run_dir / 'report.html'}")
 
 
 def run_train(args) -> None:
@@ -210,10 +243,23 @@ def run_evaluate(args) -> None:
                                 threshold=args.threshold, progress=not args.quiet, weights=args.weights)
     low, high = metrics["accuracy_ci95"]
     print(f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})")
-    for name, row in metrics["per_class"].items():
-        print(f"  {name:<16} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
-              f"f1 {row['f1']:.3f}  support {row['support']}")
-    print(f"confusion (rows = truth): {metrics['confusion']}")
+    confusion = metrics["confusion"]
+    for k, (name, row) in enumerate(metrics["per_class"].items()):
+        predicted = sum(line[k] for line in confusion)  # no image called this class: its precision is undefined
+        precision = f"{row['precision']:.3f}" if predicted else "n/a"
+        recall = f"{row['recall']:.3f}" if row["support"] else "n/a"
+        print(f"  {name:<16} precision {precision:<5}  recall {recall:<5}  f1 {row['f1']:.3f}  "
+              f"support {row['support']}")
+    names = list(metrics["per_class"])
+    corner = "truth / predicted"
+    width = max(len(name) for name in names + [corner])
+    print("confusion (rows: truth, columns: predicted)")
+    print(f"  {corner:<{width}} " + " ".join(f"{name:>{max(len(name), 5)}}" for name in names))
+    for name, line in zip(names, confusion):
+        print(f"  {name:<{width}} " + " ".join(f"{count:>{max(len(other), 5)}}" for other, count in zip(names, line)))
+    copies = copies_sentence(metrics)
+    if copies:
+        print(copies)
     print(f"report {out_dir / 'report.html'}")
 
 
@@ -295,9 +341,33 @@ COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate
             "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve, "tune": run_tune}
 
 
+class _Messages(logging.StreamHandler):
+    """stopsign's own INFO messages (the data line, a row per epoch) as plain lines on stderr, unless -q."""
+
+    def __init__(self):
+        super().__init__()  # stderr, looked up when a record is written (pytest swaps it)
+        self.addFilter(lambda record: record.levelno == logging.INFO and record.name.startswith("stopsign"))
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+
+def configure_logging(quiet: bool) -> None:
+    """Warnings from everyone as "WARNING: ..." lines (also with -q); stopsign's INFO lines unless quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)  # INFO goes through _Messages only, once
+    messages = next((h for h in root.handlers if isinstance(h, _Messages)), None)
+    if quiet and messages:
+        root.removeHandler(messages)
+    elif not quiet and not messages:
+        root.addHandler(_Messages())
+    logging.getLogger("stopsign").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    configure_logging(args.quiet)
     try:
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:

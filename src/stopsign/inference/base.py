@@ -75,6 +75,13 @@ class Classifier(abc.ABC):
     def image_probabilities(self, images: list) -> np.ndarray:
         """Class probabilities (N, C) of decoded RGB images (uploads, say)."""
 
+    def score(self, paths: list[Path], progress: bool = False
+              ) -> tuple[list[Path], np.ndarray, dict, list[str | None] | None]:
+        """probabilities(), and for each readable image whether the model was trained on it ("exact", "near"
+        or None; see model.signature), or None where the model does not record what it was trained on."""
+        readable, probs, skipped = self.probabilities(paths, progress=progress)
+        return readable, probs, skipped, None
+
     def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
         """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
         a row with its error instead of a label. `threshold` (two classes): the second class when p >= it."""

@@ -20,10 +20,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "run
     classifier = load_classifier(checkpoint, **options)
     labelled = load_data(data, class_names=classifier.class_names)
     out_dir = create_run_dir(out, name, "eval")
-    readable, probs, skipped = classifier.probabilities([s.path for s in labelled.samples], progress=progress)
+    readable, probs, skipped, copies = classifier.score([s.path for s in labelled.samples], progress=progress)
     label_of = {s.path: s.label for s in labelled.samples}
     predictions = Predictions([str(p) for p in readable], np.array([label_of[p] for p in readable]), probs,
-                              classifier.class_names)
+                              classifier.class_names, copies=copies)
     run_info = {"checkpoint": str(checkpoint), "data": {"source": str(labelled.root), "layout": labelled.layout,
                                                         "counts": labelled.class_counts()},
                 "skipped files": skipped or "none", "backbone": classifier.backbone_name}

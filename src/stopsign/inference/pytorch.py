@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..model.features import FeatureExtractor
+from ..model.signature import match_training
 from ..model.transforms import preprocess
 from .base import Classifier
 
@@ -40,16 +41,23 @@ class CheckpointClassifier(Classifier):
             raise CheckpointError(f"{source}: the head's weights do not fit {self.backbone_name} "
                                   f"with {len(self.class_names)} classes ({error})") from error
         self.head.eval()
+        self.trained_on: dict | None = checkpoint.get("trained_on")  # checkpoints before 0.2 have none
 
     @property
     def preprocessing(self) -> dict:
         return self.extractor.preprocessing
 
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
+        return self.score(paths, progress)[:3]
+
+    def score(self, paths: list[Path], progress: bool = False):
+        """The plain-view features serve both the head and the comparison with the training images."""
         features = self.extractor.extract([Path(p) for p in paths], progress=progress)
         with torch.no_grad():
             logits = self.head(torch.from_numpy(features.features[:, 0]))
-        return features.paths, logits.softmax(1).numpy(), features.skipped
+        copies = (match_training(self.trained_on, features.digests, features.features[:, 0])
+                  if self.trained_on else None)
+        return features.paths, logits.softmax(1).numpy(), features.skipped, copies
 
     def image_probabilities(self, images: list) -> np.ndarray:
         """No files, no feature cache: decoded images straight through backbone and head."""

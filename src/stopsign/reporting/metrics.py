@@ -41,6 +41,9 @@ class Predictions:
     probs: np.ndarray  # (N, C) float probabilities, rows sum to 1
     class_names: list[str]
     threshold: float | None = None  # two classes only: predict class 1 when p1 >= threshold; None = argmax
+    # per image: "exact" or "near" when it is a copy of a training image of the model, None when new;
+    # None for the whole list when unknown (model.signature.match_training)
+    copies: list[str | None] | None = None
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
@@ -55,6 +58,8 @@ class Predictions:
             )
         if len(self.paths) != len(self.y_true):
             raise ValueError(f"{len(self.paths)} paths but {len(self.y_true)} labels")
+        if self.copies is not None and len(self.copies) != len(self.paths):
+            raise ValueError(f"{len(self.copies)} copy marks for {len(self.paths)} images")
         if not np.allclose(self.probs.sum(axis=1), 1.0, atol=1e-3):
             raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
         if len(self.y_true) and (self.y_true.min() < 0 or self.y_true.max() >= num_classes):
@@ -81,6 +86,13 @@ class Predictions:
         and it wants them exact); decisions use the probabilities as given, as every classifier does."""
         probs = self.probs / self.probs.sum(axis=1, keepdims=True)
         return float(log_loss(self.y_true, probs, labels=list(range(self.num_classes))))
+
+    def subset(self, keep: np.ndarray) -> "Predictions":
+        """The predictions of the images where `keep` (a boolean mask) is true."""
+        keep = np.asarray(keep, dtype=bool)
+        return Predictions([p for p, k in zip(self.paths, keep) if k], self.y_true[keep], self.probs[keep],
+                           self.class_names, self.threshold,
+                           None if self.copies is None else [c for c, k in zip(self.copies, keep) if k])
 
     def with_threshold(self, threshold: float | None) -> "Predictions":
         return dataclasses.replace(self, threshold=threshold)
@@ -125,12 +137,30 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         "confusion": confusion_matrix(y_true, y_pred, labels=labels),
         "confusion_normalized": confusion_matrix(y_true, y_pred, labels=labels, normalize="true"),
     }
+    if pred.copies is not None:
+        result["training_copies"] = training_copies(pred)
     if pred.num_classes == 2:
         result.update(_binary_curves(y_true, pred.probs[:, POSITIVE]))
     else:
         result.update(_one_vs_rest_auc(pred))
     result["calibration"] = calibration_table(pred)
     return json_ready(result)
+
+
+def training_copies(pred: Predictions) -> dict:
+    """How many evaluated images the model was trained on (exact copies, near copies), and the scores on the
+    others: the figure to quote, since accuracy on copies of training photos measures memory."""
+    exact = sum(c == "exact" for c in pred.copies)
+    near = sum(c == "near" for c in pred.copies)
+    new = pred.subset(np.array([c is None for c in pred.copies]))
+    result = {"exact": exact, "near": near, "new": len(new.paths), "new_images": None}
+    if len(new.paths):
+        hits = int((new.y_pred == new.y_true).sum())
+        recall = {name: (float((new.y_pred[new.y_true == k] == k).mean()) if (new.y_true == k).any() else None)
+                  for k, name in enumerate(new.class_names)}
+        result["new_images"] = {"n": len(new.paths), "accuracy": hits / len(new.paths),
+                                "accuracy_ci95": list(wilson_interval(hits, len(new.paths))), "recall": recall}
+    return result
 
 
 def _binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:

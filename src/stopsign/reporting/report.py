@@ -40,6 +40,18 @@ def write_predictions_csv(pred: Predictions, path) -> Path:
     return atomic_write_text(path, file.getvalue())
 
 
+SMALL_VALIDATION = 50  # below this many validation images, the best of the epochs is an optimistic figure
+
+
+def selection_note(epochs: int, n: int) -> dict:
+    """The kept epoch is the best of `epochs` on the same n validation images it is then scored on."""
+    warning = None
+    if n < SMALL_VALIDATION and epochs > 1:
+        warning = (f"the best of {epochs} epochs on the same {n} validation images: this figure is optimistic; "
+                   "--folds 5 gives an unbiased one")
+    return {"epochs": epochs, "n": n, "warning": warning}
+
+
 def file_data_uri(path: Path) -> str:
     """A written plot as a data: URI (JPEG or PNG by its suffix)."""
     return data_uri(Path(path).read_bytes(), "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
@@ -137,10 +149,15 @@ def write_report(
     run_info: dict | None = None,
     checks: dict | None = None,
     cv: dict | None = None,
+    test: Predictions | None = None,
     threshold: float | None = None,
     title: str = "stopsign report",
 ) -> dict:
-    """Write predictions.csv, metrics.json, plots/ (charts .png, photo grids .jpg) and report.html; return the metrics."""
+    """Write predictions.csv, metrics.json, plots/ (charts .png, photo grids .jpg) and report.html; return the metrics.
+
+    test: the layout's test split, scored once with the kept model (metrics["test"]); history: the epochs, whose
+    count and the validation size say how much choosing the best epoch flatters the headline (metrics["selection"]).
+    """
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -149,6 +166,10 @@ def write_report(
     metrics = compute_metrics(pred)
     if cv is not None:
         metrics["cv"] = json_ready(cv)
+    if test is not None:
+        metrics["test"] = compute_metrics(test.with_threshold(threshold) if threshold is not None else test)
+    if history and cv is None:
+        metrics["selection"] = selection_note(len(history), metrics["n"])
     write_predictions_csv(pred, out_dir / "predictions.csv")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 

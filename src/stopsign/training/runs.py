@@ -5,6 +5,7 @@ and loading them back. Every file is written with files.py's atomic writes.
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import zipfile
 from datetime import datetime
@@ -22,6 +23,8 @@ REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_siz
                  "class_names", "head")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
 WRITE_PROBE = ".write-test"
+
+log = logging.getLogger(__name__)
 
 
 def remove_partial_files(run_dir: Path) -> None:
@@ -45,6 +48,8 @@ def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
             probe = path / WRITE_PROBE
             probe.write_bytes(b"ok")
             probe.unlink()
+            if suffix and name:
+                log.warning("%s already exists; this run goes to %s", out / base, path)
             return path
     except OSError as error:
         raise StopsignError(f"cannot write the run folder under {out}: {error.strerror or error}. "
@@ -96,11 +101,12 @@ def load_checkpoint(path: str | Path) -> dict:
 # --- what a run records -------------------------------------------------------------------------------
 
 def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict,
-                    resume: dict | None = None) -> dict:
+                    resume: dict | None = None, trained_on: dict | None = None) -> dict:
     """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data.
 
     backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; resume: the optimizer, scheduler,
-    history and best epoch, so `--resume` continues exactly (last.pt only).
+    history and best epoch, so `--resume` continues exactly (last.pt only); trained_on: the training images'
+    digests and feature signature (model.signature), so an evaluation can tell copies of them from new photos.
     """
     from .. import __version__
 
@@ -113,6 +119,8 @@ def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], co
     }
     if resume is not None:
         checkpoint["resume"] = resume
+    if trained_on is not None:
+        checkpoint["trained_on"] = trained_on
     return checkpoint
 
 
@@ -144,17 +152,28 @@ def data_record(root: Path, layout: str, class_names: list[str], splits: dict[st
             "skipped": [{"file": relative(p, root), "reason": r} for p, r in sorted(skipped.items())]}
 
 
-def summary(config: dict, history: list[dict], best: dict, started: str, completed: str) -> dict:
-    """summary.json in the shape of CV Studio's run report, plus the best epoch."""
+def summary(config: dict, history: list[dict], best: dict, started: str, completed: str, *,
+            share_trained: float, cv_accuracy: float | None = None) -> dict:
+    """summary.json in the shape of CV Studio's run report, plus the best epoch.
+
+    share_trained: the share of the labelled images the model was trained on (1 with --folds or a separate
+    --val). accuracy/loss are per epoch, of the validation set; a model trained on everything (--folds) has
+    none, so they are the training set's, as "measured_on" says, and cv_accuracy is the figure to trust.
+    """
+    validated = any(row["val_acc"] is not None for row in history)
+    measured_on = "validation" if validated else "training"
+    prefix = "val" if validated else "train"
     return {
         "started": started, "completed": completed,
         "parameters": {
             "epochs": config["epochs"], "learningRate": config["lr_max"], "momentum": config["momentum"],
-            "percentage used training": round(100 * (1 - config["val_fraction"])),
+            "percentage used training": round(100 * share_trained),
             "learningRatescheduler": {"lr_scheduler": config["scheduler"], "base_lr": config["lr_base"],
                                       "max_lr": config["lr_max"]},
         },
-        "accuracy": {"accuracy": [row["val_acc"] for row in history], "loss": [row["train_loss"] for row in history]},
+        "accuracy": {"accuracy": [row[f"{prefix}_acc"] for row in history],
+                     "loss": [row[f"{prefix}_loss"] for row in history], "measured_on": measured_on},
+        "cv_accuracy": cv_accuracy,
         "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
     }
 

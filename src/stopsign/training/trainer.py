@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..config import TrainConfig
 from ..data.checks import check_data, duplicate_groups
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
@@ -19,6 +21,7 @@ from ..errors import DataError, Interrupted, StopsignError
 from ..files import now, read_json, relative, write_csv, write_json
 from ..heap import settled_heap
 from ..model.features import FeatureExtractor, default_cache_dir
+from ..model.signature import make_signature, match_training
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
 from .crossval import cross_validate
@@ -56,6 +59,7 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
     folds = fold_numbers(train_samples, config, data.class_names, groups)
     drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k] for k in range(1, config.folds + 1)}
              if folds else {"train": train_samples, "val": val_samples})
+    log.info("%s", describe_data(data, train_samples, val_samples, config, groups, val))
     checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
@@ -77,6 +81,7 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
                                                       groups, folds))
     phases["features"] = time.perf_counter() - clock
 
+    signature, val_copies = describe_training(extractor, kept["train"], kept["val"], progress)
     cv = None
     if config.folds > 1:
         clock = time.perf_counter()
@@ -85,15 +90,16 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
 
     clock = time.perf_counter()
     result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
-                          state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint)
+                          state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
+                          trained_on=signature)
     phases["train head"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    test = score_test(extractor, result.head, data, signature)
     completed = now()
-    write_json(run_dir / "summary.json", summary(record, result.history, result.best, started, completed))
     predictions = cv.pop("oof") if cv else Predictions(
         [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
-        data.class_names)
+        data.class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
     run_info = {
         "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
                  "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
@@ -106,10 +112,47 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
         "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
     }
     metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
-                           title=f"stopsign run {run_dir.name}")
+                           test=test, title=f"stopsign run {run_dir.name}")
+    share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
+    write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
+               summary(record, result.history, result.best, started, completed, share_trained=share,
+                       cv_accuracy=cv["mean"]["accuracy"] if cv else None))
     phases["report"] = time.perf_counter() - clock
-    log.info("phases: %s", {k: round(v, 2) for k, v in phases.items()})
+    log.debug("phases: %s", {k: round(v, 2) for k, v in phases.items()})
     return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
+
+
+LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",
+                "csv": "CSV"}
+
+
+def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig,
+                  groups: dict[str, int], val: str | Path | None) -> str:
+    """The first line a training command shows: layout, classes and counts, and how validation is drawn."""
+    counts = " / ".join(f"{name} {count}" for name, count in data.class_counts().items())
+    grouping = f", grouped by {len(set(groups.values()))} duplicate groups" if groups else ""
+    if config.folds > 1:
+        how = f"{config.folds}-fold cross-validation over {len(train_samples)} images{grouping}, then all of them"
+    elif val is not None:
+        how = f"validation: {len(val_samples)} images of {val}"
+    elif data.splits:
+        how = f"the layout's split {len(train_samples)}/{len(val_samples)}"
+    else:
+        how = f"split {len(train_samples)}/{len(val_samples)}{grouping}"
+    return f"{LAYOUT_NAMES.get(data.layout, data.layout)}: {len(data.samples)} images, {counts}; {how}"
+
+
+def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature: dict) -> Predictions | None:
+    """The layout's test/ split, scored once with the kept model: the unbiased figure (None without one)."""
+    samples = (data.splits or {}).get("test") or []
+    if not samples:
+        return None
+    features = extractor.extract([s.path for s in samples])
+    label_of = {s.path: s.label for s in samples}
+    with torch.no_grad():
+        probs = head(torch.from_numpy(features.features[:, 0])).softmax(1).numpy()
+    return Predictions([str(p) for p in features.paths], [label_of[p] for p in features.paths], probs,
+                       data.class_names, copies=match_training(signature, features.digests, features.features[:, 0]))
 
 
 def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None
@@ -185,9 +228,20 @@ def make_source(extractor: FeatureExtractor, train_samples: list[Sample], val_sa
         raise Interrupted(f"stopped while computing features; those computed are cached. {resume_hint}") from None
 
 
+def describe_training(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
+                      progress: bool) -> tuple[dict, dict[str, str | None]]:
+    """The signature of the training images (plain views: one more backbone pass each on a cold cache, since
+    training itself needs only augmented views) and, for each validation image, whether it is a copy of one."""
+    trained = extractor.extract([s.path for s in train_samples], progress=progress)
+    signature = make_signature(trained.digests, trained.features[:, 0])
+    held = extractor.extract([s.path for s in val_samples], progress=progress)
+    marks = match_training(signature, held.digests, held.features[:, 0])
+    return signature, {str(path): mark for path, mark in zip(held.paths, marks)}
+
+
 def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
                  train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig, record: dict, *,
-                 state: dict | None, progress: bool, resume_hint: str):
+                 state: dict | None, progress: bool, resume_hint: str, trained_on: dict):
     """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
     after the current epoch's files are written."""
     backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
@@ -195,8 +249,11 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
 
     def save_epoch(row: dict, epoch_state: dict) -> None:
         write_csv(run_dir / "metrics.csv", epoch_state["history"], METRIC_COLUMNS)
+        validated = "" if row["val_acc"] is None else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
+        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.3f%s", row["epoch"], config.epochs, row["lr"],
+                 row["train_loss"], row["train_acc"], validated)
         save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record,
-                                                             row, resume=epoch_state))
+                                                             row, resume=epoch_state, trained_on=trained_on))
         if stop.is_set():
             raise Interrupted(f"stopped after epoch {row['epoch']} of {config.epochs}; its files are written. "
                               f"{resume_hint}")
@@ -206,5 +263,5 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
                      state=state, on_epoch=save_epoch, progress=progress,
                      keep="last" if config.folds > 1 else "best")
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
-                                                         result.best))
+                                                         result.best, trained_on=trained_on))
     return result

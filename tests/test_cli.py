@@ -52,7 +52,13 @@ def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):
     assert len(rows) == 20 and set(rows[0]) == {"path", "label", "probabilities"}
     assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert table[0]["label"] in ("stop", "not_stop") and 0 <= float(table[0]["probability"]) <= 1
+    assert list(table[0]) == ["path", "label", "p_not_stop", "p_stop", "error"]  # as the run's predictions.csv
+    assert table[0]["label"] in ("stop", "not_stop")
+    assert abs(float(table[0]["p_stop"]) + float(table[0]["p_not_stop"]) - 1) < 1e-3
+    # With a threshold the table shows the positive class's probability, the one the label follows.
+    assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--threshold", "0.99"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-1] == "p(stop)" and abs(float(row.split()[-1]) - float(table[0]["p_stop"])) < 1e-3
     (tmp_path / "bad.jpg").write_text("nope")
     assert main(["-q", "predict", checkpoint, str(tmp_path / "bad.jpg"), str(data / "images" / "stop-0.png")]) == 1
     out = capsys.readouterr().out
@@ -134,3 +140,20 @@ def test_train_help_shows_each_default_once_and_no_misleading_ones(capsys):
     assert "(default: True)" not in text and "(default: None)" not in text and "(default: False)" not in text
     assert "--no-augment train-time horizontal flip and rotation (--no-augment: none)" in text
     assert "--epochs EPOCHS passes over the training set (default: 10)" in text
+
+
+def test_predict_searches_folders_and_refuses_to_find_nothing(tmp_path, data, tiny_backbone, capsys):
+    train_cli(tmp_path, data)
+    checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
+    nested = tmp_path / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    for image in sorted((data / "images").glob("*.png"))[:3]:
+        (nested / image.name).write_bytes(image.read_bytes())
+    capsys.readouterr()
+    assert main(["-q", "predict", checkpoint, str(tmp_path / "nested"), "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3  # found in the subfolder
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    for inputs in ([str(tmp_path / "empty")], [str(tmp_path / "no-match-*.png")]):
+        assert main(["-q", "predict", checkpoint, *inputs]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and f"error: no image found in {inputs[0]}" in captured.err

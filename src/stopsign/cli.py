@@ -220,18 +220,27 @@ def run_predict(args) -> int:
 
     classifier = load_classifier(args.checkpoint, weights=args.weights)
     results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
+    names = classifier.class_names
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
-    elif args.format == "csv":
+    elif args.format == "csv":  # the columns of a run's predictions.csv: one probability per class
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["path", "label", "probability", "error"])
+        writer.writerow(["path", "label", *(f"p_{name}" for name in names), "error"])
         for r in results:
-            writer.writerow([r.path, r.label or "", f"{r.probabilities[r.label]:.4f}" if r.label else "", r.error or ""])
+            probabilities = [f"{r.probabilities[name]:.4f}" if r.label else "" for name in names]
+            writer.writerow([r.path, r.label or "", *probabilities, r.error or ""])
     else:
+        # With a threshold the label follows the positive class's probability, so that is the one shown.
+        shown_class = names[1] if args.threshold is not None else None
+        column = f"p({shown_class})" if shown_class else "probability"
         width = max([len(r.path) for r in results] + [4])
-        print(f"{'path':<{width}}  {'label':<12} probability")
+        label_width = max([len(name) for name in names] + [5])
+        print(f"{'path':<{width}}  {'label':<{label_width}} {column}")
         for r in results:
-            shown = f"{r.label:<12} {r.probabilities[r.label]:.3f}" if r.label else f"{'-':<12} error: {r.error}"
+            if r.label:
+                shown = f"{r.label:<{label_width}} {r.probabilities[shown_class or r.label]:.3f}"
+            else:
+                shown = f"{'-':<{label_width}} error: {r.error}"
             print(f"{r.path:<{width}}  {shown}")
     return 0 if all(r.label for r in results) else 1
 

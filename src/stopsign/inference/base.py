@@ -38,14 +38,22 @@ class Prediction:
         return data | ({"error": self.error} if self.error else {})
 
 
+def images_under(folder: Path) -> list[Path]:
+    """Every image file in `folder` and its subfolders (as Ultralytics and timm search), sorted, hidden ones
+    (and those in hidden folders) left out."""
+    found = [folder, *(p for p in sorted(folder.rglob("*")) if p.is_dir()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))]
+    return [image for sub in found for image in list_images(sub)]
+
+
 def expand_inputs(inputs) -> list[Path]:
-    """Files as given, folders to the images directly in them, glob patterns to their matches."""
+    """Files as given, folders to the images in them and their subfolders, glob patterns to their matches."""
     paths: list[Path] = []
     for item in inputs:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            paths.extend(list_images(path))
+            paths.extend(images_under(path))
         elif path.exists() or path.is_symlink():
             paths.append(path)
         elif glob.has_magic(item):
@@ -85,7 +93,11 @@ class Classifier(abc.ABC):
     def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
         """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
         a row with its error instead of a label. `threshold` (two classes): the second class when p >= it."""
-        paths = expand_inputs(images if isinstance(images, (list, tuple)) else [images])
+        inputs = images if isinstance(images, (list, tuple)) else [images]
+        paths = expand_inputs(inputs)
+        if not paths:
+            raise StopsignError(f"no image found in {', '.join(map(str, inputs)) or 'no input'}: give image files, "
+                                "folders holding images, or glob patterns that match some")
         readable, probs, skipped = self.probabilities(paths, progress=progress)
         labels = decide(probs, threshold) if len(probs) else []
         by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}

@@ -157,3 +157,23 @@ def test_predict_searches_folders_and_refuses_to_find_nothing(tmp_path, data, ti
         assert main(["-q", "predict", checkpoint, *inputs]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and f"error: no image found in {inputs[0]}" in captured.err
+
+
+def test_resume_refuses_other_settings_and_needs_no_data(tmp_path, data, tiny_backbone, capsys):
+    assert train_cli(tmp_path, data) == 0  # 3 epochs, lr_max 1e-2
+    run_dir = str(tmp_path / "runs" / "cli")
+    capsys.readouterr()
+    assert main(["-q", "train", str(data), "--resume", run_dir, "--epochs", "5", "--lr-max", "0.1",
+                 "--backbone", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "epochs: asked 5, recorded 3" in err and "lr_max: asked 0.1, recorded 0.01" in err
+    assert "backbone" not in err  # the same as recorded: no conflict
+    assert main(["-q", "train", "--resume", run_dir]) == 0  # DATA comes from the run
+    assert capsys.readouterr().out.splitlines()[-1] == f"report {run_dir}/report.html"
+
+
+def test_a_separate_validation_set_and_folds_do_not_combine(tmp_path, data, tiny_backbone, capsys):
+    assert main(["-q", "train", str(data), "--val", str(data), "--folds", "3", "--backbone", "tiny",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert "--val and --folds do not combine" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -4,6 +4,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from stopsign import TrainConfig
 from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
 from stopsign.data.datasets import kfold_samples, load_data
-from stopsign.errors import DataError
+from stopsign.errors import DataError, StopsignError
 from stopsign.model.features import FeatureExtractor
 from stopsign.training.sources import CachedFeatures
 from stopsign.training.tune import SEARCH_SPACE, tune
@@ -170,3 +171,114 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
     assert metrics["cv"]["mean"]["accuracy"] == pytest.approx(best["accuracy"])  # the same folds, the same recipe
     config = json.loads((final / "config.json").read_text())
     assert {k: config[k] for k in SEARCH_SPACE} == best["params"]
+
+
+def made_up_trials(count: int) -> tuple[list[dict], dict]:
+    """trials.csv rows and best.json of a study of `count` complete trials, numbers with many digits."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for number in range(count):
+        params = {}
+        for name, space in SEARCH_SPACE.items():
+            if isinstance(space, CategoricalDistribution):
+                params[name] = space.choices[number % len(space.choices)]
+            elif isinstance(space, IntDistribution):
+                params[name] = space.low + number
+            elif space.log:
+                params[name] = float(np.exp(rng.uniform(np.log(space.low), np.log(space.high))))
+            else:
+                params[name] = float(rng.uniform(space.low, space.high))
+        accuracy = 0.8123456789 + 0.0123456789 * number
+        folds = [accuracy - 0.0123456, accuracy, accuracy + 0.0123456]
+        rows.append({"number": number, "state": "complete", "value": accuracy - 4.56789e-4, "accuracy": accuracy,
+                     "accuracy_std": 0.0100799, "log_loss": 0.456789123, "seconds": 123.456789, **params}
+                    | {f"fold{k + 1}_accuracy": v for k, v in enumerate(folds)}
+                    | {f"fold{k + 1}_log_loss": 0.456789123 for k in range(3)})
+    top = rows[-1]
+    seed = {"accuracy": 0.7654321, "accuracy_std": 0.0234567, "log_loss": 0.5678912, "fold_accuracy": [0.75, 0.76, 0.78],
+            "params": {name: top[name] for name in SEARCH_SPACE}}
+    best = {"trial": top["number"], "value": top["value"], "objective": "accuracy - 1e-3 log-loss", "folds": 3,
+            "accuracy": top["accuracy"], "accuracy_std": top["accuracy_std"], "log_loss": top["log_loss"],
+            "fold_accuracy": [top[f"fold{k + 1}_accuracy"] for k in range(3)], "fold_log_loss": [0.45] * 3,
+            "params": {name: top[name] for name in SEARCH_SPACE}, "seed_recipe": seed,
+            "trials": {"complete": count}, "final_run": None}
+    return rows, best
+
+
+def significant_digits(text: str) -> int:
+    return len(text.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
+
+
+def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_path):
+    from stopsign.reporting.tune_report import write_tune_report
+
+    rows, best = made_up_trials(3)
+    page = write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {"lr_max": 0.6, "epochs": 0.4}, title="t").read_text()
+    wrapper = re.search(r'<h3>The 3 best trials</h3><div class="([\w-]+)"><table>(.*?)</table></div>', page)
+    assert wrapper, "the trial table is not wrapped in a box of its own"
+    style = page[page.index("<style>"):page.index("</style>")]
+    assert re.search(r"\." + wrapper[1] + r"\s*\{[^}]*overflow-x:\s*auto", style)  # it scrolls, the page does not
+    cells = re.findall(r'<td class="num">([^<]*)</td>', wrapper[2])
+    numeric = [name for name in SEARCH_SPACE if not isinstance(rows[0][name], str)]  # the scheduler is a word
+    assert len(cells) == 3 * (5 + len(numeric))
+    floats = [cell for cell in cells if "." in cell or "e" in cell]
+    assert floats and max(significant_digits(cell) for cell in floats) <= 4, floats
+    assert "123" in cells and "0.812" in cells  # seconds, accuracy: 3 significant digits
+
+
+def capture_figures(monkeypatch) -> list:
+    """The figures tune_report draws, still written to their PNG files."""
+    import stopsign.reporting.tune_report as tune_report
+
+    figures, save = [], tune_report.save_figure
+    monkeypatch.setattr(tune_report, "save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
+    return figures
+
+
+def visible_ticks(axis, which: str = "major") -> tuple[list[float], list[str]]:
+    """The tick positions inside the axis' view and their labels, as drawn."""
+    lo, hi = sorted(axis.get_view_interval())
+    locations = axis.get_majorticklocs() if which == "major" else axis.get_minorticklocs()
+    shown = [float(v) for v in locations if lo - 1e-12 * abs(lo) <= v <= hi + 1e-12 * abs(hi)]
+    formatter = axis.get_major_formatter() if which == "major" else axis.get_minor_formatter()
+    return shown, [label for label in formatter.format_ticks(shown)]
+
+
+def test_trial_numbers_get_integer_ticks_on_the_history_and_the_colour_bars(tmp_path, monkeypatch):
+    from stopsign.reporting.tune_report import plot_history, plot_slice
+
+    figures = capture_figures(monkeypatch)
+    rows, _ = made_up_trials(3)
+    assert (plot_history(rows, 0.7, tmp_path / "history.png")).read_bytes()[:4] == b"\x89PNG"
+    plot_slice(rows, "momentum", SEARCH_SPACE["momentum"], tmp_path / "slice.png")
+    history, slice_ = figures
+    trial_axes = [history.axes[0].xaxis, slice_.axes[1].yaxis]  # the history's x axis, the slice's colour bar
+    for axis in trial_axes:
+        ticks, _ = visible_ticks(axis)
+        assert len(ticks) >= 2 and all(t == int(t) for t in ticks), ticks
+
+
+@pytest.mark.parametrize("name, space", [("lr_base", SEARCH_SPACE["lr_base"]),
+                                         ("narrow", optuna.distributions.FloatDistribution(0.01, 0.05, log=True))])
+def test_log_parameters_get_few_short_ticks(tmp_path, monkeypatch, name, space):
+    from stopsign.reporting.tune_report import plot_slice
+
+    figures = capture_figures(monkeypatch)
+    rows, _ = made_up_trials(3)
+    rows = [row | {name: space.low * (space.high / space.low) ** (0.2 + 0.3 * k)} for k, row in enumerate(rows)]
+    plot_slice(rows, name, space, tmp_path / "slice.png")
+    axis = figures[0].axes[0].xaxis
+    ticks, labels = visible_ticks(axis)
+    assert 2 <= len(ticks) <= 5, labels
+    assert all(re.fullmatch(r"\d(e-\d+)?|0\.0\d", label) for label in labels), labels  # 1e-6, 0.02: no 10^{-6}
+    assert not any(visible_ticks(axis, "minor")[1]), "minor ticks are labelled"
+
+
+def test_resume_refuses_other_folds_or_backbone(tmp_path, data, tiny_backbone):
+    started = tune(data, trials=1, out=str(tmp_path / "runs"), **SETTINGS)
+    for changed, named in (({"folds": 5}, "folds: asked 5, recorded 3"), ({"seed": 7}, "seed: asked 7, recorded 0")):
+        with pytest.raises(StopsignError, match="cannot add trials") as caught:
+            tune(data, trials=1, resume=started.run_dir, progress=False, final=False, **changed)
+        assert named in str(caught.value)

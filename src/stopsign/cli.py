@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[quiet], help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="DATA: a CV Studio export (_annotations.json), class folders, "
                                             "train/ val/ folders, or a CSV of filename,label.")
-    train.add_argument("data")
+    train.add_argument("data", nargs="?", help="the labelled images (optional with --resume: the run's own)")
     train.set_defaults(val=None, resume=None)  # unset by default; SUPPRESS keeps "(default: None)" out of --help
     train.add_argument("--val", default=argparse.SUPPRESS, help="a separate labelled validation set (any layout)")
     train.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the best recipe's model trained on all data in final/.")
     tune.add_argument("data")
     tune.add_argument("--trials", type=int, default=50, help="trials this process adds to the study")
-    tune.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation that scores a trial")
+    tune.add_argument("--folds", type=bounded(int, 2), default=5,
+                      help="K of the K-fold cross-validation that scores a trial")
     tune.set_defaults(timeout=None, resume=None)
     tune.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=argparse.SUPPRESS, help="stop starting trials after this many seconds")
     tune.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS, help="add trials to the study in this tune folder (its own "
@@ -195,16 +196,21 @@ def print_result(result) -> None:
 def run_train(args) -> None:
     from .training.trainer import train
 
-    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
-    result = train(args.data, val=args.val, config=config, resume=args.resume, progress=not args.quiet)
+    if args.resume:  # the run's own settings; any given here must agree with them (train() says which do not)
+        result = train(args.data, val=args.val, resume=args.resume, progress=not args.quiet,
+                       **{name: getattr(args, name) for name in TRAIN_FIELDS if name in args.given})
+    else:
+        config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
+        result = train(args.data, val=args.val, config=config, progress=not args.quiet)
     print_result(result)
 
 
 def run_tune(args) -> None:
     from .training.tune import tune
 
-    fixed = {name: getattr(args, name) for name in TUNE_FIELDS}
-    result = tune(args.data, trials=args.trials, folds=args.folds, timeout=args.timeout, resume=args.resume,
+    fixed = {name: getattr(args, name) for name in TUNE_FIELDS if not args.resume or name in args.given}
+    folds = args.folds if not args.resume or "folds" in args.given else None
+    result = tune(args.data, trials=args.trials, folds=folds, timeout=args.timeout, resume=args.resume,
                   progress=not args.quiet, final=args.final, **fixed)
     if not result.best_params:
         print(f"no completed trial yet; the study is in {result.run_dir}")
@@ -374,8 +380,21 @@ def configure_logging(quiet: bool) -> None:
     logging.getLogger("stopsign").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options written on the command line (not their defaults): a second parse in which
+    every default of the subcommand is suppressed."""
+    parser = build_parser()
+    command = parser.parse_args(argv).command
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    sub._defaults.clear()
+    return set(vars(parser.parse_args(argv))) - {"command", "quiet"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
     configure_logging(args.quiet)
     try:
         return COMMANDS[args.command](args) or 0

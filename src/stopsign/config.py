@@ -75,3 +75,9 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    def conflicts(self, asked: dict) -> list[str]:
+        """The settings in `asked` that differ from these, as "name: asked X, recorded Y" (for --resume, which
+        continues with the recorded settings and must not silently ignore others)."""
+        return [f"{name}: asked {value!r}, recorded {getattr(self, name)!r}" for name, value in asked.items()
+                if getattr(self, name) != value]

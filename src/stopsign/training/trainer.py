@@ -43,14 +43,22 @@ class RunResult:
 
 
 @settled_heap()
-def train(data: str | Path | LabelledData, *, val: str | Path | None = None, config: TrainConfig | None = None,
+def train(data: str | Path | LabelledData | None = None, *, val: str | Path | None = None, config: TrainConfig | None = None,
           resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
     """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.
 
-    resume: a run folder of an interrupted run; its own config.json and data.json split are used.
+    resume: a run folder of an interrupted run; its own config.json and data.json split are used, and its data
+    folder when `data` is None. Overrides that differ from what it recorded are an error, never ignored.
     """
     phases, clock, started = {}, time.perf_counter(), now()
     config, run_dir = resolve_config(config, overrides, resume)
+    if val is not None and config.folds > 1:
+        raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
+                            "fold, and a separate validation set would be merged into it. Fix: use one of them")
+    if data is None:
+        if not resume:
+            raise StopsignError("no data to train on: give DATA (or --resume RUN_DIR to continue a run)")
+        data = recorded_data(run_dir)
     data = data if isinstance(data, LabelledData) else load_data(data)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
@@ -64,7 +72,7 @@ def train(data: str | Path | LabelledData, *, val: str | Path | None = None, con
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
     extractor = make_extractor(config)
-    record = config.to_dict() | {"backbone_weights_sha256": extractor.weights_sha256,
+    record = config.to_dict() | {"data": str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
                                  "preprocessing": extractor.preprocessing, "versions": versions()}
     if not resume:
         write_json(run_dir / "config.json", record)
@@ -164,8 +172,21 @@ def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Pa
     if not (run_dir / "config.json").is_file():  # written before training: a run that began has it
         raise StopsignError(f"cannot resume {run_dir}: it has no config.json, so it is not a run folder or "
                             "was stopped before training began. Fix: start a new run without --resume")
+    recorded = TrainConfig.from_dict(read_json(run_dir / "config.json"))
+    conflicts = recorded.conflicts(overrides)
+    if conflicts:
+        raise StopsignError(f"cannot resume {run_dir} with other settings than it recorded ({'; '.join(conflicts)}). "
+                            "Fix: resume without them, or start a new run with them")
     remove_partial_files(run_dir)
-    return TrainConfig.from_dict(read_json(run_dir / "config.json")), run_dir
+    return recorded, run_dir
+
+
+def recorded_data(run_dir: Path) -> str:
+    """The data folder a run recorded in config.json: what `--resume RUN` trains on when DATA is not given."""
+    record = read_json(Path(run_dir) / "config.json")
+    if not record.get("data"):
+        raise StopsignError(f"{run_dir} does not record its data folder (a run of stopsign 0.1): give DATA too")
+    return record["data"]
 
 
 def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None,

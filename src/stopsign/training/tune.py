@@ -124,12 +124,13 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
 
 
 @settled_heap()
-def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, timeout: float | None = None,
+def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None = None, timeout: float | None = None,
          config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
          final: bool = True, **overrides) -> TuneResult:
     """Search SEARCH_SPACE for `trials` more trials (or `timeout` seconds) and train the best recipe on all data.
 
-    Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...).
+    Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...); folds
+    defaults to 5.
     resume: a tune folder; its own settings are used and its study grows (another process may be adding
     trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
     """
@@ -140,8 +141,14 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int = 5, t
     samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
     if resume:
         run_dir, config = reopen_tune_folder(Path(resume), data, samples)
+        asked = overrides | ({"folds": folds} if folds is not None else {})
+        conflicts = config.conflicts(asked)
+        if conflicts:
+            raise StopsignError(f"cannot add trials to {run_dir} with other settings than its study "
+                                f"({'; '.join(conflicts)}): its trials would not compare. Fix: resume without "
+                                "them, or tune in a new folder")
     else:
-        config = (config or TrainConfig()).replace(folds=folds, **overrides)
+        config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
         run_dir = create_tune_folder(config, data, samples)
 
     extractor = make_extractor(config)

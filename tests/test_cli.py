@@ -177,3 +177,19 @@ def test_a_separate_validation_set_and_folds_do_not_combine(tmp_path, data, tiny
                  "--out", str(tmp_path / "runs")]) == 2
     assert "--val and --folds do not combine" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_max_pixels_sets_the_decoding_limit(tmp_path, data, tiny_backbone, capsys):
+    from stopsign import cli
+    from stopsign.data import images
+
+    assert cli.DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS  # the flag's default is the module's
+    train_cli(tmp_path, data)
+    checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
+    capsys.readouterr()
+    previous = images.MAX_PIXELS
+    try:
+        assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--max-pixels", "100"]) == 1
+        assert "too large: 32×32 = 1024 pixels exceeds the limit of 100" in capsys.readouterr().out
+    finally:
+        images.set_max_pixels(previous)

@@ -164,12 +164,40 @@ def test_all_problems_come_in_one_error_capped_at_twenty(tmp_path, make_images):
 def test_bad_class_folders_are_named(tmp_path, make_images):
     root = make_images(tmp_path / "data", COUNTS, layout="folders")
     (root / "yield").mkdir()
-    make_image(60).save(tmp_path / "secret.png")
-    os.symlink(tmp_path / "secret.png", root / "stop" / "escape.png")
+    (root / "empty").mkdir()
     with pytest.raises(DataError) as caught:
         load_data(root)
-    assert "class 'yield' has no images" in str(caught.value)
-    assert "'stop/escape.png': links to a file outside the data folder" in str(caught.value)
+    assert "class 'yield' has no images" in str(caught.value) and "class 'empty' has no images" in str(caught.value)
+
+
+@pytest.fixture
+def library(tmp_path) -> Path:
+    """A photo library outside the data folder: library/a.png, library/b.png, library/cats/c-0.png, c-1.png."""
+    folder = tmp_path / "library"
+    (folder / "cats").mkdir(parents=True)
+    for seed, name in enumerate(["a.png", "b.png", "cats/c-0.png", "cats/c-1.png"]):
+        make_image(70 + seed).save(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["folders", "splits"])
+def test_class_folders_follow_links_to_images_and_folders_anywhere(tmp_path, make_images, library, layout):
+    counts = COUNTS if layout == "folders" else {"train": COUNTS, "val": COUNTS}
+    root = make_images(tmp_path / "data", counts, layout=layout)
+    classes = root if layout == "folders" else root / "train"
+    os.symlink(library / "a.png", classes / "stop" / "linked-a.png")  # an image linked from elsewhere
+    os.symlink(library / "cats", classes / "cat")  # a whole class folder linked from elsewhere
+    os.symlink(library / "gone.png", classes / "stop" / "broken.png")  # still skipped, with the reason
+    if layout == "splits":
+        os.symlink(library / "cats", root / "val" / "cat")
+    data = load_data(root)
+    assert data.class_names == ["cat", "not_stop", "stop"]
+    in_train = data.samples if layout == "folders" else data.splits["train"]
+    assert data.class_counts(in_train) == {"cat": 2, "not_stop": 3, "stop": 6}
+    paths = {sample.path: data.class_names[sample.label] for sample in in_train}
+    assert paths[classes / "stop" / "linked-a.png"] == "stop" and paths[classes / "cat" / "c-1.png"] == "cat"
+    assert all(path.is_file() for path in paths)  # the link's own path, which opens the library's file
+    assert data.skipped == {str(classes / "stop" / "broken.png"): "broken link: its target does not exist"}
 
 
 def test_one_class_folder_is_not_enough(tmp_path, make_images):
@@ -189,16 +217,78 @@ def test_split_folders_need_a_validation_folder_and_every_class_in_it(tmp_path, 
 def test_bad_csv_rows_are_named_with_their_line(tmp_path, make_images):
     root = make_images(tmp_path, COUNTS, layout="csv")
     with open(root / "labels.csv", "a", encoding="utf-8") as file:
-        file.write("stop-0.png,stop\nghost.png,stop\n/etc/passwd,stop\nstop-1.png,\n")
+        file.write(f"stop-0.png,stop\nghost.png,stop\n{tmp_path / 'gone.png'},stop\nstop-1.png,\n../gone.png,stop\n")
     with pytest.raises(DataError) as caught:
         load_data(root)
     message = str(caught.value)
     assert "line 10 'stop-0.png': is listed again (first on line 2)" in message
-    assert "line 11 'ghost.png': file not found" in message and "line 12 '/etc/passwd': is an absolute path" in message
+    assert "line 11 'ghost.png': file not found (looked in the data folder or images/)" in message
+    assert f"line 12 '{tmp_path / 'gone.png'}': file not found ({tmp_path / 'gone.png'})" in message
     assert "line 13 'stop-1.png': has no label" in message
+    assert f"line 14 '../gone.png': file not found ({tmp_path.parent / 'gone.png'})" in message
+    assert "5 problem(s)" in message
     (root / "labels.csv").write_text("file,class\nstop-0.png,stop\n")
     with pytest.raises(DataError, match="the header must be 'filename,label'"):
         load_data(root)
+
+
+def test_csv_names_files_by_absolute_or_parent_relative_paths_and_follows_links(tmp_path, library, caplog):
+    lists = tmp_path / "lists"
+    (lists / "images").mkdir(parents=True)
+    make_image(80).save(lists / "images" / "own.png")
+    os.symlink(library / "cats", lists / "linked-cats")  # a subfolder linked from elsewhere
+    os.symlink(library / "b.png", lists / "images" / "linked-b.png")  # a file linked from elsewhere
+    rows = {"../library/a.png": "stop",  # relative to the CSV's folder
+            str(library / "b.png"): "not_stop",  # absolute
+            "linked-cats/c-0.png": "stop",
+            "linked-b.png": "not_stop",  # found in images/
+            "../lists/images/own.png": "stop",
+            "images/../../library/cats/./c-1.png": "not_stop"}
+    (lists / "labels.csv").write_text("filename,label\n" + "".join(f"{k},{v}\n" for k, v in rows.items()))
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"):
+        data = load_data(lists / "labels.csv")
+    assert data.layout == "csv" and data.class_counts() == {"not_stop": 3, "stop": 3}
+    assert [str(sample.path) for sample in data.samples] == [
+        str(library / "a.png"), str(library / "b.png"), str(lists / "linked-cats" / "c-0.png"),
+        str(lists / "images" / "linked-b.png"), str(lists / "images" / "own.png"), str(library / "cats" / "c-1.png")]
+    assert all(sample.path.is_absolute() and ".." not in sample.path.parts for sample in data.samples)
+    assert "without a label" not in caplog.text
+
+
+def test_a_csv_file_named_through_links_and_dotdot_counts_as_listed(tmp_path, make_images, caplog):
+    make_images(tmp_path / "data", COUNTS, layout="csv")
+    os.symlink(tmp_path / "data", tmp_path / "shortcut")  # the CSV is read through a linked folder
+    text = (tmp_path / "data" / "labels.csv").read_text().replace("\nstop-0.png,", "\n../data/images/stop-0.png,")
+    (tmp_path / "data" / "labels.csv").write_text(text)
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"):
+        data = load_data(tmp_path / "shortcut")
+    assert len(data.samples) == 8 and tmp_path / "data" / "images" / "stop-0.png" in {s.path for s in data.samples}
+    assert "without a label" not in caplog.text  # images/stop-0.png is listed, by another path
+    make_image(99).save(tmp_path / "data" / "images" / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"):
+        load_data(tmp_path / "shortcut")
+    assert "1 image(s) without a label were ignored" in caplog.text and "stray.png" in caplog.text
+
+
+def test_a_cv_studio_export_stays_confined_to_its_folder(tmp_path, make_images, library):
+    """The paths a CSV may use, to files that exist, are refused as keys of an export (made elsewhere)."""
+    root = make_images(tmp_path / "data", COUNTS, layout="cvstudio")
+    os.symlink(library / "a.png", root / "images" / "linked-a.png")
+    os.symlink(library / "cats", root / "images" / "linked-cats")
+    keys = {"../library/b.png": "contains '..': the file must be inside the data folder",
+            "../../library/b.png": "contains '..'",
+            str(library / "b.png"): "is an absolute path: name the file relative to the data folder",
+            "linked-a.png": "links to a file outside the data folder",
+            "linked-cats/c-0.png": "contains a path separator: give the plain file name"}
+    document = json.loads((root / "_annotations.json").read_text())
+    document["annotations"] |= {key: [{"label": "stop"}] for key in keys}
+    (root / "_annotations.json").write_text(json.dumps(document))
+    with pytest.raises(DataError) as caught:
+        load_data(root)
+    message = str(caught.value)
+    assert "5 problem(s)" in message
+    for key, reason in keys.items():
+        assert f"{key!r}: {reason}" in message
 
 
 def samples(counts: dict[int, int]) -> list[Sample]:

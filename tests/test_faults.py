@@ -567,25 +567,23 @@ def test_annotation_keys_escaping_the_folder_are_named_and_never_opened(tmp_path
         assert f"{key!r}: " in str(caught.value), key
     assert opened_outside(opened, root, tmp_path) == [] and str(root / "_annotations.json") in opened
 
-    (root / "labels.csv").write_text("filename,label\n" + "".join(f"{key},stop\n" for key in hostile[:5]))
+    # A CSV is the user's own list: absolute and ../ names and links are followed (as ImageFolder does).
+    names = ["../outside/secret.png", str(outside / "secret.png"), "link.png", "linked-folder/secret.png"]
+    (root / "labels.csv").write_text("filename,label\n" + "".join(f"{key},{label}\n" for key, label in
+                                                                  zip(names, ["stop", "not_stop"] * 2)))
     (root / "_annotations.json").unlink()
-    with OpenedFiles() as opened, pytest.raises(DataError) as caught:
-        load_data(root)
-    assert all(f"{key!r}: " in str(caught.value) for key in hostile[:5])
-    assert "'linked-folder/secret.png': links to a file outside the data folder" in str(caught.value)
-    assert opened_outside(opened, root, tmp_path) == []
+    data = load_data(root)
+    assert len(data.samples) == 4 and all(s.path.resolve() == (outside / "secret.png").resolve() for s in data.samples)
 
 
-def test_class_folders_linking_outside_are_refused_and_a_good_set_reads_only_its_own_files(
+def test_class_folders_follow_links_and_a_good_set_reads_only_its_own_files(
         tmp_path, make_images, outside, tiny_backbone):
     root = make_images(tmp_path / "data", {"stop": 4, "not_stop": 4}, layout="folders")
     os.symlink(outside, root / "stolen")
     os.symlink(outside / "secret.png", root / "stop" / "secret.png")
-    with OpenedFiles() as opened, pytest.raises(DataError) as caught:
-        load_data(root)
-    assert "'stolen/secret.png': links to a file outside" in str(caught.value)
-    assert "'stop/secret.png': links to a file outside" in str(caught.value)
-    assert opened_outside(opened, root, tmp_path) == []
+    linked = load_data(root)  # the user's own folders: a linked class folder and a linked image are followed
+    assert linked.class_names == ["not_stop", "stolen", "stop"]
+    assert {s.path.name for s in linked.samples if linked.class_names[s.label] == "stop"} >= {"secret.png"}
 
     (root / "stolen").unlink()
     (root / "stop" / "secret.png").unlink()

@@ -7,12 +7,16 @@ import io
 import os
 import re
 import struct
+import subprocess
+import sys
+import time
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from conftest import make_image
 from stopsign.data import images
@@ -128,8 +132,8 @@ def noisy_jpeg() -> bytes:
         ("notes.jpg", b"shopping list: eggs, milk\n", "not an image file"),
         ("page.png", b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>", "HTML"),
         ("cut.jpg", noisy_jpeg()[:600], "truncated or corrupt image data"),
-        ("bomb.png", png_claiming(50_000, 50_000), "too large: 2500000000 pixels exceeds the limit of 40000000"),
-        ("big.png", png_claiming(8_000, 8_000), "too large: 8000×8000 = 64000000 pixels"),
+        ("bomb.png", png_claiming(50_000, 50_000), "too large: 2500000000 pixels exceeds the limit of 200000000"),
+        ("big.png", png_claiming(20_000, 12_500), "too large: 20000×12500 = 250000000 pixels exceeds the limit"),
     ],
 )
 def test_bad_files_raise_image_error_with_the_reason(tmp_path, file_name, content, reason):
@@ -138,6 +142,122 @@ def test_bad_files_raise_image_error_with_the_reason(tmp_path, file_name, conten
         read_image(tmp_path / file_name)
     with pytest.raises(ImageError, match=re.escape(reason)):
         decode_image(content)
+
+
+def test_a_250_mp_header_is_refused_before_any_pixel_is_decoded(monkeypatch):
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")  # read_image would then say "truncated or corrupt"
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError, match="too large: 20000×12500 = 250000000 pixels exceeds the limit of 200000000"):
+        decode_image(png_claiming(20_000, 12_500), draft=(224, 224))
+    with pytest.raises(ImageError, match="corrupt"):  # the spy works: a small image reaches load()
+        decode_image(png_claiming(16, 16))
+
+
+@pytest.fixture(scope="module")
+def phone_jpeg(tmp_path_factory) -> tuple[Path, Image.Image]:
+    """A 48.8 MP photo (8000×6100, as a 48 MP phone writes) of 100-px blocks, at quality 50 (about 1.6 MB)."""
+    small = make_image(7, (80, 61))
+    path = tmp_path_factory.mktemp("phone") / "IMG_0001.jpg"
+    small.resize((8000, 6100), Image.Resampling.NEAREST).save(path, quality=50)
+    return path, small
+
+
+def test_a_48_mp_phone_photo_is_accepted_and_drafted_small(phone_jpeg):
+    path, small = phone_jpeg
+    started = time.perf_counter()
+    image = read_image(path, draft=(224, 224))
+    assert time.perf_counter() - started < 2  # a full decode is 0.4 s, and 195 MB
+    assert image.mode == "RGB" and 224 <= min(image.size) and max(image.size) < 1000
+    assert image.size == (334, 255)  # 1/8 by draft (1000×763), then a third: the most that keeps 224 px
+    # The pixels are the photo's: the block at the 40th column, 30th row of the 80×61 original.
+    assert close_to(image.getpixel((40 * 334 // 80 + 2, 30 * 255 // 61 + 2)), small.getpixel((40, 30)), 20)
+
+
+def test_drafting_the_phone_photo_holds_a_few_mb_not_the_full_195(phone_jpeg):
+    path, _ = phone_jpeg
+    script = ("import resource, sys\n"
+              "from stopsign.data.images import read_image\n"
+              "read_image(sys.argv[1], draft=(8, 8))  # warm up Pillow's JPEG decoder on the same file\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "image = read_image(sys.argv[1], draft=(224, 224))\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, image.size)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    grown_kib = int(done.stdout.split()[0])
+    assert grown_kib < 40 * 1024, done.stdout  # full-size pixels would be 8000 × 6100 × 4 bytes = 195 MB
+
+
+def test_a_phone_mpo_is_drafted_like_a_jpeg(tmp_path):
+    # Many phones write MPO (a photo and its depth map or preview in one .jpg); Pillow names it "MPO".
+    Image.new("RGB", (1600, 1200), RED).save(tmp_path / "pair.jpg", "MPO", save_all=True,
+                                             append_images=[Image.new("RGB", (1600, 1200), BLUE)])
+    assert Image.open(tmp_path / "pair.jpg").format == "MPO"
+    drafted = read_image(tmp_path / "pair.jpg", draft=(224, 224))
+    assert drafted.size == (400, 300) and close_to(drafted.getpixel((200, 150)), RED)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16", "P", "L"])
+def test_draft_shrinks_any_format_by_whole_factors_not_below_the_target(tmp_path, mode):
+    image = Image.new("RGB", (900, 600), RED)
+    image.paste(BLUE, (450, 0, 900, 600))
+    if mode == "I;16":
+        image = Image.fromarray(np.where(np.asarray(image)[..., 0] > 128, 65535, 0).astype(np.uint16))
+        left, right = WHITE, (0, 0, 0)
+    else:
+        image, left, right = (image.convert(mode), RED, BLUE) if mode != "L" else (image.convert("L"), (76,) * 3,
+                                                                                  (29,) * 3)
+    image.save(tmp_path / "wide.png")
+    drafted = read_image(tmp_path / "wide.png", draft=(100, 200))  # 900 // 100 = 9, 600 // 200 = 3: a third
+    assert drafted.mode == "RGB" and drafted.size == (300, 200)
+    assert close_to(drafted.getpixel((50, 100)), left) and close_to(drafted.getpixel((250, 100)), right)
+    assert read_image(tmp_path / "wide.png").size == (900, 600)  # without a draft, full size
+
+
+def test_pillows_own_bomb_limit_never_refuses_within_ours(monkeypatch):
+    buffer = io.BytesIO()
+    make_image(4, (100, 100)).save(buffer, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow alone would refuse 10000 pixels ...
+    assert decode_image(buffer.getvalue(), max_pixels=20_000).size == (100, 100)  # ... ours allows them
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # raised to ours, still on: the backstop for GIF frames and tiles
+    with pytest.raises(ImageError, match="too large: 100×100 = 10000 pixels exceeds the limit of 9999"):
+        decode_image(buffer.getvalue(), max_pixels=9_999)
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # never lowered
+
+
+@pytest.fixture
+def limit(monkeypatch):
+    """Restores images.MAX_PIXELS and STOPSIGN_MAX_PIXELS after the test."""
+    monkeypatch.setattr(images, "MAX_PIXELS", images.MAX_PIXELS)
+    monkeypatch.delenv(images.MAX_PIXELS_ENV, raising=False)
+    return images.set_max_pixels
+
+
+def test_the_limit_is_set_at_run_time(tmp_path, limit):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert images.MAX_PIXELS == images.DEFAULT_MAX_PIXELS == 200_000_000
+    assert limit(1000) == 200_000_000  # the previous limit
+    with pytest.raises(ImageError, match="32×32 = 1024 pixels exceeds the limit of 1000"):
+        read_image(tmp_path / "a.png")
+    with pytest.raises(ImageError, match="exceeds the limit of 1000"):
+        decode_image((tmp_path / "a.png").read_bytes())
+    assert os.environ["STOPSIGN_MAX_PIXELS"] == "1000"  # what a spawned worker process reads
+    limit(1024)
+    assert read_image(tmp_path / "a.png").size == (32, 32)
+    assert read_image(tmp_path / "a.png", max_pixels=5000).size == (32, 32)  # a caller's own limit wins
+    for bad in (0, -1, 1.5, "1000", True, None):
+        with pytest.raises(ValueError, match="whole number of at least 1"):
+            limit(bad)
+    assert images.MAX_PIXELS == 1024
+
+
+@pytest.mark.parametrize(("value", "expected"),
+                         [("300_000_000", 300_000_000), ("lots", 200_000_000), ("0", 200_000_000)])
+def test_a_worker_process_takes_the_limit_from_the_environment(value, expected):
+    script = "from stopsign.data import images; print(images.MAX_PIXELS)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env=os.environ | {"STOPSIGN_MAX_PIXELS": value})
+    assert int(done.stdout) == expected
 
 
 def test_max_pixels_is_the_callers_limit(tmp_path):

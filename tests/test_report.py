@@ -304,3 +304,94 @@ def test_long_class_names_are_shortened_in_the_middle_and_stay_distinct():
     assert shown == ["stop sign at …from the left", "stop sign at …rom the right", "x"]
     colliding = axis_names(["stop sign seen from the left at a distance", "stop sign seen from the right at a distance"])
     assert colliding == ["0: stop sign see…at a distance", "1: stop sign see…at a distance"]
+
+
+class Tables(HTMLParser):
+    """Every <table> of a page as rows of (tag, text) cells; a nested table's text stays with its own table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.open = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.open.append([])
+            self.tables.append(self.open[-1])
+        elif tag == "tr" and self.open:
+            self.open[-1].append([])
+        elif tag in ("td", "th") and self.open:
+            self.open[-1][-1].append([tag, ""])
+
+    def handle_endtag(self, tag):
+        if tag == "table" and self.open:
+            self.open.pop()
+
+    def handle_data(self, data):
+        if self.open and self.open[-1] and self.open[-1][-1]:
+            self.open[-1][-1][-1][1] += data
+
+
+def tables(path: Path) -> list[list[list[list[str]]]]:
+    parser = Tables()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser.tables
+
+
+def table_headed(all_tables, first: str):
+    return next(t for t in all_tables if t and t[0] and t[0][0][1] == first)
+
+
+def test_the_headline_and_metrics_come_before_run_info_checks_and_images(images, tmp_path):
+    pred = predictions(images, P1_WITH_MISTAKES)
+    leaked = tmp_path / "images" / "leaked.jpg"
+    shutil.copyfile(images[0], leaked)
+    checks = check_data({"train": [Sample(images[0], 0)], "val": [Sample(leaked, 0)]}, NAMES)
+    out = tmp_path / "report"
+    metrics = write_report(out, pred, history=HISTORY, run_info={"settings": {"epochs": 5}}, checks=checks)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    heading = {name: page.index(f"<h2>{name}</h2>") for name in ["Metrics", "Run", "Data checks", "Curves", "Images"]}
+    assert heading["Metrics"] < min(heading["Run"], heading["Data checks"], heading["Curves"], heading["Images"])
+    nav = page[page.index("<nav>"):page.index("</nav>")]
+    assert nav.index("#metrics") < min(nav.index("#run"), nav.index("#checks"), nav.index("#images"))
+    lead = page[page.index("</h1>"):page.index("<nav>")]  # the line under the title: accuracy, n, recall per class
+    lo, hi = metrics["accuracy_ci95"]
+    assert f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n=12)" in lead
+    for name in NAMES:
+        assert f"{name} {metrics['per_class'][name]['recall']:.2f}" in lead
+    metrics_html = page[heading["Metrics"]:page.index("</section>", heading["Metrics"])]
+    assert 'href="#checks"' in metrics_html  # moved down, the checks' warnings are still pointed to up front
+    per_class = page.index("<th>precision</th>", heading["Metrics"])
+    assert per_class < page.index("<h3>Confusion", heading["Metrics"])  # per-class table first in the section
+
+
+def test_precision_of_a_class_never_predicted_and_recall_of_one_without_support_are_na(images, tmp_path):
+    names = ["a", "b", "c", "d", "e"]
+    y_true = [0, 0, 1, 1, 2, 2]
+    y_pred = [0, 3, 1, 1, 0, 1]  # c is never predicted; d has no image but is predicted once; e neither
+    probs = np.full((6, 5), 0.075)
+    probs[np.arange(6), y_pred] = 0.7
+    pred = Predictions([str(p) for p in images[:6]], y_true, probs, names)
+    out = tmp_path / "report"
+    metrics = write_report(out, pred)
+    assert metrics["per_class"]["c"]["precision"] == 0.0  # metrics.json keeps numbers; only the page says n/a
+    rows = {row[0][1]: [text for _, text in row[1:]] for row in table_headed(tables(out / "report.html"), "class")[1:]}
+    assert rows["a"] == ["0.500", "0.500", "0.500", "2"]
+    assert rows["c"] == ["n/a", "0.000", "0.000", "2"]  # F1 is defined: 2 images, none found
+    assert rows["d"] == ["0.000", "n/a", "0.000", "0"]
+    assert rows["e"] == ["n/a", "n/a", "n/a", "0"]  # 2TP / (2TP + FP + FN) = 0/0
+
+
+def test_the_confusion_table_names_the_classes_on_its_rows_and_columns(images, tmp_path):
+    names = ["not stop", "stop <sign>"]
+    pred = predictions(images, P1_WITH_MISTAKES)
+    pred.class_names = names
+    out = tmp_path / "report"
+    metrics = write_report(out, pred, cv={"folds": 2, "per_fold": [{"accuracy": 0.8}, {"accuracy": 0.9}],
+                                          "mean": {"accuracy": 0.85}, "std": {"accuracy": 0.05},
+                                          "oof_confusion": [[5, 1], [2, 4]]})
+    confusions = [t for t in tables(out / "report.html") if t and t[0] and t[0][0][1] == "truth \\ predicted"]
+    assert len(confusions) == 2  # the report's and the out-of-fold one
+    for table, matrix in zip(confusions, [metrics["confusion"], [[5, 1], [2, 4]]]):
+        assert table[0] == [["th", "truth \\ predicted"]] + [["th", name] for name in names]
+        assert [row[0] for row in table[1:]] == [["th", name] for name in names]  # row headers, not data cells
+        assert [[int(text) for _, text in row[1:]] for row in table[1:]] == matrix

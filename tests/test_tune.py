@@ -197,8 +197,8 @@ def made_up_trials(count: int) -> tuple[list[dict], dict]:
                     | {f"fold{k + 1}_accuracy": v for k, v in enumerate(folds)}
                     | {f"fold{k + 1}_log_loss": 0.456789123 for k in range(3)})
     top = rows[-1]
-    seed = {"accuracy": 0.7654321, "accuracy_std": 0.0234567, "log_loss": 0.5678912, "fold_accuracy": [0.75, 0.76, 0.78],
-            "params": {name: top[name] for name in SEARCH_SPACE}}
+    seed = {"accuracy": 0.7654321, "accuracy_std": 0.0234567, "log_loss": 0.5678912,
+            "fold_accuracy": [0.75, 0.76, 0.78], "params": {name: top[name] for name in SEARCH_SPACE}}
     best = {"trial": top["number"], "value": top["value"], "objective": "accuracy - 1e-3 log-loss", "folds": 3,
             "accuracy": top["accuracy"], "accuracy_std": top["accuracy_std"], "log_loss": top["log_loss"],
             "fold_accuracy": [top[f"fold{k + 1}_accuracy"] for k in range(3)], "fold_log_loss": [0.45] * 3,
@@ -211,11 +211,20 @@ def significant_digits(text: str) -> int:
     return len(text.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
 
 
-def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_path):
-    from stopsign.reporting.tune_report import write_tune_report
+def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_path, monkeypatch):
+    import stopsign.reporting.tune_report as tune_report
 
+    def no_plot(*args):  # the page, not the plots (tested below): 11 figures cost seconds
+        path = Path(args[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x89PNG")
+        return path
+
+    for name in ("plot_history", "plot_importances", "plot_slice"):
+        monkeypatch.setattr(tune_report, name, no_plot)
     rows, best = made_up_trials(3)
-    page = write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {"lr_max": 0.6, "epochs": 0.4}, title="t").read_text()
+    page = tune_report.write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {"lr_max": 0.6, "epochs": 0.4},
+                                         title="t").read_text()
     wrapper = re.search(r'<h3>The 3 best trials</h3><div class="([\w-]+)"><table>(.*?)</table></div>', page)
     assert wrapper, "the trial table is not wrapped in a box of its own"
     style = page[page.index("<style>"):page.index("</style>")]

@@ -42,6 +42,7 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
 
 
 PROBABILITY = bounded(float, 0, 1)
+DEFAULT_MAX_PIXELS = 200_000_000  # data.images.DEFAULT_MAX_PIXELS, here so that --help imports no PIL
 QUIET_HELP = "no progress bars (warnings are still shown)"
 THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
 
@@ -78,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     # -q also after the subcommand, listed in its --help; SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    pixels = argparse.ArgumentParser(add_help=False)  # for the commands that decode photos
+    pixels.add_argument("--max-pixels", type=bounded(int, 1), default=DEFAULT_MAX_PIXELS,
+                        help="largest width × height decoded; larger images are refused (the decompression-bomb "
+                             "limit), smaller ones decoded in bounded memory (default: 200000000, a 200 MP photo)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", parents=[quiet], help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    train = commands.add_parser("train", parents=[quiet, pixels], help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="DATA: a CV Studio export (_annotations.json), class folders, "
                                             "train/ val/ folders, or a CSV of filename,label.")
     train.add_argument("data", nargs="?", help="the labelled images (optional with --resume: the run's own)")
@@ -90,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
     add_config_flags(train, TRAIN_FIELDS)
 
-    predict = commands.add_parser("predict", parents=[quiet], help="predict images with a checkpoint")
+    predict = commands.add_parser("predict", parents=[quiet, pixels], help="predict images with a checkpoint")
     predict.add_argument("checkpoint")
     predict.add_argument("images", nargs="+", help="files, folders or glob patterns")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
     predict.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
     predict.add_argument("--weights", help="local copy of the backbone's weights")
 
-    evaluate = commands.add_parser("evaluate", parents=[quiet], help="score a checkpoint on labelled data")
+    evaluate = commands.add_parser("evaluate", parents=[quiet, pixels], help="score a checkpoint on labelled data")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("data")
     evaluate.add_argument("--out", default="runs")
@@ -124,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
 
-    serve = commands.add_parser("serve", parents=[quiet], help="serve a model over HTTP: JSON API and a web page at /")
+    serve = commands.add_parser("serve", parents=[quiet, pixels], help="serve a model over HTTP: JSON API and a web page at /")
     serve.add_argument("model", help="a checkpoint (runs/NAME/best.pt) or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
     serve.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
 
-    tune = commands.add_parser("tune", parents=[quiet], help="search the training recipe by K-fold cross-validation (Optuna)",
+    tune = commands.add_parser("tune", parents=[quiet, pixels], help="search the training recipe by K-fold cross-validation (Optuna)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                description="Writes study.db, trials.csv, best.json, plots/ and report.html, then "
                                            "the best recipe's model trained on all data in final/.")
@@ -396,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)
     configure_logging(args.quiet)
+    if getattr(args, "max_pixels", None):
+        from .data.images import set_max_pixels
+
+        set_max_pixels(args.max_pixels)
     try:
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:

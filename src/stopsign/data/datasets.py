@@ -2,7 +2,15 @@
 
 `load_data()` recognises the layout, checks every entry, and either returns a `LabelledData` or
 raises one `DataError` that lists every problem found and says how to fix it. Decoding the images
-is `images.py`'s business; here a file only has to exist inside the data folder.
+is `images.py`'s business; here a file only has to exist, where its layout allows:
+
+- class folders and split folders (the user's own): links are followed, wherever they lead, for a class
+  folder and for an image file alike, as torchvision's ImageFolder does; a broken link is skipped.
+- CSV (the user's own): a file name is relative to the CSV's folder (looked up there, then in images/),
+  may hold subfolders and '../', or is absolute; links are followed, as fastai's from_csv does.
+- CV Studio export (`_annotations.json`, made elsewhere and downloaded): each key is a plain file name
+  in the export folder (or its images/), and a link out of the export folder is refused, so a crafted
+  export cannot make stopsign read, train on or show a file beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ LAYOUT_HELP = """stopsign reads four layouts:
   4. CSV:              DATA/labels.csv or any DATA.csv with the header filename,label"""
 CVSTUDIO_FIX = f"Fix or delete these entries in {ANNOTATIONS} (or export the data set from CV Studio again)."
 FOLDERS_FIX = "Give each class its own folder of images: DATA/<class>/, or DATA/train/<class>/ and DATA/val/<class>/."
-CSV_FIX = "Fix these rows of the CSV: each row names one image file (relative to the CSV's folder) and its label."
+CSV_FIX = ("Fix these rows of the CSV: each row names one image file (relative to the CSV's folder, or absolute) "
+           "and its label.")
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
             reasons.append(f"label {label!r} is not in 'labels' {labels}")
         elif label is not None and class_names is not None and label not in classes:
             reasons.append(f"label {label!r} is not one of the classes {classes}")
-        file = _locate(name, folders, root, reasons, allow_subfolders=False)
+        file = _locate(name, folders, root, reasons, confined=True)  # an export comes from elsewhere
         found.add(file)
         if reasons:
             problems.append(f"{name!r}: " + "; ".join(reasons))
@@ -172,7 +181,7 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
         if name in first_line:
             reasons.append(f"is listed again (first on line {first_line[name]})")
         first_line.setdefault(name, line)
-        file = _locate(name, folders, root, reasons, allow_subfolders=True)
+        file = _locate(name, folders, root, reasons, confined=False)  # the user's own list: any path
         found.add(file)
         if reasons:
             problems.append(f"line {line} {name!r}: " + "; ".join(reasons))
@@ -210,17 +219,17 @@ def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | No
 
 def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[str],
                    skipped: dict[str, str]) -> list[Sample]:
-    """Samples from folder/<class>/*; a folder naming an unknown class is a problem."""
+    """Samples from folder/<class>/*; a folder naming an unknown class is a problem.
+
+    The user's own folders: a class folder or image that is a link is followed wherever it leads (a data
+    set assembled from links into a photo library); broken links and loops are skipped into `skipped`.
+    """
     samples = []
     for name in _subfolders(folder):
         if name not in classes:
             problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
             continue
-        for file in list_images(folder / name, skipped):
-            if _inside(file, root):
-                samples.append(Sample(file, classes.index(name)))
-            else:
-                problems.append(f"'{file.relative_to(root)}': links to a file outside the data folder")
+        samples += [Sample(file, classes.index(name)) for file in list_images(folder / name, skipped)]
     return samples
 
 
@@ -241,27 +250,46 @@ def _finish(root, layout, classes, own, samples, splits, problems, source, fix, 
     return LabelledData(root, layout, list(classes), samples, splits, skipped or {})
 
 
-def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], allow_subfolders: bool) -> Path | None:
-    """The file `name` in the first folder holding it; appends why not to `reasons`."""
+def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, confined: bool) -> Path | None:
+    """The file `name` in the first of `folders` holding it; appends why not to `reasons`.
+
+    confined (a CV Studio export's keys): a plain file name, and the file, links followed, inside `root`.
+    Not confined (the user's own CSV): a relative path, with subfolders, or with '..' (from `root`, the
+    CSV's folder, only), or an absolute path; links are followed wherever they lead.
+    """
     parts = re.split(r"[\\/]", name)
     if not name:
         reasons.append("no file name")
-    elif os.path.isabs(name) or re.match(r"^([A-Za-z]:|[\\/])", name):
+    elif confined and (os.path.isabs(name) or re.match(r"^([A-Za-z]:|[\\/])", name)):
         reasons.append("is an absolute path: name the file relative to the data folder")
-    elif ".." in parts:
+    elif confined and ".." in parts:
         reasons.append("contains '..': the file must be inside the data folder")
-    elif len(parts) > 1 and not allow_subfolders:
+    elif confined and len(parts) > 1:
         reasons.append("contains a path separator: give the plain file name")
+    elif not confined and (Path(name).is_absolute() or ".." in Path(name).parts):
+        file = root / name  # root / an absolute path is that path
+        file = _directory_resolved(file) if ".." in file.parts else file
+        if _is_file(file):
+            return file
+        reasons.append(f"file not found ({file})")
     else:
         for folder in folders:
             if _is_file(folder / name):  # False for broken links and link loops
-                if _inside(folder / name, root):
+                if not confined or _inside(folder / name, root):
                     return folder / name
                 reasons.append("links to a file outside the data folder")
                 return None
         where = " or ".join(f"{folder.name}/" if folder != root else "the data folder" for folder in folders)
         reasons.append(f"file not found (looked in {where})")
     return None
+
+
+def _directory_resolved(path: Path) -> Path:
+    """`path` with its folder's links and '..' resolved as the OS does, its own name (maybe a link) kept."""
+    try:
+        return Path(os.path.realpath(path.parent)) / path.name
+    except ValueError:  # a NUL byte in the name: no such file
+        return path
 
 
 def _is_file(path: Path) -> bool:
@@ -285,7 +313,9 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 def _warn_unlisted(folders: list[Path], listed: set[Path | None], source: Path) -> None:
-    unlisted = [file for folder in folders for file in list_images(folder) if file not in listed]
+    # A CSV may name a file of images/ as '../data/images/a.png': compare the files' real folders.
+    listed = {_directory_resolved(file) for file in listed if file is not None}
+    unlisted = [file for folder in folders for file in list_images(folder) if _directory_resolved(file) not in listed]
     if unlisted:
         logger.warning("%s: %d image(s) without a label were ignored, e.g. %s", source, len(unlisted), unlisted[0])
 

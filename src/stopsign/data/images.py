@@ -1,5 +1,10 @@
 """Safe decoding of one image file: any mode to RGB, EXIF orientation, a pixel limit, JPEG draft.
 
+The pixel limit is `MAX_PIXELS`, read at each call (200 MP by default: the largest phone sensors);
+`set_max_pixels(n)` changes it for this process and the worker processes it starts. With `draft=`
+(every caller passes its input size) a JPEG is decoded at 1/2, 1/4 or 1/8 scale and any image is then
+reduced by whole factors, never below the target, so a 200 MP phone photo costs about 12 MB of pixels.
+
 Also the content digest of a file and the listing of image files in a folder. Every failure to
 decode is an `ImageError` whose message is a short reason ("not an image file", "truncated or
 corrupt image data", ...), so callers can report the file and skip it.
@@ -10,15 +15,17 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import operator
 import os
 import re
 import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from ..errors import DataError, ImageError
 from ..files import sha256_file
@@ -26,7 +33,8 @@ from ..files import sha256_file
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-MAX_PIXELS = 40_000_000  # about 6300 x 6300: far beyond any photo worth resizing to 224 px
+DEFAULT_MAX_PIXELS = 200_000_000  # about 16,000 × 12,500: a 200 MP phone photo fits
+MAX_PIXELS_ENV = "STOPSIGN_MAX_PIXELS"  # how set_max_pixels reaches spawned worker processes
 
 _OS_REASONS = {
     errno.ENOENT: "file not found",
@@ -36,11 +44,58 @@ _OS_REASONS = {
     errno.ELOOP: "symbolic link loop",
 }
 
+# Image.Transpose method for each EXIF orientation (what ImageOps.exif_transpose does, without its copy).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+# Modes whose pixels Image.reduce may average (not palette indices, not bits, not hues).
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _initial_max_pixels() -> int:
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        if (value := int(text)) >= 1:
+            return value
+    except ValueError:
+        pass
+    logger.warning("%s=%r is not a whole number of at least 1: the limit stays %d pixels",
+                   MAX_PIXELS_ENV, text, DEFAULT_MAX_PIXELS)
+    return DEFAULT_MAX_PIXELS
+
+
+MAX_PIXELS = _initial_max_pixels()  # the limit read_image and decode_image apply when given none
+
+
+def set_max_pixels(pixels: int) -> int:
+    """Set the largest width × height decoded (MAX_PIXELS) for this process; returns the previous limit.
+
+    Also sets the environment variable STOPSIGN_MAX_PIXELS, so worker processes started afterwards
+    (a DataLoader's, under the spawn or forkserver start methods) apply the same limit.
+    """
+    global MAX_PIXELS
+    try:
+        value = operator.index(pixels)
+    except TypeError:
+        value = None
+    if value is None or isinstance(pixels, bool) or value < 1:
+        raise ValueError(f"the pixel limit must be a whole number of at least 1, got {pixels!r}")
+    previous, MAX_PIXELS = MAX_PIXELS, value
+    os.environ[MAX_PIXELS_ENV] = str(value)
+    return previous
+
 
 def read_image(
-    path: str | os.PathLike, *, draft: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS
+    path: str | os.PathLike, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None
 ) -> Image.Image:
-    """Decode the image file at `path` into a loaded RGB image, or raise ImageError with the reason."""
+    """Decode the image file at `path` into a loaded RGB image, or raise ImageError with the reason.
+
+    draft: (width, height) the caller will resize to; the image comes back smaller than its file, but
+    never below that. max_pixels: the limit on width × height; None (the default) is MAX_PIXELS now.
+    """
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
@@ -56,7 +111,7 @@ def read_image(
 
 
 def decode_image(
-    data: bytes, *, draft: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS
+    data: bytes, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None
 ) -> Image.Image:
     """Decode encoded image bytes (an upload, say) exactly as `read_image` decodes a file."""
     if not data:
@@ -64,12 +119,14 @@ def decode_image(
     return _decode(io.BytesIO(data), draft, max_pixels)
 
 
-def _decode(file: IO[bytes], draft: tuple[int, int] | None, max_pixels: int) -> Image.Image:
+def _decode(file: IO[bytes], draft: tuple[int, int] | None, max_pixels: int | None) -> Image.Image:
     # Pillow's plugins raise many exception types on malformed data (OSError, SyntaxError,
     # struct.error, IndexError, EOFError, ...): this is the one place that turns them all into a reason.
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    _keep_pillow_limit_above(max_pixels)
     try:
         with warnings.catch_warnings():
-            # Pillow warns about bombs (we apply our own, lower limit) and about corrupt metadata
+            # Pillow warns about bombs (we apply our own limit) and about corrupt metadata
             # (the image then decodes, or fails with a reason): noise either way.
             warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
             with Image.open(file) as image:
@@ -77,10 +134,23 @@ def _decode(file: IO[bytes], draft: tuple[int, int] | None, max_pixels: int) -> 
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageError(_too_large(f"{width}×{height} = {width * height}", max_pixels))
-                if draft is not None and image.format == "JPEG":
-                    image.draft("RGB", _draft_size(image, draft))
+                target = None if draft is None else (max(1, draft[0]), max(1, draft[1]))
+                # MPO (two JPEGs in one file, as many phones write) is a JpegImageFile too.
+                if target is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
+                    image.draft("RGB", _turned(target, _orientation(image)))
                 image.load()  # for an animated GIF or WebP this is the first frame
-                return _to_rgb(ImageOps.exif_transpose(image))
+                orientation = _orientation(image)
+                loaded = image
+                if target is not None and "transparency" not in image.info:
+                    if image.mode.startswith("I;16"):  # reduce cannot average these; "I" holds the same values
+                        loaded = image.convert("I")
+                    if loaded.mode in _REDUCIBLE:
+                        # before turning and converting, so a large PNG or TIFF is not copied at full size
+                        loaded = _shrink(loaded, _turned(target, orientation))
+                if orientation in _TRANSPOSE:
+                    loaded = loaded.transpose(_TRANSPOSE[orientation])
+                rgb = _to_rgb(loaded)
+                return rgb if target is None else _shrink(rgb, target)  # modes not reducible before
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -98,16 +168,38 @@ def _decode(file: IO[bytes], draft: tuple[int, int] | None, max_pixels: int) -> 
         raise ImageError("truncated or corrupt image data") from None
 
 
+def _keep_pillow_limit_above(max_pixels: int) -> None:
+    """Raise Pillow's own bomb limit to at least ours, so ours speaks first.
+
+    Image.open refuses an image of over 2 × Image.MAX_IMAGE_PIXELS pixels (179 million by default)
+    before we see its size: a 190 MP photo within our limit would be refused. Pillow's check stays on,
+    never lowered, as the backstop for what our header check does not see (GIF frames, TIFF tiles);
+    between our limit and twice it Pillow only warns, and our refusal names the width and height.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        with _PILLOW_LIMIT_LOCK:
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _too_large(size: str, max_pixels: int) -> str:
     return f"too large: {size} pixels exceeds the limit of {max_pixels}"
 
 
-def _draft_size(image: Image.Image, draft: tuple[int, int]) -> tuple[int, int]:
-    width, height = max(1, draft[0]), max(1, draft[1])
-    # JPEG decodes before the EXIF rotation, so a quarter-turned photo needs the target turned too.
-    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-        width, height = height, width
-    return width, height
+def _orientation(image: Image.Image) -> int:
+    orientation = image.getexif().get(0x0112, 1)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _turned(target: tuple[int, int], orientation: int) -> tuple[int, int]:
+    # Pixels are stored before the EXIF rotation, so a quarter-turned photo needs the target turned too.
+    return (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+
+
+def _shrink(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Reduced by the largest whole factor (box averages) that keeps both sides at least the target's."""
+    factor = min(image.width // target[0], image.height // target[1])
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

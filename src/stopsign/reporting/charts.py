@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 from sklearn.metrics import (
     ConfusionMatrixDisplay,
     PrecisionRecallDisplay,
@@ -28,6 +28,7 @@ from sklearn.metrics import (
 
 from ..decision import POSITIVE
 from ..files import atomic_write_bytes
+from .html import short_number
 from .metrics import Predictions
 
 CURVE_MARGINS = (0.75, 0.55, 0.15, 0.35)  # inches (left, bottom, right, top): room for tick labels and a title
@@ -53,6 +54,25 @@ def new_figure(width: float, height: float, margins: tuple[float, float, float, 
 def _title(axis, text: str) -> None:
     """An axis title at a fixed height: left to itself, matplotlib measures every tick label to place it."""
     axis.set_title(text, y=1.0)
+
+
+def integer_ticks(axis) -> None:
+    """Whole-number ticks only, on an x/y axis or a colour bar's axis that counts something (trials, epochs)."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_ticks(axis, low: float, high: float, most: int = 5) -> None:
+    """At most `most` (about) short labels (1e-6, 0.02) on a log axis shown from low to high, no minor ticks.
+
+    Whole decades when the range spans two or more (LogLocator thins them to `most`), 1 and 3 per decade over
+    one to two, 1, 2 and 5 below one, so that even a narrow range has labelled ticks. Plain text, no mathtext:
+    its parser takes a quarter of a second to build in every new process, and 10^{-6} labels collide.
+    """
+    decades = math.log10(high / low)
+    subs = (1.0,) if decades >= 2 else (1.0, 3.0) if decades >= 1 else (1.0, 2.0, 5.0)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=most))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda value, _: short_number(value)))
 
 
 def save_figure(figure: Figure, path) -> Path:

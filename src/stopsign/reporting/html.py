@@ -5,11 +5,14 @@ Every piece of text is escaped here; callers pass raw strings and numbers.
 
 from __future__ import annotations
 
+import math
 from html import escape
 from pathlib import Path
 
 SMALL_N = 100  # below this many images the report says in words how little the point estimate means
 LONG_TABLE = 25  # operating-point tables longer than this fold into a <details> element
+HEADLINE_CLASSES = 6  # the headline names every class's recall up to this many classes, else the lowest three
+NOT_DEFINED = "n/a"  # a precision of a class never predicted, a recall of a class with no image: 0/0
 
 Section = tuple[str, str, str]  # (anchor, heading, inner HTML)
 
@@ -23,7 +26,8 @@ th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertic
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { background: #eaf6ea; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
-.warnings li { color: #8a4b00; } .note { color: #555; } .headline { font-size: 1.2em; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 0.6em 0; } .scroll > table { margin: 0; }
+.warnings li, p.warnings { color: #8a4b00; } .note { color: #555; } .headline { font-size: 1.2em; }
 .group { border: 1px solid #ddd; padding: 0.4em; margin: 0.5em 0; display: flex; flex-wrap: wrap; gap: 0.6em; }
 .group.cross { border: 2px solid #c0392b; background: #fdf0ee; }
 .group figure { margin: 0; width: 110px; font-size: 0.75em; overflow-wrap: anywhere; }
@@ -31,7 +35,24 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 """
 
 
-def _number(value) -> str:
+def short_number(value: float) -> str:
+    """A float in 3 significant digits and no padding: 0.812, 12.3, 1235 (whole from 1,000 to 10,000), and in
+    powers of ten outside 0.001 to 10,000: 1e-4, 2.5e-6, 1.23e5."""
+    if not math.isfinite(value):
+        return str(value)
+    rounded = abs(float(f"{value:.3g}"))  # where it lands decides the form: 999.96 is 1000, 9999.7 is 1e4
+    if not rounded:
+        return "0"
+    if 1000 <= rounded < 10_000:
+        return f"{value:.0f}"
+    if not 1e-3 <= rounded < 10_000:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.3g}"
+
+
+def _number(value, short: bool = False) -> str:
+    """short: floats in 3 significant digits (tables of many columns); else 3 decimals (scores in 0..1)."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -39,43 +60,66 @@ def _number(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if short:
+            return short_number(value)
         if value and (abs(value) < 1e-3 or abs(value) >= 1e4):  # a learning rate of 1e-6 is not 0.000
             return f"{value:.4g}"
         return f"{value:.3f}"
     return escape(str(value))
 
 
-def _cell(value) -> str:
+class Shown(str):
+    """Text that stands in a numeric column (n/a): right-aligned like the numbers around it."""
+
+
+def _cell(value, short: bool = False) -> str:
     if isinstance(value, dict):
-        return f"<td>{_mapping_table(value)}</td>"
+        return f"<td>{_mapping_table(value, short)}</td>"
     if isinstance(value, list):
-        return f"<td>{_list(value)}</td>"
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return f'<td class="num">{_number(value)}</td>' if numeric else f"<td>{_number(value)}</td>"
+        return f"<td>{_list(value, short)}</td>"
+    numeric = isinstance(value, (int, float, Shown)) and not isinstance(value, bool)
+    text = _number(value, short)
+    return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
 
 
-def _table(header: list[str], rows: list[list], row_classes: list[str] | None = None) -> str:
+def _scrolling(table: str) -> str:
+    """A table in a box of its own that scrolls sideways when the table is wider than the page."""
+    return f'<div class="scroll">{table}</div>'
+
+
+def _table(header: list[str], rows: list[list], row_classes: list[str] | None = None, *, short: bool = False,
+           row_headers: bool = False) -> str:
+    """short: floats in 3 significant digits. row_headers: each row's first cell is its heading (<th>)."""
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         css = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{css}>" + "".join(_cell(v) for v in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        cells = [_cell(v, short) for v in row]
+        if row_headers and row:
+            cells[0] = f'<th scope="row">{escape(str(row[0]))}</th>'
+        body.append(f"<tr{css}>" + "".join(cells) + "</tr>")
+    return _scrolling(f"<table><tr>{head}</tr>{''.join(body)}</table>")
 
 
-def _mapping_table(mapping: dict) -> str:
+def _mapping_table(mapping: dict, short: bool = False) -> str:
     """Any dict as a two-column table; nested dicts become sub-tables, lists of dicts become tables."""
-    rows = "".join(f"<tr><th>{escape(str(key))}</th>{_cell(value)}</tr>" for key, value in mapping.items())
-    return f"<table>{rows}</table>"
+    rows = "".join(f"<tr><th>{escape(str(key))}</th>{_cell(value, short)}</tr>" for key, value in mapping.items())
+    return _scrolling(f"<table>{rows}</table>")
 
 
-def _list(values: list) -> str:
+def _list(values: list, short: bool = False) -> str:
     if not values:
         return "none"
     if all(isinstance(v, dict) for v in values):
         columns = list(dict.fromkeys(key for v in values for key in v))
-        return _table(columns, [[v.get(c) for c in columns] for v in values])
+        return _table(columns, [[v.get(c) for c in columns] for v in values], short=short)
     return escape(", ".join(str(v) for v in values))
+
+
+def _confusion_table(class_names: list[str], matrix: list[list[int]]) -> str:
+    """Rows: the true class, columns: the predicted one, each named."""
+    return _table(["truth \\ predicted"] + class_names, [[name] + list(row) for name, row in zip(class_names, matrix)],
+                  row_headers=True)
 
 
 def _plot(images: dict[str, str], name: str, alt: str) -> str:
@@ -85,6 +129,31 @@ def _plot(images: dict[str, str], name: str, alt: str) -> str:
 def accuracy_sentence(metrics: dict) -> str:
     lo, hi = metrics["accuracy_ci95"]
     return f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n={metrics['n']})"
+
+
+def recall_sentence(metrics: dict) -> str:
+    """Each class's recall (the lowest three when there are many classes); classes with no image left out."""
+    recalls = [(name, m["recall"]) for name, m in metrics["per_class"].items() if m["support"]]
+    what = "recall"
+    if len(recalls) > HEADLINE_CLASSES:
+        recalls, what = sorted(recalls, key=lambda item: item[1])[:3], "lowest recall"
+    return f"{what}: " + ", ".join(f"{name} {recall:.2f}" for name, recall in recalls)
+
+
+def _per_class_rows(metrics: dict) -> list[list]:
+    """class, precision, recall, F1, support; a ratio over nothing (0/0) is n/a, not 0."""
+    predicted = [sum(column) for column in zip(*metrics["confusion"])]  # column sums: how often each was predicted
+    rows = []
+    for k, (name, m) in enumerate(metrics["per_class"].items()):
+        never_predicted, no_support = predicted[k] == 0, m["support"] == 0
+        rows.append([
+            name,
+            Shown(NOT_DEFINED) if never_predicted else m["precision"],
+            Shown(NOT_DEFINED) if no_support else m["recall"],
+            Shown(NOT_DEFINED) if never_predicted and no_support else m["f1"],  # 2TP / (2TP + FP + FN) = 0/0
+            m["support"],
+        ])
+    return rows
 
 
 def _small_n_note(metrics: dict) -> str:
@@ -149,22 +218,33 @@ def _curves_section(images: dict[str, str]) -> Section | None:
     return ("curves", "Curves", _plot(images, "curves", "loss, accuracy and learning rate per epoch"))
 
 
-def _metrics_section(metrics: dict, images: dict[str, str]) -> Section:
+def _checks_pointer(checks: dict | None) -> str:
+    """The data checks come late in the page: a line up front when they found a problem."""
+    warnings = (checks or {}).get("warnings") or []
+    if not warnings:
+        return ""
+    problems = "a problem" if len(warnings) == 1 else f"{len(warnings)} problems"
+    return (f'<p class="warnings">The data checks found {problems}: read <a href="#checks">Data checks</a> '
+            "before trusting these numbers.</p>")
+
+
+def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None = None) -> Section:
     names = metrics["class_names"]
     rule = "argmax of the class probabilities"
     if metrics["threshold"] is not None:
         rule = f"{names[1]} when p({names[1]}) ≥ {metrics['threshold']:.3f}"
+    per_class = _per_class_rows(metrics)
     parts = [
         f'<p class="headline">Accuracy {escape(accuracy_sentence(metrics))}</p>',
+        _checks_pointer(checks),
         _small_n_note(metrics),
         f"<p>Decision rule: {escape(rule)}. Macro F1 {_number(metrics['macro_f1'])}; "
         f"log loss {_number(metrics['log_loss'])}.</p>",
-        _table(
-            ["class", "precision", "recall", "F1", "support"],
-            [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()],
-        ),
+        _table(["class", "precision", "recall", "F1", "support"], per_class, row_headers=True),
+        f'<p class="note">{NOT_DEFINED}: precision of a class never predicted, recall of a class with no image.</p>'
+        if any(isinstance(value, Shown) for row in per_class for value in row) else "",
         "<h3>Confusion (rows: truth, columns: prediction)</h3>",
-        _table(["truth \\ predicted"] + names, [[name] + row for name, row in zip(names, metrics["confusion"])]),
+        _confusion_table(names, metrics["confusion"]),
         _plot(images, "confusion", "confusion matrix"),
         "<h3>ROC and precision-recall</h3>",
     ]
@@ -226,7 +306,7 @@ def _cv_section(cv: dict | None, class_names: list[str]) -> Section | None:
     if cv.get("oof_confusion"):
         parts += [
             "<h3>Out-of-fold confusion (rows: truth)</h3>",
-            _table(["truth \\ predicted"] + class_names, [[n] + r for n, r in zip(class_names, cv["oof_confusion"])]),
+            _confusion_table(class_names, cv["oof_confusion"]),
         ]
     return ("cv", "Cross-validation", "".join(parts))
 
@@ -252,17 +332,21 @@ def render_report(
     thumbnails: dict[str, str] | None = None,
     cv: dict | None = None,
 ) -> str:
-    """The whole page. `images` maps a plot name (samples, errors, curves, ...) to its data URI."""
+    """The whole page. `images` maps a plot name (samples, errors, curves, ...) to its data URI.
+
+    The results first (the headline under the title: accuracy, its interval, n, each class's recall; then the
+    metrics), how the run went after them, and the long parts (photos, duplicate groups, settings) last.
+    """
     sections = [
-        _run_section(run_info),
-        _checks_section(checks, thumbnails or {}),
-        _curves_section(images),
-        _metrics_section(metrics, images),
+        _metrics_section(metrics, images, checks),
         _threshold_section(metrics),
         _cv_section(cv, metrics["class_names"]),
+        _curves_section(images),
         _images_section(metrics, images),
+        _checks_section(checks, thumbnails or {}),
+        _run_section(run_info),
     ]
-    return render_page(title, f"Accuracy {accuracy_sentence(metrics)}", sections)
+    return render_page(title, f"Accuracy {accuracy_sentence(metrics)}; {recall_sentence(metrics)}", sections)
 
 
 def render_page(title: str, headline: str, sections: list[Section | None]) -> str:

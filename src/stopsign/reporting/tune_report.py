@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from optuna.distributions import CategoricalDistribution
 
-from .charts import new_figure, save_figure
+from .charts import integer_ticks, log_ticks, new_figure, save_figure
 from ..files import atomic_write_text
 from .html import _mapping_table, _table, render_page
 from .report import file_data_uri
@@ -40,6 +40,7 @@ def plot_history(rows: list[dict], seed_accuracy: float, path) -> Path:
         axis.step(*zip(*steps), where="post", color="tab:green", label="best so far")
     axis.axhline(seed_accuracy, linestyle="--", color="tab:red", linewidth=1, label="seed recipe")
     axis.set_xlabel("trial")
+    integer_ticks(axis.xaxis)  # no trial 2.5
     axis.set_ylabel("mean fold accuracy")
     axis.set_title("optimisation history")
     axis.grid(alpha=0.3)
@@ -68,10 +69,14 @@ def plot_slice(rows: list[dict], name: str, space, path) -> Path:
         axis.set_xticks(range(len(choices)), [str(c) for c in choices])
     else:
         x = [r[name] for r in done]
-        if space.log:
+        if space.log:  # the whole search range, a little wider: where the good trials lie within it
             axis.set_xscale("log")
+            margin = (space.high / space.low) ** 0.04
+            axis.set_xlim(space.low / margin, space.high * margin)
+            log_ticks(axis.xaxis, space.low / margin, space.high * margin)
     points = axis.scatter(x, [r["accuracy"] for r in done], c=[r["number"] for r in done], cmap="viridis", s=14)
-    figure.colorbar(points, ax=axis, label="trial")
+    colour_bar = figure.colorbar(points, ax=axis, label="trial")
+    integer_ticks(colour_bar.ax.yaxis)
     axis.set_xlabel(name)
     axis.set_ylabel("mean fold accuracy")
     axis.grid(alpha=0.3)
@@ -106,16 +111,18 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
                         [["best (trial %d)" % best["trial"], best["accuracy"], best["accuracy_std"], best["log_loss"],
                           *best["fold_accuracy"]],
                          ["seed recipe", seed["accuracy"], seed["accuracy_std"], seed["log_loss"],
-                          *seed["fold_accuracy"]]], ["best", ""])
+                          *seed["fold_accuracy"]]], ["best", ""], short=True)
                + _table(["parameter", "best", "seed recipe"],
-                        [[name, best["params"].get(name), seed["params"].get(name)] for name in search_space])
+                        [[name, best["params"].get(name), seed["params"].get(name)] for name in search_space],
+                        short=True)
                + (f"<p>The final model, trained on all images with these settings: "
                   f"<code>{escape(str(best['final_run']))}</code> (its report.html holds the out-of-fold metrics)."
                   "</p>" if best.get("final_run") else ""))
     done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["value"])[:TOP_TRIALS]
     columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"] + list(search_space)
     trials = (_mapping_table(best["trials"])
-              + f"<h3>The {len(done)} best trials</h3>" + _table(columns, [[r[c] for c in columns] for r in done]))
+              + f"<h3>The {len(done)} best trials</h3>"  # 14 columns: a box that scrolls sideways, 3 digits a number
+              + _table(columns, [[r[c] for c in columns] for r in done], short=True))
     importance = plot("importances", "parameter importances") or f"<p>{escape(str(importances))}</p>"
     slices = "".join(plot(f"slice_{name}", f"accuracy against {name}") for name in search_space)
     sections = [("best", "Best settings", summary), ("trials", "Trials", trials),

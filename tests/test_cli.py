@@ -69,12 +69,17 @@ def test_info_and_evaluate(tmp_path, data, tiny_backbone, capsys):
     train_cli(tmp_path, data)
     checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
     capsys.readouterr()
-    assert main(["info", checkpoint]) == 0
+    assert main(["info", str(tmp_path / "runs" / "cli")]) == 0  # a run folder means its best.pt
     out = capsys.readouterr().out
-    assert "['not_stop', 'stop']" in out and "head parameters    18" in out
+    assert "classes            not_stop, stop\n" in out and "head parameters    18\n" in out
+    assert "preprocessing      32×32, mean 0.5 0.5 0.5, std 0.25 0.25 0.25\n" in out
+    assert "trained on         14 images" in out and out.count("sha256") == 1  # once, shortened
+    assert re.search(r"epoch              \d+ \(validation accuracy \d\.\d{3}, loss \d\.\d{4}\)", out)
+    assert "{" not in out and "tensor" not in out  # no raw dicts or tensors
     assert main(["-q", "evaluate", checkpoint, str(data), "--out", str(tmp_path / "evals")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("accuracy ") and "95% CI" in out and "report.html" in out
+    assert "  truth / predicted not_stop  stop" in out  # the confusion matrix names its classes
 
 
 def test_data_errors_exit_2_with_the_message(tmp_path, capsys):

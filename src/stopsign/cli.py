@@ -283,6 +283,36 @@ def run_evaluate(args) -> None:
     print(f"report {out_dir / 'report.html'}")
 
 
+def short(value) -> str:
+    """A value as a person reads it: 4 significant digits, lists joined, None as a dash."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(short(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def checkpoint_lines(path, checkpoint: dict) -> list[tuple[str, str]]:
+    """What `info` shows of a checkpoint, one (name, text) pair a line."""
+    pre = checkpoint["preprocessing"]
+    trained_on = checkpoint.get("trained_on")
+    lines = [("model", f"{path} (stopsign checkpoint v{checkpoint['version']}, "
+                       f"written by stopsign {checkpoint.get('stopsign_version', '?')})"),
+             ("backbone", f"{checkpoint['backbone']}, {checkpoint['feature_size']} features, weights sha256 "
+                          f"{checkpoint['weights_sha256'][:16]}…"),
+             ("classes", ", ".join(checkpoint["class_names"])),
+             ("preprocessing", f"{pre['size']}×{pre['size']}, mean {short(pre['mean'])}, std {short(pre['std'])}"),
+             ("epoch", f"{checkpoint['epoch']}" + ("" if checkpoint.get("val_acc") is None else
+                                                   f" (validation accuracy {checkpoint['val_acc']:.3f}, "
+                                                   f"loss {checkpoint['val_loss']:.4f})")),
+             ("trained on", f"{len(trained_on['digests'])} images (their digests and features are kept: evaluate "
+                            "tells copies of them apart)" if trained_on else "not recorded (before stopsign 0.2)"),
+             ("head parameters", str(sum(t.numel() for t in checkpoint["head"].values())))]
+    if "resume" in checkpoint:
+        lines.append(("resumable", f"yes: the training state after epoch {checkpoint['epoch']}"))
+    return lines
+
+
 def run_info(args) -> None:
     from .inference.load import EXPORT_SUFFIXES, resolve_model_path
 
@@ -297,18 +327,17 @@ def run_info(args) -> None:
 
             metadata = load_torchscript(path)[1]
         for key, value in metadata.items():
-            print(f"{key:<18} {value}")
+            print(f"{key:<18} {short(value) if not isinstance(value, dict) else ', '.join(f'{k} {short(v)}' for k, v in value.items())}")
         return
     from .training.runs import load_checkpoint
 
     checkpoint = load_checkpoint(path)
-    shown = {k: v for k, v in checkpoint.items() if k not in ("head", "optimizer", "scheduler", "config")}
-    shown["head parameters"] = sum(t.numel() for t in checkpoint["head"].values())
-    for key, value in shown.items():
+    for key, value in checkpoint_lines(path, checkpoint):
         print(f"{key:<18} {value}")
     print("settings")
     for key, value in (checkpoint.get("config") or {}).items():
-        print(f"  {key:<16} {value}")
+        if key not in ("backbone_weights_sha256", "preprocessing", "versions"):  # shown above
+            print(f"  {key:<16} {short(value)}")
 
 
 def run_demo(args) -> None:
@@ -350,11 +379,12 @@ def run_export(args) -> None:
 
 
 def run_serve(args) -> None:
-    from .deploy.serve import serve
+    from .deploy.serve import create_app, run_app
 
-    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs; Ctrl+C stops)")
-    serve(args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
-          threshold=args.threshold, log_level="warning" if args.quiet else "info")
+    app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), threshold=args.threshold)
+    classes = ", ".join(app.state.classifier.class_names)  # said once the model has loaded, not before
+    print(f"serving {args.model} ({classes}) at http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    run_app(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
 COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "info": run_info,

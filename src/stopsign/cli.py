@@ -372,15 +372,12 @@ def run_info(args) -> None:
 
 
 def run_demo(args) -> None:
-    from .data.demo import make_demo_data
+    from .data.demo import demo_data
     from .training.trainer import train
 
-    data = Path(args.data)
-    if (data / "_annotations.json").is_file():  # the generator writes atomically: an export there is whole
-        print(f"demo data: reusing {data} (delete it to generate anew)")
-    else:
-        make_demo_data(data, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
-        print(f"demo data: {2 * args.per_class} generated street scenes in {data}")
+    data, reused = demo_data(args.data, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
+    print(f"demo data: {'reusing the' if reused else ''} {2 * args.per_class} generated street scenes in {data}"
+          .replace("  ", " "))
     result = train(data, backbone="efficientnet_lite0", epochs=args.epochs, seed=args.seed, out=args.out,
                    name="demo", progress=not args.quiet)
     print(f"plots: {result.run_dir / 'plots'}; report: {result.run_dir / 'report.html'}")

@@ -55,6 +55,36 @@ class Scene:
     occluder: str | None  # what partly hides the stop sign: "tree", "car", "pole" or None
 
 
+PARAMETERS_FILE = "demo.json"  # what a generated data set was made with, so a different request regenerates it
+GENERATOR_VERSION = 1  # raise when render_scene draws differently
+
+
+def parameters(per_class: int, seed: int, size: int) -> dict:
+    return {"per_class": per_class, "seed": seed, "size": size, "generator": GENERATOR_VERSION}
+
+
+def demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 256, progress: bool = False
+              ) -> tuple[Path, bool]:
+    """The demo data set in out_dir made with these parameters: reused when it is there (True), else generated,
+    replacing an earlier demo data set made with other parameters (False). Any other folder is left alone."""
+    out_dir = Path(out_dir)
+    wanted = parameters(per_class, seed, size)
+    record = out_dir / PARAMETERS_FILE
+    if record.is_file():
+        try:
+            if json.loads(record.read_text()) == wanted and (out_dir / ANNOTATIONS_FILE).is_file():
+                return out_dir, True
+        except ValueError:
+            pass  # a damaged record: the data set is generated anew
+    if out_dir.exists() and any(out_dir.iterdir()):
+        entries = {p.name for p in out_dir.iterdir()}
+        if not entries <= {PARAMETERS_FILE, ANNOTATIONS_FILE, "images"} or ANNOTATIONS_FILE not in entries:
+            raise StopsignError(f"{out_dir} holds something other than stopsign's demo data; delete it or choose "
+                                "another folder with --data")
+        shutil.rmtree(out_dir)  # an earlier demo data set, made with other parameters
+    return make_demo_data(out_dir, per_class=per_class, seed=seed, size=size, progress=progress), False
+
+
 def make_demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
     """Render per_class stop and per_class not-stop scenes into out_dir as a CV Studio export; return out_dir."""
     out_dir = Path(out_dir)
@@ -82,6 +112,7 @@ def make_demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 
             annotations[f"{image_id}.jpg"] = [{"label": label, "id": image_id}]
         export = {"version": "1.0", "type": "classification", "labels": CLASS_NAMES, "annotations": annotations}
         (staging / ANNOTATIONS_FILE).write_text(json.dumps(export, indent=1))
+        (staging / PARAMETERS_FILE).write_text(json.dumps(parameters(per_class, seed, size)) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

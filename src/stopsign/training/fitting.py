@@ -38,12 +38,19 @@ class FitResult:
 SCHEDULERS: dict[str, Callable] = {
     # cycle_momentum off: the recipe's momentum is 0.9 throughout, not cycled against the LR.
     "triangular2": lambda optimizer, c: torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=c.lr_base, max_lr=c.lr_max, step_size_up=c.cycle_epochs, mode="triangular2",
+        optimizer, base_lr=c.lr_base, max_lr=c.lr_max, step_size_up=rising_epochs(c), mode="triangular2",
         cycle_momentum=False),
     "cosine": lambda optimizer, c: torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, c.epochs), eta_min=c.lr_base),
     "constant": lambda optimizer, c: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0),
 }
+
+
+def rising_epochs(config: TrainConfig) -> int:
+    """Epochs of the cycle's rising half: cycle_epochs, shortened to fit when training is shorter than one whole
+    cycle (rise and fall), so that the learning rate reaches lr_max and comes back down. The seed recipe (10 epochs,
+    5 up and 5 down) is unchanged; 3 epochs rise over 1 instead of ending at a third of the way up."""
+    return max(1, min(config.cycle_epochs, config.epochs // 2))
 
 
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "config.SCHEDULER_NAMES must list fitting.SCHEDULERS"

@@ -25,7 +25,7 @@ from ..model.signature import make_signature, match_training
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
 from .crossval import cross_validate
-from .fitting import fit, stop_after_epoch
+from .fitting import fit, rising_epochs, stop_after_epoch
 from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, remove_partial_files, resume_state,
                    save_checkpoint, summary, versions)
 from .sources import CachedFeatures, LiveImages
@@ -52,6 +52,10 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     """
     phases, clock, started = {}, time.perf_counter(), now()
     config, run_dir = resolve_config(config, overrides, resume)
+    if config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
+        log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
+                    "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
+                    config.cycle_epochs, rising_epochs(config))
     if val is not None and config.folds > 1:
         raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
                             "fold, and a separate validation set would be merged into it. Fix: use one of them")

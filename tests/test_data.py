@@ -343,3 +343,17 @@ def test_the_real_cv_studio_export_loads(shared_photos):
     assert data.layout == "cvstudio" and data.class_names == ["not_stop", "stop"]
     assert len(data.samples) == 197 and data.class_counts() == {"not_stop": 100, "stop": 97}
     assert all(sample.path.parent == shared_photos / "images" and sample.path.is_file() for sample in data.samples)
+
+
+def test_a_labels_csv_beside_class_folders_is_said_to_win(tmp_path, make_images, caplog):
+    root = make_images(tmp_path / "data", {"stop": 3, "not_stop": 3}, layout="folders")
+    (root / "labels.csv").write_text("filename,label\nstop/stop-0.png,stop\nnot_stop/not_stop-0.png,not_stop\n")
+    with caplog.at_level("WARNING"):
+        data = load_data(root)
+    assert data.layout == "csv" and len(data.samples) == 2
+    assert "reading the labels from labels.csv, not from the class folders beside it" in caplog.text
+    caplog.clear()
+    csv_root = make_images(tmp_path / "csv", {"stop": 2, "not_stop": 2}, layout="csv")  # labels.csv + images/
+    with caplog.at_level("WARNING"):
+        load_data(csv_root)
+    assert "class folders" not in caplog.text

@@ -152,3 +152,12 @@ print(report["same_predictions"])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "True" and (tmp_path / "m.torchscript").is_file()
+
+
+def test_a_torchscript_model_predicts_quietly(tiny_checkpoint, tmp_path):
+    checkpoint, data = tiny_checkpoint
+    path, _ = export(checkpoint, format="torchscript", out=tmp_path / "m.torchscript")
+    done = subprocess.run([sys.executable, "-m", "stopsign.cli", "-q", "predict", str(path), str(data / "stop"),
+                           "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 10
+    assert done.stderr == ""  # no torch deprecation notice past -q

@@ -202,3 +202,26 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
     shutil.copy(tmp_path / "serve_page.png", "/tmp/serve_page.png")
     assert labels == {stop.name: "stop", other.name: "not_stop"}
     assert bars == 2  # one probability bar per class
+
+
+def test_the_413_message_names_the_limit_the_model_route_shows(client):
+    limit = client.get("/model").json()["max_upload_bytes"]
+    for body in (b"\0" * 30_000, b"\0" * 200_000):  # past the image limit; past the route's limit with framing
+        detail = client.post("/predict", content=body).json()["detail"]
+        assert f"the limit is {limit} bytes per image" in detail, detail
+
+
+def test_the_startup_line_comes_once_the_model_has_loaded(trained, tmp_path, monkeypatch, capsys):
+    from stopsign.cli import main
+
+    served = []
+    monkeypatch.setattr("stopsign.deploy.serve.run_app", lambda app, **kwargs: served.append(kwargs))
+    checkpoint, _ = trained
+    assert main(["serve", str(checkpoint), "--port", "8123"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"serving {checkpoint} (not_stop, stop) at http://127.0.0.1:8123/ (Ctrl+C stops)\n"
+    assert served == [{"host": "127.0.0.1", "port": 8123, "log_level": "info"}]
+    (tmp_path / "bad.pt").write_text("not a model")
+    assert main(["serve", str(tmp_path / "bad.pt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "not a stopsign checkpoint" in captured.err and len(served) == 1

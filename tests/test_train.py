@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import re
 import shutil
 from datetime import datetime
 
@@ -11,7 +13,7 @@ import torch
 from conftest import train_tiny
 
 from stopsign import TrainConfig, train
-from stopsign.errors import DataError
+from stopsign.errors import DataError, StopsignError
 from stopsign.model.backbones import FrozenBackboneClassifier, load_backbone
 from stopsign.training.runs import load_checkpoint
 from stopsign.training.fitting import is_better, make_optimizer, train_one_epoch
@@ -247,3 +249,42 @@ def test_folds_keep_each_duplicate_group_in_one_fold_and_say_so(tmp_path, make_i
     folds = {row["fold"] for row in json.loads((result.run_dir / "data.json").read_text())["split"]}
     assert folds == {1, 2, 3}
     assert "Duplicate groups spanning more than one split" not in (result.run_dir / "report.html").read_text()
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(tmp_path, make_images, tiny_backbone, monkeypatch):
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
+
+    def broken(*args, **kwargs):
+        raise StopsignError("the features could not be computed")
+
+    monkeypatch.setattr("stopsign.training.trainer.make_source", broken)
+    with pytest.raises(StopsignError, match="could not be computed"):
+        train_tiny(tmp_path, data, name="doomed")
+    assert not (tmp_path / "runs" / "doomed").exists()
+
+
+def test_a_test_split_is_scored_once_with_the_kept_model(tmp_path, make_images, tiny_backbone, capsys):
+    from stopsign.cli import main
+
+    data = make_images(tmp_path / "data", {"train": {"stop": 8, "not_stop": 8}, "val": {"stop": 3, "not_stop": 3},
+                                           "test": {"stop": 4, "not_stop": 4}}, layout="splits")
+    result = train_tiny(tmp_path, data, epochs=3)
+    test = json.loads((result.run_dir / "metrics.json").read_text())["test"]
+    assert test["n"] == 8 and test["training_copies"]["exact"] == 0
+    assert "Test split, scored once with the kept model: accuracy" in (result.run_dir / "report.html").read_text()
+    assert main(["-q", "train", str(data), "--backbone", "tiny", "--epochs", "3", "--workers", "0",
+                 "--out", str(tmp_path / "runs")]) == 0
+    assert re.search(r"^test accuracy \d\.\d{3} \(95% CI .*, n=8\): scored once with the kept model",
+                     capsys.readouterr().out, re.M)
+
+
+def test_run_files_follow_the_umask(tmp_path, make_images, tiny_backbone):
+    data = make_images(tmp_path / "data", {"stop": 5, "not_stop": 5}, layout="folders")
+    previous = os.umask(0o022)
+    try:
+        result = train_tiny(tmp_path, data, epochs=1)
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "data.json", "metrics.csv", "best.pt", "last.pt", "summary.json", "report.html",
+                 "plots/confusion.png"):
+        assert (result.run_dir / name).stat().st_mode & 0o777 == 0o644, name

@@ -83,6 +83,9 @@ def load_data(path: str | os.PathLike, class_names: list[str] | None = None) -> 
         if (path / ANNOTATIONS).is_file():
             return _load_cvstudio(path / ANNOTATIONS, class_names)
         if (path / "labels.csv").is_file():
+            if set(_subfolders(path)) - {"images"}:  # the CSV wins over folders that look like classes: say so
+                logger.warning("%s: reading the labels from labels.csv, not from the class folders beside it "
+                               "(move labels.csv away to use the folders)", path)
             return _load_csv(path / "labels.csv", class_names)
         if subfolders := _subfolders(path):
             return _load_folders(path, subfolders, class_names)

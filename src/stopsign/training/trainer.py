@@ -8,7 +8,9 @@ and last.pt after every epoch: a run killed at any point resumes from its last f
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,70 +70,71 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
     train_samples, val_samples = choose_split(data, config, val, recorded, groups)
     run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
-    folds = fold_numbers(train_samples, config, data.class_names, groups)
-    drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k] for k in range(1, config.folds + 1)}
-             if folds else {"train": train_samples, "val": val_samples})
-    log.info("%s", describe_data(data, train_samples, val_samples, config, groups, val))
-    checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
-    for warning in checks.get("warnings", []):
-        log.warning("%s", warning)
-    extractor = make_extractor(config)
-    record = config.to_dict() | {"data": str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
-                                 "preprocessing": extractor.preprocessing, "versions": versions()}
-    if not resume:
-        write_json(run_dir / "config.json", record)
-    phases["load and check data"] = time.perf_counter() - clock
+    with discarded_unless_trained(run_dir, keep=bool(resume)):
+        folds = fold_numbers(train_samples, config, data.class_names, groups)
+        drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
+                  for k in range(1, config.folds + 1)} if folds else {"train": train_samples, "val": val_samples})
+        log.info("%s", describe_data(data, train_samples, val_samples, config, groups, val))
+        checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
+        for warning in checks.get("warnings", []):
+            log.warning("%s", warning)
+        extractor = make_extractor(config)
+        record = config.to_dict() | {"data": str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
+                                     "preprocessing": extractor.preprocessing, "versions": versions()}
+        if not resume:
+            write_json(run_dir / "config.json", record)
+        phases["load and check data"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    resume_hint = f"Continue with: stopsign train {data.root} --resume {run_dir}"
-    source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
-    skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
-    kept = {name: [s for s in samples if str(s.path) not in skipped]
-            for name, samples in (("train", train_samples), ("val", val_samples))}
-    if recorded is None:
-        write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record,
-                                                      groups, folds))
-    phases["features"] = time.perf_counter() - clock
-
-    signature, val_copies = describe_training(extractor, kept["train"], kept["val"], progress)
-    cv = None
-    if config.folds > 1:
         clock = time.perf_counter()
-        cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config, groups)
-        phases["cross-validation"] = time.perf_counter() - clock
+        resume_hint = f"Continue with: stopsign train {data.root} --resume {run_dir}"
+        source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
+        skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
+        kept = {name: [s for s in samples if str(s.path) not in skipped]
+                for name, samples in (("train", train_samples), ("val", val_samples))}
+        if recorded is None:
+            write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record,
+                                                          groups, folds))
+        phases["features"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
-                          state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
-                          trained_on=signature)
-    phases["train head"] = time.perf_counter() - clock
+        signature, val_copies = describe_training(extractor, kept["train"], kept["val"], progress)
+        cv = None
+        if config.folds > 1:
+            clock = time.perf_counter()
+            cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config, groups)
+            phases["cross-validation"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    test = score_test(extractor, result.head, data, signature)
-    completed = now()
-    predictions = cv.pop("oof") if cv else Predictions(
-        [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
-        data.class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
-    run_info = {
-        "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
-                 "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
-        "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
-        "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
-                     "features": "cached" if config.cache else "recomputed every epoch"},
-        "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
-                        else "the validation split",
-        "settings": config.to_dict(), "started": started, "completed": completed,
-        "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
-    }
-    metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
-                           test=test, title=f"stopsign run {run_dir.name}")
-    share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
-    write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
-               summary(record, result.history, result.best, started, completed, share_trained=share,
-                       cv_accuracy=cv["mean"]["accuracy"] if cv else None))
-    phases["report"] = time.perf_counter() - clock
-    log.debug("phases: %s", {k: round(v, 2) for k, v in phases.items()})
-    return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
+        clock = time.perf_counter()
+        result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
+                              state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
+                              trained_on=signature)
+        phases["train head"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        test = score_test(extractor, result.head, data, signature)
+        completed = now()
+        predictions = cv.pop("oof") if cv else Predictions(
+            [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
+            data.class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
+        run_info = {
+            "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
+                     "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
+            "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
+            "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
+                         "features": "cached" if config.cache else "recomputed every epoch"},
+            "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
+                            else "the validation split",
+            "settings": config.to_dict(), "started": started, "completed": completed,
+            "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
+        }
+        metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
+                               test=test, title=f"stopsign run {run_dir.name}")
+        share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
+        write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
+                   summary(record, result.history, result.best, started, completed, share_trained=share,
+                           cv_accuracy=cv["mean"]["accuracy"] if cv else None))
+        phases["report"] = time.perf_counter() - clock
+        log.debug("phases: %s", {k: round(v, 2) for k, v in phases.items()})
+        return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
 
 
 LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",
@@ -165,6 +168,18 @@ def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature:
         probs = head(torch.from_numpy(features.features[:, 0])).softmax(1).numpy()
     return Predictions([str(p) for p in features.paths], [label_of[p] for p in features.paths], probs,
                        data.class_names, copies=match_training(signature, features.digests, features.features[:, 0]))
+
+
+@contextmanager
+def discarded_unless_trained(run_dir: Path, *, keep: bool):
+    """A new run folder that fails before its first epoch is written is removed: an error leaves nothing behind.
+    Ctrl-C keeps it (its features are cached and --resume continues it), and so does a resumed run."""
+    try:
+        yield
+    except Exception as error:
+        if not keep and not isinstance(error, Interrupted) and not (run_dir / "metrics.csv").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None

@@ -357,3 +357,11 @@ def test_a_labels_csv_beside_class_folders_is_said_to_win(tmp_path, make_images,
     with caplog.at_level("WARNING"):
         load_data(csv_root)
     assert "class folders" not in caplog.text
+
+
+def test_a_folder_spelt_another_way_is_the_models_class(tmp_path, make_images):
+    root = make_images(tmp_path / "data", {"Not-Stop": 2, "stop": 2}, layout="folders")
+    data = load_data(root, class_names=["not_stop", "stop"])
+    assert sorted(data.class_counts().items()) == [("not_stop", 2), ("stop", 2)]
+    with pytest.raises(DataError, match="'Not-Stop' is not one of the classes"):
+        load_data(root, class_names=["not_stop", "not-stop", "stop"])  # two would match: ambiguous, refused

@@ -229,11 +229,27 @@ def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[
     """
     samples = []
     for name in _subfolders(folder):
-        if name not in classes:
+        index = class_index(name, classes)
+        if index is None:
             problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
             continue
-        samples += [Sample(file, classes.index(name)) for file in list_images(folder / name, skipped)]
+        samples += [Sample(file, index) for file in list_images(folder / name, skipped)]
     return samples
+
+
+def class_index(name: str, classes: list[str]) -> int | None:
+    """The index of class `name`, spelt as given or, when exactly one class matches, with another case or with
+    "-", "_" and spaces for one another (a folder "not-stop" for a model's class "not_stop"); else None."""
+    if name in classes:
+        return classes.index(name)
+    def key(text: str) -> str:
+        return re.sub(r"[-_\s]+", "_", text.strip().lower())
+
+    matches = [i for i, known in enumerate(classes) if key(known) == key(name)]
+    if len(matches) == 1:
+        logger.info("folder %r read as class %r", name, classes[matches[0]])
+        return matches[0]
+    return None
 
 
 def _finish(root, layout, classes, own, samples, splits, problems, source, fix, skipped=None) -> LabelledData:

@@ -113,7 +113,7 @@ def shared_photos() -> Path:
 
 
 class TinyNet(nn.Module):
-    """A stand-in backbone: conv → BatchNorm → ReLU → global pool, 8 features, random fixed weights."""
+    """A stand-in backbone trunk: conv → BatchNorm → ReLU, an 8-channel feature map, random fixed weights."""
 
     def __init__(self):
         super().__init__()
@@ -121,7 +121,7 @@ class TinyNet(nn.Module):
         self.norm = nn.BatchNorm2d(8)
 
     def forward(self, images):
-        return torch.relu(self.norm(self.conv(images))).mean(dim=(2, 3))
+        return torch.relu(self.norm(self.conv(images)))
 
 
 def tiny_spec(weights: Path) -> BackboneSpec:

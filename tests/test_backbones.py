@@ -17,7 +17,7 @@ def test_resnet18_from_a_local_weights_file(tmp_path):
     assert backbone.feature_size == 512 and backbone.preprocessing["mean"] == [0.485, 0.456, 0.406]
     assert not any(p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
     with torch.no_grad():
-        assert backbone.model(torch.zeros(2, 3, 224, 224)).shape == (2, 512)
+        assert backbone.model(torch.zeros(2, 3, 224, 224)).shape == (2, 3, 512)  # avg, max and gem pooling
 
 
 def test_download_is_cached_and_offline_error_names_both_remedies(tmp_path, monkeypatch):
@@ -44,11 +44,23 @@ def test_download_is_cached_and_offline_error_names_both_remedies(tmp_path, monk
     assert "--weights" in str(error.value) and "efficientnet_lite0" in str(error.value)
 
 
-def test_efficientnet_lite0_loads_offline_with_its_own_preprocessing():
-    backbone = load_backbone("efficientnet_lite0")
-    assert backbone.feature_size == 1280 and backbone.preprocessing["mean"] == [127 / 255] * 3
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260)])
+def test_efficientnet_lites_load_offline_at_their_native_size_with_every_pooling(name, size):
+    backbone = load_backbone(name)
+    assert backbone.feature_size == 1280 and backbone.preprocessing == {"size": size, "mean": [127 / 255] * 3,
+                                                                        "std": [128 / 255] * 3}
+    images = torch.rand(2, 3, size, size) * 4 - 2
     with torch.no_grad():
-        assert backbone.model(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
+        pooled = backbone.model(images)
+        maps = backbone.model.trunk(images)
+    assert pooled.shape == (2, 3, 1280)
+    average, largest, gem = pooled.unbind(1)
+    torch.testing.assert_close(average, maps.mean(dim=(2, 3)))
+    torch.testing.assert_close(largest, maps.amax(dim=(2, 3)))
+    positive = maps.clamp(min=1e-6)
+    torch.testing.assert_close(gem, positive.pow(3).mean(dim=(2, 3)).pow(1 / 3))
+    assert bool((gem <= largest + 1e-5).all()) and bool((gem >= positive.mean(dim=(2, 3)) - 1e-5).all())
 
 
 def test_wrong_weights_and_unknown_names_are_explained(tmp_path):

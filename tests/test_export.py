@@ -48,7 +48,7 @@ def test_export_round_trip_matches_pytorch_at_any_batch_size(trained, format, su
     assert metadata["preprocessing"] == classifier.preprocessing and metadata["backbone"] == "tiny"
     assert main(["info", str(path)]) == 0
     shown = capsys.readouterr().out
-    assert "class_names        ['not_stop', 'stop']" in shown and "backbone           tiny" in shown
+    assert "class_names        not_stop stop" in shown and "backbone           tiny" in shown
 
     images = [read_image(p) for p in sorted((data / "stop").glob("*.png"))[:5]]
     expected = classifier.image_probabilities(images)

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 
 # The registered backbones and schedulers, by name, here so that the CLI can offer them without importing
 # torch; model/backbones.py and training/fitting.py check that their registries match.
-BACKBONE_NAMES = ("resnet18", "efficientnet_lite0")
+BACKBONE_NAMES = ("resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SCHEDULER_NAMES = ("triangular2", "cosine", "constant")
+POOLINGS = ("avg", "max", "gem")  # every one is computed by each backbone pass and cached (model/features.py)
+HEADS = ("sgd", "logistic")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None,
@@ -31,6 +34,17 @@ class TrainConfig:
     # model
     backbone: str = setting("resnet18", "pretrained backbone", choices=lambda: BACKBONE_NAMES)  # read when asked
     weights: str | None = setting(None, "a local copy of the backbone's weights, for machines without internet")
+    image_size: int | None = setting(None, "input size in pixels (default: the backbone's native size)", low=32)
+    pooling: str = setting("avg", "how the last feature map becomes features: avg (the seed), max or gem "
+                                  "(generalised mean, p=3); one backbone pass caches all three", choices=POOLINGS)
+    tiles: int = setting(1, "K > 1: features of the whole image and of a K×K grid of overlapping crops, combined "
+                            "by max (small, distant signs); K×K+1 backbone passes per view, each cached", low=1, high=4)
+    # the head
+    head: str = setting("sgd", "the head's fit: sgd (the seed recipe below) or logistic (multinomial logistic "
+                               "regression on standardised features, C chosen by grouped K-fold on the training split)",
+                        choices=HEADS)
+    class_weight: str = setting("none", "balanced: weigh each class by the inverse of its share of the training images",
+                                choices=CLASS_WEIGHTS)
     # data
     val_fraction: float = setting(0.1, "share of each class held out for validation when the data gives no split",
                                   low=0, high=1, low_open=True, high_open=True)
@@ -39,6 +53,10 @@ class TrainConfig:
     rotation: float = setting(5.0, "largest rotation of an augmented view, degrees either way", low=0, high=180)
     views: int = setting(1, "augmented views cached per training image; each epoch samples one "
                             "(the README says why 1)", low=1)
+    synthetic_negatives: int = setting(0, "N rendered street scenes of the negative kinds (other signs, red things; the "
+                                          "demo's generator) added to the training split only, never to validation",
+                                       low=0)
+    positive: str | None = setting(None, "the positive class of two-class data (default: the class called stop)")
     # optimisation (the seed recipe)
     epochs: int = setting(10, "passes over the training set", low=1)
     batch_size: int = setting(32, "images per optimisation step", low=1)

@@ -72,9 +72,13 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 
 
 def export_module(classifier: CheckpointClassifier) -> nn.Module:
-    """images → probabilities: the classifier's own frozen backbone and head, and a softmax, in eval mode."""
-    model = nn.Sequential(FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head),
-                          nn.Softmax(dim=1))
+    """images → probabilities: the classifier's own frozen backbone, pooling and head, and a softmax, in eval mode."""
+    if classifier.tiles > 1:
+        raise StopsignError(f"this model sees each image as {classifier.tiles}×{classifier.tiles} crops and the whole "
+                            "(--tiles): an exported graph takes one preprocessed image, so it cannot be exported yet. "
+                            "Serve or predict with the .pt checkpoint instead")
+    model = nn.Sequential(FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head,
+                                                   classifier.pooling), nn.Softmax(dim=1))
     return model.eval()
 
 

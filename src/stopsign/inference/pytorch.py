@@ -12,7 +12,6 @@ from torch import nn
 from ..errors import CheckpointError
 from ..model.features import FeatureExtractor
 from ..model.signature import match_training
-from ..model.transforms import preprocess
 from .base import Classifier
 
 
@@ -24,8 +23,12 @@ class CheckpointClassifier(Classifier):
         self.checkpoint = checkpoint
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.backbone_name: str = checkpoint["backbone"]
-        weights = weights or (checkpoint.get("config") or {}).get("weights")
-        self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=cache_dir, num_workers=num_workers)
+        config = checkpoint.get("config") or {}
+        weights = weights or config.get("weights")
+        # checkpoints before 0.2 have average pooling, one tile and the backbone's native size
+        self.pooling, self.tiles = config.get("pooling", "avg"), config.get("tiles", 1)
+        self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=cache_dir, num_workers=num_workers,
+                                          image_size=checkpoint["preprocessing"]["size"])
         if self.extractor.weights_sha256 != checkpoint["weights_sha256"]:
             raise CheckpointError(
                 f"{source} was trained on {self.backbone_name} weights with sha256 "
@@ -52,15 +55,18 @@ class CheckpointClassifier(Classifier):
 
     def score(self, paths: list[Path], progress: bool = False):
         """The plain-view features serve both the head and the comparison with the training images."""
-        features = self.extractor.extract([Path(p) for p in paths], progress=progress)
+        paths = [Path(p) for p in paths]
+        features = self.extractor.extract(paths, pooling=self.pooling, tiles=self.tiles, progress=progress)
         with torch.no_grad():
             logits = self.head(torch.from_numpy(features.features[:, 0]))
-        copies = (match_training(self.trained_on, features.digests, features.features[:, 0])
-                  if self.trained_on else None)
+        copies = None
+        if self.trained_on:  # the signature is of plain average-pooled features: the same pass, kept in memory
+            plain = self.extractor.extract(features.paths)
+            copies = match_training(self.trained_on, plain.digests, plain.features[:, 0])
         return features.paths, logits.softmax(1).numpy(), features.skipped, copies
 
     def image_probabilities(self, images: list) -> np.ndarray:
         """No files, no feature cache: decoded images straight through backbone and head."""
-        batch = torch.from_numpy(np.stack([preprocess(image, self.preprocessing) for image in images]))
+        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
         with torch.no_grad():
-            return self.head(self.extractor.forward(batch)).softmax(1).numpy()
+            return self.head(torch.from_numpy(features)).softmax(1).numpy()

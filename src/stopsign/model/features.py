@@ -27,7 +27,8 @@ from ..data.images import file_digest, read_image
 from ..errors import StopsignError
 from ..files import atomic_save_npy
 from .backbones import Backbone, get_spec, inference_model, load_backbone, model_key, weights_sha256
-from .transforms import preprocess, view_params, view_tag
+from ..config import POOLINGS
+from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +44,28 @@ def default_cache_dir() -> Path:
 
 
 class ViewsDataset(Dataset):
-    """Item i: every requested (flip, angle) view of image i as one tensor, or the reason it cannot be read.
+    """Item i: every requested view of image i as one tensor, or the reason it cannot be read. A view is
+    (flip, angle) or (flip, angle, tile): tile 0 is the whole image, 1..K×K a crop of the `tiles` grid.
 
     Decoding happens here, in DataLoader workers, so it overlaps with the backbone's forward pass.
     """
 
-    def __init__(self, paths: list[Path], views: list[list[tuple[bool, float]]], preprocessing: dict):
-        self.paths, self.views, self.preprocessing = paths, views, preprocessing
+    def __init__(self, paths: list[Path], views: list[list[tuple]], preprocessing: dict, tiles: int = 1):
+        self.paths, self.views, self.preprocessing, self.tiles = paths, views, preprocessing, tiles
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        size = self.preprocessing["size"]
+        size = decode_size(self.preprocessing, self.tiles)
         try:
             image = read_image(self.paths[index], draft=(size, size))
         except StopsignError as error:
             return index, None, str(error)
-        tensors = [torch.from_numpy(preprocess(image, self.preprocessing, flip, angle))
-                   for flip, angle in self.views[index]]
+        tensors = []
+        for flip, angle, *tile in self.views[index]:
+            crop = image.crop(tile_box(*image.size, self.tiles, tile[0])) if tile and tile[0] else image
+            tensors.append(torch.from_numpy(preprocess(crop, self.preprocessing, flip, angle)))
         return index, torch.stack(tensors), None
 
 
@@ -100,13 +104,32 @@ class FeatureStore:
             log.warning("cannot write the feature cache at %s (%s); continuing without it", path, error)
 
 
+class MemoryStore:
+    """Without a cache folder: the features this extractor computed, kept in memory for its lifetime (so the plain
+    view a prediction computes also serves the comparison with the training images), up to `limit` entries."""
+
+    folder = None
+
+    def __init__(self, limit: int = 50_000):
+        self.entries: dict[tuple[str, str], np.ndarray] = {}
+        self.limit = limit
+
+    def get(self, digest: str, tag: str) -> np.ndarray | None:
+        return self.entries.get((digest, tag))
+
+    def put(self, digest: str, tag: str, array: np.ndarray) -> None:
+        if len(self.entries) < self.limit:
+            self.entries[(digest, tag)] = np.array(array)
+
+
 # --- extraction -----------------------------------------------------------------------------------------
 
 @dataclass
 class FeatureSet:
     paths: list[Path]  # the images that could be read, in input order
     digests: list[str]
-    features: np.ndarray  # (len(paths), len(views), feature_size) float32, columns in the order asked
+    features: np.ndarray  # (len(paths), len(views), feature_size) float32, columns in the order asked, of the
+    # pooling asked, tiles combined by max
     skipped: dict[str, str] = field(default_factory=dict)  # path → reason
     computed: int = 0  # views that went through the backbone (0 on a warm cache)
 
@@ -115,14 +138,16 @@ class FeatureExtractor:
     """A backbone, loaded only when some view is not in the store, and its store."""
 
     def __init__(self, backbone: str, weights: str | None = None, *, cache_dir: Path | None = None,
-                 num_workers: int = 2, batch_size: int = 32, bf16: bool = False):
+                 num_workers: int = 2, batch_size: int = 32, bf16: bool = False, image_size: int | None = None):
         spec = get_spec(backbone)
         self.name, self.weights = backbone, weights
         self.weights_sha256 = weights_sha256(backbone, weights)
         self.preprocessing, self.feature_size = dict(spec.preprocessing), spec.feature_size
+        if image_size:  # another input size than the weights' native one: its own features, its own cache folder
+            self.preprocessing["size"] = int(image_size)
         self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
         self.key += "-bf16" if bf16 else ""  # bf16 features differ from float32 ones by ~1e-1: never mix them
-        self.store = FeatureStore(Path(cache_dir) / self.key) if cache_dir else None
+        self.store = FeatureStore(Path(cache_dir) / self.key) if cache_dir else MemoryStore()
         self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
         self._backbone: Backbone | None = None
         self._inference_model: torch.nn.Module | None = None
@@ -140,15 +165,31 @@ class FeatureExtractor:
         return self._inference_model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a batch of preprocessed images."""
+        """Every pooling of a batch of preprocessed images: (N, len(POOLINGS), feature_size)."""
         return _forward(self.inference_model, images, self.bf16)
 
+    def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1) -> np.ndarray:
+        """Features (N, feature_size) of decoded RGB images (uploads, say): no files, no store."""
+        count = tile_count(tiles)
+        batch = torch.from_numpy(np.stack([array for image in images
+                                           for array in tile_views(image, self.preprocessing, tiles)]))
+        out = self.forward(batch)[:, POOLINGS.index(pooling)].numpy()
+        return out.reshape(len(images), count, self.feature_size).max(axis=1)
+
     def extract(self, paths: list[Path], *, views: Sequence[int] = (0,), seed: int = 0, rotation: float = 5.0,
-                progress: bool = False) -> FeatureSet:
-        """Features of the given views of each image (0 = plain, k >= 1 augmented), from the store or computed."""
+                pooling: str = "avg", tiles: int = 1, progress: bool = False) -> FeatureSet:
+        """Features of the given views of each image (0 = plain, k >= 1 augmented), from the store or computed.
+
+        Each (view, tile) is one backbone pass whose every pooling is stored; `pooling` picks one and the tiles
+        of a view (tiles > 1: the whole image and a tiles×tiles grid of crops) are combined by max.
+        """
         views = list(views)
-        count = len(views)
-        tags = [view_tag(v, seed, rotation) for v in views]
+        pool = POOLINGS.index(pooling)
+        per_view = tile_count(tiles)
+        columns = [(view, tile) for view in views for tile in range(per_view)]
+        count = len(columns)
+        tags = [view_tag(view, seed, rotation) + (f"-k{tiles}t{tile}" if tile else "") for view, tile in columns]
+        shape = (len(POOLINGS), self.feature_size)
         digests, skipped, readable = [], {}, []
         for path in paths:
             try:
@@ -162,18 +203,19 @@ class FeatureExtractor:
             need = []
             for column, tag in enumerate(tags):
                 cached = self.store.get(digest, tag) if self.store else None
-                if cached is None or cached.shape != (self.feature_size,):
+                if cached is None or cached.shape != shape:
                     need.append(column)
                 else:
-                    features[row, column] = cached
+                    features[row, column] = cached[pool]
             missing.append(need)
         rows = [row for row, need in enumerate(missing) if need]
         computed = 0
         if rows:
             dataset = ViewsDataset(
                 [readable[r] for r in rows],
-                [[view_params(digests[r], views[c], seed, rotation) for c in missing[r]] for r in rows],
-                self.preprocessing,
+                [[(*view_params(digests[r], columns[c][0], seed, rotation), columns[c][1]) for c in missing[r]]
+                 for r in rows],
+                self.preprocessing, tiles,
             )
             per_batch = max(1, FORWARD_CHUNK // count)
             workers = self.num_workers if len(rows) > per_batch else 0
@@ -204,7 +246,7 @@ class FeatureExtractor:
                     for i in good:
                         row = rows[i]
                         for column in missing[row]:
-                            features[row, column] = out[at]
+                            features[row, column] = out[at, pool]
                             if writer:
                                 writes.append(writer.submit(self.store.put, digests[row], tags[column], out[at]))
                             at += 1
@@ -222,7 +264,10 @@ class FeatureExtractor:
                 digests = [digests[r] for r in keep]
         for path, reason in skipped.items():
             log.warning("skipped %s: %s", path, reason)
-        return FeatureSet(readable, digests, np.asarray(features), skipped, computed)
+        features = np.asarray(features)
+        if per_view > 1:  # the whole image and its crops: max over them, per view
+            features = features.reshape(len(readable), len(views), per_view, self.feature_size).max(axis=2)
+        return FeatureSet(readable, digests, features, skipped, computed)
 
 
 def _forward(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -248,8 +293,8 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _allocate(shape: tuple, store: FeatureStore | None) -> np.ndarray:
-    if np.prod(shape) * 4 <= IN_MEMORY_LIMIT or store is None:
+def _allocate(shape: tuple, store) -> np.ndarray:
+    if np.prod(shape) * 4 <= IN_MEMORY_LIMIT or store.folder is None:
         return np.zeros(shape, dtype=np.float32)
     store.folder.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=store.folder, prefix=".tmp-matrix-", suffix=".npy", delete=False)

@@ -47,3 +47,32 @@ def view_params(digest: str, view: int, seed: int, rotation: float) -> tuple[boo
 def view_tag(view: int, seed: int, rotation: float) -> str:
     """How the feature store names a view: the plain view, or augmented view k of (seed, rotation)."""
     return "plain" if view == 0 else f"aug-s{seed}-r{rotation:g}-{view}"
+
+
+def tile_count(tiles: int) -> int:
+    """Images a view is seen as: the whole image alone, or the whole image and a K×K grid of crops."""
+    return 1 if tiles <= 1 else tiles * tiles + 1
+
+
+def tile_box(width: int, height: int, tiles: int, index: int) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) of tile `index`: 0 is the whole image; 1..K×K the crops of a K×K grid,
+    row by row, each 2/(K+1) of the side and overlapping its neighbours by half (a 2×2 grid: 2/3-side crops)."""
+    if index == 0 or tiles <= 1:
+        return 0, 0, width, height
+    row, column = divmod(index - 1, tiles)
+    side = 2 / (tiles + 1)
+    left, top = column * side / 2, row * side / 2
+    return (round(left * width), round(top * height), round((left + side) * width), round((top + side) * height))
+
+
+def decode_size(preprocessing: dict, tiles: int) -> int:
+    """The smallest side to decode an image at (JPEG draft) so that every tile still has `size` pixels."""
+    return preprocessing["size"] if tiles <= 1 else -(-preprocessing["size"] * (tiles + 1) // 2)
+
+
+def tile_views(image: Image.Image, preprocessing: dict, tiles: int, flip: bool = False,
+               angle: float = 0.0) -> list[np.ndarray]:
+    """preprocess() of each tile of `image` (tile_count(tiles) arrays), each with the view's flip and rotation.
+    Under the max that combines tiles, flipping each tile is flipping the whole image."""
+    return [preprocess(image.crop(tile_box(*image.size, tiles, index)) if index else image, preprocessing, flip,
+                       angle) for index in range(tile_count(tiles))]

@@ -26,7 +26,8 @@ def held_out_predictions(source, samples: list[Sample], class_names: list[str], 
     (duplicate groups) stay within one fold."""
     for train_samples, val_samples in kfold_samples(samples, config.folds, config.seed, class_names=class_names,
                                                     groups=groups):
-        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last")
+        result = fit(source, num_features, len(class_names), train_samples, val_samples, config, keep="last",
+                     groups=groups)
         yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
                           result.val_probs, class_names)
 

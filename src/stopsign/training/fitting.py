@@ -102,21 +102,53 @@ def is_better(row: dict, best: dict | None) -> bool:
 
 # --- the epoch loop -----------------------------------------------------------------------------------------
 
+def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
+    """The "balanced" weights: n / (num_classes * count_c) for each class c over `samples`' labels (0 for a class
+    with none), so every class weighs as much in the loss as if the classes were equally common."""
+    counts = np.bincount([s.label for s in samples], minlength=num_classes)[:num_classes]
+    weights = np.divide(len(samples), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def make_criterion(config: TrainConfig, train_samples: list[Sample], num_classes: int) -> nn.CrossEntropyLoss:
+    """The training loss: cross-entropy, weighted by class when config.class_weight is "balanced"."""
+    if config.class_weight == "balanced":
+        return nn.CrossEntropyLoss(weight=class_weights(train_samples, num_classes),
+                                   label_smoothing=config.label_smoothing)
+    if config.class_weight != "none":
+        raise StopsignError(f"unknown class weight {config.class_weight!r}; choose none or balanced")
+    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+
 def fit(source, num_features: int, num_classes: int, train_samples: list[Sample], val_samples: list[Sample],
         config: TrainConfig, *, keep: str = "best", state: dict | None = None, on_epoch: Callable | None = None,
-        progress: bool = False) -> FitResult:
+        progress: bool = False, groups: dict[str, int] | None = None) -> FitResult:
     """Train a new head for config.epochs epochs and keep its best epoch, or its last (`keep="last"`, and
     always without validation images): cross-validation must not choose epochs on its held-out fold.
 
     `state` resumes from a checkpoint's head/optimizer/scheduler/history; `on_epoch(row, state)` is called
     after each epoch with everything needed to resume. Each epoch's randomness comes from (seed, epoch),
     so a resumed run draws exactly what an uninterrupted one would.
+
+    config.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
+    K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side; the SGD
+    recipe ignores groups. With config.class_weight == "balanced" the training loss weighs each class by
+    n / (classes * count); the validation loss stays unweighted, comparable across runs.
     """
+    if config.head == "logistic":
+        from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for
+
+        return fit_logistic(source, num_features, num_classes, train_samples, val_samples, config, keep=keep,
+                            state=state, on_epoch=on_epoch, progress=progress, groups=groups)
+    if config.head != "sgd":
+        raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):
         torch.manual_seed(config.seed)
         head = nn.Linear(num_features, num_classes)
         model = source.model(head)
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        criterion = make_criterion(config, train_samples, num_classes)
+        scorer = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing) if criterion.weight is not None \
+            else criterion  # how validation is scored: unweighted
         optimizer, scheduler = make_optimizer(head, config)
         history, best, best_head = [], None, None
         if state:
@@ -131,7 +163,7 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(model, source.train_batches(train_samples, epoch,
                                                     np.random.default_rng([config.seed, epoch])), criterion, optimizer)
-            val_loss, val_acc, _ = evaluate(model, source.val_batches(val_samples), criterion) if val_samples else (None,) * 3
+            val_loss, val_acc, _ = evaluate(model, source.val_batches(val_samples), scorer) if val_samples else (None,) * 3
             scheduler.step()
             row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                        val_acc=val_acc, seconds=round(time.perf_counter() - tick, 4))
@@ -146,7 +178,7 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
                                "best_head": best_head})
         head.load_state_dict(best_head)
         kept = source.readable(val_samples) if val_samples else []
-        probs = evaluate(model, source.val_batches(val_samples), criterion)[2] if val_samples else None
+        probs = evaluate(model, source.val_batches(val_samples), scorer)[2] if val_samples else None
         return FitResult(history, best, head, kept, probs)
 
 

@@ -37,15 +37,17 @@ class CachedFeatures:
     def __init__(self, extractor: FeatureExtractor, train: list[Sample], val: list[Sample], config: TrainConfig,
                  progress: bool = False):
         views = range(1, config.views + 1) if config.augment and config.views > 0 else [0]
+        kind = {"pooling": config.pooling, "tiles": config.tiles}
         augmented = extractor.extract([s.path for s in train], views=views, seed=config.seed,
-                                      rotation=config.rotation, progress=progress)
-        plain = extractor.extract([s.path for s in val], progress=progress)
+                                      rotation=config.rotation, progress=progress, **kind)
+        plain = extractor.extract([s.path for s in val], progress=progress, **kind)
         self.train_rows = {p: row for row, p in enumerate(augmented.paths)}
         self.val_rows = {p: row for row, p in enumerate(plain.paths)}
         self.train_features, self.val_features = augmented.features, plain.features[:, 0]
         self.skipped = augmented.skipped | plain.skipped
         self.batch_size = config.batch_size
-        self.drawn = (config.augment, config.seed, config.rotation)  # what the augmented views were drawn with
+        # what the augmented views were drawn with, and which features they are
+        self.drawn = (config.augment, config.seed, config.rotation, config.pooling, config.tiles)
         self._last: dict[int, tuple] = {}  # see _indexed
 
     def for_config(self, config: TrainConfig) -> "CachedFeatures":
@@ -55,10 +57,10 @@ class CachedFeatures:
         views a CachedFeatures built with views=v computes: tuning extracts the most views once, then narrows.
         """
         views = config.views if config.augment and config.views > 0 else 1
-        if (config.augment, config.seed, config.rotation) != self.drawn or views > self.train_features.shape[1]:
+        asked = (config.augment, config.seed, config.rotation, config.pooling, config.tiles)
+        if asked != self.drawn or views > self.train_features.shape[1]:
             raise ValueError(f"these features hold {self.train_features.shape[1]} views drawn with (augment, seed, "
-                             f"rotation) = {self.drawn}; cannot serve {views} views with "
-                             f"{(config.augment, config.seed, config.rotation)}")
+                             f"rotation, pooling, tiles) = {self.drawn}; cannot serve {views} views with {asked}")
         narrowed = copy.copy(self)
         narrowed.train_features, narrowed.batch_size = self.train_features[:, :views], config.batch_size
         narrowed._last = {}
@@ -101,6 +103,9 @@ class LiveImages:
     """The slow path: decode and augment every image and run the backbone over it, every epoch."""
 
     def __init__(self, extractor: FeatureExtractor, samples: list[Sample], config: TrainConfig):
+        if config.tiles > 1:
+            raise StopsignError("--tiles needs cached features: the live path (--no-cache) sees each image whole. "
+                                "Fix: drop --no-cache, or --tiles")
         self.backbone, self.preprocessing, self.config = extractor.backbone.model, extractor.preprocessing, config
         # Every image is read once up front, as the cached path's extraction does, so the files that cannot be
         # used are known (and recorded) before the first epoch; the digests seed each image's augmentation.
@@ -116,7 +121,7 @@ class LiveImages:
         self.threads = None  # the backbone runs here: keep torch's thread count
 
     def model(self, head: nn.Linear) -> nn.Module:
-        return FrozenBackboneClassifier(self.backbone, head)
+        return FrozenBackboneClassifier(self.backbone, head, self.config.pooling)
 
     def _batches(self, samples: list[Sample], order, draws):
         dataset = ViewsDataset([samples[i].path for i in order], draws, self.preprocessing)

@@ -106,11 +106,11 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         clock = time.perf_counter()
         result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
                               state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
-                              trained_on=signature)
+                              trained_on=signature, groups=groups)
         phases["train head"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        test = score_test(extractor, result.head, data, signature)
+        test = score_test(extractor, result.head, data, signature, config)
         completed = now()
         predictions = cv.pop("oof") if cv else Predictions(
             [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
@@ -157,17 +157,19 @@ def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: 
     return f"{LAYOUT_NAMES.get(data.layout, data.layout)}: {len(data.samples)} images, {counts}; {how}"
 
 
-def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature: dict) -> Predictions | None:
+def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature: dict, config: TrainConfig
+               ) -> Predictions | None:
     """The layout's test/ split, scored once with the kept model: the unbiased figure (None without one)."""
     samples = (data.splits or {}).get("test") or []
     if not samples:
         return None
-    features = extractor.extract([s.path for s in samples])
+    features = extractor.extract([s.path for s in samples], pooling=config.pooling, tiles=config.tiles)
+    plain = extractor.extract(features.paths)  # the signature's kind of features
     label_of = {s.path: s.label for s in samples}
     with torch.no_grad():
         probs = head(torch.from_numpy(features.features[:, 0])).softmax(1).numpy()
     return Predictions([str(p) for p in features.paths], [label_of[p] for p in features.paths], probs,
-                       data.class_names, copies=match_training(signature, features.digests, features.features[:, 0]))
+                       data.class_names, copies=match_training(signature, plain.digests, plain.features[:, 0]))
 
 
 @contextmanager
@@ -252,7 +254,8 @@ def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list
 def make_extractor(config: TrainConfig) -> FeatureExtractor:
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     return FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
-                            num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16)
+                            num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16,
+                            image_size=config.image_size)
 
 
 def make_source(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
@@ -281,7 +284,8 @@ def describe_training(extractor: FeatureExtractor, train_samples: list[Sample], 
 
 def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
                  train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig, record: dict, *,
-                 state: dict | None, progress: bool, resume_hint: str, trained_on: dict):
+                 state: dict | None, progress: bool, resume_hint: str, trained_on: dict,
+                 groups: dict[str, int] | None = None):
     """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
     after the current epoch's files are written."""
     backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
@@ -290,8 +294,10 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
     def save_epoch(row: dict, epoch_state: dict) -> None:
         write_csv(run_dir / "metrics.csv", epoch_state["history"], METRIC_COLUMNS)
         validated = "" if row["val_acc"] is None else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
-        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.3f%s", row["epoch"], config.epochs, row["lr"],
-                 row["train_loss"], row["train_acc"], validated)
+        rate = "" if row["lr"] is None else f"  lr {row['lr']:.2g}"  # a logistic head has no learning rate
+        total = 1 if config.head == "logistic" else config.epochs  # a logistic head is fit in one step
+        log.info("epoch %d/%d%s  train loss %.4f acc %.3f%s", row["epoch"], total, rate, row["train_loss"],
+                 row["train_acc"], validated)
         save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record,
                                                              row, resume=epoch_state, trained_on=trained_on))
         if stop.is_set():
@@ -300,7 +306,7 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
 
     with stop_after_epoch() as stop:
         result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, config,
-                     state=state, on_epoch=save_epoch, progress=progress,
+                     state=state, on_epoch=save_epoch, progress=progress, groups=groups,
                      keep="last" if config.folds > 1 else "best")
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
                                                          result.best, trained_on=trained_on))

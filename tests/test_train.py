@@ -288,3 +288,21 @@ def test_run_files_follow_the_umask(tmp_path, make_images, tiny_backbone):
     for name in ("config.json", "data.json", "metrics.csv", "best.pt", "last.pt", "summary.json", "report.html",
                  "plots/confusion.png"):
         assert (result.run_dir / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_synthetic_negatives_only_ever_train(tmp_path, make_images, tiny_backbone):
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
+    for folds in (0, 3):
+        result = train_tiny(tmp_path, data, epochs=2, synthetic_negatives=5, folds=folds, name=f"synthetic{folds}")
+        rows = json.loads((result.run_dir / "data.json").read_text())["split"]
+        rendered = [row for row in rows if row.get("synthetic")]
+        assert len(rendered) == 5 and {(row["split"], row["label"]) for row in rendered} == {("train", "not_stop")}
+        assert all("fold" not in row for row in rendered)
+        predicted = [row["path"] for row in csv.DictReader(open(result.run_dir / "predictions.csv"))]
+        assert len(predicted) == (12 if folds else 4) and not any("negative-" in path for path in predicted)
+        assert "5 rendered scenes with other signs and red things, in the training split only" in \
+            (result.run_dir / "report.html").read_text()
+    with pytest.raises(StopsignError, match="none is called stop. Fix: name the positive class with --positive"):
+        train_tiny(tmp_path, make_images(tmp_path / "ab", {"a": 3, "b": 3}, layout="folders"), synthetic_negatives=2)
+    assert train_tiny(tmp_path, make_images(tmp_path / "ab2", {"a": 3, "b": 3}, layout="folders"), epochs=1,
+                      synthetic_negatives=2, positive="a").run_dir.is_dir()

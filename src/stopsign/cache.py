@@ -15,7 +15,8 @@ from .files import TEMPORARY_SUFFIX
 FEATURES = "features"  # model/features.py: one folder per backbone key
 HASH_CACHE = "hash-cache"  # data/checks.py: (sha256, pHash) per file, keyed by name, size and mtime
 THUMBNAILS = "thumbnails"  # reporting/photos.py: JPEG thumbnails keyed by the photo's content
-OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS}  # small, each recomputed when missing
+SYNTHETIC = "synthetic"  # data/demo.py: rendered negatives for --synthetic-negatives, by count, seed and size
+OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS, "synthetic negatives": SYNTHETIC}  # small, each recomputed when missing
 
 
 def cache_root() -> Path:
@@ -43,7 +44,7 @@ def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
         files = [p for p in folder.rglob("*") if _finished(p)]
         folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
     for name, folder in stores.items():
-        files = [p for p in folder.glob("*") if _finished(p)]
+        files = [p for p in folder.rglob("*") if _finished(p)]
         stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
     return {"root": str(root), "folders": folders, "stores": stores,
             "entries": sum(f["entries"] for f in folders.values()),

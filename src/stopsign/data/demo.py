@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from ..errors import StopsignError
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,25 @@ def make_demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d demo images (%d per class) to %s", len(jobs), per_class, out_dir)
     return out_dir
+
+
+def synthetic_negatives(folder, count: int, *, seed: int = 0, size: int = 256, progress: bool = False
+                        ) -> list[Path]:
+    """`count` rendered street scenes without a stop sign, each with one to three confusers (other signs, red
+    cars, brick), as JPEG files in `folder` (made once for each (count, seed, size); a later call reads them)."""
+    folder = Path(folder) / f"n{count}-s{seed}-{size}px-v{GENERATOR_VERSION}"
+    paths = [folder / f"negative-{index:05d}.jpg" for index in range(count)]
+    if all(path.is_file() for path in paths):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, count, 7])  # not the demo data's own stream: other scenes
+    for path in tqdm(paths, desc="synthetic negatives", unit="image", disable=not progress):
+        confusers = tuple(str(name) for name in rng.choice(CONFUSERS, rng.integers(1, 4), replace=False))
+        scene = render_scene(rng, size, stop=False, confusers=confusers)
+        buffer = io.BytesIO()
+        scene.image.save(buffer, format="JPEG", quality=90)
+        atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a cache: a damaged file is skipped, re-made
+    return paths
 
 
 def render_scene(rng: np.random.Generator, size: int, *, stop: bool, confusers=()) -> Scene:

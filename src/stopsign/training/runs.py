@@ -136,9 +136,12 @@ def resume_state(run_dir: Path) -> dict | None:
 
 
 def data_record(root: Path, layout: str, class_names: list[str], splits: dict[str, list], skipped: dict,
-                config: dict, groups: dict[str, int] | None = None, folds: dict[str, int] | None = None) -> dict:
+                config: dict, groups: dict[str, int] | None = None, folds: dict[str, int] | None = None,
+                synthetic: list | None = None) -> dict:
     """data.json: the split (file, label, split, and its duplicate group and fold where it has one) relative to
     the data folder, and the skipped files."""
+    rendered = {s.path for s in synthetic or []}
+
     def counts(samples) -> dict:
         return {name: sum(s.label == i for s in samples) for i, name in enumerate(class_names)}
 
@@ -148,6 +151,7 @@ def data_record(root: Path, layout: str, class_names: list[str], splits: dict[st
             "split": [{"file": relative(s.path, root), "label": class_names[s.label], "split": name}
                       | ({"group": groups[str(s.path)]} if str(s.path) in (groups or {}) else {})
                       | ({"fold": folds[str(s.path)]} if str(s.path) in (folds or {}) else {})
+                      | ({"synthetic": True} if s.path in rendered else {})
                       for name, samples in splits.items() for s in samples],
             "skipped": [{"file": relative(p, root), "reason": r} for p, r in sorted(skipped.items())]}
 

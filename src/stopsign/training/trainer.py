@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..cache import SYNTHETIC, store_dir
 from ..data.checks import check_data, duplicate_groups
+from ..data.demo import synthetic_negatives
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
 from ..errors import DataError, Interrupted, StopsignError
 from ..files import now, read_json, relative, write_csv, write_json
@@ -69,6 +71,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
     train_samples, val_samples = choose_split(data, config, val, recorded, groups)
+    synthetic = synthetic_training_images(data, config, progress)
     run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
     with discarded_unless_trained(run_dir, keep=bool(resume)):
         folds = fold_numbers(train_samples, config, data.class_names, groups)
@@ -85,6 +88,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
             write_json(run_dir / "config.json", record)
         phases["load and check data"] = time.perf_counter() - clock
 
+        train_samples = train_samples + synthetic  # training only: never validated, never in a fold's held-out part
         clock = time.perf_counter()
         resume_hint = f"Continue with: stopsign train {data.root} --resume {run_dir}"
         source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
@@ -92,15 +96,16 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         kept = {name: [s for s in samples if str(s.path) not in skipped]
                 for name, samples in (("train", train_samples), ("val", val_samples))}
         if recorded is None:
-            write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped, record,
-                                                          groups, folds))
+            write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped,
+                                                          record, groups, folds, synthetic))
         phases["features"] = time.perf_counter() - clock
 
         signature, val_copies = describe_training(extractor, kept["train"], kept["val"], progress)
         cv = None
         if config.folds > 1:
             clock = time.perf_counter()
-            cv = cross_validate(source, train_samples, data.class_names, extractor.feature_size, config, groups)
+            real = [s for s in train_samples if s not in synthetic]
+            cv = cross_validate(source, real, data.class_names, extractor.feature_size, config, groups, synthetic)
             phases["cross-validation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -121,6 +126,8 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
             "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
             "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
                          "features": "cached" if config.cache else "recomputed every epoch"},
+            "synthetic negatives": (f"{len(synthetic)} rendered scenes with other signs and red things, in the "
+                                    "training split only" if synthetic else "none"),
             "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
                             else "the validation split",
             "settings": config.to_dict(), "started": started, "completed": completed,
@@ -139,6 +146,24 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
 
 LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",
                 "csv": "CSV"}
+
+
+def synthetic_training_images(data: LabelledData, config: TrainConfig, progress: bool) -> list[Sample]:
+    """config.synthetic_negatives rendered negatives (data/demo.py), labelled with the negative class of two-class
+    data: the positive class is config.positive, else the class called stop."""
+    if not config.synthetic_negatives:
+        return []
+    names = data.class_names
+    positive = config.positive or ("stop" if "stop" in names else None)
+    if len(names) != 2 or positive not in names:
+        raise StopsignError(f"--synthetic-negatives adds images of the negative class of two-class data with a "
+                            f"positive class; these data have classes {names}" + ("" if len(names) != 2 else
+                            " and none is called stop. Fix: name the positive class with --positive"))
+    negative = 1 - names.index(positive)
+    paths = synthetic_negatives(store_dir(SYNTHETIC), config.synthetic_negatives, seed=config.seed, progress=progress)
+    log.info("adding %d rendered %s scenes (other signs, red things) to the training split only",
+             len(paths), names[negative])
+    return [Sample(path, negative) for path in paths]
 
 
 def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig,
@@ -239,14 +264,16 @@ def fold_numbers(samples: list[Sample], config: TrainConfig, class_names: list[s
 
 
 def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
-    """The train/val split a run recorded in data.json, matched against the data as it is now."""
+    """The train/val split a run recorded in data.json, matched against the data as it is now (rendered images
+    are left out: synthetic_training_images makes the same ones again)."""
     by_file = {relative(sample.path, data.root): sample for sample in data.samples}
-    missing = [row["file"] for row in record["split"] if row["file"] not in by_file]
+    rows = [row for row in record["split"] if not row.get("synthetic")]
+    missing = [row["file"] for row in rows if row["file"] not in by_file]
     if missing:
         raise DataError(f"cannot resume: {len(missing)} files of the recorded split are no longer in {data.root}, "
                         f"e.g. {', '.join(missing[:5])}")
     splits = {"train": [], "val": []}
-    for row in record["split"]:
+    for row in rows:
         splits[row["split"]].append(by_file[row["file"]])
     return splits["train"], splits["val"]
 

@@ -133,3 +133,38 @@ def test_cache_info_and_clear_commands(tmp_path, images, tiny_backbone, capsys):
     assert f"thumbnails {thumbnails} holds 1 files, 0.0 MB" in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0
     assert f"thumbnails {thumbnails} removed 1 files" in capsys.readouterr().out and not thumbnails.exists()
+
+
+def test_one_pass_caches_every_pooling_and_tiles_are_their_own_entries(tmp_path, images, tiny_backbone):
+    cache = tmp_path / "cache"
+    average = extractor(cache).extract(images)
+    assert average.computed == 6
+    for pooling in ("max", "gem"):  # every pooling came from that pass: nothing more to compute
+        other = extractor(cache).extract(images, pooling=pooling)
+        assert other.computed == 0 and not np.allclose(other.features, average.features)
+    tiled = extractor(cache).extract(images, tiles=2, pooling="max")
+    assert tiled.computed == 6 * 4  # the four crops of each image; the whole image was cached already
+    assert extractor(cache).extract(images, tiles=2, pooling="gem").computed == 0
+    assert extractor(cache).extract(images, tiles=3).computed == 6 * 9  # another grid: other crops
+
+
+def test_tiled_features_are_the_max_over_the_whole_image_and_its_crops(tmp_path, images, tiny_backbone):
+    from stopsign.data.images import read_image
+    from stopsign.model.transforms import tile_views
+
+    plain = extractor(None)
+    tiled = plain.extract(images[:2], tiles=2, pooling="gem").features[:, 0]
+    for row, path in enumerate(images[:2]):
+        image = read_image(path)
+        passes = plain.forward(torch.from_numpy(np.stack(tile_views(image, plain.preprocessing, 2))))
+        np.testing.assert_allclose(tiled[row], passes[:, 2].numpy().max(axis=0), atol=1e-5)  # 2: gem
+        np.testing.assert_allclose(plain.image_features([image], pooling="gem", tiles=2)[0], tiled[row], atol=1e-5)
+
+
+def test_tile_boxes_cover_the_image_with_overlapping_crops():
+    from stopsign.model.transforms import tile_box, tile_count
+
+    assert tile_count(1) == 1 and tile_count(2) == 5 and tile_count(3) == 10
+    assert tile_box(300, 150, 2, 0) == (0, 0, 300, 150)
+    assert [tile_box(300, 150, 2, i) for i in range(1, 5)] == [(0, 0, 200, 100), (100, 0, 300, 100),
+                                                              (0, 50, 200, 150), (100, 50, 300, 150)]

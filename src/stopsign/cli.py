@@ -423,9 +423,17 @@ class _Messages(logging.StreamHandler):
     """stopsign's own INFO messages (the data line, a row per epoch) as plain lines on stderr, unless -q."""
 
     def __init__(self):
-        super().__init__()  # stderr, looked up when a record is written (pytest swaps it)
+        super().__init__()
         self.addFilter(lambda record: record.levelno == logging.INFO and record.name.startswith("stopsign"))
         self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr  # looked up for each record: whoever replaced sys.stderr since (a test runner) gets it
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def configure_logging(quiet: bool) -> None:

@@ -31,7 +31,7 @@ try:
 except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
-from ..config import TrainConfig
+from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, TrainConfig
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
 from ..data.checks import duplicate_groups
@@ -60,7 +60,12 @@ SEARCH_SPACE = {
     "label_smoothing": FloatDistribution(0.0, 0.2),
     "views": IntDistribution(1, MAX_VIEWS),
     "scheduler": CategoricalDistribution(["triangular2", "cosine", "constant"]),
+    # free to search: every pooling comes from the one cached pass, and the heads train on the same features
+    "pooling": CategoricalDistribution(list(POOLINGS)),
+    "head": CategoricalDistribution(list(HEADS)),
+    "class_weight": CategoricalDistribution(list(CLASS_WEIGHTS)),
 }
+# Fixed for a study, since each value costs backbone passes over every image: backbone, image_size, tiles.
 
 
 @dataclass
@@ -153,14 +158,21 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
 
     extractor = make_extractor(config)
     groups = duplicate_groups(s.path for s in samples)  # copies of one photo stay in one fold
-    source = CachedFeatures(extractor, samples, samples, config.replace(views=max(MAX_VIEWS, config.views)),
-                            progress=progress)
-    for path, reason in source.skipped.items():
-        log.warning("skipped %s: %s", path, reason)
+    sources: dict[str, CachedFeatures] = {}  # per pooling: the same cached passes, another pooling of them
+
+    def features(pooling: str) -> CachedFeatures:
+        if pooling not in sources:
+            sources[pooling] = CachedFeatures(extractor, samples, samples, config.replace(
+                views=max(MAX_VIEWS, config.views), pooling=pooling), progress=progress and not sources)
+            for path, reason in sources[pooling].skipped.items():
+                log.warning("skipped %s: %s", path, reason)
+        return sources[pooling]
+
+    features(config.pooling)
 
     def score(trial_config: TrainConfig, on_fold=None) -> dict:
-        return cross_validated_score(source.for_config(trial_config), samples, extractor.feature_size,
-                                     data.class_names, trial_config, on_fold, groups)
+        return cross_validated_score(features(trial_config.pooling).for_config(trial_config), samples,
+                                     extractor.feature_size, data.class_names, trial_config, on_fold, groups)
 
     def objective(trial: optuna.Trial) -> float:
         def on_fold(index: int, scores: dict) -> None:
@@ -311,5 +323,5 @@ def importances(study: optuna.Study) -> dict | str:
             warnings.simplefilter("error")  # e.g. "too few trials ... importances will be equal": none, then
             return optuna.importance.get_param_importances(study)
     except Exception as error:  # an optional plot: whatever the evaluator raises, the report goes on without it
-        log.info("no parameter importances: %s", error)
+        log.debug("no parameter importances: %s", error)
         return f"not computed: {error}"

@@ -31,6 +31,7 @@ from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
 from ..model.backbones import FrozenBackboneClassifier
+from ..model.transforms import decode_size, tile_count
 from ..training.runs import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         out.parent.mkdir(parents=True, exist_ok=True)
         model = export_module(classifier)
         (write_onnx if format == "onnx" else write_torchscript)(model, classifier.preprocessing, metadata, temporary)
-        images, source = check_images(checkpoint, classifier.preprocessing)
+        images, source = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
         report = compare(classifier, format, temporary, images)
         os.replace(temporary, out)
     finally:
@@ -72,14 +73,33 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 
 
 def export_module(classifier: CheckpointClassifier) -> nn.Module:
-    """images → probabilities: the classifier's own frozen backbone, pooling and head, and a softmax, in eval mode."""
-    if classifier.tiles > 1:
-        raise StopsignError(f"this model sees each image as {classifier.tiles}×{classifier.tiles} crops and the whole "
-                            "(--tiles): an exported graph takes one preprocessed image, so it cannot be exported yet. "
-                            "Serve or predict with the .pt checkpoint instead")
-    model = nn.Sequential(FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head,
-                                                   classifier.pooling), nn.Softmax(dim=1))
+    """images → probabilities: the classifier's own frozen backbone, pooling and head, and a softmax, in eval mode.
+    With tiles, the input holds each image's tiles (N, tiles, 3, size, size) and their features are combined by max
+    in the graph, as model.features does; the deployment cuts the tiles (model.transforms.tile_views, numpy)."""
+    frozen = FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head, classifier.pooling)
+    model = nn.Sequential(_TiledClassifier(frozen) if classifier.tiles > 1 else frozen, nn.Softmax(dim=1))
     return model.eval()
+
+
+class _TiledClassifier(nn.Module):
+    """(N, T, 3, S, S) tiles → the head's logits on the max over each image's tile features."""
+
+    def __init__(self, frozen: FrozenBackboneClassifier):
+        super().__init__()
+        self.frozen = frozen
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        count = tiles.shape[1]
+        flat = tiles.reshape(-1, tiles.shape[2], tiles.shape[3], tiles.shape[4])
+        with torch.no_grad():
+            features = self.frozen.backbone(flat.contiguous(memory_format=torch.channels_last))[:, self.frozen.pooling]
+        return self.frozen.head(features.reshape(-1, count, features.shape[1]).amax(dim=1))
+
+
+def example_input(preprocessing: dict, tiles: int) -> torch.Tensor:
+    """A batch of 2 the graph is traced with: images, or with tiles each image's tiles."""
+    size = preprocessing["size"]
+    return torch.zeros(2, tile_count(tiles), 3, size, size) if tiles > 1 else torch.zeros(2, 3, size, size)
 
 
 def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
@@ -88,19 +108,21 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
             "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
             "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
             "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
-            "input": f"{INPUT_NAME}: float32 (N, 3, {classifier.preprocessing['size']}, "
-                     f"{classifier.preprocessing['size']}), preprocessed",
+            "pooling": classifier.pooling, "tiles": classifier.tiles,
+            "input": f"{INPUT_NAME}: float32 (N, "
+                     + (f"{tile_count(classifier.tiles)} tiles, " if classifier.tiles > 1 else "")
+                     + f"3, {classifier.preprocessing['size']}, {classifier.preprocessing['size']}), preprocessed",
             "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"}
 
 
 def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
     import onnx
 
-    size = preprocessing["size"]
     # The TorchScript-based exporter: this static CNN needs nothing of the torch.export-based one, which
     # would add the onnxscript dependency; compare() below catches any divergence either way.
     with quiet_torch():
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(model, (example_input(preprocessing, metadata["tiles"]),), str(path), dynamo=False,
+                          opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     graph = onnx.load(str(path))
@@ -111,9 +133,8 @@ def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path
 
 
 def write_torchscript(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
-    size = preprocessing["size"]
     with torch.no_grad(), quiet_torch():
-        traced = torch.jit.trace(model, torch.zeros(2, 3, size, size))
+        traced = torch.jit.trace(model, example_input(preprocessing, metadata["tiles"]))
         torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(metadata)})
 
 
@@ -133,7 +154,7 @@ def read_metadata(path: str | Path) -> dict:
     return load_torchscript(path)[1]
 
 
-def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Image], str]:
+def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple[list[Image.Image], str]:
     """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
     size = preprocessing["size"]
     images = []
@@ -146,7 +167,7 @@ def check_images(checkpoint: Path, preprocessing: dict) -> tuple[list[Image.Imag
                 if len(images) == CHECK_IMAGES:
                     break
                 with contextlib.suppress(ImageError):
-                    images.append(read_image(file, draft=(size, size)))
+                    images.append(read_image(file, draft=(decode_size(preprocessing, tiles),) * 2))
     if images:
         return images, f"{len(images)} validation images of the run"
     # No data at hand: seeded colour grids of assorted shapes, blurred by the resize into smooth scenes.

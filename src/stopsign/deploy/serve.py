@@ -27,6 +27,7 @@ from ..data.images import decode_image
 from ..decision import decide
 from ..errors import ImageError
 from ..inference.load import load_classifier, resolve_model_path
+from ..model.transforms import decode_size
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     classifier = load_classifier(model_path)
     decide(np.full((1, len(classifier.class_names)), 1 / len(classifier.class_names)), threshold)  # refuse a bad one now
     size = classifier.preprocessing["size"]
+    decoded = decode_size(classifier.preprocessing, classifier.tiles)  # tiles are cut from a larger decode
     names = classifier.class_names
     info = model_info(classifier, model_path) | {"max_upload_bytes": max_upload_bytes,
                                                  "max_batch_files": MAX_BATCH_FILES, "threshold": threshold}
@@ -110,7 +112,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: {too_large(len(data), max_upload_bytes)}")
         try:
-            return decode_image(data, draft=(size, size))
+            return decode_image(data, draft=(decoded, decoded))
         except ImageError as error:
             raise HTTPException(415, f"{name}: {error}") from None
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
 from ..decision import decide
 from ..errors import StopsignError
-from ..model.transforms import preprocess
+from ..model.transforms import decode_size, preprocess, tile_views
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Classifier(abc.ABC):
     class_names: list[str]
     backbone_name: str
     preprocessing: dict
+    tiles: int = 1  # > 1: each image is seen whole and as a tiles×tiles grid of crops (model.transforms)
 
     @abc.abstractmethod
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
@@ -117,21 +118,28 @@ class BatchClassifier(Classifier):
     probabilities out (`run`). Files are decoded and preprocessed here, in bounded batches."""
 
     batch_size = 16
+    tiles = 1  # > 1: the network takes each image's tiles (N, tile_count, 3, size, size), cut here
 
     @abc.abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities (N, C) of a preprocessed float32 batch (N, 3, size, size)."""
+        """Probabilities (N, C) of a preprocessed float32 batch (N, 3, size, size), or of tiles (see `tiles`)."""
+
+    def prepare(self, image) -> np.ndarray:
+        """A decoded image as the network's input: preprocessed, or cut into its tiles and each preprocessed."""
+        if self.tiles > 1:
+            return np.stack(tile_views(image, self.preprocessing, self.tiles))
+        return preprocess(image, self.preprocessing)
 
     def image_probabilities(self, images: list) -> np.ndarray:
-        return self.run(np.stack([preprocess(image, self.preprocessing) for image in images]))
+        return self.run(np.stack([self.prepare(image) for image in images]))
 
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
-        size = self.preprocessing["size"]
+        size = decode_size(self.preprocessing, self.tiles)
         readable, skipped, chunks, pending = [], {}, [], []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         for path in paths:
             try:
-                pending.append(preprocess(read_image(path, draft=(size, size)), self.preprocessing))
+                pending.append(self.prepare(read_image(path, draft=(size, size))))
                 readable.append(Path(path))
             except StopsignError as error:
                 skipped[str(path)] = str(error)

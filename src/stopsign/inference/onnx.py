@@ -32,6 +32,7 @@ class OnnxClassifier(BatchClassifier):
         self.class_names: list[str] = list(self.metadata["class_names"])
         self.backbone_name: str = self.metadata["backbone"]
         self.preprocessing: dict = dict(self.metadata["preprocessing"])
+        self.tiles: int = int(self.metadata.get("tiles", 1))
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

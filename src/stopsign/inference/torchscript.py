@@ -50,6 +50,7 @@ class TorchScriptClassifier(BatchClassifier):
         self.class_names: list[str] = list(self.metadata["class_names"])
         self.backbone_name: str = self.metadata["backbone"]
         self.preprocessing: dict = dict(self.metadata["preprocessing"])
+        self.tiles: int = int(self.metadata.get("tiles", 1))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

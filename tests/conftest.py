@@ -79,11 +79,13 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 def train_tiny(tmp_path: Path, data, **overrides):
-    """Train the `tiny_backbone` fast into tmp_path/runs: the settings training tests share; overrides win."""
+    """Train the `tiny_backbone` fast into tmp_path/runs: the settings training tests share; overrides win.
+    The seed's recipe (an SGD head over epochs, the whole image), whose epochs the training tests watch."""
     from stopsign import train
+    from stopsign.config import SEED_RECIPE
 
-    settings = dict(backbone="tiny", epochs=4, out=str(tmp_path / "runs"), progress=False, num_workers=0,
-                    val_fraction=0.25)
+    settings = SEED_RECIPE | dict(backbone="tiny", epochs=4, out=str(tmp_path / "runs"), progress=False,
+                                  num_workers=0, val_fraction=0.25)
     return train(data, **(settings | overrides))
 
 

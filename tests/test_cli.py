@@ -19,7 +19,7 @@ def data(tmp_path, make_images):
 
 
 def train_cli(tmp_path, data, *extra):
-    return main(["-q", "train", str(data), "--backbone", "tiny", "--epochs", "3", "--workers", "0",
+    return main(["-q", "train", str(data), "--recipe", "seed", "--backbone", "tiny", "--epochs", "3", "--workers", "0",
                  "--out", str(tmp_path / "runs"), "--name", "cli", "--val-fraction", "0.3", *extra])
 
 
@@ -33,7 +33,7 @@ def test_train_prints_best_accuracy_and_run_folder_last(tmp_path, data, tiny_bac
 
 
 def test_train_says_what_it_reads_and_each_epoch_unless_quiet(tmp_path, data, tiny_backbone, capsys):
-    main(["train", str(data), "--backbone", "tiny", "--epochs", "2", "--workers", "0", "--out",
+    main(["train", str(data), "--recipe", "seed", "--backbone", "tiny", "--epochs", "2", "--workers", "0", "--out",
           str(tmp_path / "runs"), "--val-fraction", "0.3"])
     err = capsys.readouterr().err
     assert "CV Studio export: 20 images, not_stop 10 / stop 10; split 14/6" in err

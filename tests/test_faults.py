@@ -286,7 +286,7 @@ def tiny_weights() -> Path:
 
 
 def train_args(data: Path, out: Path, epochs: int) -> list[str]:
-    return ["-q", "train", str(data), "--backbone", "tiny", "--epochs", str(epochs), "--workers", "0",
+    return ["-q", "train", str(data), "--recipe", "seed", "--backbone", "tiny", "--epochs", str(epochs), "--workers", "0",
             "--out", str(out), "--val-fraction", "0.25"]
 
 

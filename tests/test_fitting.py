@@ -22,7 +22,7 @@ from stopsign.training.sources import CachedFeatures, LiveImages
 
 
 def tiny_config(**changes) -> TrainConfig:
-    return TrainConfig(backbone="tiny", num_workers=0, epochs=10, batch_size=4, val_fraction=0.25).replace(**changes)
+    return TrainConfig.seed_recipe(backbone="tiny", num_workers=0, epochs=10, batch_size=4, val_fraction=0.25).replace(**changes)
 
 
 @pytest.fixture
@@ -289,6 +289,7 @@ def test_a_run_shorter_than_one_cycle_still_reaches_lr_max(tmp_path, tiny_backbo
     data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
     with caplog.at_level("WARNING"):
         result = train(data, backbone="tiny", epochs=3, out=str(tmp_path / "runs"), progress=False, num_workers=0,
+                       head="sgd",
                        val_fraction=0.3)
     assert [row["lr"] for row in result.history] == pytest.approx([1e-6, 1e-2, 1e-6], rel=1e-3)  # up 1, down 1
     assert "3 epochs are fewer than one learning-rate cycle (5 up, 5 down)" in caplog.text

@@ -26,7 +26,7 @@ from stopsign.training.sources import CachedFeatures, LiveImages
 
 def tiny_config(**changes) -> TrainConfig:
     return TrainConfig(backbone="tiny", num_workers=0, epochs=3, batch_size=4, val_fraction=0.25,
-                       head="logistic").replace(**changes)
+                       head="logistic", tiles=1).replace(**changes)
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     """
     phases, clock, started = {}, time.perf_counter(), now()
     config, run_dir = resolve_config(config, overrides, resume)
-    if config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
+    if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
         log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
                     "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
                     config.cycle_epochs, rising_epochs(config))

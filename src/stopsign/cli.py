@@ -223,7 +223,10 @@ def print_result(result) -> None:
         print(f"{cv['folds']}-fold cross-validated {accuracy_phrase(metrics)}, mean of folds "
               f"{cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}; final model trained on all data")
     else:
-        print(f"best validation {accuracy_phrase(metrics)} at epoch {result.best_epoch}")
+        if len(result.history) > 1:  # the SGD head: the best of its epochs was kept
+            print(f"best validation {accuracy_phrase(metrics)} at epoch {result.best_epoch}")
+        else:  # a head fit in one step (logistic): nothing was chosen on the validation images
+            print(f"validation {accuracy_phrase(metrics)}")
         warning = (metrics.get("selection") or {}).get("warning")
         if warning:
             print(f"warning: {warning}")

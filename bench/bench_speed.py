@@ -9,7 +9,9 @@ Cases (each repeat runs each case in its own subprocess, so peak memory is the c
   pass     stopsign's extraction pass alone: the plain view of every image, no cache
   cold     stopsign.train() with its defaults (efficientnet_lite0), fresh cache folders
   warm     the same again on the cache the cold run filled
-  lr       another lr_max on that warm cache
+  lr       another pooling (gem) on that warm cache: every pooling was cached by the cold run's passes
+  seedcold train(..., --recipe seed): the seed's features and head (average pooling, whole image, SGD), cold
+  seedwarm the same again, warm
   nofork   warm again, every report chart drawn in this process (reporting.report.FORK off): what the forked
            chart process saves
 Prints median wall seconds, the ratio to the floor and to the seed loop, training-only seconds (the "train
@@ -36,8 +38,8 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 BACKBONE = "efficientnet_lite0"
-CASES = ("seed", "floor", "pass", "cold", "warm", "lr", "nofork")
-OTHER_LR_MAX = 3e-3
+CASES = ("seed", "floor", "pass", "cold", "warm", "lr", "nofork", "seedcold", "seedwarm")
+SEED_RECIPE = {"pooling": "avg", "tiles": 1, "head": "sgd"}  # stopsign.config.SEED_RECIPE, here so the parent imports nothing
 
 
 def split():
@@ -152,7 +154,7 @@ class PhaseLog(logging.Handler):
             self.phases = ast.literal_eval(message[len("phases: "):])
 
 
-def run_train(workdir: Path, **overrides) -> dict:
+def run_train(workdir: Path, cache_name: str = "cache", **overrides) -> dict:
     import stopsign
     from stopsign.cache import cache_info
 
@@ -160,7 +162,7 @@ def run_train(workdir: Path, **overrides) -> dict:
     logger = logging.getLogger("stopsign.training.trainer")
     logger.setLevel(logging.DEBUG)  # the "phases:" line is a debug message
     logger.addHandler(handler)
-    cache = workdir / "cache"
+    cache = workdir / cache_name
     before = cache_info(cache)["entries"]
     result = stopsign.train(DATA, backbone=BACKBONE, cache_dir=str(cache), out=str(workdir / "runs"),
                             progress=False, **overrides)
@@ -189,7 +191,9 @@ def child(case: str, workdir: Path, views: int | None) -> None:
     overrides = {} if views is None else {"views": views}
     runners = {"seed": run_seed, "floor": run_floor, "pass": run_pass, "cold": lambda w: run_train(w, **overrides),
                "warm": lambda w: run_train(w, **overrides),
-               "lr": lambda w: run_train(w, lr_max=OTHER_LR_MAX, **overrides), "nofork": run_unforked}
+               "lr": lambda w: run_train(w, pooling="gem", **overrides), "nofork": run_unforked,
+               "seedcold": lambda w: run_train(w, "cache-seed", **SEED_RECIPE, **overrides),
+               "seedwarm": lambda w: run_train(w, "cache-seed", **SEED_RECIPE, **overrides)}
     clock = time.perf_counter()
     result = runners[case](workdir)
     result["seconds"] = time.perf_counter() - clock
@@ -220,7 +224,8 @@ def table(results: dict[str, list[dict]]) -> str:
     floor, seed = median("floor", "seconds"), median("seed", "seconds")
     names = {"seed": "1 seed loop (notebook)", "floor": "2 floor", "pass": "  stopsign pass, plain views",
              "cold": "3 stopsign.train, cold cache", "warm": "4 stopsign.train, warm cache",
-             "lr": f"5 lr_max={OTHER_LR_MAX:g}, warm cache", "nofork": "6 warm, charts not forked"}
+             "lr": "5 --pooling gem, warm cache", "nofork": "6 warm, charts not forked",
+             "seedcold": "7 --recipe seed, cold cache", "seedwarm": "8 --recipe seed, warm cache"}
     rows = ["| case | wall s | × floor | × seed | train head s | other phases s | views/s | peak RSS MB "
             "(main / child) | val acc |", "|" + "---|" * 9]
     for case in (c for c in CASES if c in results):
@@ -229,7 +234,8 @@ def table(results: dict[str, list[dict]]) -> str:
                   for k in results[case][0].get("phases", {})}
         head = phases.pop("train head", None)
         views = median(case, "views")
-        extracting = phases.get("features") if case in ("cold", "warm", "lr", "nofork") else seconds
+        extracting = phases.get("features") if case in ("cold", "warm", "lr", "nofork", "seedcold", "seedwarm") \
+            else seconds
         rate = f"{views / extracting:.1f}" if views and extracting else "–"
         others = ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "–"
         acc = median(case, "val_acc")

@@ -145,7 +145,7 @@ class PhaseLog(logging.Handler):
     """Catches train()'s "phases: {...}" line."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.phases = {}
 
     def emit(self, record):

@@ -227,3 +227,15 @@ def test_the_startup_line_comes_once_the_model_has_loaded(trained, tmp_path, mon
     assert main(["serve", str(tmp_path / "bad.pt")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "not a stopsign checkpoint" in captured.err and len(served) == 1
+
+
+def test_a_tiled_model_serves_the_answers_it_predicts(tmp_path, make_images, tiny_backbone):
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders", size=(48, 40))
+    result = train(data, backbone="tiny", tiles=2, pooling="max", head="logistic", out=str(tmp_path / "runs"),
+                   progress=False, num_workers=0, val_fraction=0.3)
+    client = TestClient(create_app(result.run_dir))
+    images = sorted((data / "stop").glob("*.png")) + sorted((data / "not_stop").glob("*.png"))
+    for row in load_classifier(result.run_dir).predict(images):
+        answer = client.post("/predict", files={"file": ("x.png", Path(row.path).read_bytes())}).json()
+        assert answer["label"] == row.label
+        assert max(abs(answer["probabilities"][k] - v) for k, v in row.probabilities.items()) < 1e-4

@@ -27,7 +27,7 @@ chromium:
 # lint-imports: the layers of docs/ARCHITECTURE.md (pyproject.toml's [tool.importlinter]); a back edge fails.
 test: $(VENV)/.dev chromium
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench_speed.py

@@ -444,7 +444,7 @@ class _Messages(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value) -> None:
-        pass
+        """StreamHandler.__init__ assigns the stream it was given; this handler always writes to sys.stderr."""
 
 
 def configure_logging(quiet: bool) -> None:

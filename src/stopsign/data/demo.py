@@ -138,7 +138,7 @@ def synthetic_negatives(folder, count: int, *, seed: int = 0, size: int = 256, p
         scene = render_scene(rng, size, stop=False, confusers=confusers)
         buffer = io.BytesIO()
         scene.image.save(buffer, format="JPEG", quality=90)
-        atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a cache: a damaged file is skipped, re-made
+        atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a cache: training skips a damaged file, named
     return paths
 
 

@@ -39,6 +39,7 @@ def test_train_says_what_it_reads_and_each_epoch_unless_quiet(tmp_path, data, ti
     assert "CV Studio export: 20 images, not_stop 10 / stop 10; split 14/6" in err
     assert re.search(r"epoch 1/2  lr 1e-06  train loss \d\.\d{4} acc \d\.\d{3}  val loss \d\.\d{4} acc", err)
     assert "epoch 2/2" in err
+    assert "hashed" not in err and "wrote the report" not in err  # only what a user reads: no internals
     train_cli(tmp_path, data, "--name", "quiet")
     assert "epoch 1/" not in capsys.readouterr().err
 

@@ -163,7 +163,7 @@ def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, 
             "max_distance": int(_hamming_distances(inside, slice(None)).max()),
         })
     seconds = time.perf_counter() - start
-    logger.info("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact), len(near))
+    logger.debug("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact), len(near))
     return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable, "seconds": seconds}
 
 

@@ -119,7 +119,7 @@ def make_demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %d demo images (%d per class) to %s", len(jobs), per_class, out_dir)
+    log.debug("wrote %d demo images (%d per class) to %s", len(jobs), per_class, out_dir)
     return out_dir
 
 

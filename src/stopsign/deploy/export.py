@@ -68,7 +68,7 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
             temporary.unlink()
     report |= {"format": format, "path": str(out), "bytes": out.stat().st_size, "image_source": source,
                "seconds": round(time.perf_counter() - started, 2)}
-    log.info("exported %s: %s", out, report)
+    log.debug("exported %s: %s", out, report)
     return out, report
 
 

@@ -197,5 +197,5 @@ def write_report(
         cv=cv,
     )
     atomic_write_text(out_dir / "report.html", page)
-    logger.info("wrote the report to %s", out_dir / "report.html")
+    logger.debug("wrote the report to %s", out_dir / "report.html")
     return metrics

@@ -22,6 +22,7 @@ _PUBLIC = {
     "create_app": "deploy.serve",
     "evaluate": "inference.evaluate",
     "export": "deploy.export",
+    "find_suspects": "training.review",
     "load_classifier": "inference.load",
     "train": "training.trainer",
     "tune": "training.tune",
@@ -30,6 +31,7 @@ _PUBLIC = {
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .deploy.export import export
+    from .training.review import find_suspects
     from .deploy.serve import create_app
     from .errors import StopsignError
     from .inference.base import Classifier

@@ -1,22 +1,30 @@
 """Where stopsign keeps what it can recompute, and `stopsign cache info|clear` over all of it.
 
-Three stores live under one root: the backbone features (a folder per backbone key), the file hashes of the
-duplicate checks, and the reports' photo thumbnails. Each is a cache: deleting it costs time, never results.
+The stores live under one root: the backbone features (a folder per backbone key), the file hashes of the
+duplicate checks, the reports' photo thumbnails, rendered negatives, and the local copies of files at URLs.
+Each is a cache: deleting it costs time, never results (so `clear` keeps a run whose upload to a URL has not
+finished: that copy is the only whole one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
 from .files import TEMPORARY_SUFFIX
+from .store import describe
 
-FEATURES = "features"  # model/features.py: one folder per backbone key
+FEATURES = "features"  # model/features.py: one folder per backbone key, each a store.ShardStore
 HASH_CACHE = "hash-cache"  # data/checks.py: (sha256, pHash) per file, keyed by name, size and mtime
 THUMBNAILS = "thumbnails"  # reporting/photos.py: JPEG thumbnails keyed by the photo's content
 SYNTHETIC = "synthetic"  # data/demo.py: rendered negatives for --synthetic-negatives, by count, seed and size
-OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS, "synthetic negatives": SYNTHETIC}  # small, each recomputed when missing
+REMOTE = "remote"  # storage.py: local mirrors of data and models at URLs, checked by ETag
+UPLOADS = "uploads"  # storage.py: the local copies of runs written to a URL (what --resume URL continues)
+UPLOADED = ".uploaded"  # in such a run folder once all of it is in the bucket: until then, its only whole copy
+OTHER_STORES = {"file hashes": HASH_CACHE, "thumbnails": THUMBNAILS, "synthetic negatives": SYNTHETIC,
+                "downloads": REMOTE, "uploaded runs": UPLOADS}  # small, each recomputed when missing
 
 
 def cache_root() -> Path:
@@ -41,8 +49,7 @@ def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
     root = Path(features_dir or store_dir(FEATURES))
     folders = {}
     for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        files = [p for p in folder.rglob("*") if _finished(p)]
-        folders[folder.name] = {"entries": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        folders[folder.name] = describe(folder)
     for name, folder in stores.items():
         files = [p for p in folder.rglob("*") if _finished(p)]
         stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
@@ -57,6 +64,22 @@ def clear_cache(features_dir: str | os.PathLike | None = None) -> dict:
     root = Path(info["root"])
     for name in info["folders"]:
         shutil.rmtree(root / name, ignore_errors=True)
-    for store in info["stores"].values():
-        shutil.rmtree(store["path"], ignore_errors=True)
+    for name, store in info["stores"].items():
+        if OTHER_STORES[name] == UPLOADS:
+            _clear_uploads(Path(store["path"]))
+        else:
+            shutil.rmtree(store["path"], ignore_errors=True)
     return info
+
+
+def _clear_uploads(folder: Path) -> None:
+    """The local copies of runs at URLs, except those whose upload has not finished: the error that stopped it
+    promised that `--resume URL` continues from them, so they are results, not cache."""
+    for run in sorted(folder.glob("*/*")):
+        if not run.is_dir():
+            run.unlink(missing_ok=True)  # an exported model: made again from its checkpoint
+        elif (run / UPLOADED).is_file():
+            shutil.rmtree(run, ignore_errors=True)
+    for mirror in folder.glob("*"):
+        with contextlib.suppress(OSError):
+            mirror.rmdir()  # when nothing is kept in it

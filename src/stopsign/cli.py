@@ -7,17 +7,21 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import RECIPES, SEED_RECIPE, TrainConfig
+from .config import DEVICE_HELP, RECIPES, SEED_RECIPE, TrainConfig
 from .errors import Interrupted, StopsignError
 from .heap import freeze_at_exit
 
 # settings fixed for a whole study; the recipe itself is what tune searches
 TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "synthetic_negatives", "positive", "seed", "rotation",
-               "cache_dir", "num_workers", "out", "name")
+               "cache_dir", "num_workers", "device", "out", "name")
+# the feature and head settings `review` scores images out of fold with
+REVIEW_FIELDS = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "seed", "cache_dir",
+                 "num_workers", "bf16", "device")
 # what `train` takes from the command line besides DATA, --val and --resume: every setting
 TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig))
 
@@ -90,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     # -q also after the subcommand, listed in its --help; SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    storage = argparse.ArgumentParser(add_help=False)  # every command: DATA, MODEL and --out may be URLs
+    storage.add_argument("--storage-option", dest="storage_options", metavar="KEY=VALUE", action="append",
+                         default=argparse.SUPPRESS,
+                         help="an option for the storage of s3:// (gs://, az://...) URLs, passed to fsspec, e.g. "
+                              "endpoint_url=https://s3.us-south.cloud-object-storage.appdomain.cloud; repeatable "
+                              "(also $STOPSIGN_STORAGE_OPTIONS, a JSON object); credentials come from the usual places "
+                              "(AWS_ACCESS_KEY_ID, ~/.aws/credentials, AWS_PROFILE)")
     pixels = argparse.ArgumentParser(add_help=False)  # for the commands that decode photos
     pixels.set_defaults(max_pixels=None)
     pixels.add_argument("--max-pixels", type=bounded(int, 1), default=argparse.SUPPRESS,
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str, *, photos: bool = False, **kwargs) -> argparse.ArgumentParser:
         """A subcommand whose --help shows every default, and takes -q (and --max-pixels where it reads photos)."""
-        return commands.add_parser(name, parents=[quiet, pixels] if photos else [quiet], help=help,
+        return commands.add_parser(name, parents=[quiet, storage, pixels] if photos else [quiet, storage], help=help,
                                    description=kwargs.pop("description", help[0].upper() + help[1:] + "."),
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG, **kwargs)
 
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(threshold=None, weights=None)
     predict.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
     predict.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
+    predict.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     evaluate = command("evaluate", "score a model on labelled data (metrics, report, copies of training images)",
                        photos=True)
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--name", default=argparse.SUPPRESS, help="evaluation folder name (default: eval-<time>)")
     evaluate.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
     evaluate.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     info = command("info", "show what a model holds: backbone, classes, preprocessing, epoch, settings")
     info.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
@@ -168,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest image accepted, in MiB; more gets 413")
     serve.set_defaults(threshold=None)
     serve.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
+    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     tune = command("tune", "search the training recipe by K-fold cross-validation (Optuna)", photos=True,
                    description="Search the training recipe by K-fold cross-validation (Optuna). Writes study.db, "
@@ -188,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tune, TUNE_FIELDS)
     tune.add_argument("--recipe", choices=RECIPES, default="stopsign",
                       help=RECIPE_HELP + "; the recipe the search starts from and is compared with")
+
+    review = command("review", "find suspected label errors, fix them on a page that writes back to the data",
+                     photos=True,
+                     description="Rank suspected label errors (out-of-fold probabilities, cleanlab), write "
+                                 "OUT/label_issues.csv, and serve a review page whose decisions are written to the "
+                                 "data set's own files (CV Studio _annotations.json, the CSV, or class folders).")
+    review.add_argument("data", help="the labelled images (a CV Studio export, class folders or a CSV)")
+    review.set_defaults(add=None, serve=True)  # SUPPRESS keeps "(default: ...)" out of --help
+    review.add_argument("--add", metavar="FOLDER", default=argparse.SUPPRESS,
+                        help="also propose labels for the unlabelled photos of FOLDER, least certain first; a "
+                             "decision copies the photo into the data set")
+    review.add_argument("--no-serve", dest="serve", action="store_false", default=argparse.SUPPRESS,
+                        help="only write OUT/label_issues.csv, no page")
+    review.add_argument("--out", default="review",
+                        help="folder for label_issues.csv, decisions.jsonl and backups/")
+    review.add_argument("--folds", type=bounded(int, 2), default=5, help="K of the out-of-fold probabilities")
+    review.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 accepts other machines")
+    review.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port to listen on")
+    add_config_flags(review, REVIEW_FIELDS)
     return parser
 
 
@@ -235,19 +268,22 @@ def print_result(result) -> None:
             print(copies)
     if metrics.get("test"):
         print(f"test {accuracy_phrase(metrics['test'])}: scored once with the kept model, the figure to quote")
-    print(f"report {result.run_dir / 'report.html'}")
+    print(f"report {result.url + '/report.html' if result.url else result.run_dir / 'report.html'}")
 
 
 def run_train(args) -> None:
     from .training.trainer import train
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: every rank extracts its share, rank 0 trains
+        from .training.distributed import distributed_train as train
     if args.resume:  # the run's own settings; any given here must agree with them (train() says which do not)
         result = train(args.data, val=args.val, resume=args.resume, progress=not args.quiet,
                        **{name: getattr(args, name) for name in TRAIN_FIELDS if name in args.given})
     else:
         config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
         result = train(args.data, val=args.val, config=config, progress=not args.quiet)
-    print_result(result)
+    if result is not None:  # None: a torchrun rank other than 0, whose share of the features is written
+        print_result(result)
 
 
 def run_tune(args) -> None:
@@ -257,8 +293,12 @@ def run_tune(args) -> None:
     if args.recipe == "seed" and not args.resume:  # the search starts from, and compares with, the seed's recipe
         fixed |= {name: getattr(args, name) for name in SEED_RECIPE}
     folds = args.folds if not args.resume or "folds" in args.given else None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: every rank extracts its share, rank 0 tunes
+        from .training.distributed import distributed_tune as tune
     result = tune(args.data, trials=args.trials, folds=folds, timeout=args.timeout, resume=args.resume,
                   progress=not args.quiet, final=args.final, **fixed)
+    if result is None:  # a torchrun rank other than 0, whose share of the features is written
+        return
     if not result.best_params:
         print(f"no completed trial yet; the study is in {result.run_dir}")
         return
@@ -271,8 +311,16 @@ def run_tune(args) -> None:
 def run_predict(args) -> int:
     from .inference.load import load_classifier  # torch is imported only for a .pt or .torchscript model
 
-    classifier = load_classifier(args.checkpoint, weights=args.weights)
-    results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: each rank predicts its share, rank 0 prints
+        from .inference.distributed import predict_sharded
+
+        classifier, results = predict_sharded(args.checkpoint, args.images, threshold=args.threshold,
+                                              progress=not args.quiet, device=args.device, weights=args.weights)
+        if results is None:
+            return 0
+    else:
+        classifier = load_classifier(args.checkpoint, weights=args.weights, device=args.device)
+        results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
     names = classifier.class_names
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -302,7 +350,8 @@ def run_evaluate(args) -> None:
     from .inference.evaluate import evaluate
 
     out_dir, metrics = evaluate(args.checkpoint, args.data, out=args.out, name=args.name,
-                                threshold=args.threshold, progress=not args.quiet, weights=args.weights)
+                                threshold=args.threshold, progress=not args.quiet, weights=args.weights,
+                                device=args.device)
     low, high = metrics["accuracy_ci95"]
     print(f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})")
     confusion = metrics["confusion"]
@@ -322,7 +371,9 @@ def run_evaluate(args) -> None:
     copies = copies_sentence(metrics)
     if copies:
         print(copies)
-    print(f"report {out_dir / 'report.html'}")
+    from .storage import is_url, join
+
+    print(f"report {join(args.out, out_dir.name, 'report.html') if is_url(args.out) else out_dir / 'report.html'}")
 
 
 def short(value) -> str:
@@ -411,7 +462,7 @@ def run_export(args) -> None:
     from .deploy.export import export
 
     path, report = export(args.checkpoint, format=args.format, out=args.out)
-    print(f"exported {path} ({report['format']}, {report['bytes'] / 1e6:.1f} MB)")
+    print(f"exported {report['path']} ({report['format']}, {report['bytes'] / 1e6:.1f} MB)")
     print(f"checked against PyTorch on {report['image_source']}, batch sizes "
           f"{' and '.join(map(str, report['batch_sizes']))}: max |difference| of probabilities "
           f"{report['max_abs_diff']:.2g} (limit {report['tolerance']:g}), same predicted classes")
@@ -420,14 +471,37 @@ def run_export(args) -> None:
 def run_serve(args) -> None:
     from .deploy.serve import create_app, run_app
 
-    app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), threshold=args.threshold)
+    app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), threshold=args.threshold,
+                     device=args.device)
     classes = ", ".join(app.state.classifier.class_names)  # said once the model has loaded, not before
     print(f"serving {args.model} ({classes}) at http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
     run_app(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
+def run_review(args) -> None:
+    from .training.review import REVIEW_DEFAULTS, find_suspects
+
+    config = TrainConfig(**REVIEW_DEFAULTS, **{name: getattr(args, name) for name in REVIEW_FIELDS})
+    review = find_suspects(args.data, config=config, folds=args.folds, add=args.add, out=args.out,
+                           progress=not args.quiet)
+    kinds = [("suspected label errors", lambda s: not s.new and s.suggested is not None),
+             ("unreadable", lambda s: not s.new and s.suggested is None), ("new photos", lambda s: s.new)]
+    counts = ", ".join(f"{sum(map(test, review.suspects))} {kind}" for kind, test in kinds)
+    print(f"{counts} among {len(review.data.samples)} images ({review.folds}-fold, {review.seconds:.1f} s): "
+          f"{review.issues_file}")
+    if args.serve:
+        from .deploy.review import create_review_app
+        from .deploy.serve import run_app
+
+        app = create_review_app(review, out=args.out)
+        print(f"review page at http://{args.host}:{args.port}/ : decisions are written to {review.data_path} and "
+              f"logged in {Path(args.out) / 'decisions.jsonl'} (Ctrl+C stops)", flush=True)
+        run_app(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
 COMMANDS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "info": run_info,
-            "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve, "tune": run_tune}
+            "demo": run_demo, "cache": run_cache, "export": run_export, "serve": run_serve, "tune": run_tune,
+            "review": run_review}
 
 
 class _Messages(logging.StreamHandler):
@@ -487,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
 
         set_max_pixels(args.max_pixels)
     try:
+        if getattr(args, "storage_options", None):  # in the try: a malformed KEY=VALUE is one line and exit 2
+            from .storage import set_storage_options
+
+            set_storage_options(args.storage_options)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.command not in ("train", "tune", "predict"):
+            raise StopsignError(f"`stopsign {args.command}` runs in one process; under torchrun only train, tune "
+                                f"and predict share their work. Fix: run `stopsign {args.command} ...` without "
+                                "torchrun")
         return COMMANDS[args.command](args) or 0
     except StopsignError as error:
         interrupted = isinstance(error, Interrupted)

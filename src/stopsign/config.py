@@ -16,6 +16,8 @@ SCHEDULER_NAMES = ("triangular2", "cosine", "constant")
 POOLINGS = ("avg", "max", "gem")  # every one is computed by each backbone pass and cached (model/features.py)
 HEADS = ("sgd", "logistic")
 CLASS_WEIGHTS = ("none", "balanced")
+DEVICE_HELP = ("where the backbone (and an SGD head) runs: auto (a CUDA GPU when PyTorch sees one, else the CPU), "
+               "cpu, cuda, cuda:N or mps; CUDA autocasts to bf16 (else fp16), so its features are cached apart")
 
 
 # Where train's defaults differ from the seed notebook's recipe, and why: bench/accuracy.py (README, "Choosing
@@ -86,6 +88,7 @@ class TrainConfig:
                                           "(default: $STOPSIGN_CACHE/features, else ~/.cache/stopsign/features)")
     num_workers: int = setting(2, "image decoding processes", flag="--workers", low=0)
     bf16: bool = setting(False, "bf16 autocast for the backbone pass (faster; may change some predictions)")
+    device: str = setting("auto", DEVICE_HELP)  # checked by model/devices.py: cuda:N has no fixed choices
     folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
                             "then the final model on all data", low=0)
     # output

@@ -19,3 +19,7 @@ class CheckpointError(StopsignError):
 
 class Interrupted(StopsignError):
     """Ctrl-C during training or tuning: what finished is written; the message says how to resume."""
+
+
+class StorageError(StopsignError):
+    """A URL cannot be read or written: no credentials, refused ones, no such bucket or key, no answer."""

@@ -30,6 +30,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import DataError
+from ..storage import fetch, is_url
 from .images import list_images
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 ANNOTATIONS = "_annotations.json"
 VAL_FOLDERS = ("val", "valid", "validation")
 MAX_LISTED = 20  # problems shown in one error; the rest are counted
+# Entries `stopsign review` excluded (data/labels.py): still in the file, never trained on or checked.
+EXCLUDED_KEY = "stopsign_excluded"  # CV Studio: true in an entry's annotation objects
+EXCLUDED_COLUMN = "excluded"  # CSV: yes, true or 1 in this column
+EXCLUDED_VALUES = ("yes", "true", "1")
 LAYOUT_HELP = """stopsign reads four layouts:
   1. CV Studio export: DATA/_annotations.json, images in DATA/images/ (or beside the JSON)
   2. class folders:    DATA/<class>/*.jpg
@@ -69,11 +74,15 @@ class LabelledData:
         return {name: counts[index] for index, name in enumerate(self.class_names)}
 
 
-def load_data(path: str | os.PathLike, class_names: list[str] | None = None) -> LabelledData:
-    """Load a labelled data set in any of the four layouts (see LAYOUT_HELP).
+def load_data(path: str | os.PathLike, class_names: list[str] | None = None, *, progress: bool = False
+              ) -> LabelledData:
+    """Load a labelled data set in any of the four layouts (see LAYOUT_HELP), from a folder, a file or a URL
+    (s3://bucket/prefix/ and the like: fetched into the local mirror first, see storage.py).
 
     `class_names` fixes the class order (a trained model's classes); a label outside it is an error.
     """
+    if is_url(path):
+        path = fetch(path, progress=progress)
     path = Path(os.path.abspath(Path(path).expanduser()))
     if path.is_file() and path.suffix.lower() == ".json":
         return _load_cvstudio(path, class_names)
@@ -132,6 +141,9 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
     folders = [root / "images", root] if (root / "images").is_dir() else [root]
     samples, found = [], set()
     for name, entry in annotations.items():
+        if is_excluded(entry):
+            found.add(_locate(name, folders, root, [], confined=True))  # no "without a label" warning for it
+            continue
         label, reasons = _one_label(entry)
         if label is not None and labels is not None and label not in labels:
             reasons.append(f"label {label!r} is not in 'labels' {labels}")
@@ -145,6 +157,13 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
             samples.append(Sample(file, classes.index(label)))
     _warn_unlisted(folders, found, json_path)
     return _finish(root, "cvstudio", classes, labels, samples, None, problems, json_path, CVSTUDIO_FIX)
+
+
+def is_excluded(value: object) -> bool:
+    """Whether a CV Studio entry (its list of annotation objects) or a CSV `excluded` cell marks it excluded."""
+    if isinstance(value, list):
+        return any(isinstance(a, dict) and a.get(EXCLUDED_KEY) is True for a in value)
+    return str(value or "").strip().lower() in EXCLUDED_VALUES
 
 
 def _one_label(entry: object) -> tuple[str | None, list[str]]:
@@ -170,11 +189,14 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
         raise DataError(f"{csv_path}: cannot be read as a UTF-8 CSV file ({error}).\n{CSV_FIX}") from None
     if not {"filename", "label"} <= set(header):
         raise DataError(f"{csv_path}: the header must be 'filename,label', found {','.join(header)!r}.\n{CSV_FIX}")
+    excluded = [(row["filename"] or "").strip() for _, row in rows if is_excluded(row.get(EXCLUDED_COLUMN))]
+    rows = [(line, row) for line, row in rows if not is_excluded(row.get(EXCLUDED_COLUMN))]
     entries = [(line, (row["filename"] or "").strip(), (row["label"] or "").strip()) for line, row in rows]
     own = sorted({label for _, _, label in entries if label})
     classes = list(class_names) if class_names is not None else own
     folders = [folder for folder in (root, root / "images") if folder.is_dir()]
-    problems, samples, first_line, found = [], [], {}, set()
+    problems, samples, first_line = [], [], {}
+    found = {_locate(name, folders, root, [], confined=False) for name in excluded}
     for line, name, label in entries:
         reasons = []
         if not label:

@@ -32,6 +32,8 @@ from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
 from ..model.backbones import FrozenBackboneClassifier
 from ..model.transforms import decode_size, tile_count
+from ..cache import UPLOADS
+from ..storage import is_url, join, mirror_dir, upload_file
 from ..training.runs import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,14 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     """
     if format not in FORMATS:
         raise StopsignError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    given = str(checkpoint)
     checkpoint = resolve_model_path(checkpoint)
     classifier = CheckpointClassifier(load_checkpoint(checkpoint), source=str(checkpoint))
-    out = Path(out) if out else checkpoint.with_suffix(FORMATS[format])
+    if out is None and is_url(given):  # beside the checkpoint in the bucket, as beside a local one
+        out = (given[:-3] if given.endswith(".pt") else join(given, "best")) + FORMATS[format]
+    remote = str(out) if out is not None and is_url(str(out)) else None
+    out = mirror_dir(remote, UPLOADS) / Path(remote).name if remote else Path(out) if out else \
+        checkpoint.with_suffix(FORMATS[format])
     metadata = export_metadata(classifier, checkpoint)
     started = time.perf_counter()
     temporary = out.with_name(f".{out.name}.tmp")
@@ -66,7 +73,9 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
-    report |= {"format": format, "path": str(out), "bytes": out.stat().st_size, "image_source": source,
+    if remote:
+        upload_file(out, remote)
+    report |= {"format": format, "path": remote or str(out), "bytes": out.stat().st_size, "image_source": source,
                "seconds": round(time.perf_counter() - started, 2)}
     log.debug("exported %s: %s", out, report)
     return out, report

@@ -53,10 +53,11 @@ class BodyLimit:
     """ASGI middleware: a request body over its route's limit gets 413 as soon as it is known to be too big.
 
     A route's limit holds room for multipart framing; the message names the limit per image (`image_limit`),
-    the figure /model shows and --max-upload-mb sets."""
+    the figure /model shows and --max-upload-mb sets; `describe(size)`, where given, words it instead."""
 
-    def __init__(self, app, limits: dict[str, int], default: int, image_limit: int):
+    def __init__(self, app, limits: dict[str, int], default: int, image_limit: int, describe=None):
         self.app, self.limits, self.default, self.image_limit = app, limits, default, image_limit
+        self.describe = describe or (lambda size: too_large(size, image_limit))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,7 +65,7 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": too_large(int(declared), self.image_limit)}, status_code=413)
+            response = JSONResponse({"detail": self.describe(int(declared))}, status_code=413)
             return await response(scope, receive, send)
         received = 0
 
@@ -73,7 +74,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise HTTPException(413, too_large(received, self.image_limit))
+                raise HTTPException(413, self.describe(received))
             return message
 
         return await self.app(scope, counted_receive, send)
@@ -85,11 +86,11 @@ def too_large(size: int, limit: int) -> str:
 
 
 def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               threshold: float | None = None) -> FastAPI:
+               threshold: float | None = None, device: str | None = "auto") -> FastAPI:
     """The app serving the classifier at `model_path` (.pt, .onnx, .torchscript or a run folder), loaded once,
     here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does."""
     model_path = resolve_model_path(model_path)
-    classifier = load_classifier(model_path)
+    classifier = load_classifier(model_path, device=device)
     decide(np.full((1, len(classifier.class_names)), 1 / len(classifier.class_names)), threshold)  # refuse a bad one now
     size = classifier.preprocessing["size"]
     decoded = decode_size(classifier.preprocessing, classifier.tiles)  # tiles are cut from a larger decode

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
 from ..decision import decide
 from ..errors import StopsignError
+from ..storage import fetch, is_url, join
 from ..model.transforms import decode_size, preprocess, tile_views
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,20 @@ def images_under(folder: Path) -> list[Path]:
     return [image for sub in found for image in list_images(sub)]
 
 
-def expand_inputs(inputs) -> list[Path]:
-    """Files as given, folders to the images in them and their subfolders, glob patterns to their matches."""
+def expand_inputs(inputs, names: dict[str, str] | None = None) -> list[Path]:
+    """Files as given, folders to the images in them and their subfolders, glob patterns to their matches; a URL
+    (a prefix or one object) to its local copy, recording in `names` the URL each local file stands for."""
     paths: list[Path] = []
+    names = {} if names is None else names
     for item in inputs:
         item = str(item)
+        if is_url(item):
+            local = fetch(item)
+            found = images_under(local) if local.is_dir() else [local]
+            for file in found:
+                names[str(file)] = join(item, file.relative_to(local).as_posix()) if local.is_dir() else item
+            paths.extend(found)
+            continue
         path = Path(item)
         if path.is_dir():
             paths.extend(images_under(path))
@@ -95,7 +105,8 @@ class Classifier(abc.ABC):
         """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
         a row with its error instead of a label. `threshold` (two classes): the second class when p >= it."""
         inputs = images if isinstance(images, (list, tuple)) else [images]
-        paths = expand_inputs(inputs)
+        names: dict[str, str] = {}  # local copy → the URL it came from, as the rows name it
+        paths = expand_inputs(inputs, names)
         if not paths:
             raise StopsignError(f"no image found in {', '.join(map(str, inputs)) or 'no input'}: give image files, "
                                 "folders holding images, or glob patterns that match some")
@@ -104,11 +115,12 @@ class Classifier(abc.ABC):
         by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}
         results = []
         for path in paths:
+            shown = names.get(str(path), str(path))
             if str(path) not in by_path:
-                results.append(Prediction(str(path), None, {}, skipped.get(str(path), "cannot be read")))
+                results.append(Prediction(shown, None, {}, skipped.get(str(path), "cannot be read")))
                 continue
             row, label = by_path[str(path)]
-            results.append(Prediction(str(path), self.class_names[int(label)],
+            results.append(Prediction(shown, self.class_names[int(label)],
                                       {name: float(p) for name, p in zip(self.class_names, row)}))
         return results
 

@@ -10,15 +10,16 @@ import numpy as np
 from ..data.datasets import load_data
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
-from ..training.runs import create_run_dir
+from ..training.runs import create_run_dir, run_upload
 from .load import load_classifier
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "runs", name: str | None = None,
              threshold: float | None = None, progress: bool = True, **options) -> tuple[Path, dict]:
-    """Score a model on labelled data in any layout; return the evaluation folder and its metrics."""
+    """Score a model on labelled data in any layout; return the evaluation folder and its metrics. The model, the
+    data and `out` may be URLs (s3://...)."""
     classifier = load_classifier(checkpoint, **options)
-    labelled = load_data(data, class_names=classifier.class_names)
+    labelled = load_data(data, class_names=classifier.class_names, progress=progress)
     out_dir = create_run_dir(out, name, "eval")
     readable, probs, skipped, copies = classifier.score([s.path for s in labelled.samples], progress=progress)
     label_of = {s.path: s.label for s in labelled.samples}
@@ -27,5 +28,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "run
     run_info = {"checkpoint": str(checkpoint), "data": {"source": str(labelled.root), "layout": labelled.layout,
                                                         "counts": labelled.class_counts()},
                 "skipped files": skipped or "none", "backbone": classifier.backbone_name}
-    return out_dir, write_report(out_dir, predictions, run_info=run_info, threshold=threshold,
-                                 title=f"stopsign evaluation of {checkpoint}")
+    metrics = write_report(out_dir, predictions, run_info=run_info, threshold=threshold,
+                           title=f"stopsign evaluation of {checkpoint}")
+    upload = run_upload(out, out_dir)  # --out s3://...: the evaluation folder goes to the bucket too
+    if upload:
+        upload.finish()
+    return out_dir, metrics

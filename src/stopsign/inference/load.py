@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import StopsignError
+from ..storage import fetch_model, is_url
 from .base import Classifier
 
 RUN_MODEL = "best.pt"  # what a run folder given as a model means
@@ -14,7 +15,10 @@ EXPORT_SUFFIXES = (".onnx", ".torchscript")
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A run folder means its best.pt; anything else is taken as given."""
+    """A run folder means its best.pt; a URL (s3://.../best.pt, .onnx, or a run folder) means its local copy,
+    downloaded once and checked by ETag (storage.fetch_model); anything else is taken as given."""
+    if is_url(str(path)):
+        return fetch_model(str(path))
     path = Path(path)
     return path / RUN_MODEL if path.is_dir() else path
 
@@ -23,12 +27,15 @@ def load_classifier(path: str | Path, **options) -> Classifier:
     """A .pt checkpoint (or a run folder) → CheckpointClassifier; .onnx → OnnxClassifier; .torchscript →
     TorchScriptClassifier.
 
-    `options` (weights, cache_dir, num_workers) concern a checkpoint's PyTorch backbone; an exported file holds
-    its whole network, so there they must be left unset or at their defaults.
+    `options` (weights, cache_dir, num_workers, device) concern a checkpoint's PyTorch backbone; an exported file
+    holds its whole network, so there they must be left unset or at their defaults.
     """
     path = resolve_model_path(path)
     suffix = path.suffix.lower()
     if suffix in EXPORT_SUFFIXES:
+        if options.pop("device", None) not in (None, "auto", "cpu"):
+            raise StopsignError(f"{path}: --device applies to .pt checkpoints; an exported model runs on the CPU "
+                                "(onnxruntime, TorchScript). Fix: give the run's best.pt")
         if options.get("weights"):
             raise StopsignError(f"{path}: --weights applies to .pt checkpoints; an exported model holds its weights")
         if suffix == ".onnx":

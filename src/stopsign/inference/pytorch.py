@@ -19,7 +19,7 @@ class CheckpointClassifier(Classifier):
     """A frozen backbone and the trained head of one checkpoint (a dict from training.runs.load_checkpoint)."""
 
     def __init__(self, checkpoint: dict, *, weights: str | None = None, cache_dir: Path | None = None,
-                 num_workers: int = 2, source: str = "checkpoint"):
+                 num_workers: int = 2, source: str = "checkpoint", device: str | None = "auto"):
         self.checkpoint = checkpoint
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.backbone_name: str = checkpoint["backbone"]
@@ -28,7 +28,7 @@ class CheckpointClassifier(Classifier):
         # checkpoints before 0.2 have average pooling, one tile and the backbone's native size
         self.pooling, self.tiles = config.get("pooling", "avg"), config.get("tiles", 1)
         self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=cache_dir, num_workers=num_workers,
-                                          image_size=checkpoint["preprocessing"]["size"])
+                                          image_size=checkpoint["preprocessing"]["size"], device=device)
         if self.extractor.weights_sha256 != checkpoint["weights_sha256"]:
             raise CheckpointError(
                 f"{source} was trained on {self.backbone_name} weights with sha256 "

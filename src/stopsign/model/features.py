@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,8 @@ from tqdm.auto import tqdm
 from ..cache import FEATURES, store_dir
 from ..data.images import file_digest, read_image
 from ..errors import StopsignError
-from ..files import atomic_save_npy
+from ..store import MemoryStore, ShardStore
+from .devices import autocast_dtype, cache_suffix, decode_workers, forward_chunk, resolve_device
 from .backbones import Backbone, get_spec, inference_model, load_backbone, model_key, weights_sha256
 from ..config import POOLINGS
 from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
@@ -74,54 +74,6 @@ def view_loader(dataset: ViewsDataset, batch_size: int, num_workers: int) -> Dat
                       persistent_workers=False)
 
 
-# --- the store ---------------------------------------------------------------------------------------
-
-class FeatureStore:
-    """One .npy file per (image digest, view) under a folder per backbone key; atomic writes, mmap reads."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def path(self, digest: str, tag: str) -> Path:
-        return self.folder / digest[:2] / f"{digest}-{tag}.npy"
-
-    def get(self, digest: str, tag: str) -> np.ndarray | None:
-        path = self.path(digest, tag)
-        try:
-            return np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError, EOFError):  # damaged by something outside our atomic writes
-            log.warning("ignoring damaged cache entry %s", path)
-            path.unlink(missing_ok=True)
-            return None
-
-    def put(self, digest: str, tag: str, array: np.ndarray) -> None:
-        path = self.path(digest, tag)
-        try:
-            atomic_save_npy(path, array)
-        except (OSError, StopsignError) as error:  # a full or read-only cache costs speed, never the run
-            log.warning("cannot write the feature cache at %s (%s); continuing without it", path, error)
-
-
-class MemoryStore:
-    """Without a cache folder: the features this extractor computed, kept in memory for its lifetime (so the plain
-    view a prediction computes also serves the comparison with the training images), up to `limit` entries."""
-
-    folder = None
-
-    def __init__(self, limit: int = 50_000):
-        self.entries: dict[tuple[str, str], np.ndarray] = {}
-        self.limit = limit
-
-    def get(self, digest: str, tag: str) -> np.ndarray | None:
-        return self.entries.get((digest, tag))
-
-    def put(self, digest: str, tag: str, array: np.ndarray) -> None:
-        if len(self.entries) < self.limit:
-            self.entries[(digest, tag)] = np.array(array)
-
-
 # --- extraction -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -135,10 +87,12 @@ class FeatureSet:
 
 
 class FeatureExtractor:
-    """A backbone, loaded only when some view is not in the store, and its store."""
+    """A backbone, loaded only when some view is not in the store, and its store. device: see model/devices.py
+    (auto: a CUDA GPU when there is one, else the CPU, whose features are exactly those of stopsign before it)."""
 
     def __init__(self, backbone: str, weights: str | None = None, *, cache_dir: Path | None = None,
-                 num_workers: int = 2, batch_size: int = 32, bf16: bool = False, image_size: int | None = None):
+                 num_workers: int = 2, batch_size: int = 32, bf16: bool = False, image_size: int | None = None,
+                 device: str | torch.device | None = "auto"):
         spec = get_spec(backbone)
         self.name, self.weights = backbone, weights
         self.weights_sha256 = weights_sha256(backbone, weights)
@@ -146,8 +100,11 @@ class FeatureExtractor:
         if image_size:  # another input size than the weights' native one: its own features, its own cache folder
             self.preprocessing["size"] = int(image_size)
         self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
-        self.key += "-bf16" if bf16 else ""  # bf16 features differ from float32 ones by ~1e-1: never mix them
-        self.store = FeatureStore(Path(cache_dir) / self.key) if cache_dir else MemoryStore()
+        self.device = resolve_device(device)
+        self.autocast = autocast_dtype(self.device) or (torch.bfloat16 if bf16 else None)
+        # bf16 (or fp16) features differ from float32 ones by ~1e-1: never mix them
+        self.key += ("-bf16" if bf16 and self.device.type == "cpu" else "") + cache_suffix(self.device)
+        self.store = ShardStore(Path(cache_dir) / self.key) if cache_dir else MemoryStore()
         self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
         self._backbone: Backbone | None = None
         self._inference_model: torch.nn.Module | None = None
@@ -162,11 +119,13 @@ class FeatureExtractor:
     def inference_model(self) -> torch.nn.Module:
         if self._inference_model is None:
             self._inference_model = inference_model(self.backbone.model)  # BatchNorm folded: same features ±1e-5
+            if self.device.type != "cpu":
+                self._inference_model.to(self.device, memory_format=torch.channels_last)
         return self._inference_model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Every pooling of a batch of preprocessed images: (N, len(POOLINGS), feature_size)."""
-        return _forward(self.inference_model, images, self.bf16)
+        return _forward(self.inference_model, images, self.autocast, self.device)
 
     def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1) -> np.ndarray:
         """Features (N, feature_size) of decoded RGB images (uploads, say): no files, no store."""
@@ -198,65 +157,23 @@ class FeatureExtractor:
             except (StopsignError, OSError) as error:
                 skipped[str(path)] = str(error)
         features = _allocate((len(readable), count, self.feature_size), self.store)
-        missing: list[list[int]] = []
-        for row, digest in enumerate(digests):
-            need = []
-            for column, tag in enumerate(tags):
-                cached = self.store.get(digest, tag) if self.store else None
-                if cached is None or cached.shape != shape:
-                    need.append(column)
-                else:
-                    features[row, column] = cached[pool]
-            missing.append(need)
-        rows = [row for row, need in enumerate(missing) if need]
+        keys = [(digest, tag) for digest in digests for tag in tags]  # row-major: entry row * count + column
+        found = np.zeros(len(keys), dtype=bool)
+        flat = features.reshape(len(keys), self.feature_size)
+        for positions, arrays in self.store.get_many(keys, shape, select=pool):
+            flat[positions] = arrays
+            found[positions] = True
+        found = found.reshape(len(readable), count)
+        missing = {row: np.flatnonzero(~found[row]).tolist() for row in np.flatnonzero(~found.all(axis=1))}
+        rows = list(missing)
         computed = 0
         if rows:
-            dataset = ViewsDataset(
-                [readable[r] for r in rows],
-                [[(*view_params(digests[r], columns[c][0], seed, rotation), columns[c][1]) for c in missing[r]]
-                 for r in rows],
-                self.preprocessing, tiles,
-            )
-            per_batch = max(1, FORWARD_CHUNK // count)
-            workers = self.num_workers if len(rows) > per_batch else 0
-            # With no more cores than workers, each worker runs the backbone on the images it decoded, one thread
-            # each (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48 for the same model run
-            # here with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread layer waits for the slower,
-            # often descheduled, thread).
-            in_workers = 0 < workers and _cpu_count() <= workers
-            collate = _ForwardViews(self.inference_model, self.bf16) if in_workers else list
-            bar = tqdm(total=len(rows), desc="features", unit="img", disable=not progress, leave=False)
-            bad_rows = set()
-            # Cache writes (each fsynced, a few ms) go on in a thread while the backbone runs.
-            writer = ThreadPoolExecutor(max_workers=2) if self.store else None
-            writes = []
-            loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=collate)
-            for batch in loader:
-                batch, out = batch if in_workers else (batch, None)
-                good = [i for i, tensor, error in batch if error is None]
-                for i, _, error in batch:
-                    if error is not None:
-                        skipped[str(readable[rows[i]])] = error
-                        bad_rows.add(rows[i])
-                if good:
-                    if out is None:
-                        out = self.forward(torch.cat([tensor for _, tensor, error in batch if error is None]))
-                    out = out.numpy()
-                    at = 0
-                    for i in good:
-                        row = rows[i]
-                        for column in missing[row]:
-                            features[row, column] = out[at, pool]
-                            if writer:
-                                writes.append(writer.submit(self.store.put, digests[row], tags[column], out[at]))
-                            at += 1
-                    computed += len(out)
-                bar.update(len(batch))
-            bar.close()
-            if writer:
-                writer.shutdown()
-                for write in writes:
-                    write.result()  # put() logs its own OSError; anything else is a bug worth raising
+            try:
+                computed = self._compute(readable, digests, rows, missing, columns, tags, features, skipped,
+                                         seed=seed, rotation=rotation, pool=pool, tiles=tiles, progress=progress)
+            finally:
+                self.store.flush()  # what was computed is committed, also on Ctrl-C
+            bad_rows = {row for row in rows if str(readable[row]) in skipped}
             if bad_rows:
                 keep = [r for r in range(len(readable)) if r not in bad_rows]
                 features = features[keep]
@@ -269,23 +186,76 @@ class FeatureExtractor:
             features = features.reshape(len(readable), len(views), per_view, self.feature_size).max(axis=2)
         return FeatureSet(readable, digests, features, skipped, computed)
 
+    def _compute(self, readable, digests, rows, missing, columns, tags, features, skipped, *, seed, rotation, pool,
+                 tiles, progress) -> int:
+        """The backbone pass over the views `missing` names, row by row: each written into `features` and the
+        store; an image that cannot be decoded lands in `skipped`. Returns the number of views computed."""
+        count = len(columns)
+        dataset = ViewsDataset(
+            [readable[r] for r in rows],
+            [[(*view_params(digests[r], columns[c][0], seed, rotation), columns[c][1]) for c in missing[r]]
+             for r in rows],
+            self.preprocessing, tiles,
+        )
+        per_batch = max(1, forward_chunk(self.device, self.preprocessing["size"]) // count)
+        workers = decode_workers(self.device, self.num_workers) if len(rows) > per_batch else 0
+        # With no more cores than workers, each worker runs the backbone on the images it decoded, one thread
+        # each (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48 for the same model run
+        # here with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread layer waits for the slower,
+        # often descheduled, thread).
+        in_workers = 0 < workers and _cpu_count() <= workers and self.device.type == "cpu"
+        collate = _ForwardViews(self.inference_model, self.autocast) if in_workers else list
+        computed = 0
+        loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=collate,
+                            pin_memory=self.device.type == "cuda")
+        with tqdm(total=len(rows), desc="features", unit="img", disable=not progress, leave=False) as bar:
+            for batch in loader:
+                batch, out = batch if in_workers else (batch, None)
+                good = [i for i, tensor, error in batch if error is None]
+                for i, _, error in batch:
+                    if error is not None:
+                        skipped[str(readable[rows[i]])] = error
+                if good:
+                    if out is None:  # on CUDA each pinned view tensor is copied to the GPU asynchronously
+                        out = self.forward(torch.cat([tensor.to(self.device, non_blocking=True)
+                                                      for _, tensor, error in batch if error is None]))
+                    out = out.numpy()
+                    keys, at = [], 0
+                    for i in good:
+                        row = rows[i]
+                        for column in missing[row]:
+                            features[row, column] = out[at, pool]
+                            keys.append((digests[row], tags[column]))
+                            at += 1
+                    self.store.put_many(keys, out)  # a full or read-only cache costs speed, never the run
+                    computed += len(out)
+                bar.update(len(batch))
+        return computed
 
-def _forward(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> torch.Tensor:
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None,
+             device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The backbone over `images` in calls of FORWARD_CHUNK views on the CPU, of as many as the GPU holds on CUDA;
+    the features always come back float32 on the CPU."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    chunk = FORWARD_CHUNK if device.type == "cpu" else forward_chunk(device, images.shape[-1])
     with torch.inference_mode(), autocast:
-        return torch.cat([model(chunk.contiguous(memory_format=torch.channels_last)).float()
-                          for chunk in images.split(FORWARD_CHUNK)])
+        if device.type == "cpu":
+            return torch.cat([model(part.contiguous(memory_format=torch.channels_last)).float()
+                              for part in images.split(chunk)])
+        return torch.cat([model(part.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+                          .float() for part in images.split(chunk)]).cpu()
 
 
 class _ForwardViews:
     """A DataLoader collate_fn that runs the backbone in the worker: (index, None, error) items and the features."""
 
-    def __init__(self, model: torch.nn.Module, bf16: bool):
-        self.model, self.bf16 = model, bf16
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+        self.model, self.dtype = model, dtype
 
     def __call__(self, batch: list) -> tuple[list, torch.Tensor | None]:
         tensors = [tensor for _, tensor, error in batch if error is None]
-        features = _forward(self.model, torch.cat(tensors), self.bf16) if tensors else None
+        features = _forward(self.model, torch.cat(tensors), self.dtype) if tensors else None
         return [(index, None, error) for index, _, error in batch], features
 
 

@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, batches, criterion) -> tuple[float, float, np.nda
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
         probs.append(logits.softmax(1))
-    return total_loss / max(seen, 1), correct / max(seen, 1), torch.cat(probs).numpy() if probs else None
+    return total_loss / max(seen, 1), correct / max(seen, 1), torch.cat(probs).cpu().numpy() if probs else None
 
 
 def is_better(row: dict, best: dict | None) -> bool:
@@ -144,9 +144,11 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
         raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):
         torch.manual_seed(config.seed)
-        head = nn.Linear(num_features, num_classes)
+        head = nn.Linear(num_features, num_classes)  # drawn on the CPU: the same start on every device
+        device = getattr(source, "device", torch.device("cpu"))
+        head.to(device)
         model = source.model(head)
-        criterion = make_criterion(config, train_samples, num_classes)
+        criterion = make_criterion(config, train_samples, num_classes).to(device)
         scorer = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing) if criterion.weight is not None \
             else criterion  # how validation is scored: unweighted
         optimizer, scheduler = make_optimizer(head, config)
@@ -172,14 +174,25 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
                 best, best_head = row, {k: v.clone() for k, v in head.state_dict().items()}
             if val_acc is not None:
                 bar.set_postfix(val_acc=f"{val_acc:.3f}", best=f"{best['val_acc']:.3f}")
-            if on_epoch:
-                on_epoch(row, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "history": history, "best": best,
-                               "best_head": best_head})
+            if on_epoch:  # checkpoints hold CPU tensors: a run trained on a GPU resumes anywhere
+                on_epoch(row, _on_cpu({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "history": history, "best": best,
+                                       "best_head": best_head}))
         head.load_state_dict(best_head)
         kept = source.readable(val_samples) if val_samples else []
         probs = evaluate(model, source.val_batches(val_samples), scorer)[2] if val_samples else None
-        return FitResult(history, best, head, kept, probs)
+        return FitResult(history, best, head.cpu(), kept, probs)
+
+
+def _on_cpu(state):
+    """`state` with every tensor in it on the CPU (the same objects when they are there already)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _on_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(value) for value in state)
+    return state
 
 
 @contextmanager

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, StopsignError
+from ..cache import UPLOADS
 from ..files import atomic_write_bytes, relative
 from ..files import remove_partial_files as remove_temporary_files
+from ..storage import RunUpload, check_writable, download_folder, exists, is_url, join, mirror_dir
 
 CHECKPOINT_FORMAT = "stopsign-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -34,13 +36,22 @@ def remove_partial_files(run_dir: Path) -> None:
 
 
 def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
-    """A new folder under `out`; never reuses one. Fails early, naming the path, when `out` is unwritable."""
-    out = Path(out)
+    """A new folder under `out`; never reuses one. Fails early, naming the path, when `out` is unwritable.
+
+    `out` may be a URL (s3://bucket/runs): the folder is then made in the local copy of it (storage.UPLOADS),
+    under a name free both there and in the bucket, once a probe object proved the bucket writable.
+    """
+    remote = is_url(str(out))
+    if remote:
+        check_writable(str(out))
+    local_out = mirror_dir(str(out), UPLOADS) if remote else Path(out)
     base = name or f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        local_out.mkdir(parents=True, exist_ok=True)
         for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
-            path = out / f"{base}{suffix}"
+            path = local_out / f"{base}{suffix}"
+            if remote and exists(join(str(out), path.name)):
+                continue
             try:
                 path.mkdir()
             except FileExistsError:
@@ -49,12 +60,30 @@ def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
             probe.write_bytes(b"ok")
             probe.unlink()
             if suffix and name:
-                log.warning("%s already exists; this run goes to %s", out / base, path)
+                log.warning("%s already exists; this run goes to %s", join(str(out), base) if remote else out / base,
+                            join(str(out), path.name) if remote else path)
             return path
     except OSError as error:
-        raise StopsignError(f"cannot write the run folder under {out}: {error.strerror or error}. "
+        raise StopsignError(f"cannot write the run folder under {local_out}: {error.strerror or error}. "
                             "Fix: choose another folder with --out, or free disk space.") from error
     raise StopsignError(f"no free run name {base}-N under {out}; pass another --name")
+
+
+def run_upload(out: str | Path, run_dir: Path, url: str | None = None) -> RunUpload | None:
+    """For a run whose --out is a URL (or a resumed one at `url`): what uploads its folder as it grows."""
+    if url or is_url(str(out)):
+        return RunUpload(run_dir, url or join(str(out), run_dir.name))
+    return None
+
+
+def local_run(url: str) -> Path:
+    """The local folder of a run at a URL, for --resume: the local copy when this machine wrote it (it may hold
+    files the upload did not finish), else the bucket's files, downloaded."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    local = mirror_dir(parent, UPLOADS) / name
+    if not (local / "config.json").is_file():
+        download_folder(url, local)
+    return local
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> Path:

@@ -46,6 +46,7 @@ class CachedFeatures:
         self.train_features, self.val_features = augmented.features, plain.features[:, 0]
         self.skipped = augmented.skipped | plain.skipped
         self.batch_size = config.batch_size
+        self.device = extractor.device  # an SGD head trains where the backbone ran; on the CPU .to() is a no-op
         # what the augmented views were drawn with, and which features they are
         self.drawn = (config.augment, config.seed, config.rotation, config.pooling, config.tiles)
         self._last: dict[int, tuple] = {}  # see _indexed
@@ -87,7 +88,8 @@ class CachedFeatures:
         views = rng.integers(0, self.train_features.shape[1], size=len(samples))
         for start in range(0, len(order), self.batch_size):
             pick = order[start:start + self.batch_size]
-            yield torch.from_numpy(np.asarray(self.train_features[rows[pick], views[pick]])), torch.from_numpy(labels[pick])
+            yield (torch.from_numpy(np.asarray(self.train_features[rows[pick], views[pick]])).to(self.device),
+                   torch.from_numpy(labels[pick]).to(self.device))
 
     def readable(self, samples: list[Sample]) -> list[Sample]:
         return self._indexed(self.val_rows, samples)[0]
@@ -95,8 +97,8 @@ class CachedFeatures:
     def val_batches(self, samples: list[Sample]):
         _, rows, labels = self._indexed(self.val_rows, samples)
         for start in range(0, len(rows), 256):
-            yield (torch.from_numpy(self.val_features[rows[start:start + 256]]),
-                   torch.from_numpy(labels[start:start + 256]))
+            yield (torch.from_numpy(self.val_features[rows[start:start + 256]]).to(self.device),
+                   torch.from_numpy(labels[start:start + 256]).to(self.device))
 
 
 class LiveImages:
@@ -107,6 +109,7 @@ class LiveImages:
             raise StopsignError("--tiles needs cached features: the live path (--no-cache) sees each image whole. "
                                 "Fix: drop --no-cache, or --tiles")
         self.backbone, self.preprocessing, self.config = extractor.backbone.model, extractor.preprocessing, config
+        self.device = extractor.device  # backbone and head train there, in float32 (no autocast on this path)
         # Every image is read once up front, as the cached path's extraction does, so the files that cannot be
         # used are known (and recorded) before the first epoch; the digests seed each image's augmentation.
         self.skipped: dict[str, str] = {}
@@ -121,7 +124,7 @@ class LiveImages:
         self.threads = None  # the backbone runs here: keep torch's thread count
 
     def model(self, head: nn.Linear) -> nn.Module:
-        return FrozenBackboneClassifier(self.backbone, head, self.config.pooling)
+        return FrozenBackboneClassifier(self.backbone, head, self.config.pooling).to(self.device)
 
     def _batches(self, samples: list[Sample], order, draws):
         dataset = ViewsDataset([samples[i].path for i in order], draws, self.preprocessing)
@@ -129,8 +132,8 @@ class LiveImages:
             good = [(i, tensor) for i, tensor, error in batch if error is None]
             self.skipped.update({str(samples[order[i]].path): error for i, _, error in batch if error})
             if good:
-                yield (torch.cat([t for _, t in good]),
-                       torch.tensor([samples[order[i]].label for i, _ in good], dtype=torch.long))
+                yield (torch.cat([t for _, t in good]).to(self.device),
+                       torch.tensor([samples[order[i]].label for i, _ in good], dtype=torch.long).to(self.device))
 
     def train_batches(self, samples: list[Sample], epoch: int, rng: np.random.Generator):
         samples = self.readable(samples)

@@ -30,8 +30,9 @@ from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
 from .crossval import cross_validate
 from .fitting import fit, rising_epochs, stop_after_epoch
-from .runs import (METRIC_COLUMNS, create_run_dir, data_record, make_checkpoint, remove_partial_files, resume_state,
-                   save_checkpoint, summary, versions)
+from ..storage import check_writable, is_url
+from .runs import (METRIC_COLUMNS, create_run_dir, data_record, local_run, make_checkpoint, remove_partial_files,
+                   resume_state, run_upload, save_checkpoint, summary, versions)
 from .sources import CachedFeatures, LiveImages
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RunResult:
     best_val_acc: float | None
     history: list[dict]
     metrics: dict = field(default_factory=dict)
+    url: str | None = None  # where the run was uploaded, when --out was a URL
 
 
 @settled_heap()
@@ -53,9 +55,17 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
 
     resume: a run folder of an interrupted run; its own config.json and data.json split are used, and its data
     folder when `data` is None. Overrides that differ from what it recorded are an error, never ignored.
+    data, resume and config.out may be URLs (s3://...): data is fetched into a local mirror, and the run is
+    written locally and uploaded as it grows, summary.json last (storage.py).
     """
     phases, clock, started = {}, time.perf_counter(), now()
+    resume_url = str(resume) if resume and is_url(str(resume)) else None
+    if resume_url:
+        check_writable(resume_url)  # credentials and bucket, before the data is fetched or anything trained
+    resume = local_run(resume_url) if resume_url else resume
     config, run_dir = resolve_config(config, overrides, resume)
+    if is_url(config.out) and not resume:
+        check_writable(config.out)
     if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
         log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
                     "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
@@ -67,12 +77,15 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         if not resume:
             raise StopsignError("no data to train on: give DATA (or --resume RUN_DIR to continue a run)")
         data = recorded_data(run_dir)
-    data = data if isinstance(data, LabelledData) else load_data(data)
+    location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
+    data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
     train_samples, val_samples = choose_split(data, config, val, recorded, groups)
     synthetic = synthetic_training_images(data, config, progress)
     run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
+    upload = run_upload(config.out, run_dir, resume_url)
+    sync = upload.sync if upload else lambda: None
     with discarded_unless_trained(run_dir, keep=bool(resume)):
         folds = fold_numbers(train_samples, config, data.class_names, groups)
         drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
@@ -82,7 +95,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         for warning in checks.get("warnings", []):
             log.warning("%s", warning)
         extractor = make_extractor(config)
-        record = config.to_dict() | {"data": str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
+        record = config.to_dict() | {"data": location or str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
                                      "preprocessing": extractor.preprocessing, "versions": versions()}
         if not resume:
             write_json(run_dir / "config.json", record)
@@ -90,7 +103,8 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
 
         train_samples = train_samples + synthetic  # training only: never validated, never in a fold's held-out part
         clock = time.perf_counter()
-        resume_hint = f"Continue with: stopsign train {data.root} --resume {run_dir}"
+        resume_hint = (f"Continue with: stopsign train {location or data.root} --resume "
+                       f"{upload.url if upload else run_dir}")
         source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
         skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
         kept = {name: [s for s in samples if str(s.path) not in skipped]
@@ -111,7 +125,8 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         clock = time.perf_counter()
         result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
                               state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
-                              trained_on=signature, groups=groups)
+                              trained_on=signature, groups=groups, after_save=sync)
+        sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -139,9 +154,12 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
                    summary(record, result.history, result.best, started, completed, share_trained=share,
                            cv_accuracy=cv["mean"]["accuracy"] if cv else None))
+        if upload:
+            upload.finish()  # the report, then summary.json
         phases["report"] = time.perf_counter() - clock
         log.debug("phases: %s", {k: round(v, 2) for k, v in phases.items()})
-        return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics)
+        return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics,
+                         upload.url if upload else None)
 
 
 LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",
@@ -282,7 +300,7 @@ def make_extractor(config: TrainConfig) -> FeatureExtractor:
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     return FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
                             num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16,
-                            image_size=config.image_size)
+                            image_size=config.image_size, device=config.device)
 
 
 def make_source(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
@@ -312,7 +330,7 @@ def describe_training(extractor: FeatureExtractor, train_samples: list[Sample], 
 def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
                  train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig, record: dict, *,
                  state: dict | None, progress: bool, resume_hint: str, trained_on: dict,
-                 groups: dict[str, int] | None = None):
+                 groups: dict[str, int] | None = None, after_save=lambda: None):
     """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
     after the current epoch's files are written."""
     backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
@@ -327,6 +345,7 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
                  row["train_acc"], validated)
         save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record,
                                                              row, resume=epoch_state, trained_on=trained_on))
+        after_save()  # with --out URL: this epoch's files to the bucket
         if stop.is_set():
             raise Interrupted(f"stopped after epoch {row['epoch']} of {config.epochs}; its files are written. "
                               f"{resume_hint}")

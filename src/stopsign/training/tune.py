@@ -38,7 +38,7 @@ from ..data.checks import duplicate_groups
 from ..heap import settled_heap
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
-from .runs import create_run_dir, versions
+from .runs import create_run_dir, run_upload, versions
 from .sources import CachedFeatures
 from .trainer import RunResult, make_extractor, train
 
@@ -142,7 +142,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.logging.disable_default_handler()  # optuna's messages go through logging, which the CLI configures
     optuna.logging.enable_propagation()
-    data = data if isinstance(data, LabelledData) else load_data(data)
+    data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
     if resume:
         run_dir, config = reopen_tune_folder(Path(resume), data, samples)
@@ -215,6 +215,9 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
                           progress=progress)
         best = write_outputs(study, run_dir, baseline, final_run.run_dir)
+    upload = run_upload(config.out, run_dir) if not resume else None  # --out s3://...: the whole folder, at the end
+    if upload:
+        upload.finish()
     return TuneResult(run_dir, best["params"], best["value"], best["accuracy"], final_run, config.folds,
                       baseline["accuracy"])
 

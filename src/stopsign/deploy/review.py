@@ -1,0 +1,177 @@
+"""The review page's HTTP service: a FastAPI app over one Review (training/review.py) and its LabelStore.
+
+Routes: GET / (static/review.html, offline), GET /api/suspects (the list, each item's state and the progress),
+GET /api/photo/{id} and /api/photo/{id}/neighbour/{k} (image bytes, only of files of the data set or the
+--add folder, looked up by number: no route takes a path), POST /api/decision {id, action, label, against,
+client} and POST /api/undo {client}. A decision made against a label that is no longer the entry's is 409,
+an unknown class or action 422, a body over 16 KiB 413. Decisions go straight to the data set's files
+(data/labels.py); the items' states here are this process's view, refreshed from the files on each decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from .. import __version__
+from ..data.labels import Conflict, LabelStore
+from ..errors import DataError
+from ..files import relative
+from ..training.review import Review
+from .serve import BodyLimit
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024  # a decision is a few dozen bytes
+
+
+class DecisionBody(BaseModel):
+    id: int
+    action: Literal["set", "keep", "exclude"]
+    label: str | None = Field(default=None, max_length=200)
+    against: str | None = Field(default=None, max_length=200)  # the label the reviewer saw (null: none)
+    client: str | None = Field(default=None, max_length=64)  # one page: undo takes back its own decisions
+
+
+class UndoBody(BaseModel):
+    client: str | None = Field(default=None, max_length=64)
+
+
+def create_review_app(review: Review, out: str | os.PathLike = "review") -> FastAPI:
+    """The review app over `review`'s suspects; decisions are written to review.data_path, logged in `out`."""
+    store = LabelStore(review.data_path, out)
+    names = store.class_names
+    page = resources.files("stopsign.deploy").joinpath("static/review.html").read_text(encoding="utf-8")
+    root = review.data.root
+    items = []
+    for number, suspect in enumerate(review.suspects):
+        items.append({"id": number, "suspect": suspect, "photo": suspect.path, "new": suspect.new,
+                      "key": None if suspect.new else store.key(suspect.path), "label": suspect.given,
+                      "decisions": []})
+    # Every file the app may send, with its real path now: a file swapped for a link afterwards is refused.
+    allowed = {str(path): os.path.realpath(path) for path in
+               [s.path for s in review.data.samples] + [s.path for s in review.suspects]}
+    lock = threading.Lock()  # the items' states; the files have their own lock (data/labels.py)
+
+    app = FastAPI(title="stopsign review", version=__version__,
+                  description=f"Review the labels of {review.data_path} ({', '.join(names)}).")
+    app.add_middleware(BodyLimit, default=MAX_BODY_BYTES, image_limit=MAX_BODY_BYTES, limits={},
+                       describe=lambda size: f"request too large: {size} bytes; a decision is at most "
+                                             f"{MAX_BODY_BYTES} bytes")
+    app.state.store = store
+
+    def public(item: dict) -> dict:
+        s = item["suspect"]
+        return {"id": item["id"], "name": relative(s.path, root) if not s.new else s.path.name, "new": s.new,
+                "given": s.given, "label": item["label"], "suggested": s.suggested, "score": s.score,
+                "probabilities": s.probabilities, "reasons": s.reasons, "readable": s.suggested is not None,
+                "decision": item["decisions"][-1] if item["decisions"] else None,
+                "neighbours": [{"name": relative(p, root), "label": label, "similarity": round(similarity, 4)}
+                               for p, label, similarity in s.neighbours]}
+
+    def progress() -> dict:
+        return {"reviewed": sum(bool(item["decisions"]) for item in items), "total": len(items)}
+
+    def item_of(number: int) -> dict:
+        if not 0 <= number < len(items):
+            raise HTTPException(404, f"no suspect {number}: there are {len(items)}")
+        return items[number]
+
+    def send(path: Path) -> FileResponse:
+        real = allowed.get(str(path))
+        if real is None or os.path.realpath(path) != real or not os.path.isfile(real):
+            raise HTTPException(403, f"{path.name}: not a file of the data set")
+        return FileResponse(real)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/suspects")
+    def suspects() -> dict:
+        with lock:
+            return {"data": str(review.data_path), "layout": review.data.layout, "classes": names,
+                    "folds": review.folds, "items": [public(item) for item in items], **progress()}
+
+    @app.get("/api/photo/{number}")
+    def photo(number: int) -> FileResponse:
+        return send(item_of(number)["photo"])
+
+    @app.get("/api/photo/{number}/neighbour/{k}")
+    def neighbour(number: int, k: int) -> FileResponse:
+        nearest = item_of(number)["suspect"].neighbours
+        if not 0 <= k < len(nearest):
+            raise HTTPException(404, f"suspect {number} has {len(nearest)} neighbours")
+        return send(nearest[k][0])
+
+    @app.post("/api/decision")
+    def decision(body: DecisionBody):
+        item = item_of(body.id)
+        if body.action == "set" and body.label not in names:
+            raise HTTPException(422, f"unknown class {body.label!r}: the classes are {', '.join(names)}")
+        with lock:
+            try:
+                if item["key"] is None:  # a new photo: keep takes the suggestion, exclude leaves it out
+                    if body.against is not None:
+                        raise Conflict(f"{item['photo'].name}: not in the data set yet", None)
+                    if body.action == "exclude":
+                        record = store.note(item["photo"], "skip", by=body.client)
+                    else:
+                        label = body.label if body.action == "set" else item["suspect"].suggested
+                        record = store.add(item["photo"], label, by=body.client)
+                        item["key"] = record["file"]
+                else:
+                    record = store.decide(item["key"], body.action, label=body.label, against=body.against,
+                                          by=body.client)
+            except Conflict as error:
+                if item["key"] is not None:
+                    item["label"] = store.label(item["key"])
+                return JSONResponse({"detail": str(error), "current": error.current, "item": public(item)},
+                                    status_code=409)
+            except DataError as error:
+                raise HTTPException(422, str(error)) from None
+            refresh(item)
+            item["decisions"].append(record["action"])
+            return {"item": public(item), **progress()}
+
+    @app.post("/api/undo")
+    def undo(body: UndoBody):
+        with lock:
+            try:
+                record = store.undo(by=body.client)
+            except Conflict as error:
+                return JSONResponse({"detail": str(error), "current": error.current}, status_code=409)
+            except DataError as error:
+                raise HTTPException(404, str(error)) from None
+            item = next((i for i in items if i["key"] == record["file"] or str(i["photo"]) == record["file"]
+                         or str(i["photo"]) == record.get("photo")), None)
+            if item is not None:
+                if record["action"] == "add":
+                    item["key"], item["photo"] = None, item["suspect"].path
+                else:
+                    refresh(item)
+                if item["decisions"]:
+                    item["decisions"].pop()
+            return {"undone": {k: record[k] for k in ("file", "action", "before", "after")},
+                    "item": public(item) if item else None, **progress()}
+
+    def refresh(item: dict) -> None:
+        """The item's label and file as they are now (a class-folder decision moves the file)."""
+        if item["key"] is None:
+            item["label"] = None
+            return
+        item["label"] = store.label(item["key"])
+        now = store.path(item["key"])
+        if now is not None and str(now) != str(item["photo"]):
+            item["photo"] = now
+            allowed[str(now)] = os.path.realpath(now)
+
+    return app

@@ -1,0 +1,396 @@
+"""Object storage: data, runs and models at a URL (s3://, gs://, az://, https://, zip::...) through fsspec.
+
+A URL never reaches the code that decodes photos or writes run files. Data and models are fetched into a local
+mirror under the cache, one per URL, each file checked by its ETag (or version) from one paginated listing, so a
+second run downloads nothing and the feature cache, keyed by content, still hits. A run is written locally, as
+always, and uploaded as it grows (RunUpload). Local paths never come here (`is_url` is False for them), so they
+keep their speed.
+
+Credentials and endpoints come the usual way for each backend (for S3: the AWS chain of environment variables,
+~/.aws/credentials, AWS_PROFILE and AWS_ENDPOINT_URL), plus keyword options for fsspec from
+$STOPSIGN_STORAGE_OPTIONS (a JSON object) and `--storage-option key=value` (set_storage_options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cache import REMOTE, UPLOADED, UPLOADS, store_dir
+from .errors import StorageError
+from .files import TEMPORARY_SUFFIX, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+OPTIONS_ENV = "STOPSIGN_STORAGE_OPTIONS"
+FETCH_WORKERS = 16  # objects fetched at once: enough to hide a request's latency, few enough for any endpoint
+RETRIES = 4  # attempts of an upload after the first, each after BACKOFF × 2^k seconds
+BACKOFF = 0.5
+MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")  # a URL ending so names a model, not a run folder
+INDEX = "index.json"  # a mirror's {relative path: ETag}, beside its files/
+# An S3 endpoint that does not answer fails in seconds, not botocore's minutes (the user's options win).
+S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
+BACKENDS = {"s3": "s3fs (pip install 'stopsign[cloud]')", "gs": "gcsfs (pip install gcsfs)",
+            "gcs": "gcsfs (pip install gcsfs)", "az": "adlfs (pip install adlfs)", "abfs": "adlfs (pip install adlfs)",
+            "http": "aiohttp (pip install aiohttp)", "https": "aiohttp (pip install aiohttp)"}
+CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for IBM Cloud Object Storage: the HMAC keys), "
+                   "or a profile in ~/.aws/credentials with AWS_PROFILE, or --storage-option key=... "
+                   "--storage-option secret=...")
+
+_given_options: dict = {}
+_filesystems: dict = {}
+
+
+def is_url(path) -> bool:
+    """True for "scheme://..." (fsspec's chained "zip::https://..." too), False for local paths and file://."""
+    return isinstance(path, str) and bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*(::|://)", path)) \
+        and not path.startswith("file://")
+
+
+def set_storage_options(pairs: list[str]) -> None:
+    """--storage-option key=value (repeatable): a value is read as JSON where it is JSON (true, 3, {...}), else as
+    text; a dotted key sets a nested option (client_kwargs.region_name=us-south)."""
+    options: dict = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise StorageError(f"--storage-option {pair!r}: expected key=value, e.g. endpoint_url=https://...")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        *parents, last = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    _given_options.clear()
+    _given_options.update(options)
+
+
+def storage_options(protocol: str) -> dict:
+    """The keyword options for the filesystem: backend defaults, then $STOPSIGN_STORAGE_OPTIONS, then the flags."""
+    try:
+        from_env = json.loads(os.environ.get(OPTIONS_ENV) or "{}")
+    except ValueError as error:
+        raise StorageError(f"${OPTIONS_ENV} is not a JSON object ({error}); e.g. "
+                           '{"endpoint_url": "https://s3.us-south.cloud-object-storage.appdomain.cloud"}') from error
+    options = json.loads(json.dumps(S3_DEFAULTS)) if protocol in ("s3", "s3a") else {}
+    for layer in (from_env, _given_options):
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(options.get(key), dict):
+                options[key] = options[key] | value
+            else:
+                options[key] = value
+    return options
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for a URL; a backend that is not installed says which package to add."""
+    import fsspec.core
+
+    protocol = url.split("::")[-1].split("://")[0] if "::" in url else url.split("://")[0]
+    options = storage_options(protocol)
+    # One filesystem per protocol, options and credentials in the environment (fsspec's own instance cache would
+    # keep the credentials it first resolved); a chained URL (zip::...) gets its own each time.
+    key = (protocol, json.dumps(options, sort_keys=True, default=str),
+           tuple(os.environ.get(name) for name in sorted(os.environ) if name.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
+    try:
+        if "::" not in url and key in _filesystems:
+            fs = _filesystems[key]
+            return fs, fs._strip_protocol(url)
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+        if "::" not in url:
+            _filesystems[key] = fs
+        return fs, path
+    except (ImportError, ValueError) as error:
+        package = BACKENDS.get(protocol.lower(), f"the fsspec backend for {protocol}://")
+        raise StorageError(f"{url}: cannot open {protocol}:// ({error}). Fix: install {package}") from error
+
+
+@contextmanager
+def storage_errors(url: str):
+    """Any failure of the storage backend as one StorageError naming the URL and the fix."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        raise StorageError(explain(url, error)) from error
+
+
+def explain(url: str, error: BaseException) -> str:
+    name = type(error).__name__
+    codes = [str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", "")) for e in _chain(error)]
+    text = " ".join([str(error), *codes])  # s3fs turns botocore's error codes into OSErrors with their messages
+    endpoint = storage_options("s3").get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the default"
+    if name == "NoCredentialsError" or "Unable to locate credentials" in text:
+        return f"{url}: no credentials. Fix: {CREDENTIALS_FIX}"
+    if name == "PartialCredentialsError":
+        return f"{url}: incomplete credentials ({_first_line(str(error))}). Fix: {CREDENTIALS_FIX}"
+    if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                                     "signature we calculated", "Access Key Id you provided does not exist")):
+        return f"{url}: the credentials were refused ({_first_line(str(error))}). Fix: check the key and secret ({CREDENTIALS_FIX})"
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return (f"{url}: access denied ({_first_line(str(error))}). Fix: grant these credentials read (data, models) or "
+                "write (--out) access to the bucket, or use other credentials")
+    if isinstance(error, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
+        return f"{url}: no such bucket or object ({_first_line(str(error))}). Fix: check the URL (bucket name, prefix, key)"
+    if _is_connection_error(error):
+        return (f"{url}: cannot reach the storage endpoint {endpoint} ({_first_line(str(error))}). Fix: check the network "
+                "and the endpoint (AWS_ENDPOINT_URL, or --storage-option endpoint_url=https://...)")
+    return f"{url}: {name}: {_first_line(str(error))}"
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(error)}
+    connection = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                  "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+                  "ConnectionRefusedError", "ConnectionResetError", "TimeoutError", "IncompleteRead"}
+    return bool(names & connection) or isinstance(error, (ConnectionError, TimeoutError))
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+# --- fetching: a URL's files into a local mirror ---------------------------------------------------------
+
+def mirror_dir(url: str, store: str = REMOTE) -> Path:
+    """The local folder that stands for a URL: readable, and unique to the URL."""
+    url = url.rstrip("/")
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:60] or "root"
+    return store_dir(store) / f"{tail}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+def fetch(url: str, *, progress: bool = False) -> Path:
+    """The local copy of a URL: its folder of files (a prefix) or the file. A .zip archive is unpacked and its
+    folder returned. Files whose ETag the mirror already holds are not downloaded again."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        fs.invalidate_cache()  # one process may list a prefix again after writing to it
+        listing = {name: info for name, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
+    if not listing:
+        raise StorageError(f"{url}: no such bucket, prefix or object (nothing listed there). "
+                           "Fix: check the URL (bucket name, prefix, key)")
+    root, stripped = mirror_dir(url), path.rstrip("/")
+    children = {inside(url, name[len(stripped) + 1:]): info for name, info in listing.items()
+                if name.startswith(stripped + "/") and len(name) > len(stripped) + 1}  # not a folder marker
+    single = not children  # the URL names one object (s3fs lists a key as itself)
+    files = {Path(name).name: info for name, info in listing.items()} if single else children
+    if single and len(files) != 1:
+        raise StorageError(f"{url}: names {len(listing)} objects but no folder of them; give the prefix ending in /")
+    _mirror(fs, url, files, root, next(iter(listing)) if single else stripped, single, progress)
+    local = root / "files" / (next(iter(files)) if single else "")
+    if single and local.suffix.lower() == ".zip":
+        return _unpacked(local, root / "unzipped", files[local.name])
+    return local
+
+
+def inside(url: str, name: str) -> str:
+    """An object's name below a prefix, as a relative path that stays inside the local folder: a key may hold
+    "../" or begin with "/" (S3 allows any bytes), which joined to the folder would write anywhere on disk."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise StorageError(f"{join(url, name)}: an object whose key below the prefix starts with '/' or holds '..' "
+                           "cannot be copied into a local folder (it would land outside it). "
+                           "Fix: rename or remove that object")
+    return name
+
+
+def _mirror(fs, url: str, files: dict, root: Path, base: str, single: bool, progress: bool) -> None:
+    index_path = root / INDEX
+    index = read_json(index_path) if index_path.is_file() else {}
+    local_root = root / "files"
+    wanted = {}
+    for rel, info in files.items():
+        tag = version_tag(info)
+        target = local_root / rel
+        if index.get(rel) != tag or not target.is_file() or target.stat().st_size != info.get("size", -1):
+            wanted[rel] = (info, tag)
+    _prune(local_root, files)
+    for stale in set(index) - set(files):
+        index.pop(stale)
+    if wanted:
+        total = sum(int(info.get("size") or 0) for info, _ in wanted.values())
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {len(wanted)} files", disable=not progress,
+                   leave=False)
+
+        def get(rel: str) -> str:
+            info, _ = wanted[rel]
+            source = base if single else f"{base}/{rel}"
+            target = local_root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+            with storage_errors(f"{url.rstrip('/')}/{rel}" if not single else url):
+                fs.get_file(source, str(partial))
+            os.replace(partial, target)
+            bar.update(int(info.get("size") or 0))
+            return rel
+
+        done = 0
+        try:
+            with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+                for rel in pool.map(get, sorted(wanted)):
+                    index[rel] = wanted[rel][1]
+                    done += 1
+                    bar.set_postfix_str(f"{done}/{len(wanted)} files", refresh=False)
+        finally:
+            bar.close()
+            atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True))  # what arrived stays known
+        log.debug("fetched %d of %d files of %s", len(wanted), len(files), url)
+    elif not index_path.is_file() or set(index) != set(files):
+        atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True))
+
+
+def _prune(local_root: Path, files: dict) -> None:
+    """Gone from the bucket: gone from the mirror, so the data is the same. The folder is walked, not the index:
+    a fetch that failed part way leaves files it renamed into place but never indexed."""
+    if not local_root.is_dir():
+        return
+    for path in [p for p in local_root.rglob("*") if p.is_file()]:
+        if path.relative_to(local_root).as_posix() not in files and not path.name.endswith(TEMPORARY_SUFFIX):
+            path.unlink(missing_ok=True)  # (a temporary file is another fetch's, in progress)
+    for folder in sorted((p for p in local_root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):  # an emptied class folder would be read as a class with no images
+            with suppress(OSError):  # another fetch just put a file there
+                folder.rmdir()
+
+
+def version_tag(info: dict) -> str:
+    """What identifies an object's content without reading it: ETag or version where the backend gives one."""
+    for key in ("ETag", "etag", "VersionId", "version_id", "md5Hash", "content_md5", "Content-MD5", "Digest"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    modified = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("updated")
+    return f"size {info.get('size')} modified {modified}"
+
+
+def _unpacked(archive: Path, folder: Path, info: dict) -> Path:
+    """A downloaded .zip's contents, unpacked again only when the archive changed (zipfile keeps names inside)."""
+    marker = folder / ".archive"
+    tag = version_tag(info)
+    if not (marker.is_file() and marker.read_text() == tag):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        with zipfile.ZipFile(archive) as handle:
+            handle.extractall(folder)
+        marker.write_text(tag)
+    entries = [p for p in folder.iterdir() if p.name != ".archive" and not p.name.startswith("__MACOSX")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder  # export.zip holding one folder
+
+
+def fetch_model(url: str) -> Path:
+    """A model file at a URL, or a run folder's best.pt, from the mirror when its ETag is unchanged."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        is_file = fs.isfile(path)
+    if not is_file and Path(path).suffix.lower() in MODEL_SUFFIXES:  # a model file that is not there: say so
+        raise StorageError(f"{url}: no such bucket or object. Fix: check the URL (bucket name, prefix, key)")
+    return fetch(url if is_file else url.rstrip("/") + "/best.pt")
+
+
+# --- uploading: a local folder that grows, mirrored to a URL -------------------------------------------------
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a small object under `url`: credentials, bucket and write access, checked up front."""
+    fs, path = filesystem(url)
+    probe = join(path, f".stopsign-write-test-{os.getpid()}")
+    with storage_errors(url):
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        fs.invalidate_cache()
+        return bool(fs.exists(path))
+
+
+def download_folder(url: str, local: Path) -> None:
+    """Every object under a prefix into a local folder (a run to resume): each file whole or absent."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        listing = [name for name, info in fs.find(path.rstrip("/"), detail=True).items()
+                   if info.get("type") != "directory"]
+        for name in listing:
+            target = Path(local) / inside(url, name[len(path.rstrip("/")) + 1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}{TEMPORARY_SUFFIX}")
+            fs.get_file(name, str(partial))
+            os.replace(partial, target)
+    if not listing:
+        raise StorageError(f"{url}: nothing there to resume. Fix: check the URL (the run folder's, ending in its name)")
+
+
+def upload_file(local: Path, url: str) -> None:
+    """One file to one key, with retries. An S3 PUT is atomic and a multipart upload becomes visible only when
+    completed (s3fs aborts it on error), so a reader never sees a half-written object under the final key."""
+    fs, path = filesystem(url)
+    for attempt in range(RETRIES + 1):
+        try:
+            fs.put_file(str(local), path)
+            return
+        except Exception as error:
+            if attempt == RETRIES or not _is_connection_error(error):
+                raise StorageError(explain(url, error) + (f" (after {RETRIES + 1} attempts)" if attempt else "")) \
+                    from error
+            delay = BACKOFF * 2 ** attempt
+            log.warning("upload of %s failed (%s); retrying in %.1f s", url, _first_line(str(error)), delay)
+            time.sleep(delay)
+            fs.invalidate_cache()
+
+
+class RunUpload:
+    """A run folder written locally (atomically, as every run) and uploaded to `url` as it grows.
+
+    sync() sends each file that changed since it was last sent; `last` (summary.json) waits for finish(), so a
+    reader who finds it knows the run is whole. The local folder stays: it is what `--resume URL` continues from
+    when it is there, and what the caller reads the run's files from; `stopsign cache clear` deletes it only once
+    finish() has marked it uploaded (cache.UPLOADED).
+    """
+
+    def __init__(self, local: Path, url: str, last: tuple[str, ...] = ("summary.json",)):
+        self.local, self.url, self.last = Path(local), url.rstrip("/"), last
+        self.sent: dict[str, tuple[int, int]] = {}
+
+    def sync(self, *, finish: bool = False) -> None:
+        (self.local / UPLOADED).unlink(missing_ok=True)  # a resumed run grows again: not whole in the bucket now
+        files = sorted(p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(TEMPORARY_SUFFIX)
+                       and not p.name.startswith(".write-test") and p.name != UPLOADED)
+        held = [p for p in files if p.parent == self.local and p.name in self.last]
+        for path in [p for p in files if p not in held] + (held if finish else []):
+            rel = path.relative_to(self.local).as_posix()
+            stat = path.stat()
+            if self.sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                try:
+                    upload_file(path, join(self.url, rel))
+                except StorageError as error:
+                    raise StorageError(f"{error}. Nothing is lost: the run's files are in {self.local}, and "
+                                       f"`stopsign train --resume {self.url}` continues it and its upload") from error
+                self.sent[rel] = (stat.st_size, stat.st_mtime_ns)
+
+    def finish(self) -> None:
+        self.sync(finish=True)
+        atomic_write_text(self.local / UPLOADED, self.url + "\n")  # `cache clear` may delete this copy now

@@ -1,0 +1,178 @@
+"""The sharded feature store: round trips, few files, commits that survive kill -9, damaged shards ignored,
+writers in two processes, the caches of older versions moved in."""
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from stopsign.cache import cache_info, clear_cache
+from stopsign.store import ShardStore
+
+SHAPE = (3, 8)
+
+
+def digest(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def value(i: int) -> np.ndarray:
+    """What entry i holds: its own numbers, so a row read from the wrong place shows."""
+    return np.arange(24, dtype=np.float32).reshape(SHAPE) + i
+
+
+def fill(store: ShardStore, numbers, tag: str = "plain") -> None:
+    numbers = list(numbers)
+    store.put_many([(digest(i), tag) for i in numbers], np.stack([value(i) for i in numbers]))
+
+
+def read_all(store: ShardStore, numbers, tag: str = "plain", select=None) -> dict[int, np.ndarray]:
+    keys = [(digest(i), tag) for i in numbers]
+    found = {}
+    for positions, arrays in store.get_many(keys, SHAPE, select=select):
+        found.update({numbers[p]: a for p, a in zip(positions, arrays)})
+    return found
+
+
+def test_entries_round_trip_by_digest_and_tag_in_few_files(tmp_path):
+    store = ShardStore(tmp_path / "store")
+    fill(store, range(5000))
+    store.put(digest(0), "flipped", value(7))
+    store.flush()
+    reader = ShardStore(tmp_path / "store")
+    found = read_all(reader, list(range(5000)))
+    assert len(found) == 5000 and all(np.array_equal(found[i], value(i)) for i in (0, 1, 4321, 4999))
+    np.testing.assert_array_equal(read_all(reader, [3], select=1)[3], value(3)[1])  # one pooling
+    np.testing.assert_array_equal(reader.get(digest(0), "flipped"), value(7))
+    assert reader.get(digest(5000), "plain") is None and reader.get(digest(1), "other") is None
+    assert list(reader.get_many([(digest(1), "plain")], (3, 9))) == []  # another shape is another backbone
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert len(files) == 2  # one shard: its rows and its index
+    assert cache_info(tmp_path)["folders"]["store"]["entries"] == 5001
+
+
+def test_what_is_put_is_read_only_once_committed(tmp_path):
+    writer = ShardStore(tmp_path / "store")
+    fill(writer, range(10))
+    reader = ShardStore(tmp_path / "store")
+    assert read_all(reader, list(range(10))) == {}
+    writer.flush()
+    assert len(read_all(reader, list(range(10)))) == 10  # the same reader sees the commit
+
+
+WRITER = """
+import sys, hashlib, numpy as np
+from stopsign.store import ShardStore
+store = ShardStore(sys.argv[1])
+start, step = int(sys.argv[2]), int(sys.argv[3])
+for batch in range(start, start + 10**6, step):
+    numbers = range(batch, batch + step)
+    keys = [(hashlib.sha256(str(i).encode()).hexdigest(), "plain") for i in numbers]
+    store.put_many(keys, np.stack([np.arange(24, dtype=np.float32).reshape(3, 8) + i for i in numbers]))
+    store.flush()
+    print(batch + step, flush=True)  # every entry below this is committed
+"""
+
+
+def start_writer(folder, start: int, step: int = 50) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(start), str(step)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_kill_minus_nine_mid_write_loses_only_uncommitted_entries(tmp_path):
+    folder, rng, start = tmp_path / "store", np.random.default_rng(0), 0
+    for cycle in range(4):
+        writer = start_writer(folder, start)
+        committed = int(writer.stdout.readline())  # running: at least one commit
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        writer.send_signal(signal.SIGKILL)
+        lines = writer.stdout.read().split()
+        writer.wait()
+        committed = int(lines[-1]) if lines else committed
+        found = read_all(ShardStore(folder), list(range(committed + 50)))
+        assert set(range(committed)) <= set(found)  # every commit it reported survived
+        assert all(np.array_equal(array, value(i)) for i, array in found.items())  # no torn row is read
+        start = max(found) + 1
+    assert len(list(folder.rglob("*.idx"))) == 4  # one shard per writer process
+
+
+def test_a_damaged_shard_is_ignored_and_the_others_still_read(tmp_path, caplog):
+    for part in (range(0, 100), range(100, 200), range(200, 300)):
+        store = ShardStore(tmp_path / "store")
+        fill(store, part)
+        store.close()
+    data = sorted((tmp_path / "store").rglob("*.f32"), key=os.path.getmtime)
+    indexes = [path.with_suffix(".idx") for path in data]
+    with open(data[0], "r+b") as handle:
+        handle.truncate(1000)  # fewer rows than its index names
+    indexes[1].write_bytes(b"not an index")
+    with caplog.at_level(logging.WARNING):
+        found = read_all(ShardStore(tmp_path / "store"), list(range(300)))
+    assert sorted(found) == list(range(200, 300))
+    assert all(np.array_equal(array, value(i)) for i, array in found.items())
+    assert sum("ignoring damaged feature shard" in record.message for record in caplog.records) == 2
+
+
+def test_two_processes_write_at_once_each_to_its_own_shard(tmp_path):
+    folder = tmp_path / "store"
+    writers = [start_writer(folder, 0), start_writer(folder, 10**7)]
+    for writer in writers:
+        for _ in range(20):
+            writer.stdout.readline()  # twenty commits each, interleaved
+    for writer in writers:
+        writer.terminate()
+        writer.wait()
+    found = read_all(ShardStore(folder), list(range(1000)) + list(range(10**7, 10**7 + 1000)))
+    assert len(found) == 2000 and all(np.array_equal(array, value(i)) for i, array in found.items())
+    assert len(list(folder.rglob("*.idx"))) == 2
+
+
+def test_a_forked_child_writes_its_own_shard(tmp_path):
+    store = ShardStore(tmp_path / "store")
+    fill(store, range(10))
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's uncommitted rows are not its own
+        fill(store, range(10, 20))
+        store.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    store.flush()
+    assert sorted(read_all(ShardStore(tmp_path / "store"), list(range(20)))) == list(range(20))
+
+
+def test_an_older_cache_is_moved_into_shards(tmp_path):
+    folder = tmp_path / "features" / "resnet18-abc"
+    for i in range(3):
+        path = folder / digest(i)[:2] / f"{digest(i)}-plain.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, value(i))
+    assert cache_info(tmp_path / "features")["entries"] == 3
+    found = read_all(ShardStore(folder), [0, 1, 2])
+    assert sorted(found) == [0, 1, 2] and np.array_equal(found[2], value(2))
+    assert not list(folder.rglob("*.npy")) and cache_info(tmp_path / "features")["entries"] == 3
+
+
+def test_cache_info_counts_entries_and_bytes_and_clear_removes_them(tmp_path):
+    store = ShardStore(tmp_path / "features" / "key")
+    fill(store, range(40))
+    store.flush()
+    info = cache_info(tmp_path / "features")
+    assert info["entries"] == 40 and info["bytes"] >= 40 * 24 * 4
+    assert clear_cache(tmp_path / "features")["entries"] == 40
+    assert cache_info(tmp_path / "features")["entries"] == 0 and not (tmp_path / "features" / "key").exists()
+
+
+def test_an_unwritable_store_costs_the_cache_not_the_run(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the store's folder would be")
+    store = ShardStore(blocked / "store")
+    with caplog.at_level(logging.WARNING):
+        fill(store, range(3))
+        store.flush()
+    assert "cannot write the feature cache" in caplog.text
+    assert read_all(store, [0, 1, 2]) == {}

@@ -60,6 +60,13 @@ def test_the_cpu_keeps_its_batch_workers_cache_key_and_no_autocast(no_cuda, tiny
     assert auto.key == plain.key and auto.device == plain.device == cpu and auto.autocast is None
 
 
+def test_bf16_features_never_share_a_cache_folder_with_float32_ones(no_cuda, tiny_backbone):
+    for device in (torch.device("cpu"), torch.device("mps")):  # mps: the key alone, nothing runs there
+        full, half = FeatureExtractor("tiny", device=device), FeatureExtractor("tiny", device=device, bf16=True)
+        assert full.autocast is None and half.autocast == torch.bfloat16
+        assert full.key != half.key
+
+
 def test_cpu_features_are_bit_identical_to_the_pass_before_devices(no_cuda, tmp_path, images, tiny_backbone):
     """The pass as stopsign 0.2 ran it: the folded backbone, channels_last, 8 views a call, float32."""
     extractor = FeatureExtractor("tiny", cache_dir=tmp_path / "cache", num_workers=0)

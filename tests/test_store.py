@@ -118,6 +118,22 @@ def test_a_damaged_shard_is_ignored_and_the_others_still_read(tmp_path, caplog):
     assert sum("ignoring damaged feature shard" in record.message for record in caplog.records) == 2
 
 
+def test_a_reader_holds_no_file_open_and_skips_a_shard_removed_under_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("stopsign.store.SHARD_ROWS", 10)
+    writer = ShardStore(tmp_path / "store")
+    for start in range(0, 200, 10):
+        fill(writer, range(start, start + 10))
+    writer.close()
+    opened = len(os.listdir("/proc/self/fd"))
+    reader = ShardStore(tmp_path / "store")
+    found = read_all(reader, list(range(200)))
+    assert len(found) == 200 and all(np.array_equal(array, value(i)) for i, array in found.items())
+    assert len(os.listdir("/proc/self/fd")) <= opened  # not one descriptor per shard: 10^7 images make thousands
+    removed = next(iter((tmp_path / "store").rglob("*.f32")))
+    removed.unlink()  # as `cache clear` or a damaged disk might, after the reader listed it
+    assert 180 <= len(read_all(reader, list(range(200)))) < 200
+
+
 def test_two_processes_write_at_once_each_to_its_own_shard(tmp_path):
     folder = tmp_path / "store"
     writers = [start_writer(folder, 0), start_writer(folder, 10**7)]
@@ -135,26 +151,47 @@ def test_two_processes_write_at_once_each_to_its_own_shard(tmp_path):
 def test_a_forked_child_writes_its_own_shard(tmp_path):
     store = ShardStore(tmp_path / "store")
     fill(store, range(10))
+    store.flush()
+    fill(store, range(10, 20))  # uncommitted at the fork
     pid = os.fork()
-    if pid == 0:  # the child: the parent's uncommitted rows are not its own
-        fill(store, range(10, 20))
+    if pid == 0:  # the child: the parent's uncommitted rows are not its own, nor written by it
+        fill(store, range(100, 110))
         store.flush()
         os._exit(0)
     os.waitpid(pid, 0)
     store.flush()
-    assert sorted(read_all(ShardStore(tmp_path / "store"), list(range(20)))) == list(range(20))
+    fill(store, range(20, 30))  # rows the parent appends after the fork land where its index says
+    store.flush()
+    found = read_all(ShardStore(tmp_path / "store"), list(range(30)) + list(range(100, 110)))
+    assert sorted(found) == list(range(30)) + list(range(100, 110))
+    assert all(np.array_equal(array, value(i)) for i, array in found.items())
+
+
+def write_old_cache(folder, numbers) -> None:
+    for i in numbers:
+        path = folder / digest(i)[:2] / f"{digest(i)}-plain.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, value(i))
 
 
 def test_an_older_cache_is_moved_into_shards(tmp_path):
     folder = tmp_path / "features" / "resnet18-abc"
-    for i in range(3):
-        path = folder / digest(i)[:2] / f"{digest(i)}-plain.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, value(i))
+    write_old_cache(folder, range(3))
     assert cache_info(tmp_path / "features")["entries"] == 3
     found = read_all(ShardStore(folder), [0, 1, 2])
     assert sorted(found) == [0, 1, 2] and np.array_equal(found[2], value(2))
     assert not list(folder.rglob("*.npy")) and cache_info(tmp_path / "features")["entries"] == 3
+
+
+def test_an_older_cache_that_cannot_be_moved_is_kept(tmp_path):
+    folder = tmp_path / "key"
+    write_old_cache(folder, range(3))
+    (folder / "shards").write_text("a file where the shards would be")
+    assert read_all(ShardStore(folder), [0, 1, 2]) == {}
+    assert len(list(folder.rglob("*.npy"))) == 3  # not moved, so not removed
+    (folder / "shards").unlink()
+    found = read_all(ShardStore(folder), [0, 1, 2])  # moved once the store can write
+    assert sorted(found) == [0, 1, 2] and not list(folder.rglob("*.npy"))
 
 
 def test_cache_info_counts_entries_and_bytes_and_clear_removes_them(tmp_path):
@@ -165,6 +202,21 @@ def test_cache_info_counts_entries_and_bytes_and_clear_removes_them(tmp_path):
     assert info["entries"] == 40 and info["bytes"] >= 40 * 24 * 4
     assert clear_cache(tmp_path / "features")["entries"] == 40
     assert cache_info(tmp_path / "features")["entries"] == 0 and not (tmp_path / "features" / "key").exists()
+
+
+def test_a_writer_whose_cache_is_cleared_goes_on_in_a_new_shard(tmp_path, caplog):
+    store = ShardStore(tmp_path / "features" / "key")
+    fill(store, range(40))
+    store.flush()
+    fill(store, range(40, 50))  # in the shard `clear` removes: lost with it
+    clear_cache(tmp_path / "features")  # while this process is mid-extraction
+    fill(store, range(50, 90))
+    store.flush()
+    with caplog.at_level(logging.WARNING):
+        found = read_all(ShardStore(tmp_path / "features" / "key"), list(range(90)))
+    assert sorted(found) == list(range(50, 90)) and all(np.array_equal(a, value(i)) for i, a in found.items())
+    assert "damaged" not in caplog.text  # no index left naming the removed shard's rows
+    assert cache_info(tmp_path / "features")["entries"] == 40
 
 
 def test_an_unwritable_store_costs_the_cache_not_the_run(tmp_path, caplog):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 
 import stopsign.training.tune as tune_module
 from stopsign import TrainConfig
@@ -291,3 +292,70 @@ def test_resume_refuses_other_folds_or_backbone(tmp_path, data, tiny_backbone):
         with pytest.raises(StopsignError, match="cannot add trials") as caught:
             tune(data, trials=1, resume=started.run_dir, progress=False, final=False, **changed)
         assert named in str(caught.value)
+
+
+class WideTinyNet(torch.nn.Module):
+    """A second stand-in backbone with 16 features, so a trial scored on the other backbone's features fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=2)
+
+    def forward(self, images):
+        return torch.relu(self.conv(images))
+
+
+@pytest.fixture
+def wide_backbone(tmp_path_factory, monkeypatch) -> str:
+    from stopsign.model.backbones import BackboneSpec
+
+    torch.manual_seed(1)
+    weights = tmp_path_factory.mktemp("wide") / "wide.pt"
+    torch.save(WideTinyNet().state_dict(), weights)
+
+    def build(state):
+        model = WideTinyNet()
+        model.load_state_dict(state)
+        return model
+
+    monkeypatch.setitem(BACKBONES, "wide", BackboneSpec("wide", 16, {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+                                                        lambda given: Path(given) if given else weights, build))
+    monkeypatch.setattr("stopsign.config.BACKBONE_NAMES", tuple(BACKBONES))
+    return "wide"
+
+
+def test_backbones_and_tiles_are_searched_when_asked_and_the_final_model_uses_the_best(
+        tmp_path, data, tiny_backbone, wide_backbone, capsys):
+    from stopsign.cache import cache_info
+
+    assert main(["-q", "tune", str(data), "--trials", "8", "--folds", "3", "--backbone", "tiny", "--tiles", "1",
+                 "--workers", "0", "--out", str(tmp_path / "runs"), "--name", "both",
+                 "--search-backbones", "tiny,wide", "--search-tiles", "1,2"]) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "both"
+    trials = read_trials(run_dir)
+    assert {row["backbone"] for row in trials} == {"tiny", "wide"}  # both drawn by the seeded start-up trials
+    assert {row["tiles"] for row in trials} == {"1", "2"}
+    best = json.loads((run_dir / "best.json").read_text())
+    assert {"backbone", "tiles"} <= set(best["params"])
+    assert best["seed_recipe"]["params"]["backbone"] == "tiny" and best["seed_recipe"]["params"]["tiles"] == 1
+    final = json.loads((run_dir / "final" / "config.json").read_text())
+    assert (final["backbone"], final["tiles"]) == (best["params"]["backbone"], best["params"]["tiles"])
+    assert len(cache_info()["folders"]) == 2  # one feature folder per backbone
+    recorded = json.loads((run_dir / "config.json").read_text())["tune"]["search"]
+    assert recorded == {"backbone": ["tiny", "wide"], "tiles": [1, 2]}
+
+    with pytest.raises(StopsignError, match="another search of features"):
+        tune(data, trials=1, resume=run_dir, progress=False, final=False, search={"tiles": [1, 3]})
+    resumed = tune(data, trials=1, resume=run_dir, progress=False, final=False)  # the recorded search goes on
+    assert len(read_trials(resumed.run_dir)) == 9
+
+
+def test_a_search_of_unknown_values_is_refused(tmp_path, data, tiny_backbone, capsys):
+    with pytest.raises(StopsignError, match="unknown backbone 'nope'"):
+        tune(data, trials=1, out=str(tmp_path / "runs"), search={"backbone": ["tiny", "nope"]}, **SETTINGS)
+    with pytest.raises(StopsignError, match="1 to 4"):
+        tune(data, trials=1, out=str(tmp_path / "runs"), search={"tiles": [1, 9]}, **SETTINGS)
+    with pytest.raises(SystemExit):
+        main(["tune", str(data), "--search-tiles", "1,x"])
+    assert "comma-separated list of int" in capsys.readouterr().err

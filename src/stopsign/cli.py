@@ -47,6 +47,17 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False, name="va
 
 
 PROBABILITY = bounded(float, 0, 1)
+
+
+def comma_list(kind):
+    """A flag's value "a,b,c" as a list of `kind`, e.g. --search-tiles 1,2."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+
+    return parse
 DEFAULT_MAX_PIXELS = 200_000_000  # data.images.DEFAULT_MAX_PIXELS, here so that --help imports no PIL
 QUIET_HELP = "no progress bars (warnings are still shown)"
 RECIPE_HELP = ("seed: the seed notebook's recipe exactly (--pooling avg --tiles 1 --head sgd), where stopsign's "
@@ -200,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-final", dest="final", action="store_false", default=argparse.SUPPRESS,
                       help="no final model (e.g. for extra processes adding trials to a shared study)")
     add_config_flags(tune, TUNE_FIELDS)
+    tune.set_defaults(search_backbones=None, search_tiles=None)
+    tune.add_argument("--search-backbones", metavar="A,B", type=comma_list(str), default=argparse.SUPPRESS,
+                      help="also search these backbones (each one's features are extracted when a trial first draws "
+                           "it, then cached); --backbone is the baseline's")
+    tune.add_argument("--search-tiles", metavar="1,2", type=comma_list(int), default=argparse.SUPPRESS,
+                      help="also search these --tiles values (K×K+1 backbone passes per view each); --tiles is the "
+                           "baseline's")
     tune.add_argument("--recipe", choices=RECIPES, default="stopsign",
                       help=RECIPE_HELP + "; the recipe the search starts from and is compared with")
 
@@ -295,8 +313,10 @@ def run_tune(args) -> None:
     folds = args.folds if not args.resume or "folds" in args.given else None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: every rank extracts its share, rank 0 tunes
         from .training.distributed import distributed_tune as tune
+    search = {name: values for name, values in (("backbone", args.search_backbones), ("tiles", args.search_tiles))
+              if values}
     result = tune(args.data, trials=args.trials, folds=folds, timeout=args.timeout, resume=args.resume,
-                  progress=not args.quiet, final=args.final, **fixed)
+                  progress=not args.quiet, final=args.final, search=search, **fixed)
     if result is None:  # a torchrun rank other than 0, whose share of the features is written
         return
     if not result.best_params:

@@ -20,6 +20,7 @@ many machines write at once without a server or a lock (SQLite's WAL mode needs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -75,18 +76,16 @@ def _parse_shape(name: str) -> tuple[int, ...] | None:
 
 
 class _Shard:
-    """One committed shard as a reader sees it: its keys and its rows, mapped."""
+    """One committed shard as a reader sees it: its keys, and its rows mapped on demand."""
 
     def __init__(self, data: Path, keys: np.ndarray, shape: tuple[int, ...]):
         self.data, self.keys, self.shape = data, keys, shape
-        self._rows: np.ndarray | None = None
 
-    @property
-    def rows(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = (np.memmap(self.data, dtype=np.float32, mode="r", shape=(len(self.keys), *self.shape))
-                          if len(self.keys) else np.zeros((0, *self.shape), np.float32))
-        return self._rows
+    def read(self, rows: np.ndarray, select: int | None = None) -> np.ndarray:
+        """A copy of those rows. The mapping is dropped at once: a mapping holds its file open, and a store of
+        thousands of shards would otherwise run out of file descriptors (ulimit -n is often 1,024)."""
+        mapped = np.memmap(self.data, dtype=np.float32, mode="r", shape=(len(self.keys), *self.shape))
+        return np.array(mapped[rows] if select is None else mapped[rows, select])
 
 
 class _Writer:
@@ -99,7 +98,9 @@ class _Writer:
         stem = f"{socket.gethostname()}-{self.pid}-{secrets.token_hex(4)}.{_shape_name(shape)}"
         folder.mkdir(parents=True, exist_ok=True)
         self.data, self.index = folder / (stem + DATA), folder / (stem + INDEX)
-        self.file = open(self.data, "ab")
+        # Unbuffered: a forked child that drops this writer must not flush the parent's buffered rows into the
+        # parent's file a second time, which would shift every row the parent appends after them.
+        self.file = open(self.data, "ab", buffering=0)
         self.committed = np.zeros((0, 2), dtype=np.uint64)
         self.pending: list[np.ndarray] = []
         self.pending_rows, self.last_commit = 0, time.monotonic()
@@ -109,15 +110,22 @@ class _Writer:
         return len(self.committed) + self.pending_rows
 
     def append(self, keys: np.ndarray, arrays: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(arrays, dtype=np.float32).data)
+        data = memoryview(np.ascontiguousarray(arrays, dtype=np.float32)).cast("B")
+        while data:  # an unbuffered write may be short
+            data = data[self.file.write(data):]
         self.pending.append(keys)
         self.pending_rows += len(keys)
+
+    def removed(self) -> bool:
+        """Whether the data file is gone (`cache clear` ran): an index written now would name rows no file holds."""
+        return not self.data.exists()
 
     def commit(self) -> None:
         """Data first, on disk; then the index that names it (see the module)."""
         if not self.pending_rows:
             return
-        self.file.flush()
+        if self.removed():
+            raise FileNotFoundError(f"{self.data.name} was removed while being written; its rows are dropped")
         os.fsync(self.file.fileno())
         keys = np.concatenate([self.committed, *self.pending])
         atomic_write(self.index, lambda handle: np.save(handle, keys))
@@ -215,13 +223,21 @@ class ShardStore:
             if shards[number].shape == tuple(shape):
                 mine = np.flatnonzero(numbers == number)
                 mine = mine[np.argsort(rows[mine], kind="stable")]  # read the shard front to back
-                mapped = shards[number].rows
-                yield positions[mine], (mapped[rows[mine]] if select is None else mapped[rows[mine], select])
+                try:
+                    arrays = shards[number].read(rows[mine], select)
+                except (OSError, ValueError) as error:  # removed or truncated since its index was read
+                    log.warning("ignoring feature shard %s (%s); its entries are computed again",
+                                shards[number].data, error)
+                    continue
+                yield positions[mine], arrays
 
     def get(self, digest: str, tag: str) -> np.ndarray | None:
         """One entry, of whatever shape it was stored with (extraction uses get_many)."""
-        positions, numbers, rows = self._locate([(digest, tag)])
-        return self._lookup[1][numbers[0]].rows[rows[0]] if len(positions) else None
+        positions, numbers, _ = self._locate([(digest, tag)])
+        if len(positions):
+            for _, arrays in self.get_many([(digest, tag)], self._lookup[1][numbers[0]].shape):
+                return arrays[0]
+        return None
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -235,6 +251,9 @@ class ShardStore:
         try:
             writer = self._writer
             if writer is not None and writer.pid != os.getpid():  # a forked child: the parent's shard is its own
+                writer = self._writer = None
+            if writer is not None and writer.removed():  # the cache was cleared: a new shard in the new folder
+                writer.file.close()
                 writer = self._writer = None
             if writer is not None and (writer.shape != shape or writer.rows + len(keys) > writer.limit):
                 writer.close()
@@ -274,15 +293,23 @@ class ShardStore:
         legacy = [p for p in self.folder.glob("[0-9a-f][0-9a-f]/*.npy")] if self.folder.is_dir() else []
         if legacy:
             log.info("moving %d cached features of an older stopsign into %s", len(legacy), self.shards_dir)
+            moved, keys = [], []
             for path in legacy:
                 digest, _, tag = path.stem.partition("-")
                 try:
                     self.put(digest, tag, np.load(path))
-                except (OSError, ValueError, EOFError):
-                    pass  # a damaged old entry is simply computed again
+                    moved.append(path)
+                    keys.append((digest, tag))
+                except (ValueError, EOFError):  # a damaged old entry is simply computed again
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                except OSError:
+                    pass
             self.flush()
-            for path in legacy:
-                path.unlink(missing_ok=True)
+            # Remove only what a reader now finds in a shard: an entry whose write failed (a full disk) is kept.
+            for i in self._locate(keys)[0].tolist():
+                with contextlib.suppress(OSError):  # a read-only cache is read, not emptied
+                    moved[i].unlink(missing_ok=True)
             for folder in {path.parent for path in legacy}:
                 try:
                     folder.rmdir()

@@ -102,8 +102,10 @@ class FeatureExtractor:
         self.key = model_key(backbone, self.weights_sha256, self.preprocessing)
         self.device = resolve_device(device)
         self.autocast = autocast_dtype(self.device) or (torch.bfloat16 if bf16 else None)
-        # bf16 (or fp16) features differ from float32 ones by ~1e-1: never mix them
-        self.key += ("-bf16" if bf16 and self.device.type == "cpu" else "") + cache_suffix(self.device)
+        # bf16 (or fp16) features differ from float32 ones by ~1e-1: never mix them. --bf16 off CUDA (CPU, MPS)
+        # is its own key; on CUDA cache_suffix names the autocast dtype, which --bf16 does not change.
+        chosen_bf16 = self.autocast is not None and autocast_dtype(self.device) is None
+        self.key += ("-bf16" if chosen_bf16 else "") + cache_suffix(self.device)
         self.store = ShardStore(Path(cache_dir) / self.key) if cache_dir else MemoryStore()
         self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
         self._backbone: Backbone | None = None

@@ -146,7 +146,7 @@ def distributed_tune(data: str | Path, *, folds: int | None = None, resume: str 
     from .tune import MAX_VIEWS, reopen_tune_folder, tune  # optuna: only for tune
 
     rank, world = rank_and_world()
-    fixed = {k: v for k, v in options.items() if k not in ("trials", "timeout", "final")}
+    fixed = {k: v for k, v in options.items() if k not in ("trials", "timeout", "final", "search")}
     data = data if isinstance(data, LabelledData) else load_data(data)
     samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # as tune() reads them
     if resume:
@@ -158,12 +158,15 @@ def distributed_tune(data: str | Path, *, folds: int | None = None, resume: str 
         options["device"] = str(device)
     progress = progress and rank == 0
     with process_group(device):
-        extractor = make_extractor(config.replace(device=str(device)))
         ranks = {s.path: owner(s.path, world) for s in samples}
-        study = config.replace(views=max(MAX_VIEWS, config.views), folds=max(2, config.folds))
-        for chosen, views, tiles in feature_requests(samples, [], [], study):
-            extractor.extract([s.path for s in chosen if ranks[s.path] == rank], views=views, seed=config.seed,
-                              rotation=config.rotation, tiles=tiles, progress=progress)
+        search = options.get("search") or {}
+        for backbone in search.get("backbone") or [config.backbone]:  # and every feature choice the study searches
+            extractor = make_extractor(config.replace(backbone=backbone, device=str(device)))
+            for tiling in search.get("tiles") or [config.tiles]:
+                study = config.replace(views=max(MAX_VIEWS, config.views), folds=max(2, config.folds), tiles=tiling)
+                for chosen, views, tiles in feature_requests(samples, [], [], study):
+                    extractor.extract([s.path for s in chosen if ranks[s.path] == rank], views=views,
+                                      seed=config.seed, rotation=config.rotation, tiles=tiles, progress=progress)
         dist.barrier()
     if rank != 0:
         return None

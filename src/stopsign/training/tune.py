@@ -40,6 +40,7 @@ from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
 from .runs import create_run_dir, run_upload, versions
 from .sources import CachedFeatures
+from ..model.backbones import get_spec
 from .trainer import RunResult, make_extractor, train
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,17 @@ SEARCH_SPACE = {
     "head": CategoricalDistribution(list(HEADS)),
     "class_weight": CategoricalDistribution(list(CLASS_WEIGHTS)),
 }
-# Fixed for a study, since each value costs backbone passes over every image: backbone, image_size, tiles.
+# Searched only when asked (tune(search={...}), `--search-backbones`, `--search-tiles`), since each value costs
+# backbone passes over every image: a trial that draws a backbone or tiling not seen yet extracts its features
+# (then cached, like every other). image_size stays fixed for a study.
+FEATURE_CHOICES = ("backbone", "tiles")
+
+
+def search_space(search: dict[str, list] | None = None) -> dict:
+    """SEARCH_SPACE, plus the feature choices a study searches (those given more than one value)."""
+    extra = {name: CategoricalDistribution(list(values)) for name, values in (search or {}).items()
+             if len(values) > 1}
+    return SEARCH_SPACE | extra
 
 
 @dataclass
@@ -79,10 +90,11 @@ class TuneResult:
     seed_accuracy: float = float("nan")  # the seed recipe's mean fold accuracy on the same folds
 
 
-def suggest(trial: optuna.Trial) -> dict:
-    """A trial's draw from SEARCH_SPACE, as TrainConfig overrides."""
+def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
+    """A trial's draw from `space` (SEARCH_SPACE, or search_space() of a study's feature choices), as TrainConfig
+    overrides."""
     values = {}
-    for name, space in SEARCH_SPACE.items():
+    for name, space in space.items():
         if isinstance(space, CategoricalDistribution):
             values[name] = trial.suggest_categorical(name, space.choices)
         elif isinstance(space, IntDistribution):
@@ -131,11 +143,12 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
 @settled_heap()
 def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None = None, timeout: float | None = None,
          config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
-         final: bool = True, **overrides) -> TuneResult:
+         final: bool = True, search: dict[str, list] | None = None, **overrides) -> TuneResult:
     """Search SEARCH_SPACE for `trials` more trials (or `timeout` seconds) and train the best recipe on all data.
 
     Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...); folds
-    defaults to 5.
+    defaults to 5. search: feature choices searched too, e.g. {"backbone": ["efficientnet_lite0",
+    "efficientnet_lite1"], "tiles": [1, 2]} (FEATURE_CHOICES); the fixed values are the baseline's.
     resume: a tune folder; its own settings are used and its study grows (another process may be adding
     trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
     """
@@ -144,8 +157,14 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     optuna.logging.enable_propagation()
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
+    search = checked_search(search)
     if resume:
         run_dir, config = reopen_tune_folder(Path(resume), data, samples)
+        recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
+        if search and search != recorded:
+            raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
+                                f"study's ({recorded or 'none'}). Fix: resume without it, or tune in a new folder")
+        search = recorded
         asked = overrides | ({"folds": folds} if folds is not None else {})
         conflicts = config.conflicts(asked)
         if conflicts:
@@ -154,25 +173,32 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                                 "them, or tune in a new folder")
     else:
         config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
-        run_dir = create_tune_folder(config, data, samples)
+        run_dir = create_tune_folder(config, data, samples, search)
+    space = search_space(search)
 
-    extractor = make_extractor(config)
+    extractors = {}  # per backbone
     groups = duplicate_groups(s.path for s in samples)  # copies of one photo stay in one fold
-    sources: dict[str, CachedFeatures] = {}  # per pooling: the same cached passes, another pooling of them
+    sources: dict[tuple, CachedFeatures] = {}  # per (backbone, tiles, pooling); poolings share the cached passes
 
-    def features(pooling: str) -> CachedFeatures:
-        if pooling not in sources:
-            sources[pooling] = CachedFeatures(extractor, samples, samples, config.replace(
-                views=max(MAX_VIEWS, config.views), pooling=pooling), progress=progress and not sources)
-            for path, reason in sources[pooling].skipped.items():
+    def features(trial_config: TrainConfig) -> CachedFeatures:
+        key = (trial_config.backbone, trial_config.tiles, trial_config.pooling)
+        if key not in sources:
+            if trial_config.backbone not in extractors:
+                extractors[trial_config.backbone] = make_extractor(config.replace(backbone=trial_config.backbone))
+            new_passes = not any(k[:2] == key[:2] for k in sources)  # another pooling of passes cached already
+            sources[key] = CachedFeatures(extractors[trial_config.backbone], samples, samples, config.replace(
+                backbone=trial_config.backbone, tiles=trial_config.tiles, views=max(MAX_VIEWS, config.views),
+                pooling=trial_config.pooling), progress=progress and new_passes)
+            for path, reason in sources[key].skipped.items():
                 log.warning("skipped %s: %s", path, reason)
-        return sources[pooling]
+        return sources[key]
 
-    features(config.pooling)
+    features(config)
 
     def score(trial_config: TrainConfig, on_fold=None) -> dict:
-        return cross_validated_score(features(trial_config.pooling).for_config(trial_config), samples,
-                                     extractor.feature_size, data.class_names, trial_config, on_fold, groups)
+        return cross_validated_score(features(trial_config).for_config(trial_config), samples,
+                                     extractors[trial_config.backbone].feature_size, data.class_names, trial_config,
+                                     on_fold, groups)
 
     def objective(trial: optuna.Trial) -> float:
         def on_fold(index: int, scores: dict) -> None:
@@ -181,7 +207,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                 record_scores(trial, scores)
                 raise optuna.TrialPruned()
 
-        scores = score(config.replace(**suggest(trial)), on_fold)
+        scores = score(config.replace(**suggest(trial, space)), on_fold)
         record_scores(trial, scores)
         return scores["value"]
 
@@ -190,7 +216,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         storage=sqlite_storage(run_dir / "study.db"))
     # the recipe as given (the seed's, unless overridden), on the same folds
-    baseline = score(config) | {"params": {name: getattr(config, name) for name in SEARCH_SPACE}}
+    baseline = score(config) | {"params": {name: getattr(config, name) for name in space}}
     bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
 
     def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -202,19 +228,19 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     try:
         study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[show])
     except KeyboardInterrupt:
-        write_outputs(study, run_dir, baseline, None)
+        write_outputs(study, run_dir, baseline, None, space)
         raise Interrupted(f"stopped; finished trials are in {run_dir}. Continue with: "
                           f"stopsign tune {data.root} --resume {run_dir} --trials N") from None
     finally:
         bar.close()
-    best = write_outputs(study, run_dir, baseline, None)
+    best = write_outputs(study, run_dir, baseline, None, space)
     if best is None:
         return TuneResult(run_dir, {}, float("nan"), float("nan"), None, config.folds, baseline["accuracy"])
     final_run = None
     if final:
         final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
                           progress=progress)
-        best = write_outputs(study, run_dir, baseline, final_run.run_dir)
+        best = write_outputs(study, run_dir, baseline, final_run.run_dir, space)
     upload = run_upload(config.out, run_dir) if not resume else None  # --out s3://...: the whole folder, at the end
     if upload:
         upload.finish()
@@ -238,14 +264,30 @@ def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
     return storage
 
 
-def create_tune_folder(config: TrainConfig, data: LabelledData, samples: list[Sample]) -> Path:
+def checked_search(search: dict[str, list] | None) -> dict[str, list]:
+    """The feature choices to search, each a list of valid values; none is an empty dict."""
+    search = {name: list(values) for name, values in (search or {}).items() if values}
+    unknown = set(search) - set(FEATURE_CHOICES)
+    if unknown:
+        raise StopsignError(f"tune searches the features' {' and '.join(FEATURE_CHOICES)}, not {', '.join(unknown)}")
+    for value in search.get("backbone", []):
+        get_spec(value)  # an unknown backbone names the registered ones
+    bad = [t for t in search.get("tiles", []) if not (isinstance(t, int) and 1 <= t <= 4)]
+    if bad:
+        raise StopsignError(f"--search-tiles takes whole numbers from 1 to 4, got {bad}")
+    return search
+
+
+def create_tune_folder(config: TrainConfig, data: LabelledData, samples: list[Sample], search: dict | None = None
+                       ) -> Path:
     """A new folder with config.json: the settings fixed for the study, what fixes its folds, the search."""
     if config.folds < 2:
         raise StopsignError(f"tuning needs folds >= 2, got {config.folds}: it never scores on a single split")
     run_dir = create_run_dir(config.out, config.name, f"tune-{config.backbone}")
     write_json(run_dir / "config.json", config.to_dict() | {
         "data": {"root": str(data.root), "images": len(samples), "digest": samples_digest(data, samples)},
-        "tune": {"objective": OBJECTIVE, "search_space": {k: repr(v) for k, v in SEARCH_SPACE.items()},
+        "tune": {"objective": OBJECTIVE, "search_space": {k: repr(v) for k, v in search_space(search).items()},
+                 "search": search or {},
                  "sampler": f"TPE seeded per trial from seed {config.seed}",
                  "pruner": "median of the running mean fold accuracy, from the second fold on"},
         "started": now(), "versions": versions()})
@@ -279,7 +321,7 @@ def samples_digest(data: LabelledData, samples: list[Sample]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def trial_rows(study: optuna.Study, folds: int) -> list[dict]:
+def trial_rows(study: optuna.Study, folds: int, space: dict = SEARCH_SPACE) -> list[dict]:
     """One row per trial: its state, scores, parameters and fold scores (as far as it got)."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -288,7 +330,7 @@ def trial_rows(study: optuna.Study, folds: int) -> list[dict]:
                "accuracy": attrs.get("accuracy"), "accuracy_std": attrs.get("accuracy_std"),
                "log_loss": attrs.get("log_loss"),
                "seconds": round(trial.duration.total_seconds(), 3) if trial.duration else None}
-        row |= {name: trial.params.get(name) for name in SEARCH_SPACE}
+        row |= {name: trial.params.get(name) for name in space}
         for key in ("accuracy", "log_loss"):
             values = attrs.get(f"fold_{key}", [])
             row |= {f"fold{k + 1}_{key}": values[k] if k < len(values) else None for k in range(folds)}
@@ -296,10 +338,11 @@ def trial_rows(study: optuna.Study, folds: int) -> list[dict]:
     return rows
 
 
-def write_outputs(study: optuna.Study, run_dir: Path, baseline: dict, final_dir: Path | None) -> dict | None:
+def write_outputs(study: optuna.Study, run_dir: Path, baseline: dict, final_dir: Path | None,
+                  space: dict = SEARCH_SPACE) -> dict | None:
     """trials.csv, best.json, the plots and report.html from every trial in the study so far; the best trial."""
     folds = len(baseline["fold_accuracy"])
-    rows = trial_rows(study, folds)
+    rows = trial_rows(study, folds, space)
     write_csv(run_dir / "trials.csv", rows, list(rows[0]) if rows else ["number", "state", "value"])
     trial = completed_best(study)
     if trial is None:
@@ -315,7 +358,7 @@ def write_outputs(study: optuna.Study, run_dir: Path, baseline: dict, final_dir:
         "final_run": str(final_dir) if final_dir else None,
     }
     write_json(run_dir / "best.json", best)
-    write_tune_report(run_dir, rows, best, SEARCH_SPACE, importances(study), title=f"stopsign tune {run_dir.name}")
+    write_tune_report(run_dir, rows, best, space, importances(study), title=f"stopsign tune {run_dir.name}")
     return best
 
 

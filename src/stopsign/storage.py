@@ -68,7 +68,7 @@ def set_storage_options(pairs: list[str]) -> None:
         try:
             value = json.loads(value)
         except ValueError:
-            pass
+            pass  # text, as given
         *parents, last = key.split(".")
         target = options
         for parent in parents:

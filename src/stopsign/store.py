@@ -304,7 +304,7 @@ class ShardStore:
                     with contextlib.suppress(OSError):
                         path.unlink(missing_ok=True)
                 except OSError:
-                    pass
+                    pass  # unreadable now: kept, and read (or migrated) another time
             self.flush()
             # Remove only what a reader now finds in a shard: an entry whose write failed (a full disk) is kept.
             for i in self._locate(keys)[0].tolist():
@@ -322,7 +322,7 @@ class ShardStore:
                     if not data.with_suffix(INDEX).exists() and data.stat().st_mtime < old:
                         data.unlink()
                 except OSError:
-                    pass
+                    pass  # gone already, or not ours to remove: nothing depends on it
 
 
 class MemoryStore:
@@ -355,10 +355,10 @@ class MemoryStore:
             self.put(*key, array)
 
     def flush(self) -> None:
-        pass
+        """Nothing to commit: the entries live in this process's memory (FeatureStore's interface)."""
 
     def close(self) -> None:
-        pass
+        """Nothing to close (FeatureStore's interface)."""
 
 
 def describe(folder: str | os.PathLike) -> dict:

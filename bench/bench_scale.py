@@ -88,19 +88,26 @@ def read_store(folder: Path, digests: list[str]) -> float:
     return len(digests) / (time.perf_counter() - began)
 
 
-def store_alone(count: int, workdir: Path) -> dict:
-    """The sharded store without extraction: put_many of `count` entries in batches of 8, then two reads."""
+def write_store(folder: Path, count: int, seed: int) -> tuple[list[str], np.ndarray, float]:
+    """put_many of `count` random entries into a new sharded store at `folder`, in batches of 8 as extraction
+    writes them: (digests, the block of values written, writes per second, the final flush included)."""
     from stopsign.store import ShardStore
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     digests = [f"{i:064x}" for i in rng.integers(0, 2**62, size=count)]
     block = rng.standard_normal((8, *SHAPE)).astype(np.float32)
-    store = ShardStore(workdir / "alone")
+    store = ShardStore(folder)
     began = time.perf_counter()
     for start in range(0, count, 8):
-        store.put_many([(d, "plain") for d in digests[start:start + 8]], block[:len(digests[start:start + 8])])
+        keys = [(d, "plain") for d in digests[start:start + 8]]
+        store.put_many(keys, block[:len(keys)])
     store.flush()
-    writes = count / (time.perf_counter() - began)
+    return digests, block, count / (time.perf_counter() - began)
+
+
+def store_alone(count: int, workdir: Path) -> dict:
+    """The sharded store without extraction: `count` entries written, then read back twice."""
+    digests, _, writes = write_store(workdir / "alone", count, seed=1)
     first, warm = read_store(workdir / "alone", digests), read_store(workdir / "alone", digests)
     size, files = folder_size(workdir / "alone")
     return {"n": count, "writes": writes, "first_s": count / first, "warm_s": count / warm, "bytes": size,
@@ -112,7 +119,6 @@ def measure(count: int, image_size: int, workers: int, old_limit: int, workdir: 
 
     from stopsign.config import TrainConfig
     from stopsign.model.features import FeatureExtractor
-    from stopsign.store import ShardStore
     from stopsign.training.heads import fit_model
 
     torch.set_num_threads(1)
@@ -131,16 +137,7 @@ def measure(count: int, image_size: int, workers: int, old_limit: int, workdir: 
     assert warm.computed == 0 and np.array_equal(warm.features, cold.features)
     result["extract_bytes"], result["extract_files"] = folder_size(cache)
 
-    rng = np.random.default_rng(0)
-    digests = [f"{i:064x}" for i in rng.integers(0, 2**62, size=count)]
-    block = rng.standard_normal((8, *SHAPE)).astype(np.float32)
-    store = ShardStore(workdir / "new")
-    began = time.perf_counter()
-    for start in range(0, count, 8):
-        keys = [(d, "plain") for d in digests[start:start + 8]]
-        store.put_many(keys, block[:len(keys)])
-    store.flush()
-    result["new_write_s"] = count / (time.perf_counter() - began)
+    digests, block, result["new_write_s"] = write_store(workdir / "new", count, seed=0)
     result["new_read_first_s"], result["new_read_s"] = read_store(workdir / "new", digests), read_store(workdir / "new", digests)
     result["new_bytes"], result["new_files"] = folder_size(workdir / "new")
 

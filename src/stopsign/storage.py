@@ -183,24 +183,44 @@ def fetch(url: str, *, progress: bool = False) -> Path:
     """The local copy of a URL: its folder of files (a prefix) or the file. A .zip archive is unpacked and its
     folder returned. Files whose ETag the mirror already holds are not downloaded again."""
     fs, path = filesystem(url)
-    with storage_errors(url):
-        fs.invalidate_cache()  # one process may list a prefix again after writing to it
-        listing = {name: info for name, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
+    listing = _list(fs, url, path)
     if not listing:
         raise StorageError(f"{url}: no such bucket, prefix or object (nothing listed there). "
                            "Fix: check the URL (bucket name, prefix, key)")
     root, stripped = mirror_dir(url), path.rstrip("/")
-    children = {inside(url, name[len(stripped) + 1:]): info for name, info in listing.items()
-                if name.startswith(stripped + "/") and len(name) > len(stripped) + 1}  # not a folder marker
-    single = not children  # the URL names one object (s3fs lists a key as itself)
-    files = {Path(name).name: info for name, info in listing.items()} if single else children
-    if single and len(files) != 1:
-        raise StorageError(f"{url}: names {len(listing)} objects but no folder of them; give the prefix ending in /")
-    _mirror(fs, url, files, root, next(iter(listing)) if single else stripped, single, progress)
+    files = _below(url, stripped, listing)
+    single = not files  # the URL names one object (s3fs lists a key as itself)
+    if single:
+        if len(listing) != 1:
+            raise StorageError(f"{url}: names {len(listing)} objects but no folder of them; give the prefix ending in /")
+        files = {Path(key).name: (key, info) for key, info in listing.items()}
+    _mirror(fs, url, files, root, progress)
     local = root / "files" / (next(iter(files)) if single else "")
     if single and local.suffix.lower() == ".zip":
-        return _unpacked(local, root / "unzipped", files[local.name])
+        return _unpacked(local, root / "unzipped", files[local.name][1])
     return local
+
+
+def _list(fs, url: str, path: str) -> dict[str, dict]:
+    """{key: info} of every object at or below `path`: one listing (s3fs pages through it, 1,000 keys a request)."""
+    with storage_errors(url):
+        fs.invalidate_cache()  # one process may list a prefix again after writing to it
+        return {key: info for key, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
+
+
+def _below(url: str, prefix: str, listing: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+    """{relative path: (key, info)} of the objects below `prefix`, folder markers left out, each path checked."""
+    return {inside(url, key[len(prefix) + 1:]): (key, info) for key, info in listing.items()
+            if key.startswith(prefix + "/") and len(key) > len(prefix) + 1}
+
+
+def _download(fs, key: str, target: Path) -> None:
+    """One object to one local file, whole or absent (a temporary name of this process's, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+    with storage_errors(fs.unstrip_protocol(key)):
+        fs.get_file(key, str(partial))
+    os.replace(partial, target)
 
 
 def inside(url: str, name: str) -> str:
@@ -213,12 +233,14 @@ def inside(url: str, name: str) -> str:
     return name
 
 
-def _mirror(fs, url: str, files: dict, root: Path, base: str, single: bool, progress: bool) -> None:
+def _mirror(fs, url: str, files: dict[str, tuple[str, dict]], root: Path, progress: bool) -> None:
+    """Bring root/files/ to `files` ({relative path: (key, info)}): fetch what the index does not hold at its
+    version, concurrently; remove what is no longer listed; record each file's version in root/index.json."""
     index_path = root / INDEX
     index = read_json(index_path) if index_path.is_file() else {}
     local_root = root / "files"
     wanted = {}
-    for rel, info in files.items():
+    for rel, (_, info) in files.items():
         tag = version_tag(info)
         target = local_root / rel
         if index.get(rel) != tag or not target.is_file() or target.stat().st_size != info.get("size", -1):
@@ -232,14 +254,8 @@ def _mirror(fs, url: str, files: dict, root: Path, base: str, single: bool, prog
                    leave=False)
 
         def get(rel: str) -> str:
-            info, _ = wanted[rel]
-            source = base if single else f"{base}/{rel}"
-            target = local_root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-            with storage_errors(f"{url.rstrip('/')}/{rel}" if not single else url):
-                fs.get_file(source, str(partial))
-            os.replace(partial, target)
+            key, info = files[rel]
+            _download(fs, key, local_root / rel)
             bar.update(int(info.get("size") or 0))
             return rel
 
@@ -331,17 +347,11 @@ def exists(url: str) -> bool:
 def download_folder(url: str, local: Path) -> None:
     """Every object under a prefix into a local folder (a run to resume): each file whole or absent."""
     fs, path = filesystem(url)
-    with storage_errors(url):
-        listing = [name for name, info in fs.find(path.rstrip("/"), detail=True).items()
-                   if info.get("type") != "directory"]
-        for name in listing:
-            target = Path(local) / inside(url, name[len(path.rstrip("/")) + 1:])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}{TEMPORARY_SUFFIX}")
-            fs.get_file(name, str(partial))
-            os.replace(partial, target)
-    if not listing:
+    files = _below(url, path.rstrip("/"), _list(fs, url, path.rstrip("/")))
+    if not files:
         raise StorageError(f"{url}: nothing there to resume. Fix: check the URL (the run folder's, ending in its name)")
+    for rel, (key, _) in files.items():
+        _download(fs, key, Path(local) / rel)
 
 
 def upload_file(local: Path, url: str) -> None:

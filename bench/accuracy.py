@@ -53,6 +53,11 @@ CONFIGS = {
                                                "synthetic_negatives": 200},
     "max, tiles 2, logistic, balanced": {"pooling": "max", "tiles": 2, "head": "logistic",
                                          "class_weight": "balanced"},
+    "regions, logistic": {"pooling": "regions", "head": "logistic"},
+    "regions, tiles 2, logistic": {"pooling": "regions", "tiles": 2, "head": "logistic"},
+    "regions, tiles 2, sgd": {"pooling": "regions", "tiles": 2},
+    "regions, tiles 2, logistic, +200 synthetic": {"pooling": "regions", "tiles": 2, "head": "logistic",
+                                                   "synthetic_negatives": 200},
     "lite1 (240 px), max, logistic": {"backbone": "efficientnet_lite1", "pooling": "max", "head": "logistic"},
     "lite2 (260 px), max, logistic": {"backbone": "efficientnet_lite2", "pooling": "max", "head": "logistic"},
 }

@@ -17,7 +17,7 @@ def test_resnet18_from_a_local_weights_file(tmp_path):
     assert backbone.feature_size == 512 and backbone.preprocessing["mean"] == [0.485, 0.456, 0.406]
     assert not any(p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
     with torch.no_grad():
-        assert backbone.model(torch.zeros(2, 3, 224, 224)).shape == (2, 3, 512)  # avg, max and gem pooling
+        assert backbone.model(torch.zeros(2, 3, 224, 224)).shape == (2, 7, 512)  # avg, max, gem, 4 regions
 
 
 def test_download_is_cached_and_offline_error_names_both_remedies(tmp_path, monkeypatch):
@@ -54,9 +54,15 @@ def test_efficientnet_lites_load_offline_at_their_native_size_with_every_pooling
     with torch.no_grad():
         pooled = backbone.model(images)
         maps = backbone.model.trunk(images)
-    assert pooled.shape == (2, 3, 1280)
-    average, largest, gem = pooled.unbind(1)
+    assert pooled.shape == (2, 7, 1280)
+    average, largest, gem, *regions = pooled.unbind(1)
     torch.testing.assert_close(average, maps.mean(dim=(2, 3)))
+    side = maps.shape[2]  # 7 at 224 px: the quarters are cells 0-3 and 3-6 along each side, overlapping on one
+    half = side // 2 + 1
+    windows = [(r, c) for r in (0, side - half) for c in (0, side - half)]
+    for region, (r, c) in zip(regions, windows):
+        torch.testing.assert_close(region, maps[:, :, r:r + half, c:c + half].amax(dim=(2, 3)))
+    torch.testing.assert_close(torch.stack(regions).amax(0), largest)  # the quarters cover the map
     torch.testing.assert_close(largest, maps.amax(dim=(2, 3)))
     positive = maps.clamp(min=1e-6)
     torch.testing.assert_close(gem, positive.pow(3).mean(dim=(2, 3)).pow(1 / 3))

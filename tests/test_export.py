@@ -138,14 +138,15 @@ def test_onnx_predict_needs_no_torch_and_agrees_with_the_checkpoint(trained):
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_a_tiled_max_pooled_model_exports_and_predicts_alike(tmp_path, make_images, tiny_backbone, format):
+@pytest.mark.parametrize("pooling", ["max", "regions"])
+def test_a_tiled_model_exports_and_predicts_alike(tmp_path, make_images, tiny_backbone, format, pooling):
     data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
-    result = train(data, backbone="tiny", epochs=3, tiles=2, pooling="max", out=str(tmp_path / "runs"),
+    result = train(data, backbone="tiny", epochs=3, tiles=2, pooling=pooling, out=str(tmp_path / "runs"),
                    progress=False, num_workers=0, val_fraction=0.3)
     path, report = export(result.run_dir / "best.pt", format=format)
     assert report["same_predictions"] and report["max_abs_diff"] < 1e-4
     exported = load_classifier(path)
-    assert exported.tiles == 2 and read_metadata(path)["pooling"] == "max"
+    assert exported.tiles == 2 and read_metadata(path)["pooling"] == pooling
     images = [str(data / "stop"), str(data / "not_stop")]
     for row, expected in zip(exported.predict(images), load_classifier(result.run_dir).predict(images)):
         assert row.label == expected.label

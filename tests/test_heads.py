@@ -26,7 +26,7 @@ from stopsign.training.sources import CachedFeatures, LiveImages
 
 def tiny_config(**changes) -> TrainConfig:
     return TrainConfig(backbone="tiny", num_workers=0, epochs=3, batch_size=4, val_fraction=0.25,
-                       head="logistic", tiles=1).replace(**changes)
+                       head="logistic", tiles=1, pooling="max").replace(**changes)
 
 
 @pytest.fixture
@@ -96,9 +96,10 @@ def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_cla
     assert result.best["C"] == 0.1 and result.best["C_scores"] == [[0.01, 2.0], [0.1, 1.0], [1.0, 1.0]]
 
 
-def test_c_is_chosen_without_the_validation_images(extractor, three_classes, monkeypatch):
+@pytest.mark.parametrize("pooling", ["max", "regions"])
+def test_c_is_chosen_without_the_validation_images(extractor, three_classes, monkeypatch, pooling):
     _, train, val = three_classes
-    config = tiny_config(views=2)
+    config = tiny_config(views=2, pooling=pooling)
     source = CachedFeatures(extractor, train, val, config)
     seen = []  # every row count the solver is given: never one that includes validation features
     fit_model = heads.fit_model

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEVICE_HELP, RECIPES, SEED_RECIPE, TrainConfig
+from .config import DEMO_PER_CLASS, DEVICE_HELP, RECIPES, SEED_RECIPE, TrainConfig
 from .errors import Interrupted, StopsignError
 from .heap import freeze_at_exit
 
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "generate the built-in stop-sign demo data and train on it (offline)")
     demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes (made anew when "
                                                                "--per-class or --seed differ from what is there)")
-    demo.add_argument("--per-class", type=bounded(int, 2), default=120, help="generated street scenes per class")
+    demo.add_argument("--per-class", type=bounded(int, 2), default=DEMO_PER_CLASS,
+                      help="generated street scenes per class")
     demo.add_argument("--epochs", type=bounded(int, 1), default=TrainConfig().epochs, help="training epochs")
     demo.add_argument("--seed", type=int, default=0, help="drives the generated scenes and the training")
     demo.add_argument("--out", default="runs", help="folder that holds the run folder runs/demo")

@@ -1,6 +1,6 @@
 """The feature store: arrays keyed by (image digest, view tag), in append-only shard files, one folder per backbone key.
 
-A shard is a pair of files in `folder/shards/`: `NAME.f32`, rows of one shape (e.g. 3 poolings × 512 features)
+A shard is a pair of files in `folder/shards/`: `NAME.f32`, rows of one shape (e.g. 7 pooled rows × 512 features)
 of float32 appended one after another, and `NAME.idx`, the 128-bit keys of its first n rows (an .npy of n × 2
 uint64). Each writing process owns the shards it creates (NAME holds its host, pid and a random part), so
 processes and torchrun ranks on one machine or many never write to one file. A commit fsyncs the rows written
@@ -81,7 +81,7 @@ class _Shard:
     def __init__(self, data: Path, keys: np.ndarray, shape: tuple[int, ...]):
         self.data, self.keys, self.shape = data, keys, shape
 
-    def read(self, rows: np.ndarray, select: int | None = None) -> np.ndarray:
+    def read(self, rows: np.ndarray, select: int | slice | None = None) -> np.ndarray:
         """A copy of those rows. The mapping is dropped at once: a mapping holds its file open, and a store of
         thousands of shards would otherwise run out of file descriptors (ulimit -n is often 1,024)."""
         mapped = np.memmap(self.data, dtype=np.float32, mode="r", shape=(len(self.keys), *self.shape))
@@ -213,10 +213,10 @@ class ShardStore:
         positions = np.flatnonzero((first[at] == wanted[:, 0]) & (second[at] == wanted[:, 1]))
         return positions, number[at[positions]], row[at[positions]]
 
-    def get_many(self, keys: Sequence[Key], shape: tuple[int, ...], select: int | None = None
+    def get_many(self, keys: Sequence[Key], shape: tuple[int, ...], select: int | slice | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The stored entries of `keys` of this shape, as (positions in keys, arrays) groups, one per shard.
-        select: only that index of each entry's first axis (one pooling of a backbone pass)."""
+        select: only that index (or slice) of each entry's first axis (one pooling of a backbone pass)."""
         positions, numbers, rows = self._locate(keys)
         shards = self._lookup[1]
         for number in np.unique(numbers):
@@ -342,7 +342,7 @@ class MemoryStore:
         if len(self.entries) < self.limit:
             self.entries[(digest, tag)] = np.array(array)
 
-    def get_many(self, keys: Sequence[Key], shape: tuple[int, ...], select: int | None = None
+    def get_many(self, keys: Sequence[Key], shape: tuple[int, ...], select: int | slice | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         found = [(i, self.entries[key]) for i, key in enumerate(keys) if key in self.entries]
         found = [(i, array) for i, array in found if array.shape == tuple(shape)]

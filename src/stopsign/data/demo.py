@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
+from ..config import DEMO_PER_CLASS
 from ..errors import StopsignError
 from ..files import atomic_write_bytes
 
@@ -64,7 +65,7 @@ def parameters(per_class: int, seed: int, size: int) -> dict:
     return {"per_class": per_class, "seed": seed, "size": size, "generator": GENERATOR_VERSION}
 
 
-def demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 256, progress: bool = False
+def demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, size: int = 256, progress: bool = False
               ) -> tuple[Path, bool]:
     """The demo data set in out_dir made with these parameters: reused when it is there (True), else generated,
     replacing an earlier demo data set made with other parameters (False). Any other folder is left alone."""
@@ -86,7 +87,7 @@ def demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 256, 
     return make_demo_data(out_dir, per_class=per_class, seed=seed, size=size, progress=progress), False
 
 
-def make_demo_data(out_dir, *, per_class: int = 120, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
+def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
     """Render per_class stop and per_class not-stop scenes into out_dir as a CV Studio export; return out_dir."""
     out_dir = Path(out_dir)
     if per_class < 1 or size < 64:

@@ -30,7 +30,7 @@ from ..inference.exported import EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPU
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
-from ..model.backbones import FrozenBackboneClassifier
+from ..model.backbones import FrozenBackboneClassifier, combine_tiles, pooled
 from ..model.transforms import decode_size, tile_count
 from ..cache import UPLOADS
 from ..storage import is_url, join, mirror_dir, upload_file
@@ -91,7 +91,8 @@ def export_module(classifier: CheckpointClassifier) -> nn.Module:
 
 
 class _TiledClassifier(nn.Module):
-    """(N, T, 3, S, S) tiles → the head's logits on the max over each image's tile features."""
+    """(N, T, 3, S, S) tiles → the head's logits on each image's tile features combined (their max, or for
+    regions side by side), as model.features does."""
 
     def __init__(self, frozen: FrozenBackboneClassifier):
         super().__init__()
@@ -101,8 +102,9 @@ class _TiledClassifier(nn.Module):
         count = tiles.shape[1]
         flat = tiles.reshape(-1, tiles.shape[2], tiles.shape[3], tiles.shape[4])
         with torch.no_grad():
-            features = self.frozen.backbone(flat.contiguous(memory_format=torch.channels_last))[:, self.frozen.pooling]
-        return self.frozen.head(features.reshape(-1, count, features.shape[1]).amax(dim=1))
+            features = pooled(self.frozen.backbone(flat.contiguous(memory_format=torch.channels_last)),
+                              self.frozen.pooling)
+        return self.frozen.head(combine_tiles(features.reshape(-1, count, features.shape[1]), self.frozen.pooling))
 
 
 def example_input(preprocessing: dict, tiles: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from ..errors import CheckpointError
+from ..model.backbones import make_head
 from ..model.features import FeatureExtractor
 from ..model.signature import match_training
 from .base import Classifier
@@ -37,7 +39,8 @@ class CheckpointClassifier(Classifier):
         if self.extractor.preprocessing["size"] != checkpoint["preprocessing"]["size"]:
             raise CheckpointError(f"{source}: preprocessing does not match the {self.backbone_name} backbone")
         # The backbone's own width, not the checkpoint's claim: a head of another backbone must not load.
-        self.head = nn.Linear(self.extractor.feature_size, len(self.class_names))
+        positive = TrainConfig(positive=config.get("positive")).positive_index(self.class_names)
+        self.head = make_head(self.extractor.feature_size, len(self.class_names), self.pooling, positive)
         try:
             self.head.load_state_dict(checkpoint["head"])
         except (RuntimeError, TypeError, AttributeError) as error:

@@ -44,7 +44,7 @@ class BackboneSpec:
 @dataclass
 class Backbone:
     name: str
-    model: nn.Module  # frozen, eval mode: images → every pooling of the last feature map (N, len(POOLINGS), C)
+    model: nn.Module  # frozen, eval mode: images → every pooling of the last feature map (N, STORED, C)
     feature_size: int
     preprocessing: dict
     weights_sha256: str
@@ -125,11 +125,23 @@ def _lite(variant: int) -> Callable[[dict], nn.Module]:
 
 
 GEM_POWER = 3.0  # generalised-mean pooling's p (Radenović et al.): between the average (1) and the max (∞)
+REGIONS = 4  # --pooling regions: the max over each of 2×2 overlapping quarters of the last feature map
+# Where each pooling sits in a backbone pass's output (N, STORED, C): regions is several rows.
+SLOTS = {"avg": 0, "max": 1, "gem": 2, "regions": slice(3, 3 + REGIONS)}
+STORED = 3 + REGIONS
+assert tuple(SLOTS) == POOLINGS, "config.POOLINGS must list the poolings a backbone pass computes"
+
+
+def quarters(length: int) -> tuple[slice, slice]:
+    """Two overlapping windows along a side of `length` cells, each just over half of it (7 cells: 0-3 and 3-6;
+    1 cell: that cell twice)."""
+    size = length // 2 + 1
+    return slice(0, size), slice(length - size, length)
 
 
 class AllPoolings(nn.Module):
-    """A trunk, then every pooling of its last feature map at once, in POOLINGS order (avg, max, gem): one
-    backbone pass gives all three, so trying another costs no forward."""
+    """A trunk, then every pooling of its last feature map at once, in SLOTS order (avg, max, gem, then the max
+    of each region): one backbone pass gives them all, so trying another costs no forward."""
 
     def __init__(self, trunk: nn.Module):
         super().__init__()
@@ -142,7 +154,52 @@ class AllPoolings(nn.Module):
         average = maps.mean(dim=(2, 3))
         largest = maps.amax(dim=(2, 3))
         gem = maps.clamp(min=1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1 / GEM_POWER)
-        return torch.stack([average, largest, gem], dim=1)
+        rows, columns = quarters(maps.shape[2]), quarters(maps.shape[3])
+        regions = [maps[:, :, r, c].amax(dim=(2, 3)) for r in rows for c in columns]
+        return torch.stack([average, largest, gem, *regions], dim=1)
+
+
+def pooled(passes, pooling: str):
+    """One pooling of backbone passes (N, STORED, C) as (N, width): C features, or REGIONS × C for regions."""
+    chosen = passes[:, SLOTS[pooling]]
+    return chosen.reshape(chosen.shape[0], -1)
+
+
+def combine_tiles(features, pooling: str):
+    """The features of each image's tiles (N, T, width) as one row per image: their max, or for regions every
+    tile's regions side by side (the head scores each region; see RegionHead). numpy arrays or tensors."""
+    if pooling == "regions":
+        return features.reshape(features.shape[0], -1)
+    return features.amax(dim=1) if isinstance(features, torch.Tensor) else features.max(axis=1)
+
+
+class RegionHead(nn.Linear):
+    """The head of --pooling regions: an nn.Linear (the same weights, the same checkpoint) applied to each
+    region's C features of the input (N, R × C), each region giving class logits.
+
+    Two-class data with a positive class (stop): an image's logits are those of its region with the largest
+    log-odds of the positive class, so it is as positive as its best region, and a busy scene elsewhere in the
+    frame cannot outvote a small sign (multiple-instance learning). Other data: each class's logit is its largest
+    over the regions (Oquab et al., 2015)."""
+
+    def __init__(self, in_features: int, out_features: int, positive: int | None = None):
+        super().__init__(in_features, out_features)
+        self.positive = positive
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        scores = super().forward(features.reshape(features.shape[0], -1, self.in_features))  # (N, R, K)
+        if self.positive is None:
+            return scores.amax(dim=1)
+        odds = scores[..., self.positive] - scores[..., 1 - self.positive]
+        best = odds.argmax(dim=1)  # gather, not indexing by arange: an exported graph keeps any batch size
+        return scores.gather(1, best[:, None, None].expand(-1, 1, scores.shape[2])).squeeze(1)
+
+
+def make_head(num_features: int, num_classes: int, pooling: str, positive: int | None = None) -> nn.Linear:
+    """A new head for features of this pooling (num_features: the backbone's width C); `positive`: see RegionHead."""
+    if pooling == "regions":
+        return RegionHead(num_features, num_classes, positive if num_classes == 2 else None)
+    return nn.Linear(num_features, num_classes)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -209,9 +266,9 @@ def load_backbone(name: str, weights: str | None = None) -> Backbone:
 
 def model_key(name: str, weights_sha256: str, preprocessing: dict) -> str:
     """What a cached feature depends on besides the image: backbone, exact weights, preprocessing."""
-    # "pooled:" the layout of a stored feature, every pooling of POOLINGS: (len(POOLINGS), C)
+    # "pooled:" the layout of a stored feature, every pooling of SLOTS: (STORED, C)
     text = (f"{name}|{weights_sha256}|{preprocessing['size']}|{preprocessing['mean']}|{preprocessing['std']}|"
-            f"pooled:{','.join(POOLINGS)}")
+            f"pooled:{','.join(POOLINGS)}|regions:{REGIONS}")
     return re.sub(r"[^a-z0-9]", "", name) + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -284,7 +341,7 @@ class FrozenBackboneClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str = "avg"):
         super().__init__()
-        self.backbone, self.head, self.pooling = backbone, head, POOLINGS.index(pooling)
+        self.backbone, self.head, self.pooling = backbone, head, pooling
 
     def train(self, mode: bool = True) -> "FrozenBackboneClassifier":
         super().train(mode)
@@ -293,5 +350,5 @@ class FrozenBackboneClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            features = self.backbone(images.contiguous(memory_format=torch.channels_last))[:, self.pooling]
+            features = pooled(self.backbone(images.contiguous(memory_format=torch.channels_last)), self.pooling)
         return self.head(features)

@@ -26,8 +26,8 @@ from ..data.images import file_digest, read_image
 from ..errors import StopsignError
 from ..store import MemoryStore, ShardStore
 from .devices import autocast_dtype, cache_suffix, decode_workers, forward_chunk, resolve_device
-from .backbones import Backbone, get_spec, inference_model, load_backbone, model_key, weights_sha256
-from ..config import POOLINGS
+from .backbones import (REGIONS, SLOTS, STORED, Backbone, combine_tiles, get_spec, inference_model, load_backbone, model_key,
+                        pooled, weights_sha256)
 from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def view_loader(dataset: ViewsDataset, batch_size: int, num_workers: int) -> Dat
 class FeatureSet:
     paths: list[Path]  # the images that could be read, in input order
     digests: list[str]
-    features: np.ndarray  # (len(paths), len(views), feature_size) float32, columns in the order asked, of the
-    # pooling asked, tiles combined by max
+    features: np.ndarray  # (len(paths), len(views), width) float32, columns in the order asked, of the pooling
+    # asked, tiles combined (FeatureExtractor.width: feature_size, or for regions feature_size × regions × tiles)
     skipped: dict[str, str] = field(default_factory=dict)  # path → reason
     computed: int = 0  # views that went through the backbone (0 on a warm cache)
 
@@ -126,31 +126,39 @@ class FeatureExtractor:
         return self._inference_model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Every pooling of a batch of preprocessed images: (N, len(POOLINGS), feature_size)."""
+        """Every pooling of a batch of preprocessed images: (N, STORED, feature_size)."""
         return _forward(self.inference_model, images, self.autocast, self.device)
 
     def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1) -> np.ndarray:
-        """Features (N, feature_size) of decoded RGB images (uploads, say): no files, no store."""
+        """Features (N, width) of decoded RGB images (uploads, say), as extract() gives them: no files, no store."""
         count = tile_count(tiles)
         batch = torch.from_numpy(np.stack([array for image in images
                                            for array in tile_views(image, self.preprocessing, tiles)]))
-        out = self.forward(batch)[:, POOLINGS.index(pooling)].numpy()
-        return out.reshape(len(images), count, self.feature_size).max(axis=1)
+        out = pooled(self.forward(batch), pooling).numpy()
+        return combine_tiles(out.reshape(len(images), count, out.shape[1]), pooling)
+
+    def width(self, pooling: str, tiles: int = 1) -> int:
+        """The length of one view's feature row for this pooling and tiling (what a head is fed)."""
+        if pooling == "regions":  # every region of every tile
+            return self.feature_size * REGIONS * tile_count(tiles)
+        return self.feature_size
 
     def extract(self, paths: list[Path], *, views: Sequence[int] = (0,), seed: int = 0, rotation: float = 5.0,
                 pooling: str = "avg", tiles: int = 1, progress: bool = False) -> FeatureSet:
         """Features of the given views of each image (0 = plain, k >= 1 augmented), from the store or computed.
 
         Each (view, tile) is one backbone pass whose every pooling is stored; `pooling` picks one and the tiles
-        of a view (tiles > 1: the whole image and a tiles×tiles grid of crops) are combined by max.
+        of a view (tiles > 1: the whole image and a tiles×tiles grid of crops) are combined by max, or for
+        regions laid side by side (model.backbones.combine_tiles).
         """
         views = list(views)
-        pool = POOLINGS.index(pooling)
+        pool = SLOTS[pooling]
+        per_pass = self.width(pooling)  # one pass's features of this pooling
         per_view = tile_count(tiles)
         columns = [(view, tile) for view in views for tile in range(per_view)]
         count = len(columns)
         tags = [view_tag(view, seed, rotation) + (f"-k{tiles}t{tile}" if tile else "") for view, tile in columns]
-        shape = (len(POOLINGS), self.feature_size)
+        shape = (STORED, self.feature_size)
         digests, skipped, readable = [], {}, []
         for path in paths:
             try:
@@ -158,12 +166,12 @@ class FeatureExtractor:
                 readable.append(Path(path))
             except (StopsignError, OSError) as error:
                 skipped[str(path)] = str(error)
-        features = _allocate((len(readable), count, self.feature_size), self.store)
+        features = _allocate((len(readable), count, per_pass), self.store)
         keys = [(digest, tag) for digest in digests for tag in tags]  # row-major: entry row * count + column
         found = np.zeros(len(keys), dtype=bool)
-        flat = features.reshape(len(keys), self.feature_size)
+        flat = features.reshape(len(keys), per_pass)
         for positions, arrays in self.store.get_many(keys, shape, select=pool):
-            flat[positions] = arrays
+            flat[positions] = arrays.reshape(len(arrays), per_pass)
             found[positions] = True
         found = found.reshape(len(readable), count)
         missing = {row: np.flatnonzero(~found[row]).tolist() for row in np.flatnonzero(~found.all(axis=1))}
@@ -184,8 +192,9 @@ class FeatureExtractor:
         for path, reason in skipped.items():
             log.warning("skipped %s: %s", path, reason)
         features = np.asarray(features)
-        if per_view > 1:  # the whole image and its crops: max over them, per view
-            features = features.reshape(len(readable), len(views), per_view, self.feature_size).max(axis=2)
+        if per_view > 1:  # the whole image and its crops, per view: their max, or their regions side by side
+            tiled = features.reshape(len(readable) * len(views), per_view, per_pass)
+            features = combine_tiles(tiled, pooling).reshape(len(readable), len(views), self.width(pooling, tiles))
         return FeatureSet(readable, digests, features, skipped, computed)
 
     def _compute(self, readable, digests, rows, missing, columns, tags, features, skipped, *, seed, rotation, pool,
@@ -226,7 +235,7 @@ class FeatureExtractor:
                     for i in good:
                         row = rows[i]
                         for column in missing[row]:
-                            features[row, column] = out[at, pool]
+                            features[row, column] = out[at, pool].reshape(-1)
                             keys.append((digests[row], tags[column]))
                             at += 1
                     self.store.put_many(keys, out)  # a full or read-only cache costs speed, never the run

@@ -29,7 +29,7 @@ def held_out_predictions(source, samples: list[Sample], class_names: list[str], 
     for train_samples, val_samples in kfold_samples(samples, config.folds, config.seed, class_names=class_names,
                                                     groups=groups):
         result = fit(source, num_features, len(class_names), train_samples + list(extra_train), val_samples, config,
-                     keep="last", groups=groups)
+                     keep="last", groups=groups, positive=config.positive_index(class_names))
         yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
                           result.val_probs, class_names)
 

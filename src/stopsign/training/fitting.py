@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import SCHEDULER_NAMES, TrainConfig
 from ..data.datasets import Sample
 from ..errors import StopsignError
+from ..model.backbones import make_head
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def make_criterion(config: TrainConfig, train_samples: list[Sample], num_classes
 
 def fit(source, num_features: int, num_classes: int, train_samples: list[Sample], val_samples: list[Sample],
         config: TrainConfig, *, keep: str = "best", state: dict | None = None, on_epoch: Callable | None = None,
-        progress: bool = False, groups: dict[str, int] | None = None) -> FitResult:
+        progress: bool = False, groups: dict[str, int] | None = None, positive: int | None = None) -> FitResult:
     """Train a new head for config.epochs epochs and keep its best epoch, or its last (`keep="last"`, and
     always without validation images): cross-validation must not choose epochs on its held-out fold.
 
@@ -133,18 +134,19 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
     config.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
     K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side; the SGD
     recipe ignores groups. With config.class_weight == "balanced" the training loss weighs each class by
-    n / (classes * count); the validation loss stays unweighted, comparable across runs.
+    n / (classes * count); the validation loss stays unweighted, comparable across runs. `positive`: the
+    positive class of two-class data (config.positive_index), which a --pooling regions head scores regions by.
     """
     if config.head == "logistic":
         from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for
 
         return fit_logistic(source, num_features, num_classes, train_samples, val_samples, config, keep=keep,
-                            state=state, on_epoch=on_epoch, progress=progress, groups=groups)
+                            state=state, on_epoch=on_epoch, progress=progress, groups=groups, positive=positive)
     if config.head != "sgd":
         raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):
         torch.manual_seed(config.seed)
-        head = nn.Linear(num_features, num_classes)  # drawn on the CPU: the same start on every device
+        head = make_head(num_features, num_classes, config.pooling, positive)  # drawn on the CPU: the same start everywhere
         device = getattr(source, "device", torch.device("cpu"))
         head.to(device)
         model = source.model(head)

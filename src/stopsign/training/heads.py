@@ -21,6 +21,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
+from ..model.backbones import RegionHead, get_spec
 from .fitting import FitResult, torch_threads
 from .sources import CachedFeatures
 
@@ -33,7 +34,7 @@ MAX_FOLDS = 5
 
 def fit_logistic(source, num_features: int, num_classes: int, train_samples: list[Sample],
                  val_samples: list[Sample], config: TrainConfig, *, groups: dict[str, int] | None = None,
-                 on_epoch: Callable | None = None, **ignored) -> FitResult:
+                 on_epoch: Callable | None = None, positive: int | None = None, **ignored) -> FitResult:
     """fit() for config.head == "logistic": the same FitResult, with one history row (epoch 1, lr None) that
     also records the chosen C ("C") and each grid value's mean held-out log-loss ("C_scores": [[C, loss]]).
 
@@ -54,8 +55,8 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
                                 f"training images ({len(readable)}) have {len(present)}. Fix: add images of the "
                                 "other classes, or check why they could not be read")
         features, labels = training_rows(source, readable)
-        chosen, scores = choose_c(source, readable, config, groups)
-        scaler, model = fit_model(features, labels, chosen, config)
+        chosen, scores = choose_c(source, readable, config, groups, positive)
+        scaler, model = fit_model(features, labels, chosen, config, positive=positive)
         head = folded_head(scaler, model, num_features, num_classes)
 
         train_logits = logits(head, features)
@@ -89,7 +90,7 @@ def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.nda
 
 
 def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
-             groups: dict[str, int] | None) -> tuple[float, list[tuple[float, float]]]:
+             groups: dict[str, int] | None, positive: int | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The grid's C with the lowest mean held-out log-loss over a grouped stratified K-fold of `samples` (ties to
     the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1."""
     from sklearn.metrics import log_loss
@@ -102,25 +103,38 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
         return 1.0, []
     folds = kfold_samples(samples, min(MAX_FOLDS, smallest), config.seed, groups=groups)
     data = [(training_rows(source, fit_on), training_rows(source, held_out)) for fit_on, held_out in folds]
-    scores = []
-    for c in C_GRID:
-        losses = []
-        for (x, y), (x_held, y_held) in data:
-            scaler, model = fit_model(x, y, c, config, quiet=True)
+    losses = np.zeros((len(C_GRID), len(data)))
+    for fold, ((x, y), (x_held, y_held)) in enumerate(data):
+        model = None
+        for i, c in enumerate(C_GRID):  # each fit starts from the last (the regions head's L-BFGS: a warm start)
+            scaler, model = fit_model(x, y, c, config, quiet=True, start=model, positive=positive)
             probs = np.zeros((len(y_held), len(present)))  # a class this part lacks: probability 0
             probs[:, np.searchsorted(present, model.classes_)] = model.predict_proba(scaler.transform(x_held))
-            losses.append(log_loss(y_held, probs, labels=present))
-        scores.append((c, float(np.mean(losses))))
+            losses[i, fold] = log_loss(y_held, probs, labels=present)
+    scores = [(c, float(loss)) for c, loss in zip(C_GRID, losses.mean(axis=1))]
     best = min(scores, key=lambda pair: pair[1])  # the first of equal scores: the smaller C
     return best[0], scores
 
 
-def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainConfig, *, quiet: bool = False):
-    """(StandardScaler, LogisticRegression) fit on the rows; lbfgs, multinomial for more than two classes."""
+def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainConfig, *, quiet: bool = False,
+              start=None, positive: int | None = None):
+    """(StandardScaler, LogisticRegression) fit on the rows; lbfgs, multinomial for more than two classes.
+    With --pooling regions, (RegionScaler, RegionLogistic): the same objective, an image scored by its best
+    region (`positive`: see RegionHead), its L-BFGS started from `start` (a RegionLogistic fit on the same rows
+    with another C) when given."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    if config.pooling == "regions":
+        width = get_spec(config.backbone).feature_size
+        scaler = RegionScaler(width).fit(features)
+        model = RegionLogistic(c, width, config.class_weight == "balanced", positive)
+        model.fit(scaler.transform(features), labels, start=start)
+        if not quiet and not model.converged_:
+            log.warning("the logistic head did not converge in %d L-BFGS iterations (C=%g); its weights are the "
+                        "last iterate", MAX_ITER, c)
+        return scaler, model
     features = np.asarray(features, dtype=np.float64)
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=c, max_iter=MAX_ITER,
@@ -134,8 +148,95 @@ def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainC
     return scaler, model
 
 
+class RegionScaler:
+    """StandardScaler for --pooling regions: one mean and scale per backbone feature, shared by every region of
+    a row (R × width features), so that the folded head scores each region alike."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def fit(self, features: np.ndarray) -> "RegionScaler":
+        regions = np.asarray(features, dtype=np.float64).reshape(-1, self.width)
+        self.mean_, self.scale_ = regions.mean(axis=0), regions.std(axis=0)
+        self.scale_[self.scale_ == 0] = 1.0  # a constant feature, as StandardScaler leaves it
+        return self
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        rows = np.asarray(features, dtype=np.float32).reshape(len(features), -1, self.width)
+        return ((rows - self.mean_.astype(np.float32)) / self.scale_.astype(np.float32)).reshape(len(features), -1)
+
+
+class RegionLogistic:
+    """Logistic regression of images by their regions (RegionHead's forward), fit by L-BFGS on scikit-learn's
+    objective, C · Σ loss + ½‖W‖², with its interface: fit, predict_proba, classes_, coef_, intercept_.
+
+    With a positive class among two: one weight vector, an image's log-odds the largest of its regions' (coef_
+    holds the log-odds of classes_[1], as scikit-learn's binary model does). Otherwise each class's logit is its
+    largest over the regions (coef_: one row per class). The max makes the problem non-convex; the fit starts
+    from zero weights (or from `start`'s), so it is deterministic."""
+
+    def __init__(self, c: float, width: int, balanced: bool = False, positive: int | None = None):
+        self.c, self.width, self.balanced, self.positive = c, width, balanced, positive
+
+    def _regions(self, features) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(len(features), -1, self.width)
+
+    def _logits(self, regions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(N, K) per-class logits, or with a positive class (N,) log-odds of it."""
+        scores = (regions @ weight.T + bias).amax(dim=1)
+        return scores[:, 0] if self.positive_ is not None else scores
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, start: "RegionLogistic | None" = None
+            ) -> "RegionLogistic":
+        self.classes_ = np.unique(labels)
+        two = len(self.classes_) == 2 and self.positive in self.classes_
+        self.positive_ = self.positive if two else None
+        targets = torch.from_numpy(np.searchsorted(self.classes_, labels))
+        counts = torch.bincount(targets, minlength=len(self.classes_)).float()
+        sample_weight = (len(targets) / (len(counts) * counts))[targets] if self.balanced \
+            else torch.ones(len(targets))
+        regions = self._regions(features)
+        rows = 1 if two else len(self.classes_)
+        weight, bias = torch.zeros(rows, self.width), torch.zeros(rows)
+        if start is not None and np.array_equal(start.classes_, self.classes_) and start.positive_ == self.positive_:
+            weight, bias = torch.from_numpy(start._weight).float(), torch.from_numpy(start._bias).float()
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        solver = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, tolerance_grad=1e-4, tolerance_change=1e-7,
+                                   history_size=20, line_search_fn="strong_wolfe")
+        penalty = 1.0 / (2 * self.c * len(targets))  # sklearn's objective divided by C · n
+        is_positive = torch.from_numpy(np.asarray(labels) == self.positive).float() if two else None
+
+        def objective():
+            solver.zero_grad()
+            logits = self._logits(regions, weight, bias)
+            losses = (nn.functional.binary_cross_entropy_with_logits(logits, is_positive, reduction="none") if two
+                      else nn.functional.cross_entropy(logits, targets, reduction="none"))
+            loss = (losses * sample_weight).mean() + penalty * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            solver.step(objective)
+        self.converged_ = solver.state[weight].get("n_iter", 0) < MAX_ITER
+        self._weight, self._bias = weight.detach().double().numpy(), bias.detach().double().numpy()
+        sign = -1.0 if two and self.positive == self.classes_[0] else 1.0  # coef_: the log-odds of classes_[1]
+        self.coef_, self.intercept_ = sign * self._weight, sign * self._bias
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = self._logits(self._regions(features), torch.from_numpy(self._weight).float(),
+                                  torch.from_numpy(self._bias).float()).double()
+        if self.positive_ is None:
+            return logits.softmax(dim=1).numpy()
+        odds = torch.sigmoid(logits).numpy()
+        return np.stack([1 - odds, odds] if self.positive_ == self.classes_[1] else [odds, 1 - odds], axis=1)
+
+
 def folded_head(scaler, model, num_features: int, num_classes: int) -> nn.Linear:
-    """An nn.Linear on raw features whose softmax is the model's predict_proba on standardised ones.
+    """An nn.Linear (a RegionHead for RegionLogistic) on raw features whose softmax is the model's predict_proba on
+    standardised ones.
 
     Two classes: sklearn keeps one weight vector w (the log-odds of classes_[1]); logits (-z/2, +z/2) have
     softmax sigmoid(z). A class the training images lack gets zero weights and a bias of -1e4: probability 0."""
@@ -147,7 +248,8 @@ def folded_head(scaler, model, num_features: int, num_classes: int) -> nn.Linear
     full_weight = np.zeros((num_classes, num_features))
     full_bias = np.full(num_classes, -1e4)
     full_weight[model.classes_], full_bias[model.classes_] = weight, bias
-    head = nn.Linear(num_features, num_classes)
+    head = RegionHead(num_features, num_classes, model.positive_) if isinstance(model, RegionLogistic) \
+        else nn.Linear(num_features, num_classes)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(full_weight))
         head.bias.copy_(torch.from_numpy(full_bias))

@@ -192,7 +192,8 @@ def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, sampl
         log.warning("--add %s: no images in that folder", folder)
         return []
     extracted = extractor.extract(photos, pooling=config.pooling, tiles=config.tiles)
-    head = fit(source, extractor.feature_size, len(class_names), samples, [], config).head
+    head = fit(source, extractor.feature_size, len(class_names), samples, [], config,
+               positive=config.positive_index(class_names)).head
     with torch.no_grad():
         probs = head(torch.from_numpy(np.ascontiguousarray(extracted.features[:, 0]))).softmax(1).numpy()
     mine = normalised(extracted.features[:, 0])

@@ -353,7 +353,7 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
     with stop_after_epoch() as stop:
         result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, config,
                      state=state, on_epoch=save_epoch, progress=progress, groups=groups,
-                     keep="last" if config.folds > 1 else "best")
+                     keep="last" if config.folds > 1 else "best", positive=config.positive_index(class_names))
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
                                                          result.best, trained_on=trained_on))
     return result

@@ -134,3 +134,15 @@ def test_a_regions_run_predicts_what_it_validated(tmp_path, images, head):
     assert len(rows) == 4 and load_classifier(result.run_dir).head.positive == images.class_names.index("stop")
     for row in rows:
         assert abs(predicted[row["path"]].probabilities["stop"] - float(row["p_stop"])) < 1e-4
+
+
+def test_a_positive_class_that_names_no_class_is_refused(tmp_path, images, capsys):
+    from stopsign.cli import main
+    from stopsign.errors import StopsignError
+
+    with pytest.raises(StopsignError, match=r"--positive Stop: .* have \['not_stop', 'stop'\]"):
+        train(images.root, backbone="tiny", positive="Stop", out=str(tmp_path / "runs"), progress=False,
+              num_workers=0)
+    assert main(["train", str(images.root), "--backbone", "tiny", "--positive", "Stop", "--out",
+                 str(tmp_path / "runs"), "--quiet"]) == 2
+    assert "--positive Stop" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -359,3 +359,15 @@ def test_a_search_of_unknown_values_is_refused(tmp_path, data, tiny_backbone, ca
     with pytest.raises(SystemExit):
         main(["tune", str(data), "--search-tiles", "1,x"])
     assert "comma-separated list of int" in capsys.readouterr().err
+
+
+def test_resuming_a_study_whose_choices_changed_is_refused_naming_the_fix(tmp_path, data, tiny_backbone,
+                                                                           monkeypatch):
+    from optuna.distributions import CategoricalDistribution
+
+    older = SEARCH_SPACE | {"pooling": CategoricalDistribution(["avg", "max", "gem"])}  # before --pooling regions
+    monkeypatch.setattr(tune_module, "SEARCH_SPACE", older)
+    started = tune(data, trials=1, out=str(tmp_path / "runs"), **SETTINGS)
+    monkeypatch.setattr(tune_module, "SEARCH_SPACE", SEARCH_SPACE)
+    with pytest.raises(StopsignError, match=r"drew pooling from \['avg', 'max', 'gem'\].*start a new study"):
+        tune(data, trials=1, resume=started.run_dir, progress=False, final=False)

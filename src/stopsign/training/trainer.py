@@ -80,6 +80,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
+    check_positive(config, data.class_names)
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
     train_samples, val_samples = choose_split(data, config, val, recorded, groups)
     synthetic = synthetic_training_images(data, config, progress)
@@ -164,6 +165,14 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
 
 LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",
                 "csv": "CSV"}
+
+
+def check_positive(config: TrainConfig, class_names: list[str]) -> None:
+    """A --positive that names no class of two-class data is an error: the regions head and the synthetic
+    negatives would silently do without one."""
+    if config.positive is not None and config.positive_index(class_names) is None:
+        raise StopsignError(f"--positive {config.positive}: the positive class must be one of two classes; these "
+                            f"data have {class_names}. Fix: name one of them, or drop --positive")
 
 
 def synthetic_training_images(data: LabelledData, config: TrainConfig, progress: bool) -> list[Sample]:

@@ -215,6 +215,12 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         study_name="tune", direction="maximize", load_if_exists=True, sampler=TrialSeededTPESampler(config.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         storage=sqlite_storage(run_dir / "study.db"))
+    for trial in study.get_trials(deepcopy=False):  # Optuna refuses a parameter whose choices have changed
+        for name, drawn in trial.distributions.items():
+            if name in space and isinstance(drawn, CategoricalDistribution) and drawn != space[name]:
+                raise StopsignError(f"this study drew {name} from {list(drawn.choices)}, and this stopsign offers "
+                                    f"{list(space[name].choices)}; a study cannot change its choices. Fix: start a "
+                                    "new study (another --name), or resume it with the stopsign that began it")
     # the recipe as given (the seed's, unless overridden), on the same folds
     baseline = score(config) | {"params": {name: getattr(config, name) for name in space}}
     bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..config import TrainConfig
 from ..errors import CheckpointError

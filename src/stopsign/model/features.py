@@ -26,8 +26,8 @@ from ..data.images import file_digest, read_image
 from ..errors import StopsignError
 from ..store import MemoryStore, ShardStore
 from .devices import autocast_dtype, cache_suffix, decode_workers, forward_chunk, resolve_device
-from .backbones import (REGIONS, SLOTS, STORED, Backbone, combine_tiles, get_spec, inference_model, load_backbone, model_key,
-                        pooled, weights_sha256)
+from .backbones import (REGIONS, SLOTS, STORED, Backbone, combine_tiles, get_spec, inference_model, load_backbone,
+                        model_key, pooled, weights_sha256)
 from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
 
 log = logging.getLogger(__name__)

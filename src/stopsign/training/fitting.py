@@ -146,7 +146,7 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
         raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):
         torch.manual_seed(config.seed)
-        head = make_head(num_features, num_classes, config.pooling, positive)  # drawn on the CPU: the same start everywhere
+        head = make_head(num_features, num_classes, config.pooling, positive)  # drawn on the CPU: one start anywhere
         device = getattr(source, "device", torch.device("cpu"))
         head.to(device)
         model = source.model(head)

@@ -181,12 +181,12 @@ def synthetic_training_images(data: LabelledData, config: TrainConfig, progress:
     if not config.synthetic_negatives:
         return []
     names = data.class_names
-    positive = config.positive or ("stop" if "stop" in names else None)
-    if len(names) != 2 or positive not in names:
+    positive = config.positive_index(names)
+    if positive is None:
         raise StopsignError(f"--synthetic-negatives adds images of the negative class of two-class data with a "
                             f"positive class; these data have classes {names}" + ("" if len(names) != 2 else
                             " and none is called stop. Fix: name the positive class with --positive"))
-    negative = 1 - names.index(positive)
+    negative = 1 - positive
     paths = synthetic_negatives(store_dir(SYNTHETIC), config.synthetic_negatives, seed=config.seed, progress=progress)
     log.info("adding %d rendered %s scenes (other signs, red things) to the training split only",
              len(paths), names[negative])

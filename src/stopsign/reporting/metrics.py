@@ -17,6 +17,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
+    balanced_accuracy_score,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -128,7 +129,9 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         "threshold": pred.threshold,
         "accuracy": accuracy_score(y_true, y_pred),
         "accuracy_ci95": list(wilson_interval(correct, n)),
+        "balanced_accuracy": balanced_accuracy_score(y_true, y_pred) if len(np.unique(y_true)) > 1 else None,
         "log_loss": pred.log_loss(),
+        "baseline": baseline(y_true, pred.class_names),
         "per_class": {
             name: {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
             for k, name in enumerate(pred.class_names)
@@ -137,6 +140,7 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         "confusion": confusion_matrix(y_true, y_pred, labels=labels),
         "confusion_normalized": confusion_matrix(y_true, y_pred, labels=labels, normalize="true"),
     }
+    result["verdict"] = verdict(result)
     if pred.copies is not None:
         result["training_copies"] = training_copies(pred)
     if pred.num_classes == 2:
@@ -145,6 +149,52 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         result.update(_one_vs_rest_auc(pred))
     result["calibration"] = calibration_table(pred)
     return json_ready(result)
+
+
+IMBALANCED = 3.0  # above this ratio of the largest class to the smallest, balanced accuracy leads
+
+
+def baseline(y_true: np.ndarray, class_names: list[str]) -> dict:
+    """What a model that ignores the photo scores on these labels: always answering the majority class
+    (accuracy; balanced accuracy 1/K) and always answering the class shares (the prior's log-loss). A figure
+    means something only beside these."""
+    counts = np.bincount(y_true, minlength=len(class_names))
+    shares = counts / counts.sum()
+    majority = int(counts.argmax())
+    present = counts[counts > 0]
+    return {"majority_class": class_names[majority], "accuracy": float(shares[majority]),
+            "balanced_accuracy": 1.0 / len(present), "log_loss": float(-(shares[counts > 0] * np.log(
+                shares[counts > 0])).sum()), "imbalance": float(present.max() / present.min())}
+
+
+def verdict(result: dict) -> dict:
+    """Which figure leads (balanced accuracy above 3:1 imbalance) and whether the model beats its baseline on
+    it and on log-loss; `message` says so plainly when it does not."""
+    base = result["baseline"]
+    lead = "balanced_accuracy" if base["imbalance"] > IMBALANCED and result["balanced_accuracy"] is not None \
+        else "accuracy"
+    beats_accuracy = result[lead] > base[lead] + 1e-9
+    beats_log_loss = result["log_loss"] < base["log_loss"] - 1e-9
+    message = None
+    if not beats_accuracy:
+        message = (f"this model is no better than always answering {base['majority_class']}: "
+                   f"{lead.replace('_', ' ')} {result[lead]:.3f} against {base[lead]:.3f}")
+    elif not beats_log_loss:
+        message = (f"this model's probabilities are no better than the class shares: log-loss "
+                   f"{result['log_loss']:.4f} against the prior's {base['log_loss']:.4f}")
+    return {"lead": lead, "beats_baseline": beats_accuracy and beats_log_loss, "message": message}
+
+
+def headline(metrics: dict) -> str:
+    """The figure to quote beside its baseline, e.g. "accuracy 0.950 (95% CI 0.76-0.99, n=20); always not_stop
+    0.500, log-loss 0.1921 against the prior's 0.6931"; balanced accuracy leads above 3:1 imbalance."""
+    base, lead = metrics["baseline"], metrics["verdict"]["lead"]
+    low, high = metrics["accuracy_ci95"]
+    accuracy = f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
+    figure = (f"balanced accuracy {metrics['balanced_accuracy']:.3f}, {accuracy}" if lead == "balanced_accuracy"
+              else accuracy)
+    return (f"{figure}; always {base['majority_class']}: {base[lead]:.3f}; log-loss {metrics['log_loss']:.4f} "
+            f"against the prior's {base['log_loss']:.4f}")
 
 
 def training_copies(pred: Predictions) -> dict:

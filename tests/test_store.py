@@ -4,14 +4,19 @@ writers in two processes, the caches of older versions moved in."""
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
 from stopsign.cache import cache_info, clear_cache
+from stopsign.cli import main
 from stopsign.store import ShardStore
 
 SHAPE = (3, 8)
@@ -116,6 +121,106 @@ def test_a_damaged_shard_is_ignored_and_the_others_still_read(tmp_path, caplog):
     assert sorted(found) == list(range(200, 300))
     assert all(np.array_equal(array, value(i)) for i, array in found.items())
     assert sum("ignoring damaged feature shard" in record.message for record in caplog.records) == 2
+
+
+DAMAGE = {  # what a bad disk, a careless copy or an editor does to an index; the brace one made tokenize raise
+    "zeroed": lambda raw: bytes(len(raw)),
+    "random": lambda raw: np.random.default_rng(0).bytes(len(raw)),
+    "truncated": lambda raw: raw[:len(raw) // 2],
+    "emptied": lambda raw: b"",
+    "brace in its header": lambda raw: raw.replace(b"}", b"{", 1),
+    "one key byte": lambda raw: raw[:-20] + bytes([raw[-20] ^ 1]) + raw[-19:],
+    "bytes appended": lambda raw: raw + b"junk",
+}
+
+
+def damaged_store(folder: Path) -> tuple[list[Path], range]:
+    """A store of one shard per kind of DAMAGE, each damaged so, and one good shard: (the damaged indexes, the
+    good shard's entries)."""
+    for start in range(0, 10 * (len(DAMAGE) + 1), 10):
+        store = ShardStore(folder)
+        fill(store, range(start, start + 10))
+        store.close()
+    indexes = sorted(folder.rglob("*.idx"), key=os.path.getmtime)
+    for index, damage in zip(indexes, DAMAGE.values()):
+        index.write_bytes(damage(index.read_bytes()))
+    return indexes[:len(DAMAGE)], range(10 * len(DAMAGE), 10 * (len(DAMAGE) + 1))
+
+
+def warned_about(caplog, paths) -> bool:
+    """One warning per damaged index, naming it and saying its entries are computed again."""
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return len(warnings) == len(paths) and all(
+        sum(path.name in warning and "computed again" in warning for warning in warnings) == 1 for path in paths)
+
+
+def test_cache_info_counts_around_damaged_indexes_and_names_each(tmp_path, caplog, capsys):
+    damaged, good = damaged_store(tmp_path / "cache" / "key")
+    with caplog.at_level(logging.WARNING):
+        assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert f"holds {len(good)} entries" in capsys.readouterr().out
+    assert warned_about(caplog, damaged)
+
+
+def test_any_damage_to_an_index_costs_its_entries_and_one_warning(tmp_path):
+    for part in (range(0, 20), range(20, 40)):
+        store = ShardStore(tmp_path / "template")
+        fill(store, part)
+        store.close()
+    raw = min((tmp_path / "template").rglob("*.idx"), key=os.path.getmtime).read_bytes()
+
+    @settings(max_examples=60, deadline=None)
+    @given(at=st.integers(0, 10**6), junk=st.binary(min_size=1, max_size=40), cut=st.booleans())
+    def check(at, junk, cut):
+        if cut:  # short of its last 4 bytes, the CRC: without only them it reads as an index from before the CRC
+            damaged = raw[:at % (len(raw) - 4)]
+        else:
+            damaged = raw[:at % len(raw)] + junk + raw[at % len(raw) + len(junk):]
+            if damaged == raw:
+                return
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copytree(tmp_path / "template", folder, dirs_exist_ok=True)
+            index = next(path for path in Path(folder).rglob("*.idx") if path.read_bytes() == raw)
+            index.write_bytes(damaged)
+            warnings = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = warnings.append
+            logging.getLogger("stopsign.store").addHandler(handler)
+            try:
+                found = read_all(ShardStore(folder), list(range(40)))
+            finally:
+                logging.getLogger("stopsign.store").removeHandler(handler)
+        assert sorted(found) == list(range(20, 40))
+        assert all(np.array_equal(array, value(i)) for i, array in found.items())
+        assert len(warnings) == 1 and index.name in warnings[0].getMessage()
+
+    check()
+
+
+def test_cache_clear_empties_a_store_whatever_its_folder_holds(tmp_path, caplog):
+    folder = tmp_path / "cache" / "key"
+    damaged_store(folder)
+    (folder / "shards" / ".half-written.idx.abc.tmp").write_bytes(b"\x93NUMPY")  # a writer killed mid-commit
+    (folder / "shards" / "a folder.idx").mkdir()
+    (folder / "shards" / "gone.idx").symlink_to(tmp_path / "nowhere")
+    (folder / "notes.txt").write_text("not ours")
+    with caplog.at_level(logging.WARNING):
+        assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert not folder.exists() and cache_info(tmp_path / "cache")["entries"] == 0
+    assert read_all(ShardStore(folder), list(range(100))) == {}
+
+
+def test_an_index_written_before_its_crc_still_reads(tmp_path):
+    store = ShardStore(tmp_path / "store")
+    fill(store, range(30))
+    store.close()
+    for index in (tmp_path / "store").rglob("*.idx"):
+        keys = np.load(index)
+        with open(index, "wb") as handle:
+            np.save(handle, keys)  # as stores wrote them before: the .npy alone
+    found = read_all(ShardStore(tmp_path / "store"), list(range(30)))
+    assert sorted(found) == list(range(30)) and all(np.array_equal(a, value(i)) for i, a in found.items())
+    assert cache_info(tmp_path)["folders"]["store"]["entries"] == 30
 
 
 def test_a_reader_holds_no_file_open_and_skips_a_shard_removed_under_it(tmp_path, monkeypatch):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from .files import TEMPORARY_SUFFIX
-from .store import describe
+from .store import count_entries
 
 FEATURES = "features"  # model/features.py: one folder per backbone key, each a store.ShardStore
 HASH_CACHE = "hash-cache"  # data/checks.py: (sha256, pHash) per file, keyed by name, size and mtime
@@ -39,8 +40,19 @@ def store_dir(name: str) -> Path:
     return cache_root() / name
 
 
-def _finished(path: Path) -> bool:
-    return path.is_file() and not path.name.endswith(TEMPORARY_SUFFIX)
+def _usage(folder: Path) -> dict:
+    """The files under folder (not a write's temporary ones) and their bytes. A file or folder that goes while
+    it is walked (another process writing or clearing) or cannot be read is left out: `clear` must never fail."""
+    files = size = 0
+    for parent, _, names in os.walk(folder):  # skips a folder it cannot list, or that went meanwhile
+        for name in names:
+            try:
+                found = os.stat(os.path.join(parent, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(found.st_mode) and not name.endswith(TEMPORARY_SUFFIX):
+                files, size = files + 1, size + found.st_size
+    return {"files": files, "bytes": size}
 
 
 def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
@@ -49,10 +61,9 @@ def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
     root = Path(features_dir or store_dir(FEATURES))
     folders = {}
     for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        folders[folder.name] = describe(folder)
+        folders[folder.name] = {"entries": count_entries(folder)} | _usage(folder)
     for name, folder in stores.items():
-        files = [p for p in folder.rglob("*") if _finished(p)]
-        stores[name] = {"path": str(folder), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        stores[name] = {"path": str(folder)} | _usage(folder)
     return {"root": str(root), "folders": folders, "stores": stores,
             "entries": sum(f["entries"] for f in folders.values()),
             "bytes": sum(f["bytes"] for f in folders.values())}
@@ -77,7 +88,8 @@ def _clear_uploads(folder: Path) -> None:
     promised that `--resume URL` continues from them, so they are results, not cache."""
     for run in sorted(folder.glob("*/*")):
         if not run.is_dir():
-            run.unlink(missing_ok=True)  # an exported model: made again from its checkpoint
+            with contextlib.suppress(OSError):
+                run.unlink(missing_ok=True)  # an exported model: made again from its checkpoint
         elif (run / UPLOADED).is_file():
             shutil.rmtree(run, ignore_errors=True)
     for mirror in folder.glob("*"):

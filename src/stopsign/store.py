@@ -2,13 +2,15 @@
 
 A shard is a pair of files in `folder/shards/`: `NAME.f32`, rows of one shape (e.g. 7 pooled rows × 512 features)
 of float32 appended one after another, and `NAME.idx`, the 128-bit keys of its first n rows (an .npy of n × 2
-uint64). Each writing process owns the shards it creates (NAME holds its host, pid and a random part), so
-processes and torchrun ranks on one machine or many never write to one file. A commit fsyncs the rows written
-since the last one, then replaces the index atomically (temporary file, fsync, rename): a reader sees exactly
-the committed rows, and a process killed at any instant leaves at most bytes past them, which no index names.
-A shard whose data file is shorter than its index says (truncated or deleted by something else) or whose
-index does not parse is skipped with a warning and its entries recomputed; bytes overwritten in place are not
-detected (no checksum: checking one would cost more than the warm read it protects).
+uint64, then the CRC-32 of those bytes, which np.load ignores). Each writing process owns the shards it creates
+(NAME holds its host, pid and a random part), so processes and torchrun ranks on one machine or many never write
+to one file. A commit fsyncs the rows written since the last one, then replaces the index atomically (temporary
+file, fsync, rename): a reader sees exactly the committed rows, and a process killed at any instant leaves at most
+bytes past them, which no index names. A shard whose data file is shorter than its index says (truncated or
+deleted by something else) or whose index is damaged (any byte: the CRC covers them; an index written before
+the CRC is checked for its header and length only) is skipped with a warning and its entries recomputed. Bytes of
+a data file overwritten in place are not detected (no checksum: checking one would cost more than the warm read
+it protects; an index is read whole anyway, and is small beside its rows).
 
 Reads map the shard files (np.memmap) and look keys up in one sorted array built from every index, so a warm
 load is a few numpy calls, not one file per entry. Caches of stopsign <= 0.2 (one .npy per entry under
@@ -16,24 +18,30 @@ load is a few numpy calls, not one file per entry. Caches of stopsign <= 0.2 (on
 
 The format is written by hand: no library keeps appendable, memory-mappable arrays that many processes on
 many machines write at once without a server or a lock (SQLite's WAL mode needs shared memory, so not over NFS).
+An index is parsed by hand too: np.load parses a header with the tokenizer, and damaged bytes raise whatever it
+raises (tokenize.TokenError, ...), where a reader must only ever skip the shard. JSON lines would be as safe and
+parse 65,536 keys one line at a time, where .npy bytes are one np.frombuffer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
+import re
 import secrets
 import socket
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from .errors import StopsignError
-from .files import TEMPORARY_SUFFIX, atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,9 @@ COMMIT_ROWS = 2048  # rows between commits; a kill loses at most these (and what
 COMMIT_SECONDS = 5.0
 ORPHAN_SECONDS = 24 * 3600  # a data file with no index this old is a killed writer's, never committed: removed
 DATA, INDEX = ".f32", ".idx"
+DAMAGED = "ignoring damaged feature shard %s (%s); its entries are computed again"
+# The one header np.save writes for an index (n × 2 little-endian uint64), padded with spaces; nothing else is one.
+INDEX_HEADER = re.compile(rb"\{'descr': '<u8', 'fortran_order': False, 'shape': \((\d+), 2\), \} *\n")
 
 Key = tuple[str, str]  # (sha256 hex of the image file, view tag)
 
@@ -70,9 +81,34 @@ def _shape_name(shape: tuple[int, ...]) -> str:
 def _parse_shape(name: str) -> tuple[int, ...] | None:
     """NAME.3x512 → (3, 512); None for a name this store did not write."""
     try:
-        return tuple(int(n) for n in name.rsplit(".", 1)[1].split("x"))
+        shape = tuple(int(n) for n in name.rsplit(".", 1)[1].split("x"))
     except (IndexError, ValueError):
         return None
+    return shape if all(n > 0 for n in shape) else None
+
+
+def index_bytes(keys: np.ndarray) -> bytes:
+    """What a shard's index holds (see the module)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(keys, dtype="<u8"))
+    saved = buffer.getvalue()
+    return saved + zlib.crc32(saved).to_bytes(4, "little")
+
+
+def parse_index(raw: bytes) -> np.ndarray:
+    """The (n, 2) keys in an index's bytes; ValueError, saying what is wrong, for any bytes index_bytes did not
+    write (or an index of before the CRC, which ends 4 bytes sooner)."""
+    start = 10 + int.from_bytes(raw[8:10], "little")
+    header = INDEX_HEADER.fullmatch(raw[10:start]) if raw[:8] == b"\x93NUMPY\x01\x00" else None
+    if header is None:
+        raise ValueError("not an index of this store")
+    rows = int(header[1])
+    end = start + 16 * rows
+    if len(raw) not in (end, end + 4):
+        raise ValueError(f"{len(raw)} bytes where its header says {end} (+ 4)")
+    if len(raw) == end + 4 and zlib.crc32(raw[:end]) != int.from_bytes(raw[end:], "little"):
+        raise ValueError("its checksum does not match its bytes")
+    return np.frombuffer(raw, dtype="<u8", count=2 * rows, offset=start).reshape(rows, 2)
 
 
 class _Shard:
@@ -128,7 +164,7 @@ class _Writer:
             raise FileNotFoundError(f"{self.data.name} was removed while being written; its rows are dropped")
         os.fsync(self.file.fileno())
         keys = np.concatenate([self.committed, *self.pending])
-        atomic_write(self.index, lambda handle: np.save(handle, keys))
+        atomic_write(self.index, lambda handle: handle.write(index_bytes(keys)))
         self.committed, self.pending, self.pending_rows = keys, [], 0
         self.last_commit = time.monotonic()
 
@@ -192,13 +228,13 @@ class ShardStore:
         data = index.with_suffix(DATA)
         shape = _parse_shape(index.stem)
         try:
-            keys = np.load(index)
-            if shape is None or keys.dtype != np.uint64 or keys.ndim != 2 or keys.shape[1] != 2:
-                raise ValueError("not an index of this store")
+            if shape is None:
+                raise ValueError("not a shard of this store")
+            keys = parse_index(index.read_bytes())
             if data.stat().st_size < len(keys) * int(np.prod(shape)) * 4:
                 raise ValueError(f"{data.name} holds fewer rows than its index names")
-        except (OSError, ValueError, EOFError) as error:  # damaged by something outside our commits
-            log.warning("ignoring damaged feature shard %s (%s); its entries are computed again", index, error)
+        except (OSError, ValueError) as error:  # damaged by something outside our commits
+            log.warning(DAMAGED, index, error)
             return None
         return _Shard(data, keys, shape)
 
@@ -361,21 +397,15 @@ class MemoryStore:
         """Nothing to close (FeatureStore's interface)."""
 
 
-def describe(folder: str | os.PathLike) -> dict:
-    """What `stopsign cache info` shows of one store folder: committed entries, bytes and files on disk
-    (an entry of an older stopsign's cache, not yet moved into shards, counts as one)."""
+def count_entries(folder: str | os.PathLike) -> int:
+    """The committed entries of one store folder, as `stopsign cache info` shows them (an entry of an older
+    stopsign's cache, not yet moved into shards, counts as one); a damaged index is named and counts none."""
     folder = Path(folder)
     entries = 0
-    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(TEMPORARY_SUFFIX)]
-    for path in files:
-        if path.suffix == INDEX:
-            try:
-                with open(path, "rb") as handle:
-                    major, _ = np.lib.format.read_magic(handle)
-                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                    entries += read(handle)[0][0]
-            except (OSError, ValueError, IndexError):
-                pass  # a damaged index: the store ignores it too
-        elif path.suffix == ".npy" and path.parent.parent == folder:
-            entries += 1
-    return {"entries": int(entries), "bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    for path in folder.glob(f"shards/*{INDEX}"):
+        try:
+            entries += len(parse_index(path.read_bytes()))
+        except (OSError, ValueError) as error:  # gone since the listing (not damaged) is not worth a warning
+            if path.exists():
+                log.warning(DAMAGED, path, error)
+    return entries + sum(1 for _ in folder.glob("[0-9a-f][0-9a-f]/*.npy"))

@@ -1,11 +1,13 @@
 """Kill -9 and resume, over and over: does an interrupted `stopsign train` always end as an uninterrupted one?
 
 Trains the tests' tiny backbone (30 epochs over 40 generated images) in a subprocess, SIGKILLs it after a
-seeded random point (in start-up, within any epoch and its writes, or while the report is written), resumes, and repeats; then
-resumes once more to the end and compares with an uninterrupted run. After every kill each file in the run
-folder must be whole (JSON parses, checkpoints load with weights_only=True, metrics.csv lists each finished
-epoch once); at the end no temporary file may be left and metrics.csv (but `seconds`) and best.pt must equal
-the uninterrupted run's. tests/test_faults.py runs the same loop for 5 cycles.
+seeded random point (in start-up, within any epoch and its writes, or while the report is written), resumes,
+and repeats; then resumes once more to the end and compares with an uninterrupted run. Once the run has
+finished (summary.json written before a kill landed), every further resume must be refused and leave each file
+as it was. After every kill each file in the run folder must be whole (JSON parses, checkpoints load with
+weights_only=True, metrics.csv lists each finished epoch once); at the end no temporary file may be left and
+metrics.csv (but `seconds`) and best.pt must equal the uninterrupted run's. tests/test_faults.py runs the same
+loop for 5 cycles.
 
     .venv/bin/python bench/kill_resume.py --cycles 20 --seed 0
 """
@@ -60,8 +62,10 @@ def main() -> None:
             shutil.copytree(out, Path(tempfile.gettempdir()) / "kill_resume_failed", dirs_exist_ok=True)
             raise
         killed = sum(row["ended"] == "killed" for row in log)
-        print(f"{killed} of {args.cycles} cycles killed; every file whole after each; the final run folder holds "
-              f"no temporary file and equals the uninterrupted run ({time.monotonic() - began:.0f} s in all)")
+        refused = sum(row["ended"] == "refused" for row in log)
+        print(f"{killed} of {args.cycles} cycles killed, {refused} resumes of the finished run refused; every file "
+              "whole after each; the final run folder holds no temporary file and equals the uninterrupted run "
+              f"({time.monotonic() - began:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,7 @@ def test_predict_searches_folders_and_refuses_to_find_nothing(tmp_path, data, ti
 def test_resume_refuses_other_settings_and_needs_no_data(tmp_path, data, tiny_backbone, capsys):
     assert train_cli(tmp_path, data) == 0  # 3 epochs, lr_max 1e-2
     run_dir = str(tmp_path / "runs" / "cli")
+    (tmp_path / "runs" / "cli" / "summary.json").unlink()  # stopped before its summary: a run that resumes
     capsys.readouterr()
     assert main(["-q", "train", str(data), "--resume", run_dir, "--epochs", "5", "--lr-max", "0.1",
                  "--backbone", "tiny"]) == 2

@@ -1,6 +1,7 @@
 """The demo data: a CV Studio export of rendered street scenes, with stop signs a model must tell from red things."""
 
 import json
+import os
 import uuid
 
 import numpy as np
@@ -122,3 +123,35 @@ def test_demo_data_is_reused_only_for_the_same_parameters(tmp_path):
     with pytest.raises(StopsignError, match="other than stopsign's demo data"):
         demo_data(tmp_path / "mine", per_class=2, size=64)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_data_takes_the_permissions_the_umask_gives(tmp_path):
+    from stopsign.data.demo import demo_data
+
+    previous = os.umask(0o022)
+    try:
+        data, _ = demo_data(tmp_path / "runs" / "demo-data", per_class=1, size=64)
+    finally:
+        os.umask(previous)
+    assert data.stat().st_mode & 0o777 == 0o755 and (data / "images").stat().st_mode & 0o777 == 0o755
+    files = [data / "_annotations.json", data / "demo.json", *(data / "images").iterdir()]
+    assert {path.stat().st_mode & 0o777 for path in files} == {0o644}
+
+
+def test_a_second_demo_reuses_the_data_and_trains_into_a_new_folder(tmp_path, tiny_backbone, monkeypatch, capsys):
+    from stopsign.cli import main
+    from stopsign.training import trainer
+
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda data, **settings: real_train(
+        data, **(settings | {"backbone": tiny_backbone, "num_workers": 0})))  # seconds, not efficientnet's minutes
+    out = tmp_path / "runs"
+    command = ["-q", "demo", "--data", str(out / "demo-data"), "--per-class", "4", "--epochs", "1", "--out", str(out)]
+    assert main(command) == 0
+    assert "demo data: 8 generated street scenes" in capsys.readouterr().out
+    images = {path.name: path.stat().st_mtime_ns for path in (out / "demo-data" / "images").iterdir()}
+    assert main(command) == 0
+    assert f"demo data: reusing the 8 generated street scenes in {out / 'demo-data'}" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in (out / "demo-data" / "images").iterdir()} == images
+    assert sorted(path.name for path in out.iterdir()) == ["demo", "demo-2", "demo-data"]
+    assert (out / "demo" / "summary.json").is_file() and (out / "demo-2" / "summary.json").is_file()

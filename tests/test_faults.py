@@ -156,13 +156,18 @@ def test_resume_before_the_first_epoch_finished_starts_at_epoch_one(tmp_path, da
     assert_same_outcome(run_dir, reference)
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, data, tiny_backbone):
+def files_of(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, data, tiny_backbone):
     run_dir = run(tmp_path, data, name="done").run_dir
-    shutil.copytree(run_dir, tmp_path / "before")
-    result = train(data, resume=run_dir, progress=False)
-    assert len(result.history) == 8
-    assert_intact(run_dir, finished=True)
-    assert_same_outcome(run_dir, tmp_path / "before")
+    before = files_of(run_dir)
+    with pytest.raises(StopsignError, match="that run finished") as caught:
+        train(data, resume=run_dir, progress=False)
+    assert f"stopsign evaluate {run_dir} DATA" in str(caught.value) and "without --resume" in str(caught.value)
+    assert files_of(run_dir) == before
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["done"]  # no other run begun in its place
 
 
 def test_resume_refuses_what_is_not_a_run_folder(tmp_path, data, tiny_backbone):
@@ -174,13 +179,16 @@ def test_resume_refuses_what_is_not_a_run_folder(tmp_path, data, tiny_backbone):
     # A run stopped before data.json (during feature extraction) draws the same split again from its seed.
     run_dir = run(tmp_path, data, epochs=2).run_dir
     recorded = (run_dir / "data.json").read_text()
-    (run_dir / "data.json").unlink()
+    for path in run_dir.iterdir():  # what such a run leaves: config.json alone
+        if path.name != "config.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     train(data, resume=run_dir, progress=False)
     assert (run_dir / "data.json").read_text() == recorded
 
 
 def test_a_crafted_last_checkpoint_is_refused_on_resume(tmp_path, data, tiny_backbone):
     run_dir = run(tmp_path, data, epochs=2).run_dir
+    (run_dir / "summary.json").unlink()  # interrupted before its summary: a run that resumes from last.pt
     marker = tmp_path / "pwned"
     torch.save({"format": "stopsign-checkpoint", "payload": RunsCode(marker)}, run_dir / "last.pt")
     with pytest.raises(CheckpointError, match="refused"):
@@ -324,8 +332,8 @@ def test_ctrl_c_stops_after_the_epoch_and_says_how_to_resume(tmp_path, data, tin
 def kill_point(rng: random.Random, before: int, epochs: int, timing: dict) -> tuple[str, int, float]:
     """Where the next kill lands: (phase, epochs to wait for, then seconds more), drawn from `rng`."""
     draw = rng.random()
-    if before == epochs:  # a finished run resumed: start-up, then best.pt and the report written again
-        return "finished", 0, rng.uniform(0, timing["first_epoch_s"] + timing["report_s"])
+    if before == epochs:  # killed in its report, before summary.json: start-up, then best.pt and the report again
+        return "report again", 0, rng.uniform(0, timing["first_epoch_s"] + timing["report_s"])
     if draw < 0.2:  # start-up: imports, data checks, feature extraction
         return "start-up", 0, rng.uniform(0, timing["first_epoch_s"])
     if draw < 0.85 or before < epochs - 3:  # anywhere in an epoch, its metrics.csv and last.pt writes included
@@ -336,12 +344,18 @@ def kill_point(rng: random.Random, before: int, epochs: int, timing: dict) -> tu
 def kill_and_resume(launcher: Path, weights: Path, data: Path, out: Path, *, cycles: int, seed: int, epochs: int,
                     timing: dict, epoch_delay: float) -> list[dict]:
     """Start `stopsign train` (or resume it), SIGKILL it at a seeded random point, check what it left;
-    `cycles` times, then resume once more to the end. Returns one row per cycle."""
+    `cycles` times, then resume once more to the end. Once the run has finished (a kill that came too late),
+    each resume must be refused instead. Returns one row per cycle."""
     rng = random.Random(seed)
     run_dir, log = out / "loop", []
     env = dict(os.environ) | {"STOPSIGN_CACHE": str(out / "cache")}  # a cold cache: kills land in extraction too
     for cycle in range(1, cycles + 2):
         final = cycle > cycles
+        if (run_dir / "summary.json").is_file():  # whole: a resume is refused at once, so there is nothing to kill
+            log.append({"cycle": "final" if final else cycle, "action": "resume", "kill": "-",
+                        "ended": resume_finished(launcher, weights, data, run_dir, out / f"cycle-{cycle}.err", env),
+                        "epochs_before": epochs, "epochs_after": epochs_written(run_dir)})
+            continue
         began = (run_dir / "config.json").is_file() and (run_dir / "data.json").is_file()
         if run_dir.exists() and not began:
             shutil.rmtree(run_dir)  # killed before training began: nothing to resume, so start again
@@ -377,6 +391,19 @@ def kill_and_resume(launcher: Path, weights: Path, data: Path, out: Path, *, cyc
     return log
 
 
+def resume_finished(launcher: Path, weights: Path, data: Path, run_dir: Path, errors: Path, env: dict) -> str:
+    """Resume a whole run in a subprocess: it must be refused, name the fixes and leave every file as it was."""
+    before = files_of(run_dir)
+    with open(errors, "w") as stderr:
+        process = start(launcher, weights, ["-q", "train", str(data), "--resume", str(run_dir)], stderr=stderr, env=env)
+        process.wait(timeout=600)
+    message = errors.read_text()
+    assert process.returncode == 2 and "that run finished" in message and "stopsign evaluate" in message, message
+    assert files_of(run_dir) == before
+    assert_intact(run_dir, finished=True)
+    return "refused"
+
+
 def reference_run(launcher: Path, weights: Path, data: Path, out: Path, epochs: int, epoch_delay: float) -> dict:
     """An uninterrupted run in a subprocess, timed: start-up to the first epoch, one epoch, the report."""
     began = time.monotonic()
@@ -402,7 +429,7 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, make_images, ti
     log = kill_and_resume(launcher, tiny_weights(), data, out, cycles=5, seed=0, epochs=30, timing=reference,
                           epoch_delay=0.05)
     assert sum(row["ended"] == "killed" for row in log) >= 3, log  # not a loop of runs that simply finished
-    assert log[-1]["ended"] == "exit 0" and log[-1]["epochs_after"] == 30
+    assert log[-1]["ended"] in ("exit 0", "refused") and log[-1]["epochs_after"] == 30  # refused: it finished before
     assert_same_outcome(out / "loop", reference["run_dir"])
 
 

@@ -257,3 +257,47 @@ def test_a_taken_name_is_said_out_loud(tmp_path, caplog):
         second = create_run_dir(tmp_path, "demo", "x")
     assert second.name == "demo-2"
     assert f"{tmp_path / 'demo'} already exists; this run goes to {second}" in caplog.text
+
+
+def test_a_taken_name_under_an_out_given_as_text_gets_a_fresh_folder(tmp_path, caplog):
+    out = str(tmp_path / "runs")  # as the command line and train() pass it
+    first = create_run_dir(out, "demo", "x")
+    with caplog.at_level("WARNING"):
+        second = create_run_dir(out, "demo", "x")
+    assert (first.name, second.name) == ("demo", "demo-2")
+    assert f"{tmp_path / 'runs' / 'demo'} already exists; this run goes to {second}" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo", "demo-2"]
+
+
+def test_a_run_folder_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", full_disk)
+    with pytest.raises(StopsignError, match="No space left on device"):
+        create_run_dir(tmp_path / "runs", "exp", "tiny")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_refused_checkpoint_never_advises_weights_only_false(tmp_path, monkeypatch, capsys):
+    from stopsign.cli import main
+
+    path = tmp_path / "evil.pt"
+    torch.save(a_checkpoint(config=NotPlainData()), path)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"refused to load {path}" in err and "NotPlainData" in err and "Fix:" in err
+    for advice in ("weights_only", "can still be loaded", "trust", "\x1b"):  # PyTorch's advice, and its escapes
+        assert advice not in err, advice
+
+    import pickle
+
+    def older_torch(*args, **kwargs):  # an older PyTorch words the advice this way, on its first line
+        raise pickle.UnpicklingError("Weights only load failed. Re-running with weights_only=False will likely "
+                                     "succeed, but it can result in arbitrary code execution. WeightsUnpickler "
+                                     "error: Unsupported class test_runs.NotPlainData")
+
+    monkeypatch.setattr(runs.torch, "load", older_torch)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(caught.value) and "(test_runs.NotPlainData)" in str(caught.value)

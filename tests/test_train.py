@@ -306,3 +306,52 @@ def test_synthetic_negatives_only_ever_train(tmp_path, make_images, tiny_backbon
         train_tiny(tmp_path, make_images(tmp_path / "ab", {"a": 3, "b": 3}, layout="folders"), synthetic_negatives=2)
     assert train_tiny(tmp_path, make_images(tmp_path / "ab2", {"a": 3, "b": 3}, layout="folders"), epochs=1,
                       synthetic_negatives=2, positive="a").run_dir.is_dir()
+
+
+def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    from stopsign.cli import main
+
+    missing = tmp_path / "runs" / "typo"
+    assert main(["-q", "train", "--resume", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {missing}: the folder does not exist" in err and "config.json" not in err
+    assert not missing.exists()
+
+
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(tmp_path, data, tiny_backbone, capsys):
+    from stopsign.cli import main
+
+    run_dir = run(tmp_path, data, epochs=2, name="done").run_dir
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in run_dir.iterdir() if path.is_file()}
+    assert main(["-q", "train", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {run_dir}: that run finished" in err
+    assert "start a new run without --resume" in err and f"stopsign evaluate {run_dir} DATA" in err
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+            for path in run_dir.iterdir() if path.is_file()} == before
+
+
+def test_the_data_line_counts_what_was_trained_on(tmp_path, data, tiny_backbone, caplog):
+    for broken in sorted((data / "images").iterdir())[:4]:
+        broken.write_bytes(b"this is not a picture")
+    with caplog.at_level("INFO", logger="stopsign"):
+        result = run(tmp_path, data, epochs=1)
+    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("CV Studio"))
+    counts = json.loads((result.run_dir / "data.json").read_text())["counts"]
+    trained, validated = sum(counts["train"].values()), sum(counts["val"].values())
+    assert trained + validated == 20 and counts["skipped"] == 4
+    assert line == (f"CV Studio export: 20 images, not_stop {counts['train']['not_stop'] + counts['val']['not_stop']}"
+                    f" / stop {counts['train']['stop'] + counts['val']['stop']}; split {trained}/{validated}; "
+                    "4 unreadable images skipped")
+
+
+def test_a_run_whose_last_upload_failed_still_resumes_to_finish_it(tmp_path, data, tiny_backbone, monkeypatch):
+    from stopsign.training import trainer
+
+    run_dir = run(tmp_path, data, epochs=1, name="cut").run_dir  # whole here: summary.json written locally
+    url = "s3://bucket/runs/cut"
+    monkeypatch.setattr(trainer, "exists", lambda path: False)  # ... but its upload never reached the bucket
+    assert trainer.resolve_config(None, {}, run_dir, url=url)[1] == run_dir
+    monkeypatch.setattr(trainer, "exists", lambda path: path == f"{url}/summary.json")  # uploaded: finished
+    with pytest.raises(StopsignError, match=f"cannot resume {url}: that run finished"):
+        trainer.resolve_config(None, {}, run_dir, url=url)

@@ -1,5 +1,5 @@
-"""Writing and naming files: atomic writes (bytes, text, JSON, CSV, .npy), one sha256 of a file, paths
-relative to a folder.
+"""Writing and naming files: atomic writes (bytes, text, JSON, CSV, .npy), staging folders, one sha256 of a
+file, paths relative to a folder.
 
 Every write goes to a temporary name in the destination folder, is flushed (and fsynced, unless the caller
 is a cache that checks what it reads) and renamed, so a process killed at any instant leaves each file
@@ -69,6 +69,14 @@ def atomic_write(path: str | os.PathLike, write, *, durable: bool = True) -> Pat
                 "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
             ) from error
         raise
+    return path
+
+
+def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder in `parent`, named `prefix` and a unique tail, to fill and then rename into place, so
+    the folder it becomes is whole or absent. It takes the umask's permissions, not mkdtemp's 0700."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from ..config import DEMO_PER_CLASS
 from ..errors import StopsignError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, s
 
     # Build next to out_dir and rename at the end, so out_dir only ever holds a complete export.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging = staging_folder(out_dir.parent, prefix=f".{out_dir.name}-")
     try:
         (staging / "images").mkdir()
         annotations = {}

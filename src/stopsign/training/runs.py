@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import re
+import shutil
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError, StopsignError
 from ..cache import UPLOADS
+from ..config import relevant_settings
 from ..files import atomic_write_bytes, relative
 from ..files import remove_partial_files as remove_temporary_files
 from ..storage import RunUpload, check_writable, download_folder, exists, is_url, join, mirror_dir
@@ -56,11 +59,16 @@ def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
                 path.mkdir()
             except FileExistsError:
                 continue
-            probe = path / WRITE_PROBE
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            try:
+                probe = path / WRITE_PROBE
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)  # a folder we could not write is no run: leave none
+                raise
             if suffix and name:
-                log.warning("%s already exists; this run goes to %s", join(str(out), base) if remote else out / base,
+                log.warning("%s already exists; this run goes to %s",
+                            join(str(out), base) if remote else local_out / base,
                             join(str(out), path.name) if remote else path)
             return path
     except OSError as error:
@@ -110,10 +118,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # Only the name of what was refused is passed on: the rest of PyTorch's message advises loading the file
+        # with weights_only=False, which would run whatever code it holds.
+        found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", str(error))
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
-            f"code ({str(error).splitlines()[0][:200]}). Only load checkpoints written by stopsign."
-        ) from error
+            f"refused to load {path}: it holds objects other than tensors and plain data"
+            f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded. Fix: load a checkpoint "
+            "written by stopsign (a run folder's best.pt); train one from your data with `stopsign train`."
+        ) from None
     except Exception as error:  # a damaged archive fails inside torch in many ways (RuntimeError, KeyError, ...)
         raise CheckpointError(f"{path} is not a stopsign checkpoint: it cannot be read ({error!r})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -186,29 +198,38 @@ def data_record(root: Path, layout: str, class_names: list[str], splits: dict[st
 
 
 def summary(config: dict, history: list[dict], best: dict, started: str, completed: str, *,
-            share_trained: float, cv_accuracy: float | None = None) -> dict:
+            share_trained: float, cv_accuracy: float | None = None, metrics: dict | None = None) -> dict:
     """summary.json in the shape of CV Studio's run report, plus the best epoch.
 
     share_trained: the share of the labelled images the model was trained on (1 with --folds or a separate
     --val). accuracy/loss are per epoch, of the validation set; a model trained on everything (--folds) has
     none, so they are the training set's, as "measured_on" says, and cv_accuracy is the figure to trust.
+    metrics: the report's (compute_metrics): its figures beside their baselines go in "evaluation".
     """
     validated = any(row["val_acc"] is not None for row in history)
     measured_on = "validation" if validated else "training"
     prefix = "val" if validated else "train"
     return {
         "started": started, "completed": completed,
-        "parameters": {
-            "epochs": config["epochs"], "learningRate": config["lr_max"], "momentum": config["momentum"],
-            "percentage used training": round(100 * share_trained),
-            "learningRatescheduler": {"lr_scheduler": config["scheduler"], "base_lr": config["lr_base"],
-                                      "max_lr": config["lr_max"]},
-        },
+        "parameters": parameters(config, best, share_trained),
         "accuracy": {"accuracy": [row[f"{prefix}_acc"] for row in history],
                      "loss": [row[f"{prefix}_loss"] for row in history], "measured_on": measured_on},
         "cv_accuracy": cv_accuracy,
         "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+        "evaluation": {key: metrics[key] for key in ("n", "accuracy", "balanced_accuracy", "log_loss", "baseline",
+                                                     "verdict")} if metrics else None,
     }
+
+
+def parameters(config: dict, best: dict, share_trained: float) -> dict:
+    """summary.json's "parameters": CV Studio's optimisation settings for the SGD head; for the logistic head,
+    which has none of them (config.relevant_settings), the C its K-fold chose."""
+    share = {"percentage used training": round(100 * share_trained)}
+    if "lr_max" not in relevant_settings(config):
+        return {"head": config["head"], "C": best.get("C")} | share
+    return {"epochs": config["epochs"], "learningRate": config["lr_max"], "momentum": config["momentum"]} | share | {
+        "learningRatescheduler": {"lr_scheduler": config["scheduler"], "base_lr": config["lr_base"],
+                                  "max_lr": config["lr_max"]}}
 
 
 def versions() -> dict:

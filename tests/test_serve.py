@@ -1,10 +1,12 @@
 """serve: the HTTP API through FastAPI's TestClient, a real uvicorn process, and the page in a real browser."""
 
+import asyncio
 import contextlib
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -206,6 +208,35 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
     assert bars == 2  # one probability bar per class
 
 
+@pytest.mark.slow
+def test_the_page_shows_the_threshold_and_a_label_its_bars_agree_with(chromium, stop_model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    checkpoint, stop, other = stop_model
+    p_stop = load_classifier(checkpoint).predict([other])[0].probabilities["stop"]
+    threshold = int(p_stop * 90) / 100  # two decimals, under p(stop): the non-stop photo is called stop
+    with running_server(checkpoint, "--threshold", str(threshold)) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('threshold')")
+            header = page.locator("#model").inner_text()
+            page.set_input_files("#picker", [str(other)])
+            page.wait_for_selector(f".card[data-file='{other.name}'][data-done='true']", timeout=60_000)
+            card = page.locator(f".card[data-file='{other.name}']")
+            label = card.locator(".label").inner_text()
+            first_bar = card.locator(".bar").first
+            first = (first_bar.get_attribute("data-class"), first_bar.get_attribute("class"))
+            ticks = card.locator(".bar[data-class='stop'] .tick").count()
+            page.screenshot(path=str(tmp_path / "serve_threshold.png"), full_page=True)
+        finally:
+            browser.close()
+    assert f"threshold {threshold:.2f}: stop when p(stop) ≥ {threshold:.2f}" in header
+    assert label == f"stop (p(stop)={p_stop:.2f} ≥ threshold {threshold:.2f})"
+    assert first == ("stop", "bar top") and ticks == 1  # the decided class's bar leads, the threshold marked on it
+
+
 def test_the_413_message_names_the_limit_the_model_route_shows(client):
     limit = client.get("/model").json()["max_upload_bytes"]
     for body in (b"\0" * 30_000, b"\0" * 200_000):  # past the image limit; past the route's limit with framing
@@ -219,10 +250,11 @@ def test_the_startup_line_comes_once_the_model_has_loaded(trained, tmp_path, mon
     served = []
     monkeypatch.setattr("stopsign.deploy.serve.run_app", lambda app, **kwargs: served.append(kwargs))
     checkpoint, _ = trained
-    assert main(["serve", str(checkpoint), "--port", "8123"]) == 0
+    port = free_port()
+    assert main(["serve", str(checkpoint), "--port", str(port)]) == 0
     out = capsys.readouterr().out
-    assert out == f"serving {checkpoint} (not_stop, stop) at http://127.0.0.1:8123/ (Ctrl+C stops)\n"
-    assert served == [{"host": "127.0.0.1", "port": 8123, "log_level": "info"}]
+    assert out == f"serving {checkpoint} (not_stop, stop) at http://127.0.0.1:{port}/ (Ctrl+C stops)\n"
+    assert served == [{"host": "127.0.0.1", "port": port, "log_level": "info"}]
     (tmp_path / "bad.pt").write_text("not a model")
     assert main(["serve", str(tmp_path / "bad.pt")]) == 2
     captured = capsys.readouterr()
@@ -239,3 +271,102 @@ def test_a_tiled_model_serves_the_answers_it_predicts(tmp_path, make_images, tin
         answer = client.post("/predict", files={"file": ("x.png", Path(row.path).read_bytes())}).json()
         assert answer["label"] == row.label
         assert max(abs(answer["probabilities"][k] - v) for k, v in row.probabilities.items()) < 1e-4
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_nothing_says_serving(trained, capsys):
+    from stopsign.cli import main
+
+    checkpoint, _ = trained
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(checkpoint), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert "serving" not in captured.out + captured.err
+    assert captured.err.count("\n") == 1 and f"port {port} is in use" in captured.err and "--port N" in captured.err
+
+
+def stop_probability_below_half(trained) -> tuple[bytes, float]:
+    """An image the model calls not_stop, and its probability of stop."""
+    checkpoint, data = trained
+    rows = load_classifier(checkpoint).predict(sorted((data / "not_stop").glob("*.png")))
+    row = min(rows, key=lambda r: r.probabilities["stop"])
+    assert row.label == "not_stop"
+    return Path(row.path).read_bytes(), row.probabilities["stop"]
+
+
+def test_the_answer_and_the_model_route_carry_the_threshold_in_force(trained):
+    image, p_stop = stop_probability_below_half(trained)
+    threshold = p_stop * 0.9  # under p(stop): stop, though not_stop is the likelier class
+    thresholded = TestClient(create_app(trained[0], threshold=threshold))
+    answer = thresholded.post("/predict", files={"file": ("a.png", image, "image/png")}).json()
+    assert answer["label"] == "stop" and answer["probabilities"]["not_stop"] > 0.5
+    assert answer["threshold"] == threshold
+    info = thresholded.get("/model").json()
+    assert info["threshold"] == threshold and info["positive"] == "stop"
+    row = thresholded.post("/predict/batch", files=[("files", ("a.png", image, "image/png"))]).json()["results"][0]
+    assert row["label"] == "stop" and row["threshold"] == threshold
+    plain = TestClient(create_app(trained[0])).post("/predict", files={"file": ("a.png", image, "image/png")}).json()
+    assert plain["label"] == "not_stop" and plain["threshold"] is None
+
+
+class Gate:
+    """image_probabilities that wait until opened, counting how many run at once."""
+
+    def __init__(self, predict):
+        self.predict, self.opened, self.running, self.most = predict, threading.Event(), 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, images):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            assert self.opened.wait(30), "the test never opened the gate"
+            return self.predict(images)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def post_all(app, image: bytes, count: int, gate: Gate, *, answered: int = 0, running: int = 0
+                   ) -> list[httpx.Response]:
+    """`count` concurrent POST /predict; the gate opens once `answered` of them have answered and `running` are
+    held by it, and a moment more for any others to reach it."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+        tasks = [asyncio.create_task(http.post("/predict", content=image)) for _ in range(count)]
+        deadline = time.monotonic() + 30
+        while (sum(task.done() for task in tasks) < answered or gate.running < running) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        gate.opened.set()
+        return list(await asyncio.gather(*tasks))
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_queued_requests_are_answered(trained):
+    _, data = trained
+    app = create_app(trained[0], workers=1, queue=1)
+    gate = Gate(app.state.classifier.image_probabilities)
+    app.state.classifier.image_probabilities = gate
+    image = (data / "stop" / "stop-0.png").read_bytes()
+    # one runs (held by the gate), one waits in the queue, the third is refused at once
+    responses = asyncio.run(post_all(app, image, 3, gate, answered=1))
+    assert sorted(r.status_code for r in responses) == [200, 200, 503]
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    assert all(r.json()["label"] == "stop" for r in responses if r.status_code == 200)
+    assert TestClient(app).post("/predict", content=image).status_code == 200  # the slots were given back
+
+
+def test_sixteen_clients_at_once_are_classified_two_at_a_time(trained):
+    _, data = trained
+    app = create_app(trained[0], workers=2, queue=32)
+    gate = Gate(app.state.classifier.image_probabilities)
+    app.state.classifier.image_probabilities = gate
+    image = (data / "stop" / "stop-0.png").read_bytes()
+    responses = asyncio.run(post_all(app, image, 16, gate, running=2))
+    assert [r.status_code for r in responses] == [200] * 16
+    assert gate.most == 2  # not 16 decodes and forward passes at once: memory stays bounded

@@ -366,9 +366,15 @@ def test_server_killed_mid_upload_then_restarted_leaves_no_partial_object_and_th
         assert json.loads((local / "cut/summary.json").read_text())["best_epoch"] == \
             json.loads((local / "reference/summary.json").read_text())["best_epoch"]
 
-        # another machine: no local copy, so the run comes from the bucket, and resuming a whole run changes nothing
+        # now whole, so resuming it is refused, with the bucket's summary.json as the proof
+        capsys.readouterr()
+        assert main(["-q", "train", "--resume", "s3://killed/runs/cut"]) == 2
+        assert "cannot resume s3://killed/runs/cut: that run finished" in capsys.readouterr().err
+
+        # another machine: no local copy of a run cut again before best.pt, so all it resumes from is the bucket's
         storage_copy = storage.mirror_dir("s3://killed/runs", storage.UPLOADS) / "cut"
         storage_copy.rename(tmp_path / "gone")
+        fs.rm(["killed/runs/cut/summary.json", "killed/runs/cut/best.pt"])
         assert main(["-q", "train", "--resume", "s3://killed/runs/cut"]) == 0
         fs.get("killed/runs/cut/", str(local / "again"), recursive=True)
         assert_same_outcome(local / "again", local / "reference")
@@ -478,3 +484,21 @@ def test_cache_clear_keeps_the_local_copy_of_a_run_whose_upload_did_not_finish(t
     clear_cache()
     assert not (local / "sent").exists()  # in the bucket: a cache like any other
     assert (local / "cut" / "metrics.csv").read_text() == "epoch\n1\n"  # its only copy: kept, as the error promised
+
+
+@pytest.mark.parametrize("command", [["predict", "s3://bucket/models/stop.pt", "photo.jpg"],
+                                     ["train", "s3://bucket/exports/signs/"],
+                                     ["serve", "s3://bucket/models/stop.onnx", "--port", "PORT"]])
+def test_without_s3fs_an_s3_url_is_one_line_naming_the_install(command, monkeypatch, capsys):
+    import importlib
+
+    command = [str(free_port()) if word == "PORT" else word for word in command]
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the cloud extra were not installed
+    registry = importlib.import_module("fsspec.registry")._registry  # forget the s3 class fsspec has imported
+    for protocol in ("s3", "s3a"):
+        monkeypatch.delitem(registry, protocol, raising=False)
+    monkeypatch.setattr(storage, "_filesystems", {})
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: {command[1]}: s3:// URLs need s3fs: pip install 'stopsign[cloud]'\n"

@@ -40,9 +40,12 @@ MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")  # a URL ending so names a mod
 INDEX = "index.json"  # a mirror's {relative path: ETag}, beside its files/
 # An S3 endpoint that does not answer fails in seconds, not botocore's minutes (the user's options win).
 S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
-BACKENDS = {"s3": "s3fs (pip install 'stopsign[cloud]')", "gs": "gcsfs (pip install gcsfs)",
-            "gcs": "gcsfs (pip install gcsfs)", "az": "adlfs (pip install adlfs)", "abfs": "adlfs (pip install adlfs)",
-            "http": "aiohttp (pip install aiohttp)", "https": "aiohttp (pip install aiohttp)"}
+# The optional package each protocol's fsspec backend imports, and how to install it: a URL whose backend is
+# missing is one line naming that command, never a traceback.
+BACKENDS = {"s3": ("s3fs", "pip install 'stopsign[cloud]'"), "s3a": ("s3fs", "pip install 'stopsign[cloud]'"),
+            "gs": ("gcsfs", "pip install gcsfs"), "gcs": ("gcsfs", "pip install gcsfs"),
+            "az": ("adlfs", "pip install adlfs"), "abfs": ("adlfs", "pip install adlfs"),
+            "http": ("aiohttp", "pip install aiohttp"), "https": ("aiohttp", "pip install aiohttp")}
 CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for IBM Cloud Object Storage: the HMAC keys), "
                    "or a profile in ~/.aws/credentials with AWS_PROFILE, or --storage-option key=... "
                    "--storage-option secret=...")
@@ -113,9 +116,12 @@ def filesystem(url: str):
         if "::" not in url:
             _filesystems[key] = fs
         return fs, path
-    except (ImportError, ValueError) as error:
-        package = BACKENDS.get(protocol.lower(), f"the fsspec backend for {protocol}://")
-        raise StorageError(f"{url}: cannot open {protocol}:// ({error}). Fix: install {package}") from error
+    except (ImportError, ValueError) as error:  # the backend is not installed; fsspec knows no such protocol
+        if isinstance(error, ImportError) and protocol.lower() in BACKENDS:
+            package, command = BACKENDS[protocol.lower()]
+            raise StorageError(f"{url}: {protocol}:// URLs need {package}: {command}") from error
+        raise StorageError(f"{url}: cannot open {protocol}:// ({error}). Fix: install the fsspec backend for "
+                           f"{protocol}://") from error
 
 
 @contextmanager

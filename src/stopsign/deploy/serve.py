@@ -5,13 +5,25 @@ field `files`), GET /health, GET /model, GET / (static/index.html, a page that w
 /docs. The model is loaded once, when the app is created, and only read afterwards, so one request cannot
 change what another sees. Uploads are decoded by images.decode_image (bombs, truncation, modes); a body
 over the limit gets 413 before it is read whole, and what is not a decodable image gets 415.
+
+Decoding and predicting run on a fixed pool of worker threads behind a bounded queue (InferencePool): however
+many clients send at once, at most `workers` images are decoded and classified together, which bounds the
+server's memory and keeps the forward passes from competing for the cores; a request that finds the queue full
+gets 503 with Retry-After at once instead of waiting without end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
+import os
+import socket
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -19,13 +31,12 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import __version__
 from ..data.images import decode_image
-from ..decision import decide
-from ..errors import ImageError
+from ..decision import POSITIVE, decide
+from ..errors import ImageError, StopsignError
 from ..inference.load import load_classifier, resolve_model_path
 from ..model.transforms import decode_size
 
@@ -34,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_BATCH_FILES = 32
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around the image bytes
+DEFAULT_WORKERS = 2  # images decoded and classified at once: one decodes while the other runs the network
+DEFAULT_QUEUE = 8  # requests waiting for a worker before the next one gets 503
+RETRY_AFTER_S = 1
 METRIC_KEYS = {"metrics.json": ("n", "accuracy", "accuracy_ci95", "macro_f1", "roc_auc", "per_class", "confusion"),
                "summary.json": ("best_val_acc", "best_epoch", "started", "completed")}
 
@@ -80,26 +94,107 @@ class BodyLimit:
         return await self.app(scope, counted_receive, send)
 
 
+class InferencePool:
+    """A fixed number of worker threads for the CPU work of requests (decode and predict), and a bounded queue.
+
+    `submit` answers 503 with Retry-After when `workers` jobs run and `queue` more wait; `refuse_if_full` says so
+    before an upload is read. A slot is given back when its job ends, not when its request does, so a client
+    that hangs up cannot let more work in than the bound. Each worker gives the network its share of the cores
+    (`threads`) instead of every thread using all of them."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, queue: int = DEFAULT_QUEUE):
+        if workers < 1 or queue < 0:
+            raise StopsignError(f"the inference pool needs 1 worker or more and a queue of 0 or more, got "
+                                f"{workers} and {queue}")
+        self.workers, self.queue = workers, queue
+        self.threads = max(1, available_cores() // workers)
+        self.taken, self.lock = 0, threading.Lock()
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="stopsign-inference",
+                                           initializer=limit_torch_threads, initargs=(self.threads,))
+
+    def busy(self) -> HTTPException:
+        return HTTPException(503, f"the server is busy: {self.workers} images are being classified and "
+                                  f"{self.queue} more wait; retry in {RETRY_AFTER_S} s",
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def refuse_if_full(self) -> None:
+        if self.taken >= self.workers + self.queue:
+            raise self.busy()
+
+    async def submit(self, function, *args):
+        with self.lock:
+            if self.taken >= self.workers + self.queue:
+                raise self.busy()
+            self.taken += 1
+        try:
+            future = self.executor.submit(function, *args)
+        except BaseException:
+            self.give_back()
+            raise
+        future.add_done_callback(self.give_back)
+        return await asyncio.wrap_future(future)
+
+    def give_back(self, *_) -> None:
+        with self.lock:
+            self.taken -= 1
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def limit_torch_threads(threads: int) -> None:
+    """PyTorch's intra-op threads, where a .pt or .torchscript model loaded torch: by default each calling thread
+    runs a team as large as the machine, so two workers would run twice as many threads as cores. Called on a
+    worker, it sets that thread's team and the default of threads started later, not the main thread's. An
+    .onnx server never imports torch, and onnxruntime's session keeps one pool however many threads call it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind `host:port` as uvicorn will (SO_REUSEADDR) and let it go: a port in use is one line with the fix,
+    before the model loads and before anything says it is serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            fix = {errno.EADDRINUSE: f"port {port} is in use by another program. Fix: stop it, or serve on another "
+                                     "port with --port N (e.g. --port 8001)",
+                   errno.EACCES: f"port {port} needs administrator rights. Fix: a port from 1024 up, e.g. --port 8000",
+                   errno.EADDRNOTAVAIL: f"{host} is not an address of this machine. Fix: --host 127.0.0.1 (this "
+                                        "machine only) or --host 0.0.0.0 (every interface)"}
+            reason = fix.get(error.errno, f"{error.strerror or error}. Fix: check --host and --port")
+            raise StopsignError(f"cannot serve on {host}:{port}: {reason}") from None
+
+
 def too_large(size: int, limit: int) -> str:
     return (f"upload too large: {size} bytes; the limit is {limit} bytes per image "
             "(start the server with a larger --max-upload-mb)")
 
 
 def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               threshold: float | None = None, device: str | None = "auto") -> FastAPI:
+               threshold: float | None = None, device: str | None = "auto", workers: int = DEFAULT_WORKERS,
+               queue: int = DEFAULT_QUEUE) -> FastAPI:
     """The app serving the classifier at `model_path` (.pt, .onnx, .torchscript or a run folder), loaded once,
-    here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does."""
+    here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does.
+    `workers` images are decoded and classified at once, `queue` more requests wait, and the next gets 503."""
     model_path = resolve_model_path(model_path)
     classifier = load_classifier(model_path, device=device)
     decide(np.full((1, len(classifier.class_names)), 1 / len(classifier.class_names)), threshold)  # refuse a bad one now
     size = classifier.preprocessing["size"]
     decoded = decode_size(classifier.preprocessing, classifier.tiles)  # tiles are cut from a larger decode
     names = classifier.class_names
-    info = model_info(classifier, model_path) | {"max_upload_bytes": max_upload_bytes,
-                                                 "max_batch_files": MAX_BATCH_FILES, "threshold": threshold}
+    pool = InferencePool(workers, queue)
+    info = model_info(classifier, model_path) | {
+        "max_upload_bytes": max_upload_bytes, "max_batch_files": MAX_BATCH_FILES, "threshold": threshold,
+        "positive": names[POSITIVE] if threshold is not None else None, "workers": workers, "queue": queue}
     # One prediction now loads a checkpoint's backbone (it loads lazily) and warms the kernels, so the
-    # first request is as fast as the rest.
-    classifier.image_probabilities([Image.new("RGB", (size, size))])
+    # first request is as fast as the rest; on a worker, so that it runs with the threads the workers use.
+    pool.executor.submit(classifier.image_probabilities, [Image.new("RGB", (size, size))]).result()
     page = resources.files("stopsign.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
 
     app = FastAPI(title="stopsign", version=__version__,
@@ -107,7 +202,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     app.add_middleware(BodyLimit, default=MULTIPART_SLACK, image_limit=max_upload_bytes,
                        limits={"/predict": max_upload_bytes + MULTIPART_SLACK,
                                "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
-    app.state.classifier = classifier
+    app.state.classifier, app.state.pool = classifier, pool
 
     def decode(data: bytes, name: str):
         if len(data) > max_upload_bytes:
@@ -118,9 +213,10 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
             raise HTTPException(415, f"{name}: {error}") from None
 
     def answer(row: np.ndarray) -> dict:
-        return {"label": names[int(decide(row[None], threshold)[0])], "probabilities": {n: float(p) for n, p in zip(names, row)}}
+        return {"label": names[int(decide(row[None], threshold)[0])],
+                "probabilities": {n: float(p) for n, p in zip(names, row)}, "threshold": threshold}
 
-    def classify_one(data: bytes, name: str) -> dict:  # CPU work, run in the thread pool
+    def classify_one(data: bytes, name: str) -> dict:  # CPU work, run by the pool's workers
         return answer(classifier.image_probabilities([decode(data, name)])[0])
 
     def classify_many(uploads: list[tuple[str, bytes]]) -> list[dict]:
@@ -152,6 +248,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     @app.post("/predict", openapi_extra=_upload_body("one image file", "file", many=False))
     async def predict(request: Request) -> dict:
         started = time.perf_counter()
+        pool.refuse_if_full()  # before the upload is read and parsed
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=1)
             upload = form.get("file")
@@ -160,12 +257,13 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
             name, data = upload.filename or "file", await upload.read()
         else:
             name, data = "body", await request.body()
-        result = await run_in_threadpool(classify_one, data, name)
+        result = await pool.submit(classify_one, data, name)
         return result | {"latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.post("/predict/batch", openapi_extra=_upload_body("image files", "files", many=True))
     async def predict_batch(request: Request) -> dict:
         started = time.perf_counter()
+        pool.refuse_if_full()
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(422, "send the images as multipart/form-data in the field 'files'")
         form = await request.form(max_files=MAX_BATCH_FILES)
@@ -173,7 +271,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
                    for i, u in enumerate(form.getlist("files")) if isinstance(u, UploadFile)]
         if not uploads:
             raise HTTPException(422, "send one or more images in the multipart field 'files'")
-        results = await run_in_threadpool(classify_many, uploads)
+        results = await pool.submit(classify_many, uploads)
         return {"results": results, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     log.debug("serving %s (%s): %s", model_path, info["format"], ", ".join(names))
@@ -195,9 +293,11 @@ def model_info(classifier, model_path: Path) -> dict:
 
 
 def run_app(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve an app from create_app() with uvicorn until interrupted."""
+    """Serve an app from create_app() with uvicorn until interrupted; a port that cannot be bound is a
+    StopsignError naming it and the fix."""
     import uvicorn
 
+    check_port(host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -205,5 +305,6 @@ def serve(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, threshold: float | None = None,
           log_level: str = "info") -> None:
     """Load the model and serve it with uvicorn until interrupted."""
+    check_port(host, port)  # before the model loads: a port in use fails in a moment, not after it
     run_app(create_app(model_path, max_upload_bytes=max_upload_bytes, threshold=threshold), host=host, port=port,
             log_level=log_level)

@@ -175,3 +175,22 @@ def test_tile_boxes_cover_the_image_with_overlapping_crops():
     assert tile_box(300, 150, 2, 0) == (0, 0, 300, 150)
     assert [tile_box(300, 150, 2, i) for i in range(1, 5)] == [(0, 0, 200, 100), (100, 0, 300, 100),
                                                               (0, 50, 200, 150), (100, 50, 300, 150)]
+
+
+def test_no_readable_image_gives_no_rows_of_the_heads_width_not_a_crash(tmp_path, images, tiny_backbone):
+    from stopsign.config import TrainConfig
+    from stopsign.data.datasets import Sample
+    from stopsign.training.sources import CachedFeatures
+
+    missing = tmp_path / "missing.jpg"
+    for given in ([], [missing]):  # regions of two tiles: 5 passes × 4 regions × 8 features per row
+        for cache in (tmp_path / "cache", None):
+            nothing = extractor(cache).extract(given, pooling="regions", tiles=2)
+            assert nothing.features.shape == (0, 1, 160) and nothing.paths == [] and nothing.computed == 0
+            assert nothing.skipped == ({str(missing): "file not found"} if given else {})
+    assert extractor(None).image_features([], pooling="regions", tiles=2).shape == (0, 160)
+    # training with no validation images: every training image's features, no validation rows
+    config = TrainConfig(backbone="tiny", pooling="regions", tiles=2, views=2)
+    features = CachedFeatures(extractor(tmp_path / "cache"), [Sample(p, 0) for p in images], [], config)
+    assert features.train_features.shape == (6, 2, 160) and features.val_features.shape == (0, 160)
+    assert list(features.val_batches([])) == []

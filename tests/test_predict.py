@@ -136,3 +136,65 @@ def test_near_copies_are_told_apart_from_new_photos_by_feature_similarity():
     marks = match_training(signature, ["d0", "x", "y", "z"], np.stack([trained[0], copy, new, blend]))
     assert marks == ["exact", "near", None, None] and NEAR_COPY == 0.92
     assert match_training(None, ["d0"], trained[:1]) == [None]
+
+
+def test_predicting_only_unreadable_files_gives_their_reasons_not_a_traceback(trained, tmp_path, capsys):
+    checkpoint, _ = trained  # the default recipe: regions of the whole image and a 2×2 grid of tiles
+    from stopsign.cli import main
+
+    broken, missing = tmp_path / "broken.jpg", tmp_path / "missing.jpg"
+    broken.write_text("not an image")
+    rows = load_classifier(checkpoint).predict([str(missing)])
+    assert [(r.label, r.error) for r in rows] == [(None, "file not found")]
+    assert main(["-q", "predict", str(checkpoint), str(missing), str(broken), "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    assert [row["error"] for row in json.loads(captured.out)] == ["file not found", "not an image file"]
+    assert "none of the 2 files could be read" in captured.err
+
+
+def test_evaluating_unreadable_data_says_so(trained, tmp_path, make_images):
+    checkpoint, _ = trained
+    data = make_images(tmp_path / "bad", {"stop": 2, "not_stop": 2}, layout="folders")
+    for image in data.rglob("*.png"):
+        image.write_text("not an image")
+    with pytest.raises(StopsignError, match="none of the 4 images in .* could be read"):
+        evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
+
+
+def counting_backbone_loads(monkeypatch) -> list:
+    """Patch the backbone loader of feature extraction to record each load: a pass needs one, a cache hit none."""
+    from stopsign.model import features
+
+    loads, load = [], features.load_backbone
+    monkeypatch.setattr(features, "load_backbone", lambda *args: loads.append(args) or load(*args))
+    return loads
+
+
+def test_a_second_predict_of_the_same_files_runs_no_backbone_and_agrees_with_no_cache(trained, capsys, monkeypatch):
+    checkpoint, data = trained
+    from stopsign.cli import main
+
+    loads = counting_backbone_loads(monkeypatch)
+
+    def predict(*flags) -> dict:
+        assert main(["-q", "predict", str(checkpoint), str(data), "--format", "json", *flags]) == 0
+        return {row["path"]: row["probabilities"] for row in json.loads(capsys.readouterr().out)}
+
+    # training cached the plain views of its validation images only: the first predict passes the others
+    first = predict()
+    assert len(first) == 24 and len(loads) == 1
+    second = predict()
+    assert len(loads) == 1 and second == first  # every feature read from the cache, the same numbers
+    uncached = predict("--no-cache")
+    assert len(loads) == 2  # --no-cache: the backbone runs again
+    for path, probabilities in uncached.items():
+        np.testing.assert_allclose(list(probabilities.values()), list(first[path].values()), atol=1e-5)
+
+
+def test_a_second_evaluate_of_the_same_data_runs_no_backbone(trained, tmp_path, monkeypatch):
+    checkpoint, data = trained
+    loads = counting_backbone_loads(monkeypatch)
+    _, first = evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
+    assert len(loads) == 1
+    _, second = evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
+    assert len(loads) == 1 and second["accuracy"] == first["accuracy"] and second["log_loss"] == first["log_loss"]

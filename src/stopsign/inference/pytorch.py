@@ -1,5 +1,10 @@
 """CheckpointClassifier: a trained checkpoint (.pt) that predicts through PyTorch, with the frozen backbone's
-feature cache and decode workers of training, so predicting a folder twice computes nothing twice."""
+feature cache and decode workers of training, so predicting a folder twice computes nothing twice.
+
+The features are read from and written to training's own store (model/features.py, under cache.cache_root()):
+keyed by image content, backbone weights, preprocessing and tiles, they are the same numbers whichever command
+computed them, so evaluating a run's own training images, or predicting a folder again, runs no backbone pass.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,20 @@ import torch
 from ..config import TrainConfig
 from ..errors import CheckpointError
 from ..model.backbones import make_head
-from ..model.features import FeatureExtractor
+from ..model.features import FeatureExtractor, default_cache_dir
 from ..model.signature import match_training
 from .base import Classifier
 
 
 class CheckpointClassifier(Classifier):
-    """A frozen backbone and the trained head of one checkpoint (a dict from training.runs.load_checkpoint)."""
+    """A frozen backbone and the trained head of one checkpoint (a dict from training.runs.load_checkpoint).
 
-    def __init__(self, checkpoint: dict, *, weights: str | None = None, cache_dir: Path | None = None,
-                 num_workers: int = 2, source: str = "checkpoint", device: str | None = "auto"):
+    cache: read and write the feature cache (in `cache_dir`, else training's default folder); False keeps the
+    features of this classifier's images in memory only (nothing about them is left on disk)."""
+
+    def __init__(self, checkpoint: dict, *, weights: str | None = None, cache: bool = True,
+                 cache_dir: str | Path | None = None, num_workers: int = 2, source: str = "checkpoint",
+                 device: str | None = "auto"):
         self.checkpoint = checkpoint
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.backbone_name: str = checkpoint["backbone"]
@@ -28,7 +37,8 @@ class CheckpointClassifier(Classifier):
         weights = weights or config.get("weights")
         # checkpoints before 0.2 have average pooling, one tile and the backbone's native size
         self.pooling, self.tiles = config.get("pooling", "avg"), config.get("tiles", 1)
-        self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=cache_dir, num_workers=num_workers,
+        store = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
+        self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=store, num_workers=num_workers,
                                           image_size=checkpoint["preprocessing"]["size"], device=device)
         if self.extractor.weights_sha256 != checkpoint["weights_sha256"]:
             raise CheckpointError(
@@ -59,16 +69,20 @@ class CheckpointClassifier(Classifier):
         """The plain-view features serve both the head and the comparison with the training images."""
         paths = [Path(p) for p in paths]
         features = self.extractor.extract(paths, pooling=self.pooling, tiles=self.tiles, progress=progress)
-        with torch.no_grad():
-            logits = self.head(torch.from_numpy(features.features[:, 0]))
+        probs = self._head_probabilities(features.features[:, 0])
         copies = None
         if self.trained_on:  # the signature is of plain average-pooled features: the same pass, kept in memory
             plain = self.extractor.extract(features.paths)
             copies = match_training(self.trained_on, plain.digests, plain.features[:, 0])
-        return features.paths, logits.softmax(1).numpy(), features.skipped, copies
+        return features.paths, probs, features.skipped, copies
 
     def image_probabilities(self, images: list) -> np.ndarray:
         """No files, no feature cache: decoded images straight through backbone and head."""
-        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
+        return self._head_probabilities(self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles))
+
+    def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) of feature rows; no rows, no call (a regions head cannot shape an empty batch)."""
+        if not len(features):
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
         with torch.no_grad():
             return self.head(torch.from_numpy(features)).softmax(1).numpy()

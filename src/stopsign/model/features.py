@@ -131,6 +131,8 @@ class FeatureExtractor:
 
     def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1) -> np.ndarray:
         """Features (N, width) of decoded RGB images (uploads, say), as extract() gives them: no files, no store."""
+        if not images:
+            return np.zeros((0, self.width(pooling, tiles)), dtype=np.float32)
         count = tile_count(tiles)
         batch = torch.from_numpy(np.stack([array for image in images
                                            for array in tile_views(image, self.preprocessing, tiles)]))
@@ -192,7 +194,9 @@ class FeatureExtractor:
         for path, reason in skipped.items():
             log.warning("skipped %s: %s", path, reason)
         features = np.asarray(features)
-        if per_view > 1:  # the whole image and its crops, per view: their max, or their regions side by side
+        if not readable:  # no paths, or none readable: no rows, of the width a head of this pooling is fed
+            features = np.zeros((0, len(views), self.width(pooling, tiles)), dtype=np.float32)
+        elif per_view > 1:  # the whole image and its crops, per view: their max, or their regions side by side
             tiled = features.reshape(len(readable) * len(views), per_view, per_pass)
             features = combine_tiles(tiled, pooling).reshape(len(readable), len(views), self.width(pooling, tiles))
         return FeatureSet(readable, digests, features, skipped, computed)

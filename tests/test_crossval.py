@@ -101,3 +101,13 @@ def test_another_seed_draws_other_folds(tmp_path, data, fits):
     list(held_out_predictions(source, data.samples, data.class_names, 8, config))
     list(held_out_predictions(source, data.samples, data.class_names, 8, config.replace(seed=1)))
     assert {frozenset(v) for _, v, _ in fits[:2]} != {frozenset(v) for _, v, _ in fits[2:]}
+
+
+def test_the_folds_show_a_bar_only_when_asked(tmp_path, data, capsys):
+    source, config = setup(tmp_path, data, 2)
+    capsys.readouterr()  # whatever building the features wrote
+    cross_validate(source, data.samples, data.class_names, 8, config, progress=True)
+    shown = capsys.readouterr().err
+    assert "folds:" in shown and "/2 [" in shown  # tqdm's "folds:   0%|   | 0/2 [..." line
+    cross_validate(source, data.samples, data.class_names, 8, config)  # the default, as tune's trials call it
+    assert capsys.readouterr().err == ""

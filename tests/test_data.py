@@ -291,6 +291,33 @@ def test_a_cv_studio_export_stays_confined_to_its_folder(tmp_path, make_images, 
         assert f"{key!r}: {reason}" in message
 
 
+def test_a_link_out_of_the_export_is_one_problem_and_not_also_an_image_without_a_label(tmp_path, make_images,
+                                                                                      caplog):
+    root = make_images(tmp_path / "data", COUNTS, layout="cvstudio")
+    document = json.loads((root / "_annotations.json").read_text())
+    link_outside(document, root)
+    (root / "_annotations.json").write_text(json.dumps(document))
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"), pytest.raises(DataError) as caught:
+        load_data(root)
+    assert "1 problem(s)" in str(caught.value)
+    assert "'escape.png': links to a file outside the data folder" in str(caught.value)
+    assert "without a label" not in caplog.text
+
+
+def test_a_csv_row_with_too_many_fields_is_one_malformed_row(tmp_path, make_images, caplog):
+    root = make_images(tmp_path, COUNTS, layout="csv")
+    with open(root / "labels.csv", "a", encoding="utf-8") as file:
+        file.write("too,many,fields\nstop-0.png,stop,extra\n")  # line 10; line 11 names a real image
+    with caplog.at_level(logging.WARNING, logger="stopsign.data"), pytest.raises(DataError) as caught:
+        load_data(root)
+    message = str(caught.value)
+    assert "2 problem(s)" in message
+    assert "line 10: a malformed row: expected 2 fields (filename,label), found 3" in message
+    assert "line 11: a malformed row: expected 2 fields (filename,label), found 3" in message
+    assert "file not found" not in message and "has no images" not in message and "'many'" not in message
+    assert "without a label" not in caplog.text  # stop-0.png is named, though on a malformed row
+
+
 def samples(counts: dict[int, int]) -> list[Sample]:
     return [Sample(Path(f"/data/{label}-{i:03d}.png"), label) for label, n in counts.items() for i in range(n)]
 

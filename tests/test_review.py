@@ -82,6 +82,22 @@ def test_planted_flips_come_first_with_copies_and_unreadable_files_listed(tmp_pa
     assert len(broken) == 1 and broken[0]["reason"].startswith("could not be read") and broken[0]["score"] == ""
 
 
+def test_review_shows_its_progress_and_quiet_silences_it(tmp_path, make_images, tiny_backbone, capsys):
+    root = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
+    new = tmp_path / "new"
+    new.mkdir()
+    make_image(1001).save(new / "photo.png")
+    command = ["review", str(root), "--no-serve", "--backbone", "tiny", "--tiles", "1", "--pooling", "avg",
+               "--workers", "0", "--folds", "2", "--add", str(new), "--out", str(tmp_path / "review")]
+    assert main(command) == 0
+    shown = capsys.readouterr().err
+    assert "hashing:" in shown and "folds:" in shown and "/2 [" in shown  # tqdm's "folds:   0%|   | 0/2 [..."
+    assert "labelling 1 new photo(s): a head trained on all 12 labelled images" in shown
+    assert main(["-q", *command]) == 0
+    quiet = capsys.readouterr().err
+    assert "%|" not in quiet and "labelling" not in quiet  # no bar, no progress line (a warning may remain)
+
+
 def test_new_photos_get_the_model_label_least_certain_first(tmp_path, make_images, tiny_backbone):
     root = make_images(tmp_path / "data", {"stop": 8, "not_stop": 8}, layout="folders")
     new = tmp_path / "new"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 from scipy.fft import dctn
+from tqdm.auto import tqdm
 
 from ..cache import HASH_CACHE, store_dir
 from ..errors import StopsignError
@@ -121,20 +122,22 @@ class HashCache:
         self.changed.clear()
 
 
-def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, cache_dir: Path | None = None) -> dict:
+def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, cache_dir: Path | None = None,
+                    progress: bool = False) -> dict:
     """Groups of identical files (sha256 of the bytes) and of look-alike images (pHash within near_threshold).
 
     Returns {"exact": [[path, ...]], "near": [{"paths": [...], "max_distance": d}], "unreadable": [...],
     "seconds": s}. A near group lists every file of each look-alike content, exact copies included,
     and is reported only when it holds at least two different contents. cache_dir: where HashCache keeps
-    the hashes of files already seen (None: hash every file).
+    the hashes of files already seen (None: hash every file). progress: a bar over the files (a first run
+    decodes every photo).
     """
     start = time.perf_counter()
     cache = HashCache(cache_dir)
     by_digest: dict[str, list[str]] = defaultdict(list)
     hash_of: dict[str, int] = {}
     unreadable = []
-    for path in map(str, paths):
+    for path in tqdm(list(map(str, paths)), desc="hashing", unit="img", disable=not progress, leave=False):
         try:
             info = os.stat(path)  # before reading: a later edit changes the mtime, so the entry misses
             known = cache.get(path, info)
@@ -189,10 +192,10 @@ def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list
     return [members for members in groups.values() if len(members) > 1]
 
 
-def duplicate_groups(paths, *, cache_dir: Path | None = None) -> dict[str, int]:
+def duplicate_groups(paths, *, cache_dir: Path | None = None, progress: bool = False) -> dict[str, int]:
     """Each image that has an exact or near copy among `paths` → the number of its group (0, 1, ... in path
     order); images with no copy are left out. The split, the folds and tune keep each group on one side."""
-    found = find_duplicates(list(paths), cache_dir=cache_dir or default_hash_cache_dir())
+    found = find_duplicates(list(paths), cache_dir=cache_dir or default_hash_cache_dir(), progress=progress)
     parent: dict[str, str] = {}
 
     def root(path: str) -> str:

@@ -142,7 +142,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
     samples, found = [], set()
     for name, entry in annotations.items():
         if is_excluded(entry):
-            found.add(_locate(name, folders, root, [], confined=True))  # no "without a label" warning for it
+            found.add(_named_file(name, folders))  # no "without a label" warning for it
             continue
         label, reasons = _one_label(entry)
         if label is not None and labels is not None and label not in labels:
@@ -150,7 +150,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
         elif label is not None and class_names is not None and label not in classes:
             reasons.append(f"label {label!r} is not one of the classes {classes}")
         file = _locate(name, folders, root, reasons, confined=True)  # an export comes from elsewhere
-        found.add(file)
+        found.add(file or _named_file(name, folders))  # a refused link is this entry's problem, not an unlisted file
         if reasons:
             problems.append(f"{name!r}: " + "; ".join(reasons))
         elif label in classes:  # not so when 'labels' was unreadable (already a problem)
@@ -189,14 +189,21 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
         raise DataError(f"{csv_path}: cannot be read as a UTF-8 CSV file ({error}).\n{CSV_FIX}") from None
     if not {"filename", "label"} <= set(header):
         raise DataError(f"{csv_path}: the header must be 'filename,label', found {','.join(header)!r}.\n{CSV_FIX}")
-    excluded = [(row["filename"] or "").strip() for _, row in rows if is_excluded(row.get(EXCLUDED_COLUMN))]
-    rows = [(line, row) for line, row in rows if not is_excluded(row.get(EXCLUDED_COLUMN))]
+    # DictReader keeps a row's fields past the header under the key None: a file name with an unquoted comma,
+    # say. Its fields cannot be told apart, so the row is one problem, not a missing file and a class.
+    problems = [f"line {line}: a malformed row: expected {len(header)} fields ({','.join(header)}), found "
+                f"{len(header) + len(row[None])} (quote a file name or label that holds a comma)"
+                for line, row in rows if None in row]
+    # rows set aside, excluded or malformed: their files are still no "image without a label"
+    set_aside = [(row["filename"] or "").strip() for _, row in rows
+                 if None in row or is_excluded(row.get(EXCLUDED_COLUMN))]
+    rows = [(line, row) for line, row in rows if None not in row and not is_excluded(row.get(EXCLUDED_COLUMN))]
     entries = [(line, (row["filename"] or "").strip(), (row["label"] or "").strip()) for line, row in rows]
     own = sorted({label for _, _, label in entries if label})
     classes = list(class_names) if class_names is not None else own
     folders = [folder for folder in (root, root / "images") if folder.is_dir()]
-    problems, samples, first_line = [], [], {}
-    found = {_locate(name, folders, root, [], confined=False) for name in excluded}
+    samples, first_line = [], {}
+    found = {_locate(name, folders, root, [], confined=False) for name in set_aside}
     for line, name, label in entries:
         reasons = []
         if not label:
@@ -323,6 +330,14 @@ def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, c
         where = " or ".join(f"{folder.name}/" if folder != root else "the data folder" for folder in folders)
         reasons.append(f"file not found (looked in {where})")
     return None
+
+
+def _named_file(name: str, folders: list[Path]) -> Path | None:
+    """The file that an export's key names as a plain file name, in the first of `folders` holding it, whether
+    or not `_locate` lets it be read (a link out of the export): the key accounts for that file."""
+    if not name or len(re.split(r"[\\/]", name)) > 1:
+        return None
+    return next((folder / name for folder in folders if _is_file(folder / name)), None)
 
 
 def _directory_resolved(path: Path) -> Path:

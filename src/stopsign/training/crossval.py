@@ -7,9 +7,10 @@ epoch on the held-out fold would flatter the score.
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.datasets import Sample, kfold_samples
@@ -21,13 +22,13 @@ SUMMARISED = ("accuracy", "log_loss", "macro_f1", "roc_auc", "ece")
 
 def held_out_predictions(source, samples: list[Sample], class_names: list[str], num_features: int,
                          config: TrainConfig, groups: dict[str, int] | None = None,
-                         extra_train: list[Sample] = ()) -> Iterator[Predictions]:
+                         extra_train: list[Sample] = (), progress: bool = False) -> Iterator[Predictions]:
     """The K-fold loop (K = config.folds): for each fold, a head fit on the others (its last epoch kept) and
     its predictions on the held-out fold. `source` is CachedFeatures or LiveImages over all samples; `groups`
     (duplicate groups) stay within one fold; `extra_train` (rendered images) joins every fold's training part
-    and is never held out."""
-    for train_samples, val_samples in kfold_samples(samples, config.folds, config.seed, class_names=class_names,
-                                                    groups=groups):
+    and is never held out. progress: a bar over the folds (a fold's own epochs show none)."""
+    folds = kfold_samples(samples, config.folds, config.seed, class_names=class_names, groups=groups)
+    for train_samples, val_samples in tqdm(folds, desc="folds", unit="fold", disable=not progress, leave=False):
         result = fit(source, num_features, len(class_names), train_samples + list(extra_train), val_samples, config,
                      keep="last", groups=groups, positive=config.positive_index(class_names))
         yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
@@ -35,13 +36,16 @@ def held_out_predictions(source, samples: list[Sample], class_names: list[str], 
 
 
 def cross_validate(source, samples: list[Sample], class_names: list[str], num_features: int,
-                   config: TrainConfig, groups: dict[str, int] | None = None, extra_train: list[Sample] = ()) -> dict:
-    """Every metric of each fold, their mean and spread, and the out-of-fold predictions.
+                   config: TrainConfig, groups: dict[str, int] | None = None, extra_train: list[Sample] = (),
+                   progress: bool = False) -> dict:
+    """Every metric of each fold, their mean and spread, and the out-of-fold predictions (progress: a bar over
+    the folds).
 
     Returns {"folds", "per_fold": [metrics], "mean", "std", "oof_confusion", "oof": Predictions}.
     """
     per_fold, paths, truth, probs = [], [], [], []
-    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups, extra_train):
+    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups, extra_train,
+                                     progress):
         per_fold.append(_summary(compute_metrics(fold)))
         paths += fold.paths
         truth += list(fold.y_true)

@@ -104,7 +104,7 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
                             "a class. Fix: choose an --out outside the data folder")
     names = labelled.class_names
     samples = labelled.samples
-    groups = duplicate_groups(s.path for s in samples)
+    groups = duplicate_groups((s.path for s in samples), progress=progress)
     extractor = make_extractor(config)
     source = CachedFeatures(extractor, samples, samples, config, progress)
     readable = source.readable(samples)
@@ -116,7 +116,7 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
     if k < folds:
         log.warning("%d-fold instead of %d: the smallest class has %d images", k, folds, k)
 
-    probs = out_of_fold(source, readable, names, extractor.feature_size, config.replace(folds=k), groups)
+    probs = out_of_fold(source, readable, names, extractor.feature_size, config.replace(folds=k), groups, progress)
     labels = np.array([s.label for s in readable])
     ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
     log.debug("%d of %d images are suspected label errors (%d-fold, cleanlab)", len(ranked), len(readable), k)
@@ -153,7 +153,7 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
                              [f"could not be read: {why}"]))
     if add is not None:
         found += new_photo_suggestions(Path(os.path.abspath(add)), extractor, source, readable, features, names,
-                                       config, neighbours)
+                                       config, neighbours, progress)
 
     issues_file = Path(out) / ISSUES_FILE
     write_csv(issues_file, [row(s, labelled.root) for s in found], COLUMNS)
@@ -161,11 +161,12 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
 
 
 def out_of_fold(source: CachedFeatures, samples: list[Sample], class_names: list[str], num_features: int,
-                config: TrainConfig, groups: dict[str, int]) -> np.ndarray:
-    """(len(samples), C) held-out probabilities, in the order of `samples` (crossval's folds and heads)."""
+                config: TrainConfig, groups: dict[str, int], progress: bool = False) -> np.ndarray:
+    """(len(samples), C) held-out probabilities, in the order of `samples` (crossval's folds and heads;
+    progress: its bar over the folds)."""
     at = {str(s.path): i for i, s in enumerate(samples)}
     probs = np.full((len(samples), len(class_names)), np.nan)
-    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups):
+    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups, progress=progress):
         probs[[at[p] for p in fold.paths]] = fold.probs
     assert not np.isnan(probs).any(), "every readable image is held out exactly once"
     return probs
@@ -181,17 +182,19 @@ def disagreeing_groups(samples: list[Sample], groups: dict[str, int]) -> list[li
 
 
 def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, samples: list[Sample],
-                          features: np.ndarray, class_names: list[str], config: TrainConfig, neighbours: int
-                          ) -> list[Suspect]:
+                          features: np.ndarray, class_names: list[str], config: TrainConfig, neighbours: int,
+                          progress: bool = False) -> list[Suspect]:
     """The images directly in `folder`, each with the label of a head trained on every labelled image,
-    least certain first."""
+    least certain first (progress: a bar over the photos' backbone pass)."""
     if not folder.is_dir():
         raise StopsignError(f"--add {folder}: not a folder of photos")
     photos = list_images(folder)
     if not photos:
         log.warning("--add %s: no images in that folder", folder)
         return []
-    extracted = extractor.extract(photos, pooling=config.pooling, tiles=config.tiles)
+    extracted = extractor.extract(photos, pooling=config.pooling, tiles=config.tiles, progress=progress)
+    # one fit, as long as one fold: no bar to show, so say what the wait is for
+    log.info("labelling %d new photo(s): a head trained on all %d labelled images", len(photos), len(samples))
     head = fit(source, extractor.feature_size, len(class_names), samples, [], config,
                positive=config.positive_index(class_names)).head
     with torch.no_grad():

@@ -153,7 +153,7 @@ def measure(count: int, image_size: int, workers: int, old_limit: int, workdir: 
 
     labels = np.array([int(p.parent.name == "stop") for p in cold.paths])
     began = time.perf_counter()
-    fit_model(cold.features[:, 0], labels, 1.0, TrainConfig(), quiet=True)
+    fit_model(cold.features[:, 0], labels, 1.0, TrainConfig())
     result["head_s"] = time.perf_counter() - began
     # ru_maxrss of this process and of its finished DataLoader workers, in KiB on Linux
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -85,13 +85,13 @@ def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_cla
     scores = {0.01: 2.0, 0.1: 1.0, 1.0: 1.0}  # 0.1 and 1 tie: the smaller wins
     monkeypatch.setattr("sklearn.metrics.log_loss", lambda y, p, labels: scores[current["C"]])
     current = {}
-    fit_model = heads.fit_model
+    fit_quietly = heads.fit_quietly
 
-    def spy(features, labels, c, config, **kwargs):
-        current["C"] = c
-        return fit_model(features, labels, c, config, **kwargs)
+    def spy(model, features, labels):
+        current["C"] = model.get_params().get("C", model.get_params().get("classifier__C"))
+        return fit_quietly(model, features, labels)
 
-    monkeypatch.setattr(heads, "fit_model", spy)
+    monkeypatch.setattr(heads, "fit_quietly", spy)
     result = fit(source, 8, 3, train, val, config)
     assert result.best["C"] == 0.1 and result.best["C_scores"] == [[0.01, 2.0], [0.1, 1.0], [1.0, 1.0]]
 
@@ -102,8 +102,8 @@ def test_c_is_chosen_without_the_validation_images(extractor, three_classes, mon
     config = tiny_config(views=2, pooling=pooling)
     source = CachedFeatures(extractor, train, val, config)
     seen = []  # every row count the solver is given: never one that includes validation features
-    fit_model = heads.fit_model
-    monkeypatch.setattr(heads, "fit_model", lambda x, *a, **k: seen.append(len(x)) or fit_model(x, *a, **k))
+    fit_quietly = heads.fit_quietly
+    monkeypatch.setattr(heads, "fit_quietly", lambda model, x, y: seen.append(len(x)) or fit_quietly(model, x, y))
     first = fit(source, 8, 3, train, val, config)
     assert max(seen) == 2 * len(train)
 

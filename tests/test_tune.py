@@ -16,13 +16,14 @@ import torch
 
 import stopsign.training.tune as tune_module
 from stopsign import TrainConfig
+from stopsign.config import SGD_SETTINGS
 from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
 from stopsign.data.datasets import kfold_samples, load_data
 from stopsign.errors import DataError, StopsignError
 from stopsign.model.features import FeatureExtractor
 from stopsign.training.sources import CachedFeatures
-from stopsign.training.tune import SEARCH_SPACE, tune
+from stopsign.training.tune import SEARCH_SPACE, recipe_name, tune
 
 TESTS = Path(__file__).resolve().parent
 SETTINGS = dict(folds=3, backbone="tiny", num_workers=0, progress=False, final=False)
@@ -145,8 +146,11 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
                  "--out", str(tmp_path / "runs"), "--name", "study"])
     assert code == 0
     run_dir = tmp_path / "runs" / "study"
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr()
+    last = printed.out.strip().splitlines()[-1]
     assert "3-fold cross-validated accuracy" in last and str(run_dir) in last
+    assert "(defaults " in last and "; always not_stop 0.500)" in last  # what it was compared with, by name
+    assert "trials:" not in printed.err and "folds:" not in printed.err  # -q: no bars
 
     with open(run_dir / "trials.csv") as handle:
         columns = next(csv.reader(handle))
@@ -155,16 +159,28 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
     assert {"fold1_accuracy", "fold3_accuracy", "fold3_log_loss"} <= set(columns)
 
     best = json.loads((run_dir / "best.json").read_text())
-    assert {"trial", "value", "objective", "folds", "accuracy", "accuracy_std", "log_loss", "fold_accuracy",
-            "params", "seed_recipe", "trials", "final_run"} <= set(best)
+    assert {"trial", "value", "objective", "folds", "accuracy", "balanced_accuracy", "accuracy_std", "log_loss",
+            "fold_accuracy", "params", "starting_recipe", "baseline", "verdict", "trials", "final_run"} <= set(best)
     assert set(best["params"]) == set(SEARCH_SPACE) and best["folds"] == 3 and best["trials"]["complete"] >= 1
     assert best["value"] == pytest.approx(best["accuracy"] - 1e-3 * best["log_loss"])
+    # the recipe compared with is named by the settings it records: the defaults' logistic head, not the seed's
+    start = best["starting_recipe"]
+    assert start["name"] == "defaults" and "seed_recipe" not in best
+    assert (start["params"]["head"], start["params"]["pooling"]) == ("logistic", "regions")
+    assert best["baseline"] == {"majority_class": "not_stop", "accuracy": 0.5, "balanced_accuracy": 0.5,
+                                "log_loss": pytest.approx(np.log(2)), "imbalance": 1.0}
+    assert best["verdict"]["beats_baseline"] == (best["verdict"]["message"] is None)
 
-    plots = run_dir / "plots"
-    for name in ["history.png"] + [f"slice_{name}.png" for name in SEARCH_SPACE]:
-        assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+    trials = read_trials(run_dir)
+    read_by_two = [name for name in SEARCH_SPACE  # a slice of a setting no two completed trials read shows nothing
+                   if sum(t["state"] == "complete" and (t["head"] == "sgd" or name not in SGD_SETTINGS)
+                          for t in trials) >= 2]
+    drawn = {p.name for p in (run_dir / "plots").iterdir()}
+    assert {"history.png"} | {f"slice_{name}.png" for name in read_by_two} == drawn - {"importances.png"}
     page = (run_dir / "report.html").read_text()
-    assert "Best settings" in page and "seed recipe" in page and page.count("data:image/png") >= len(SEARCH_SPACE) + 1
+    assert "Best settings" in page and "seed recipe" not in page
+    assert "<td>defaults</td>" in page and "always not_stop" in page
+    assert page.count("data:image/png") == len(drawn)
 
     final = Path(best["final_run"])
     assert final == run_dir / "final" and (final / "best.pt").is_file()
@@ -172,6 +188,10 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
     assert metrics["cv"]["mean"]["accuracy"] == pytest.approx(best["accuracy"])  # the same folds, the same recipe
     config = json.loads((final / "config.json").read_text())
     assert {k: config[k] for k in SEARCH_SPACE} == best["params"]
+    sgd = best["params"]["head"] == "sgd"  # the final run's summary and settings: only what its head reads
+    parameters = json.loads((final / "summary.json").read_text())["parameters"]
+    assert ("learningRate" in parameters) == sgd and ("C" in parameters) == (not sgd)
+    assert ("<th>lr_max</th>" in (final / "report.html").read_text()) == sgd
 
 
 def made_up_trials(count: int) -> tuple[list[dict], dict]:
@@ -198,12 +218,16 @@ def made_up_trials(count: int) -> tuple[list[dict], dict]:
                     | {f"fold{k + 1}_accuracy": v for k, v in enumerate(folds)}
                     | {f"fold{k + 1}_log_loss": 0.456789123 for k in range(3)})
     top = rows[-1]
-    seed = {"accuracy": 0.7654321, "accuracy_std": 0.0234567, "log_loss": 0.5678912,
-            "fold_accuracy": [0.75, 0.76, 0.78], "params": {name: top[name] for name in SEARCH_SPACE}}
+    start = {"name": "defaults", "accuracy": 0.7654321, "balanced_accuracy": 0.76, "accuracy_std": 0.0234567,
+             "log_loss": 0.5678912, "fold_accuracy": [0.75, 0.76, 0.78],
+             "params": {name: top[name] for name in SEARCH_SPACE}}
     best = {"trial": top["number"], "value": top["value"], "objective": "accuracy - 1e-3 log-loss", "folds": 3,
-            "accuracy": top["accuracy"], "accuracy_std": top["accuracy_std"], "log_loss": top["log_loss"],
-            "fold_accuracy": [top[f"fold{k + 1}_accuracy"] for k in range(3)], "fold_log_loss": [0.45] * 3,
-            "params": {name: top[name] for name in SEARCH_SPACE}, "seed_recipe": seed,
+            "accuracy": top["accuracy"], "balanced_accuracy": top["accuracy"], "accuracy_std": top["accuracy_std"],
+            "log_loss": top["log_loss"], "fold_accuracy": [top[f"fold{k + 1}_accuracy"] for k in range(3)],
+            "fold_log_loss": [0.45] * 3, "params": {name: top[name] for name in SEARCH_SPACE},
+            "baseline": {"majority_class": "stop", "accuracy": 0.6, "balanced_accuracy": 0.5, "log_loss": 0.673,
+                         "imbalance": 1.5},
+            "verdict": {"lead": "accuracy", "beats_baseline": True, "message": None}, "starting_recipe": start,
             "trials": {"complete": count}, "final_run": None}
     return rows, best
 
@@ -212,17 +236,28 @@ def significant_digits(text: str) -> int:
     return len(text.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
 
 
-def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_path, monkeypatch):
+def without_plots(monkeypatch) -> list[str]:
+    """The page, not the plots (tested below): 11 figures cost seconds. The names of the plots it would draw."""
     import stopsign.reporting.tune_report as tune_report
 
-    def no_plot(*args):  # the page, not the plots (tested below): 11 figures cost seconds
-        path = Path(args[-1])
+    drawn = []
+
+    def no_plot(*args):
+        path = Path(next(a for a in args if isinstance(a, Path)))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"\x89PNG")
+        drawn.append(path.stem)
         return path
 
     for name in ("plot_history", "plot_importances", "plot_slice"):
         monkeypatch.setattr(tune_report, name, no_plot)
+    return drawn
+
+
+def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_path, monkeypatch):
+    import stopsign.reporting.tune_report as tune_report
+
+    without_plots(monkeypatch)
     rows, best = made_up_trials(3)
     page = tune_report.write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {"lr_max": 0.6, "epochs": 0.4},
                                          title="t").read_text()
@@ -232,7 +267,8 @@ def test_the_trial_table_scrolls_in_its_own_box_and_its_numbers_are_short(tmp_pa
     assert re.search(r"\." + wrapper[1] + r"\s*\{[^}]*overflow-x:\s*auto", style)  # it scrolls, the page does not
     cells = re.findall(r'<td class="num">([^<]*)</td>', wrapper[2])
     numeric = [name for name in SEARCH_SPACE if not isinstance(rows[0][name], str)]  # the scheduler is a word
-    assert len(cells) == 3 * (5 + len(numeric))
+    read = sum(row["head"] == "sgd" or name not in SGD_SETTINGS for row in rows for name in numeric)
+    assert len(cells) == 3 * 5 + read  # trial 1's logistic head reads no SGD setting: "—"
     floats = [cell for cell in cells if "." in cell or "e" in cell]
     assert floats and max(significant_digits(cell) for cell in floats) <= 4, floats
     assert "123" in cells and "0.812" in cells  # seconds, accuracy: 3 significant digits
@@ -338,7 +374,7 @@ def test_backbones_and_tiles_are_searched_when_asked_and_the_final_model_uses_th
     assert {row["tiles"] for row in trials} == {"1", "2"}
     best = json.loads((run_dir / "best.json").read_text())
     assert {"backbone", "tiles"} <= set(best["params"])
-    assert best["seed_recipe"]["params"]["backbone"] == "tiny" and best["seed_recipe"]["params"]["tiles"] == 1
+    assert best["starting_recipe"]["params"]["backbone"] == "tiny" and best["starting_recipe"]["params"]["tiles"] == 1
     final = json.loads((run_dir / "final" / "config.json").read_text())
     assert (final["backbone"], final["tiles"]) == (best["params"]["backbone"], best["params"]["tiles"])
     assert len(cache_info()["folders"]) == 2  # one feature folder per backbone
@@ -371,3 +407,71 @@ def test_resuming_a_study_whose_choices_changed_is_refused_naming_the_fix(tmp_pa
     monkeypatch.setattr(tune_module, "SEARCH_SPACE", SEARCH_SPACE)
     with pytest.raises(StopsignError, match=r"drew pooling from \['avg', 'max', 'gem'\].*start a new study"):
         tune(data, trials=1, resume=started.run_dir, progress=False, final=False)
+
+
+def test_the_starting_recipe_is_named_by_its_settings():
+    assert recipe_name(TrainConfig(backbone="tiny", folds=3), SEARCH_SPACE) == "defaults"
+    assert recipe_name(TrainConfig.seed_recipe(backbone="tiny", folds=3), SEARCH_SPACE) == "seed recipe"
+    for changed in ({"pooling": "max"}, {"lr_max": 0.1}, {"tiles": 1}):  # tiles: fixed for a study, the seed's 1
+        assert recipe_name(TrainConfig(**changed), SEARCH_SPACE) == "given settings", changed
+
+
+def settings_table(page: str) -> str:
+    """The best-settings table: parameter, best, starting recipe."""
+    start = page.index("<th>parameter</th>")
+    return page[start:page.index("</table>", start)]
+
+
+def test_the_best_settings_list_only_what_each_recipe_s_head_reads(tmp_path, monkeypatch):
+    from stopsign.reporting.tune_report import write_tune_report
+
+    without_plots(monkeypatch)
+    rows, best = made_up_trials(3)
+    logistic = {name: rows[1][name] for name in SEARCH_SPACE}  # trial 1 drew the logistic head
+    assert logistic["head"] == "logistic"
+    best["params"] = best["starting_recipe"]["params"] = logistic
+    table = settings_table(write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {}, title="t").read_text())
+    assert "<td>pooling</td>" in table and "<td>class_weight</td>" in table and "<td>views</td>" in table
+    for name in SGD_SETTINGS:
+        assert f"<td>{name}</td>" not in table, name
+
+    best["starting_recipe"]["params"] = logistic | {"head": "sgd"}  # one SGD recipe: its settings, beside "not used"
+    table = settings_table(write_tune_report(tmp_path, rows, best, SEARCH_SPACE, {}, title="t").read_text())
+    assert re.search(r'<td>lr_max</td><td>not used</td><td class="num">[\d.e-]+</td>', table)
+    assert re.search(r"<td>head</td><td>logistic</td><td>sgd</td>", table)
+
+
+def test_plots_that_show_nothing_are_not_drawn(tmp_path, monkeypatch):
+    from stopsign.reporting.tune_report import plot_slice, write_tune_report
+
+    drawn = without_plots(monkeypatch)
+    rows, best = made_up_trials(3)
+    page = write_tune_report(tmp_path / "one", rows[:1], best, SEARCH_SPACE, "not computed", title="t").read_text()
+    assert drawn == [] and "data:image" not in page  # one trial: a point each, which the tables already give
+    assert "One trial so far" in page
+
+    rows[2]["head"] = "logistic"  # trial 0 is the only one whose head reads the learning rate
+    write_tune_report(tmp_path / "three", rows, best, SEARCH_SPACE, "not computed", title="t")
+    assert "history" in drawn and "slice_pooling" in drawn and "slice_views" in drawn
+    assert not {f"slice_{name}" for name in SGD_SETTINGS} & set(drawn)
+
+    monkeypatch.undo()
+    figures = capture_figures(monkeypatch)
+    rows[2]["head"] = "sgd"  # a slice of the learning rate shows the trials that used one, not the logistic one's
+    plot_slice(rows, "lr_max", SEARCH_SPACE["lr_max"], tmp_path / "slice.png")
+    assert len(figures[0].axes[0].collections[0].get_offsets()) == 2
+
+
+def test_a_finished_tune_leaves_only_its_study_db(tmp_path, data, tiny_backbone):
+    result = tune(data, trials=1, out=str(tmp_path / "runs"), **SETTINGS)
+    files = sorted(p.name for p in result.run_dir.iterdir())
+    assert [name for name in files if name.startswith("study.db")] == ["study.db"], files
+    loaded = optuna.load_study(study_name="tune", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    assert len(loaded.trials) == 1  # what the WAL held is in study.db
+
+
+def test_tune_shows_each_trial_s_folds_as_they_go(tmp_path, data, tiny_backbone, capsys):
+    tune(data, trials=1, out=str(tmp_path / "runs"), **(SETTINGS | {"progress": True}))
+    err = capsys.readouterr().err
+    assert "trials: 100%" in err
+    assert err.count("folds:") >= 2 * 3  # the starting recipe's 3 folds and the trial's, each as it ends

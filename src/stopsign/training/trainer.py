@@ -29,8 +29,8 @@ from ..model.signature import make_signature, match_training
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
 from .crossval import cross_validate
-from .fitting import fit, rising_epochs, stop_after_epoch
-from ..storage import check_writable, is_url
+from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
+from ..storage import check_writable, exists, is_url, join
 from .runs import (METRIC_COLUMNS, create_run_dir, data_record, local_run, make_checkpoint, remove_partial_files,
                    resume_state, run_upload, save_checkpoint, summary, versions)
 from .sources import CachedFeatures, LiveImages
@@ -63,7 +63,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     if resume_url:
         check_writable(resume_url)  # credentials and bucket, before the data is fetched or anything trained
     resume = local_run(resume_url) if resume_url else resume
-    config, run_dir = resolve_config(config, overrides, resume)
+    config, run_dir = resolve_config(config, overrides, resume, url=resume_url)
     if is_url(config.out) and not resume:
         check_writable(config.out)
     if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
@@ -91,7 +91,6 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         folds = fold_numbers(train_samples, config, data.class_names, groups)
         drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
                   for k in range(1, config.folds + 1)} if folds else {"train": train_samples, "val": val_samples})
-        log.info("%s", describe_data(data, train_samples, val_samples, config, groups, val))
         checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
         for warning in checks.get("warnings", []):
             log.warning("%s", warning)
@@ -110,6 +109,9 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
         kept = {name: [s for s in samples if str(s.path) not in skipped]
                 for name, samples in (("train", train_samples), ("val", val_samples))}
+        rendered = {s.path for s in synthetic}
+        log.info("%s", describe_data(data, [s for s in kept["train"] if s.path not in rendered], kept["val"], config,
+                                     groups, val, unreadable=source.skipped))  # once the counts are true
         if recorded is None:
             write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped,
                                                           record, groups, folds, synthetic))
@@ -120,7 +122,8 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         if config.folds > 1:
             clock = time.perf_counter()
             real = [s for s in train_samples if s not in synthetic]
-            cv = cross_validate(source, real, data.class_names, extractor.feature_size, config, groups, synthetic)
+            cv = cross_validate(source, real, data.class_names, extractor.feature_size, config, groups, synthetic,
+                                progress=progress)
             phases["cross-validation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -129,6 +132,9 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
                               trained_on=signature, groups=groups, after_save=sync)
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
+        stuck = learned_nothing(result, train_samples, config)
+        if stuck:
+            log.error("%s", stuck)
 
         clock = time.perf_counter()
         test = score_test(extractor, result.head, data, signature, config)
@@ -150,11 +156,11 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
             "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
         }
         metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
-                               test=test, title=f"stopsign run {run_dir.name}")
+                               test=test, title=f"stopsign run {run_dir.name}", warnings=[stuck] if stuck else [])
         share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
         write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
                    summary(record, result.history, result.best, started, completed, share_trained=share,
-                           cv_accuracy=cv["mean"]["accuracy"] if cv else None))
+                           cv_accuracy=cv["mean"]["accuracy"] if cv else None, metrics=metrics))
         if upload:
             upload.finish()  # the report, then summary.json
         phases["report"] = time.perf_counter() - clock
@@ -194,9 +200,15 @@ def synthetic_training_images(data: LabelledData, config: TrainConfig, progress:
 
 
 def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig,
-                  groups: dict[str, int], val: str | Path | None) -> str:
-    """The first line a training command shows: layout, classes and counts, and how validation is drawn."""
-    counts = " / ".join(f"{name} {count}" for name, count in data.class_counts().items())
+                  groups: dict[str, int], val: str | Path | None, unreadable: dict[str, str] | None = None) -> str:
+    """The line a training command shows once the features are known: layout, classes and counts of the readable
+    images, how validation is drawn, and how many images were skipped as unreadable.
+
+    train_samples, val_samples: those trained and validated on (readable, no synthetic ones); unreadable: the
+    paths that could not be decoded, of any set."""
+    unreadable = unreadable or {}
+    readable = [s for s in data.samples if str(s.path) not in unreadable]
+    counts = " / ".join(f"{name} {count}" for name, count in data.class_counts(readable).items())
     grouping = f", grouped by {len(set(groups.values()))} duplicate groups" if groups else ""
     if config.folds > 1:
         how = f"{config.folds}-fold cross-validation over {len(train_samples)} images{grouping}, then all of them"
@@ -206,7 +218,8 @@ def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: 
         how = f"the layout's split {len(train_samples)}/{len(val_samples)}"
     else:
         how = f"split {len(train_samples)}/{len(val_samples)}{grouping}"
-    return f"{LAYOUT_NAMES.get(data.layout, data.layout)}: {len(data.samples)} images, {counts}; {how}"
+    skipped = f"; {len(unreadable)} unreadable image{'s' * (len(unreadable) != 1)} skipped" if unreadable else ""
+    return f"{LAYOUT_NAMES.get(data.layout, data.layout)}: {len(readable)} images, {counts}; {how}{skipped}"
 
 
 def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature: dict, config: TrainConfig
@@ -236,12 +249,24 @@ def discarded_unless_trained(run_dir: Path, *, keep: bool):
         raise
 
 
-def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None
+def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None, *, url: str | None = None
                    ) -> tuple[TrainConfig, Path | None]:
-    """The settings of this run, and the run folder when resuming (its own config.json wins)."""
+    """The settings of this run, and the run folder when resuming (its own config.json wins). A finished run is
+    refused; one at a URL (resume is then its local copy) has finished once the bucket holds its summary.json."""
     if not resume:
         return (config or TrainConfig()).replace(**overrides), None
     run_dir = Path(resume)
+    if not run_dir.is_dir():
+        what = ("it is a file, not a run folder" if run_dir.exists()
+                else "the folder does not exist, so it is not a run folder")
+        raise StopsignError(f"cannot resume {url or run_dir}: {what}. Fix: give the folder `stopsign train` named "
+                            "(under --out, runs/ by default), or start a new run without --resume")
+    # summary.json is written (and uploaded) last: a run that has it is whole. One whose last upload failed has
+    # it only in its local copy, and resuming is what finishes that upload.
+    if exists(join(url, "summary.json")) if url else (run_dir / "summary.json").is_file():
+        raise StopsignError(f"cannot resume {url or run_dir}: that run finished (it has summary.json), and resuming "
+                            "would refit it and overwrite its report. Fix: start a new run without --resume, or "
+                            f"score it on other data with `stopsign evaluate {url or run_dir} DATA`")
     if not (run_dir / "config.json").is_file():  # written before training: a run that began has it
         raise StopsignError(f"cannot resume {run_dir}: it has no config.json, so it is not a run folder or "
                             "was stopped before training began. Fix: start a new run without --resume")

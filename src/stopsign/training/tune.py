@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from ..errors import DataError, Interrupted, StopsignError
@@ -31,11 +32,12 @@ try:
 except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
-from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, TrainConfig
+from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, TrainConfig
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
 from ..data.checks import duplicate_groups
 from ..heap import settled_heap
+from ..reporting.metrics import baseline, verdict
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
 from .runs import create_run_dir, run_upload, versions
@@ -87,7 +89,10 @@ class TuneResult:
     best_accuracy: float  # the best trial's mean fold accuracy
     final_run: RunResult | None  # the model trained on all data with best_params (None: final=False)
     folds: int = 5
-    seed_accuracy: float = float("nan")  # the seed recipe's mean fold accuracy on the same folds
+    start_accuracy: float = float("nan")  # the starting recipe's mean fold accuracy on the same folds
+    start_name: str = "defaults"  # what the starting recipe is (recipe_name)
+    baseline: dict | None = None  # what always answering the majority class scores (metrics.baseline)
+    verdict: dict | None = None  # whether the best trial beats that baseline (metrics.verdict); None: no trial
 
 
 def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
@@ -106,17 +111,21 @@ def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
 
 def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
                           config: TrainConfig, on_fold: Callable[[int, dict], None] | None = None,
-                          groups: dict[str, int] | None = None) -> dict:
+                          groups: dict[str, int] | None = None, progress: bool = False) -> dict:
     """K-fold scores of `config` (K = config.folds; the folds of train(folds=K) and cross_validate()).
 
     Each fold keeps its last epoch. `on_fold(index, scores so far)` runs after each fold and may raise
-    optuna.TrialPruned. Only accuracy and log-loss, not crossval's full metrics, which would double a trial's time.
+    optuna.TrialPruned. Only accuracy, balanced accuracy and log-loss, not crossval's full metrics, which would
+    double a trial's time. progress: a bar over the folds.
     """
-    accuracies, losses = [], []
-    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config, groups)):
+    accuracies, balanced, losses = [], [], []
+    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config, groups,
+                                                      progress=progress)):
         accuracies.append(float((fold.y_pred == fold.y_true).mean()))
+        balanced.append(float(balanced_accuracy_score(fold.y_true, fold.y_pred)))
         losses.append(fold.log_loss())
-        scores = {"accuracy": float(np.mean(accuracies)), "log_loss": float(np.mean(losses)),
+        scores = {"accuracy": float(np.mean(accuracies)), "balanced_accuracy": float(np.mean(balanced)),
+                  "log_loss": float(np.mean(losses)),
                   "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
                   "fold_accuracy": accuracies, "fold_log_loss": losses}
         if on_fold:
@@ -148,7 +157,8 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
 
     Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...); folds
     defaults to 5. search: feature choices searched too, e.g. {"backbone": ["efficientnet_lite0",
-    "efficientnet_lite1"], "tiles": [1, 2]} (FEATURE_CHOICES); the fixed values are the baseline's.
+    "efficientnet_lite1"], "tiles": [1, 2]} (FEATURE_CHOICES); the fixed values are the starting recipe's, which
+    every trial is compared with (recipe_name: the defaults, or the seed recipe with config=TrainConfig.seed_recipe()).
     resume: a tune folder; its own settings are used and its study grows (another process may be adding
     trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
     """
@@ -175,7 +185,63 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
         run_dir = create_tune_folder(config, data, samples, search)
     space = search_space(search)
+    score, skipped = scorer(data, samples, config, progress)
 
+    def objective(trial: optuna.Trial) -> float:
+        def on_fold(index: int, scores: dict) -> None:
+            trial.report(scores["accuracy"], index)
+            if trial.should_prune():
+                record_scores(trial, scores)
+                raise optuna.TrialPruned()
+
+        scores = score(config.replace(**suggest(trial, space)), on_fold)
+        record_scores(trial, scores)
+        return scores["value"]
+
+    storage = sqlite_storage(run_dir / "study.db")
+    try:
+        study = open_study(storage, config.seed, space)
+        start = {"name": recipe_name(config, space)}  # the recipe as given, on the same folds
+        log.info("scoring the %s on the %d folds every trial is scored on", start["name"], config.folds)
+        start |= score(config) | {"params": {name: getattr(config, name) for name in space}}
+        trivial = baseline(np.array([s.label for s in samples if str(s.path) not in skipped]), data.class_names)
+        bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
+
+        def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            bar.update(1)
+            best = completed_best(study)
+            if best:
+                bar.set_postfix(best_cv_accuracy=f"{best.user_attrs['scores']['accuracy']:.3f}", trial=best.number)
+
+        try:
+            study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[show])
+        except KeyboardInterrupt:
+            write_outputs(study, run_dir, start, trivial, None, space)
+            raise Interrupted(f"stopped; finished trials are in {run_dir}. Continue with: "
+                              f"stopsign tune {data.root} --resume {run_dir} --trials N") from None
+        finally:
+            bar.close()
+        best = write_outputs(study, run_dir, start, trivial, None, space)
+        final_run = None
+        if best and final:
+            final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
+                              progress=progress)
+            best = write_outputs(study, run_dir, start, trivial, final_run.run_dir, space)
+    finally:
+        storage.engine.dispose()  # its last connection closed, SQLite folds study.db-wal into study.db, deletes -shm
+    upload = run_upload(config.out, run_dir) if best and not resume else None  # --out s3://...: at the end
+    if upload:
+        upload.finish()
+    found = (best["params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
+    return TuneResult(run_dir, *found, final_run, config.folds, start["accuracy"], start["name"], trivial,
+                      best["verdict"] if best else None)
+
+
+def scorer(data: LabelledData, samples: list[Sample], config: TrainConfig, progress: bool
+           ) -> tuple[Callable[..., dict], dict[str, str]]:
+    """score(trial_config, on_fold=None): cross_validated_score of a trial's recipe on its features, each
+    (backbone, tiles, pooling) extracted (or read from the cache) once; and the images the study's own features
+    skipped (path: reason), which no trial scores."""
     extractors = {}  # per backbone
     groups = duplicate_groups(s.path for s in samples)  # copies of one photo stay in one fold
     sources: dict[tuple, CachedFeatures] = {}  # per (backbone, tiles, pooling); poolings share the cached passes
@@ -193,65 +259,37 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                 log.warning("skipped %s: %s", path, reason)
         return sources[key]
 
-    features(config)
-
     def score(trial_config: TrainConfig, on_fold=None) -> dict:
         return cross_validated_score(features(trial_config).for_config(trial_config), samples,
                                      extractors[trial_config.backbone].feature_size, data.class_names, trial_config,
-                                     on_fold, groups)
+                                     on_fold, groups, progress)
 
-    def objective(trial: optuna.Trial) -> float:
-        def on_fold(index: int, scores: dict) -> None:
-            trial.report(scores["accuracy"], index)
-            if trial.should_prune():
-                record_scores(trial, scores)
-                raise optuna.TrialPruned()
+    return score, features(config).skipped
 
-        scores = score(config.replace(**suggest(trial, space)), on_fold)
-        record_scores(trial, scores)
-        return scores["value"]
 
+def open_study(storage: optuna.storages.RDBStorage, seed: int, space: dict) -> optuna.Study:
+    """The study "tune" in `storage`, made when new; refused when its trials drew a choice from other choices."""
     study = optuna.create_study(
-        study_name="tune", direction="maximize", load_if_exists=True, sampler=TrialSeededTPESampler(config.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-        storage=sqlite_storage(run_dir / "study.db"))
+        study_name="tune", direction="maximize", load_if_exists=True, sampler=TrialSeededTPESampler(seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1), storage=storage)
     for trial in study.get_trials(deepcopy=False):  # Optuna refuses a parameter whose choices have changed
         for name, drawn in trial.distributions.items():
             if name in space and isinstance(drawn, CategoricalDistribution) and drawn != space[name]:
                 raise StopsignError(f"this study drew {name} from {list(drawn.choices)}, and this stopsign offers "
                                     f"{list(space[name].choices)}; a study cannot change its choices. Fix: start a "
                                     "new study (another --name), or resume it with the stopsign that began it")
-    # the recipe as given (the seed's, unless overridden), on the same folds
-    baseline = score(config) | {"params": {name: getattr(config, name) for name in space}}
-    bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
+    return study
 
-    def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
-        best = completed_best(study)
-        if best:
-            bar.set_postfix(best_cv_accuracy=f"{best.user_attrs['scores']['accuracy']:.3f}", trial=best.number)
 
-    try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[show])
-    except KeyboardInterrupt:
-        write_outputs(study, run_dir, baseline, None, space)
-        raise Interrupted(f"stopped; finished trials are in {run_dir}. Continue with: "
-                          f"stopsign tune {data.root} --resume {run_dir} --trials N") from None
-    finally:
-        bar.close()
-    best = write_outputs(study, run_dir, baseline, None, space)
-    if best is None:
-        return TuneResult(run_dir, {}, float("nan"), float("nan"), None, config.folds, baseline["accuracy"])
-    final_run = None
-    if final:
-        final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
-                          progress=progress)
-        best = write_outputs(study, run_dir, baseline, final_run.run_dir, space)
-    upload = run_upload(config.out, run_dir) if not resume else None  # --out s3://...: the whole folder, at the end
-    if upload:
-        upload.finish()
-    return TuneResult(run_dir, best["params"], best["value"], best["accuracy"], final_run, config.folds,
-                      baseline["accuracy"])
+def recipe_name(config: TrainConfig, space: dict) -> str:
+    """What the recipe the study starts from (and is compared with) is: "seed recipe" (TrainConfig.seed_recipe(),
+    `--recipe seed`), "defaults" (TrainConfig()), or "given settings" (either, changed), by its searched
+    settings and the seed recipe's."""
+    names = set(space) | set(SEED_RECIPE)
+    for name, reference in (("defaults", TrainConfig()), ("seed recipe", TrainConfig.seed_recipe())):
+        if all(getattr(config, field) == getattr(reference, field) for field in names):
+            return name
+    return "given settings"
 
 
 def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
@@ -344,22 +382,27 @@ def trial_rows(study: optuna.Study, folds: int, space: dict = SEARCH_SPACE) -> l
     return rows
 
 
-def write_outputs(study: optuna.Study, run_dir: Path, baseline: dict, final_dir: Path | None,
+def write_outputs(study: optuna.Study, run_dir: Path, start: dict, trivial: dict, final_dir: Path | None,
                   space: dict = SEARCH_SPACE) -> dict | None:
-    """trials.csv, best.json, the plots and report.html from every trial in the study so far; the best trial."""
-    folds = len(baseline["fold_accuracy"])
+    """trials.csv, best.json, the plots and report.html from every trial in the study so far; the best trial.
+
+    start: the starting recipe's scores, name and parameters; trivial: what always answering the majority class
+    scores (metrics.baseline), which the best trial's verdict (metrics.verdict) compares it with."""
+    folds = len(start["fold_accuracy"])
     rows = trial_rows(study, folds, space)
     write_csv(run_dir / "trials.csv", rows, list(rows[0]) if rows else ["number", "state", "value"])
     trial = completed_best(study)
     if trial is None:
         return None
     states = [row["state"] for row in rows]
+    scores = trial.user_attrs["scores"]
+    figures = {key: scores.get(key) for key in ("accuracy", "balanced_accuracy", "accuracy_std", "log_loss",
+                                                "fold_accuracy", "fold_log_loss")}  # older trials: no balanced
     best = {
-        "trial": trial.number, "value": trial.value, "objective": OBJECTIVE, "folds": folds,
-        **{key: trial.user_attrs["scores"][key] for key in ("accuracy", "accuracy_std", "log_loss", "fold_accuracy",
-                                                            "fold_log_loss")},
+        "trial": trial.number, "value": trial.value, "objective": OBJECTIVE, "folds": folds, **figures,
+        "baseline": trivial, "verdict": verdict(figures | {"baseline": trivial}),
         "params": trial.params,
-        "seed_recipe": baseline,
+        "starting_recipe": start,
         "trials": {state: states.count(state) for state in sorted(set(states))},
         "final_run": str(final_dir) if final_dir else None,
     }

@@ -26,7 +26,8 @@ def train_cli(tmp_path, data, *extra):
 def test_train_prints_best_accuracy_and_run_folder_last(tmp_path, data, tiny_backbone, capsys):
     assert train_cli(tmp_path, data) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"best validation accuracy \d\.\d{3} \(95% CI \d\.\d\d-\d\.\d\d, n=6\) at epoch \d", lines[0])
+    assert re.fullmatch(r"best validation accuracy \d\.\d{3} \(95% CI \d\.\d\d-\d\.\d\d, n=6\) at epoch \d; "
+                        r"always not_stop: 0\.500; log-loss \d\.\d{4} against the prior's 0\.6931", lines[0])
     assert lines[1] == ("warning: the best of 3 epochs on the same 6 validation images: this figure is "
                         "optimistic; --folds 5 gives an unbiased one")
     assert lines[-1] == f"report {tmp_path / 'runs' / 'cli' / 'report.html'}"

@@ -146,6 +146,19 @@ def test_report_without_mistakes_says_so_instead_of_an_empty_plot(images, tmp_pa
     assert len(page.sources) == 5  # samples, confusion, roc, pr, calibration
 
 
+def test_a_head_fit_in_one_step_shows_its_choice_of_c_not_a_lone_point(images, tmp_path):
+    pred = predictions(images, [0.1, 0.9] * 6)
+    row = {"epoch": 1, "lr": None, "train_loss": 0.1, "train_acc": 1.0, "val_loss": 0.2, "val_acc": 1.0, "C": 0.1,
+           "C_scores": [[0.01, 0.4], [0.1, 0.2], [1.0, 0.3]]}
+    out = tmp_path / "report"
+    write_report(out, pred, history=[row])
+    assert (out / "plots" / "c_choice.png").stat().st_size > 1000
+    assert not (out / "plots" / "curves.png").exists()  # one epoch row: a single point and an empty LR plot
+    write_report(tmp_path / "sgd", pred, history=[dict(row, epoch=e, lr=0.01, C_scores=None) for e in (1, 2)])
+    assert (tmp_path / "sgd" / "plots" / "curves.png").exists()
+    assert not (tmp_path / "sgd" / "plots" / "c_choice.png").exists()
+
+
 def test_report_with_one_class_explains_the_missing_auc(images, tmp_path):
     pred = Predictions([str(p) for p in images[:4]], [1, 1, 1, 1], [[0.2, 0.8], [0.7, 0.3], [0.4, 0.6], [0.1, 0.9]], NAMES)
     out = tmp_path / "report"

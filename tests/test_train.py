@@ -274,7 +274,7 @@ def test_a_test_split_is_scored_once_with_the_kept_model(tmp_path, make_images, 
     assert "Test split, scored once with the kept model: accuracy" in (result.run_dir / "report.html").read_text()
     assert main(["-q", "train", str(data), "--backbone", "tiny", "--epochs", "3", "--workers", "0",
                  "--out", str(tmp_path / "runs")]) == 0
-    assert re.search(r"^test accuracy \d\.\d{3} \(95% CI .*, n=8\): scored once with the kept model",
+    assert re.search(r"^test accuracy \d\.\d{3} \(95% CI .*, n=8\); always \w+: .* the prior's .*: scored once with the kept model",
                      capsys.readouterr().out, re.M)
 
 

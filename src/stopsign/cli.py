@@ -268,11 +268,11 @@ def copies_sentence(metrics: dict) -> str | None:
     return sentence
 
 
-def accuracy_phrase(metrics: dict) -> str:
+def accuracy_phrase(metrics: dict, where: str = "") -> str:
     """The figure beside its baselines (reporting.metrics.headline)."""
     from .reporting.metrics import headline
 
-    return headline(metrics)
+    return headline(metrics, where)
 
 
 def print_warnings(metrics: dict) -> None:
@@ -286,12 +286,12 @@ def print_result(result) -> None:
     metrics = result.metrics
     cv = metrics.get("cv")
     if cv:
-        print(f"{cv['folds']}-fold cross-validated {accuracy_phrase(metrics)}, mean of folds "
-              f"{cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}; final model trained on all data")
+        folds = f", mean of folds {cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}"
+        print(f"{cv['folds']}-fold cross-validated {accuracy_phrase(metrics, folds)}; final model trained on all data")
         print_warnings(metrics)
     else:
         if len(result.history) > 1:  # the SGD head: the best of its epochs was kept
-            print(f"best validation {accuracy_phrase(metrics)} at epoch {result.best_epoch}")
+            print(f"best validation {accuracy_phrase(metrics, f' at epoch {result.best_epoch}')}")
         else:  # a head fit in one step (logistic): nothing was chosen on the validation images
             print(f"validation {accuracy_phrase(metrics)}")
         print_warnings(metrics)

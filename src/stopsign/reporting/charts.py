@@ -115,6 +115,24 @@ def plot_curves(history: list[dict], path) -> Path:
     return save_figure(figure, path)
 
 
+def plot_c_choice(row: dict, path) -> Path:
+    """The logistic head's one fit: each C's mean held-out log-loss (grouped K-fold on the training split), the
+    chosen C marked. What a curve per epoch would show for an SGD head, a head fit in one step has here."""
+    values, losses = zip(*row["C_scores"])
+    figure = new_figure(6.5, 3.6, margins=CURVE_MARGINS)
+    axis = figure.subplots()
+    axis.plot(values, losses, marker="o", markersize=3, color="tab:blue", label="held-out log-loss")
+    axis.axvline(row["C"], color="tab:green", linestyle="--", label=f"chosen C = {row['C']:g}")
+    axis.set_xscale("log")
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_xlabel("C (inverse regularisation)")
+    axis.legend(loc="upper right")
+    axis.grid(alpha=0.3)
+    _title(axis, "choosing C: mean held-out log-loss")
+    return save_figure(figure, path)
+
+
 def axis_names(class_names: list[str]) -> list[str]:
     """Class names short enough for an axis: a long one keeps its start and its end, where names tend to differ;
     names that still collide get their class index in front."""

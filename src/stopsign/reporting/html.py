@@ -249,7 +249,8 @@ def _checks_section(checks: dict | None, thumbnails: dict[str, str]) -> Section 
 def _curves_section(images: dict[str, str]) -> Section | None:
     if "curves" not in images:
         return None
-    return ("curves", "Curves", _plot(images, "curves", "loss, accuracy and learning rate per epoch"))
+    return ("curves", "Curves", _plot(images, "curves", "loss, accuracy and learning rate per epoch, or the "
+                                                        "held-out log-loss of each C of a head fit in one step"))
 
 
 def _checks_pointer(checks: dict | None) -> str:

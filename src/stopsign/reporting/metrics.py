@@ -185,15 +185,15 @@ def verdict(result: dict) -> dict:
     return {"lead": lead, "beats_baseline": beats_accuracy and beats_log_loss, "message": message}
 
 
-def headline(metrics: dict) -> str:
-    """The figure to quote beside its baseline, e.g. "accuracy 0.950 (95% CI 0.76-0.99, n=20); always not_stop
-    0.500, log-loss 0.1921 against the prior's 0.6931"; balanced accuracy leads above 3:1 imbalance."""
+def headline(metrics: dict, where: str = "") -> str:
+    """The figure to quote beside its baselines, e.g. "accuracy 0.950 (95% CI 0.76-0.99, n=20){where}; always
+    not_stop: 0.500; log-loss 0.1921 against the prior's 0.6931"; balanced accuracy leads above 3:1 imbalance."""
     base, lead = metrics["baseline"], metrics["verdict"]["lead"]
     low, high = metrics["accuracy_ci95"]
     accuracy = f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
     figure = (f"balanced accuracy {metrics['balanced_accuracy']:.3f}, {accuracy}" if lead == "balanced_accuracy"
               else accuracy)
-    return (f"{figure}; always {base['majority_class']}: {base[lead]:.3f}; log-loss {metrics['log_loss']:.4f} "
+    return (f"{figure}{where}; always {base['majority_class']}: {base[lead]:.3f}; log-loss {metrics['log_loss']:.4f} "
             f"against the prior's {base['log_loss']:.4f}")
 
 

@@ -20,7 +20,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .charts import plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
+from .charts import plot_c_choice, plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
 from .metrics import Predictions, compute_metrics, json_ready
 from .photos import Thumbnails, data_uri, default_thumbnail_dir, duplicate_thumbnails, plot_samples
 from ..files import atomic_write_text
@@ -176,7 +176,11 @@ def write_report(
     write_predictions_csv(pred, out_dir / "predictions.csv")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
-    charts = {"curves": (plot_curves, history, plots / "curves.png")} if history else {}
+    charts = {}
+    if history and len(history) > 1:  # an SGD head's epochs
+        charts["curves"] = (plot_curves, history, plots / "curves.png")
+    elif history and history[0].get("C_scores"):  # a head fit in one step: its choice of C, not a lone point
+        charts["curves"] = (plot_c_choice, history[0], plots / "c_choice.png")
     charts["confusion"] = (plot_confusion, pred, plots / "confusion.png")
     if scored_classes(pred):
         charts["roc"] = (plot_roc, pred, plots / "roc.png")

@@ -197,7 +197,9 @@ def test_max_pixels_sets_the_decoding_limit(tmp_path, data, tiny_backbone, capsy
     capsys.readouterr()
     previous = images.MAX_PIXELS
     try:
-        assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--max-pixels", "100"]) == 1
+        # --no-cache: training stored this image's features, and a cached image is never decoded again
+        assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--max-pixels", "100",
+                     "--no-cache"]) == 1
         assert "too large: 32×32 = 1024 pixels exceeds the limit of 100" in capsys.readouterr().out
     finally:
         images.set_max_pixels(previous)

@@ -115,7 +115,7 @@ def test_write_report_writes_every_file_and_a_self_contained_page(images, tmp_pa
     text = " ".join(page.text)
     metrics = compute_metrics(pred, threshold=0.4)
     lo, hi = metrics["accuracy_ci95"]
-    assert f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n=12)" in text
+    assert f"{metrics['accuracy']:.3f} (95% CI {lo:.2f}-{hi:.2f}, n=12)" in text
     for heading in ["Run", "Data checks", "Curves", "Metrics", "Threshold", "Cross-validation", "Images"]:
         assert heading in text
     assert "<script>alert(1)</script>" in text  # shown as text, so it was escaped in the markup
@@ -123,7 +123,8 @@ def test_write_report_writes_every_file_and_a_self_contained_page(images, tmp_pa
 
     written = json.loads((out / "metrics.json").read_text())
     assert written == returned
-    assert {k: v for k, v in written.items() if k != "cv"} == json.loads(json.dumps(metrics))
+    assert {k: v for k, v in written.items() if k not in ("cv", "warnings")} == json.loads(json.dumps(metrics))
+    assert written["warnings"] == []  # this model beats always answering the majority class
     assert written["cv"] == cv and written["threshold"] == 0.4
 
     with open(out / "predictions.csv", newline="") as file:
@@ -368,7 +369,8 @@ def test_the_headline_and_metrics_come_before_run_info_checks_and_images(images,
     assert nav.index("#metrics") < min(nav.index("#run"), nav.index("#checks"), nav.index("#images"))
     lead = page[page.index("</h1>"):page.index("<nav>")]  # the line under the title: accuracy, n, recall per class
     lo, hi = metrics["accuracy_ci95"]
-    assert f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n=12)" in lead
+    assert lead.startswith(f"</h1><p>Accuracy {metrics['accuracy']:.3f} (95% CI {lo:.2f}-{hi:.2f}, n=12); "
+                           f"always {metrics['baseline']['majority_class']}: {metrics['baseline']['accuracy']:.3f}")
     for name in NAMES:
         assert f"{name} {metrics['per_class'][name]['recall']:.2f}" in lead
     metrics_html = page[heading["Metrics"]:page.index("</section>", heading["Metrics"])]
@@ -425,7 +427,7 @@ def test_the_report_says_which_images_the_model_was_trained_on_and_scores_the_ot
     assert copies["new_images"]["accuracy"] == 0.75 and copies["new_images"]["recall"] == {"not_stop": 1.0, "stop": 2 / 3}
     page = (tmp_path / "report.html").read_text()
     assert "2 of these 6 images are training images of this model (1 exact copies, 1 near copies" in page
-    assert "On the 4 new images: accuracy 0.75 (95% CI" in page
+    assert "On the 4 new images: accuracy 0.750 (95% CI" in page
     assert "The best of 3 epochs on the same 6 validation images: this figure is optimistic" in page
     assert json.loads((tmp_path / "metrics.json").read_text())["training_copies"]["new"] == 4
 

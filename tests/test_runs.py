@@ -206,14 +206,15 @@ def test_data_record_counts_and_relative_names(tmp_path):
 
 
 def test_summary_shape():
-    config = TrainConfig(epochs=3, lr_max=0.05, lr_base=1e-5, momentum=0.8, val_fraction=0.2,
+    config = TrainConfig(head="sgd", epochs=3, lr_max=0.05, lr_base=1e-5, momentum=0.8, val_fraction=0.2,
                          scheduler="cosine").to_dict()
     history = [dict(epoch=i, val_acc=acc, train_loss=loss, val_loss=1 - acc, train_acc=0.7)
                for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.6), (0.8, 0.4)], start=1)]
     result = summary(config, history, history[1], "2024-01-01T10:00:00+00:00", "2024-01-01T10:05:00+00:00",
                      share_trained=0.8)
     assert set(result) == {"started", "completed", "parameters", "accuracy", "cv_accuracy", "best_val_acc",
-                           "best_epoch"}
+                           "best_epoch", "evaluation"}
+    assert result["evaluation"] is None  # no report's metrics given
     assert result["started"] == "2024-01-01T10:00:00+00:00" and result["completed"] == "2024-01-01T10:05:00+00:00"
     assert result["parameters"] == {
         "epochs": 3, "learningRate": 0.05, "momentum": 0.8, "percentage used training": 80,
@@ -223,6 +224,18 @@ def test_summary_shape():
     assert result["accuracy"] == {"accuracy": [0.5, 0.9, 0.8], "loss": [0.5, pytest.approx(0.1), pytest.approx(0.2)],
                                   "measured_on": "validation"}
     assert (result["best_val_acc"], result["best_epoch"]) == (0.9, 2)
+
+
+def test_summary_of_a_logistic_head_lists_its_c_and_the_evaluation_beside_its_baseline():
+    config = TrainConfig(val_fraction=0.2).to_dict()  # the default head: logistic, no epochs or learning rate
+    best = dict(epoch=1, val_acc=0.9, val_loss=0.3, train_acc=0.95, train_loss=0.2, C=0.1)
+    evaluation = {"n": 20, "accuracy": 0.9, "balanced_accuracy": 0.9, "log_loss": 0.3,
+                  "baseline": {"majority_class": "stop", "accuracy": 0.5},
+                  "verdict": {"lead": "accuracy", "beats_baseline": True, "message": None}}
+    result = summary(config, [best], best, "s", "c", share_trained=0.8,
+                     metrics=evaluation | {"confusion": [[9, 1], [1, 9]]})
+    assert result["parameters"] == {"head": "logistic", "C": 0.1, "percentage used training": 80}
+    assert result["evaluation"] == evaluation  # the figures beside their baselines, not the whole report
 
 
 def test_summary_of_a_cross_validated_run_says_what_it_measured():

@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 
 from ..config import relevant_settings
-from .metrics import headline
+from .metrics import accuracy_interval, headline
 
 SMALL_N = 100  # below this many images the report says in words how little the point estimate means
 LONG_TABLE = 25  # operating-point tables longer than this fold into a <details> element
@@ -129,11 +129,6 @@ def _plot(images: dict[str, str], name: str, alt: str) -> str:
     return f'<img class="plot" src="{images[name]}" alt="{escape(alt)}">' if name in images else ""
 
 
-def accuracy_sentence(metrics: dict) -> str:
-    lo, hi = metrics["accuracy_ci95"]
-    return f"{metrics['accuracy']:.2f} (95% CI {lo:.2f}–{hi:.2f}, n={metrics['n']})"
-
-
 def recall_sentence(metrics: dict) -> str:
     """Each class's recall (the lowest three when there are many classes); classes with no image left out."""
     recalls = [(name, m["recall"]) for name, m in metrics["per_class"].items() if m["support"]]
@@ -170,7 +165,7 @@ def _trust_notes(metrics: dict) -> str:
                 "accuracy on them measures memory.")
         new = copies["new_images"]
         if new:
-            text += (f" On the {new['n']} new images: accuracy {accuracy_sentence(new)}; "
+            text += (f" On the {new['n']} new images: accuracy {accuracy_interval(new)}; "
                      + ", ".join(f"recall {name} {r:.2f}" for name, r in new["recall"].items() if r is not None)
                      + ". That is the figure to quote.")
         notes.append(f'<p class="warning">{escape(text)}</p>')
@@ -183,7 +178,7 @@ def _trust_notes(metrics: dict) -> str:
     if metrics.get("test"):
         test = metrics["test"]
         notes.append(f'<p class="headline">Test split, scored once with the kept model: accuracy '
-                     f"{escape(accuracy_sentence(test))}; {escape(recall_sentence(test))}. The unbiased figure.</p>")
+                     f"{escape(accuracy_interval(test))}; {escape(recall_sentence(test))}. The unbiased figure.</p>")
     return "".join(notes)
 
 
@@ -270,7 +265,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
         rule = f"{names[1]} when p({names[1]}) ≥ {metrics['threshold']:.3f}"
     per_class = _per_class_rows(metrics)
     parts = [
-        f'<p class="headline">Accuracy {escape(accuracy_sentence(metrics))}</p>',
+        f'<p class="headline">Accuracy {escape(accuracy_interval(metrics))}</p>',
         _trust_notes(metrics),
         _checks_pointer(checks),
         _small_n_note(metrics),

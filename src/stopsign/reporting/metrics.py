@@ -185,12 +185,17 @@ def verdict(result: dict) -> dict:
     return {"lead": lead, "beats_baseline": beats_accuracy and beats_log_loss, "message": message}
 
 
+def accuracy_interval(metrics: dict) -> str:
+    """Accuracy, its Wilson interval and n, e.g. "0.950 (95% CI 0.76-0.99, n=20)": one format for CLI and report."""
+    low, high = metrics["accuracy_ci95"]
+    return f"{metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
+
+
 def headline(metrics: dict, where: str = "") -> str:
     """The figure to quote beside its baselines, e.g. "accuracy 0.950 (95% CI 0.76-0.99, n=20){where}; always
     not_stop: 0.500; log-loss 0.1921 against the prior's 0.6931"; balanced accuracy leads above 3:1 imbalance."""
     base, lead = metrics["baseline"], metrics["verdict"]["lead"]
-    low, high = metrics["accuracy_ci95"]
-    accuracy = f"accuracy {metrics['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}, n={metrics['n']})"
+    accuracy = f"accuracy {accuracy_interval(metrics)}"
     figure = (f"balanced accuracy {metrics['balanced_accuracy']:.3f}, {accuracy}" if lead == "balanced_accuracy"
               else accuracy)
     return (f"{figure}{where}; always {base['majority_class']}: {base[lead]:.3f}; log-loss {metrics['log_loss']:.4f} "

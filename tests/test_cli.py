@@ -215,3 +215,15 @@ def test_every_option_of_every_command_has_help_and_the_top_help_names_the_cache
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "STOPSIGN_CACHE" in text and "train an honest image classifier" in text and "argparse" not in text
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`stopsign predict … | head -1`: the command ends quietly with the shell's SIGPIPE code."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from stopsign import cli\n"
+         "cli.main = lambda: [print('a row of results') for _ in range(100_000)] and 0\ncli.run()"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.readline() == b"a row of results\n"
+    child.stdout.close()  # as head does after its line
+    assert child.wait(timeout=60) == 141
+    assert b"Traceback" not in child.stderr.read()

@@ -630,7 +630,13 @@ def run() -> None:
     features. Frozen objects are skipped (0.2 s); atexit handlers, flushing and closing still happen.
     """
     freeze_at_exit()
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `stopsign predict … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while exiting
+        code = 141  # the shell's code for a command ended by SIGPIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ def _plot(images: dict[str, str], name: str, alt: str) -> str:
     return f'<img class="plot" src="{images[name]}" alt="{escape(alt)}">' if name in images else ""
 
 
+def capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def recall_sentence(metrics: dict) -> str:
     """Each class's recall (the lowest three when there are many classes); classes with no image left out."""
     recalls = [(name, m["recall"]) for name, m in metrics["per_class"].items() if m["support"]]
@@ -265,7 +269,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
         rule = f"{names[1]} when p({names[1]}) ≥ {metrics['threshold']:.3f}"
     per_class = _per_class_rows(metrics)
     parts = [
-        f'<p class="headline">Accuracy {escape(accuracy_interval(metrics))}</p>',
+        f'<p class="headline">{escape(capitalised(headline(metrics)))}</p>',
         _trust_notes(metrics),
         _checks_pointer(checks),
         _small_n_note(metrics),
@@ -377,8 +381,7 @@ def render_report(
         _checks_section(checks, thumbnails or {}),
         _run_section(run_info),
     ]
-    figure = headline(metrics)
-    return render_page(title, f"{figure[0].upper()}{figure[1:]}; {recall_sentence(metrics)}", sections,
+    return render_page(title, f"{capitalised(headline(metrics))}; {recall_sentence(metrics)}", sections,
                        alerts=metrics.get("warnings", []))
 
 
@@ -394,7 +397,7 @@ def render_page(title: str, headline: str, sections: list[Section | None], alert
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{escape(title)}</h1>"
-        + "".join(f'<p class="error">{escape(alert[0].upper() + alert[1:])}</p>' for alert in alerts)
+        + "".join(f'<p class="error">{escape(capitalised(alert))}</p>' for alert in alerts)
         + f"<p>{escape(headline)}</p><nav>{links}</nav>"
         f"{body}</body></html>\n"
     )

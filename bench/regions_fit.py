@@ -6,7 +6,7 @@ The max over regions makes the fit non-convex, and at zero weights every region 
 began, every photo at the class prior. Table 1 fits one C (0.03, 0.3) from each start: `zero` (stopsign 0.2's),
 `instance` (a logistic regression of every region labelled as its image, the default), `maxpool` (a logistic
 regression of the max-pooled features, the default's fallback). Table 2 chooses C three ways, each ending in one
-fit from the default start: `proxy` (K-fold of the max-pooled logistic regression, at most heads.REGIONS_MAX_C: the default),
+fit from the default start: `proxy` (K-fold of the max-pooled logistic regression over C up to heads.REGIONS_MAX_C: the default),
 `regions` (K-fold of the regions head itself, 3 folds, every other grid value: the old way, thinned), `fixed`
 (C = 0.1). Columns: grouped 5-fold CV on the shared photos (balanced accuracy, stop recall), the model trained on
 all of them scored on ../shared/data/second-source per group (crops, street, negatives), the share of
@@ -68,7 +68,7 @@ def choose(x, y, how: str) -> float:
         return 0.1
     folds = list(StratifiedKFold(min(5 if how == "proxy" else 3, np.bincount(y).min()), shuffle=True,
                                  random_state=0).split(x, y))
-    grid = heads.C_GRID if how == "proxy" else heads.C_GRID[::2]
+    grid = [c for c in heads.C_GRID if c <= heads.REGIONS_MAX_C] if how == "proxy" else heads.C_GRID[::2]
     losses = []
     for c in grid:
         if how == "proxy":  # what choose_c does: the max-pooled logistic regression of the same rows
@@ -79,8 +79,7 @@ def choose(x, y, how: str) -> float:
         else:
             scores = [log_loss(y[te], fit(x[tr], y[tr], c)(x[te]), labels=[0, 1]) for tr, te in folds]
         losses.append(np.mean(scores))
-    best = grid[int(np.argmin(losses))]
-    return min(best, heads.REGIONS_MAX_C) if how == "proxy" else best
+    return grid[int(np.argmin(losses))]
 
 
 def within(x, y, make, folds=5):

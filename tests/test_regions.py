@@ -148,7 +148,8 @@ def test_the_folded_region_head_reproduces_predict_proba(images, tmp_path, balan
     source = CachedFeatures(extractor, train_samples, val, config)
     result = fit(source, 8, 2, train_samples, val, config, positive=positive)
     row = result.best
-    assert row["C"] in heads.C_GRID and [c for c, _ in row["C_scores"]] == list(heads.C_GRID)
+    capped = [c for c in heads.C_GRID if c <= heads.REGIONS_MAX_C]  # a larger C overfits the best region
+    assert row["C"] in capped and [c for c, _ in row["C_scores"]] == capped
     assert isinstance(result.head, RegionHead) and result.head.weight.shape == (2, 8)
     assert result.head.positive == positive
 

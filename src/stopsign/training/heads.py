@@ -35,7 +35,8 @@ MAX_FOLDS = 5
 # The regions head scores an image by the best of its regions: with little regularisation a negative's best region
 # turns confidently positive. Where the max-pooled proxy prefers C above this (it did, 10 to 100, on photos whose
 # signs it separates easily), the regions head is fit at this C: at 1:9 on second-source its out-of-fold log-loss
-# fell from 0.382 (worse than the prior's 0.325) to 0.038, and nothing changed where the proxy chose less.
+# fell from 0.382 (worse than the prior's 0.325) to 0.038, and nothing changed where the proxy chose less. So C is
+# chosen among the grid's values up to this one.
 REGIONS_MAX_C = 1.0
 
 
@@ -102,8 +103,8 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
     the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1.
 
     With --pooling regions, C is chosen for the max-pooled logistic regression of the same rows (the best region's
-    features, a convex problem, a twentieth of the width), and the regions head is fit once at that C, at most
-    REGIONS_MAX_C:
+    features, a convex problem, a twentieth of the width) over the grid up to REGIONS_MAX_C, and the regions head is
+    fit once at that C:
     bench/heads.py measured this choice as good as choosing by the regions head itself, on grouped
     cross-validation, on photos of another source and at 1:4 and 1:9 imbalance, at a fraction of the fits.
 
@@ -118,20 +119,21 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
                     "the logistic head uses C = 1")
         return 1.0, []
     folds = kfold_samples(samples, min(MAX_FOLDS, smallest), config.seed, groups=groups)
-    losses = np.zeros((len(C_GRID), len(folds)))
-    proxy = config.replace(pooling="max") if config.pooling == "regions" else config
+    regions = config.pooling == "regions"
+    grid = [c for c in C_GRID if c <= REGIONS_MAX_C] if regions else C_GRID  # no larger C is fit: none is scored
+    losses = np.zeros((len(grid), len(folds)))
+    proxy = config.replace(pooling="max") if regions else config
     for fold, (fit_on, held_out) in enumerate(folds):
         (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), config) for part in (fit_on, held_out))
-        scaler, classifier = make_model(proxy, C_GRID[0], positive, warm_start=True).steps
+        scaler, classifier = make_model(proxy, grid[0], positive, warm_start=True).steps
         x, x_held = scaler[1].fit_transform(x), scaler[1].transform(x_held)
-        for i, c in enumerate(C_GRID):
+        for i, c in enumerate(grid):
             fit_quietly(classifier[1].set_params(C=c), x, y)
             probs = np.zeros((len(y_held), len(present)))  # a class this part lacks: probability 0
             probs[:, np.searchsorted(present, classifier[1].classes_)] = classifier[1].predict_proba(x_held)
             losses[i, fold] = log_loss(y_held, probs / probs.sum(axis=1, keepdims=True), labels=present)
-    scores = [(c, float(loss)) for c, loss in zip(C_GRID, losses.mean(axis=1))]
-    best = min(scores, key=lambda pair: pair[1])[0]  # the first of equal scores: the smaller C
-    return (min(best, REGIONS_MAX_C) if config.pooling == "regions" else best), scores
+    scores = [(c, float(loss)) for c, loss in zip(grid, losses.mean(axis=1))]
+    return min(scores, key=lambda pair: pair[1])[0], scores  # the first of equal scores: the smaller C
 
 
 def pooled_rows(rows: tuple[np.ndarray, np.ndarray], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:

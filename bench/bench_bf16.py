@@ -23,7 +23,7 @@ import torch
 import stopsign
 from bench_speed import BACKBONE, DATA, split
 from stopsign.model.features import FeatureExtractor
-from stopsign.training.runs import load_checkpoint
+from stopsign.checkpoint import load_checkpoint
 
 
 def predict(head_state: dict, features: np.ndarray) -> np.ndarray:

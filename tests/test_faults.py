@@ -32,7 +32,8 @@ from stopsign.data.datasets import load_data
 from stopsign.errors import CheckpointError, DataError, StopsignError
 from stopsign.model.features import FeatureExtractor
 from stopsign.files import TEMPORARY_SUFFIX
-from stopsign.training.runs import WRITE_PROBE, load_checkpoint
+from stopsign.checkpoint import load_checkpoint
+from stopsign.training.runs import WRITE_PROBE
 from test_images import noisy_jpeg, palette_with_transparency, png_claiming, sixteen_bit_grey
 
 TESTS = Path(__file__).resolve().parent

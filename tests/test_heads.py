@@ -20,7 +20,7 @@ from stopsign.errors import StopsignError
 from stopsign.model.features import FeatureExtractor
 from stopsign.training import fitting, heads
 from stopsign.training.fitting import fit
-from stopsign.training.runs import load_checkpoint
+from stopsign.checkpoint import load_checkpoint
 from stopsign.training.sources import CachedFeatures, LiveImages
 
 

@@ -419,37 +419,8 @@ def run_evaluate(args) -> None:
     print(f"report {join(args.out, out_dir.name, 'report.html') if is_url(args.out) else out_dir / 'report.html'}")
 
 
-def short(value) -> str:
-    """A value as a person reads it: 4 significant digits, lists joined, None as a dash."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return " ".join(short(v) for v in value)
-    return "-" if value is None else str(value)
-
-
-def checkpoint_lines(path, checkpoint: dict) -> list[tuple[str, str]]:
-    """What `info` shows of a checkpoint, one (name, text) pair a line."""
-    pre = checkpoint["preprocessing"]
-    trained_on = checkpoint.get("trained_on")
-    lines = [("model", f"{path} (stopsign checkpoint v{checkpoint['version']}, "
-                       f"written by stopsign {checkpoint.get('stopsign_version', '?')})"),
-             ("backbone", f"{checkpoint['backbone']}, {checkpoint['feature_size']} features, weights sha256 "
-                          f"{checkpoint['weights_sha256'][:16]}…"),
-             ("classes", ", ".join(checkpoint["class_names"])),
-             ("preprocessing", f"{pre['size']}×{pre['size']}, mean {short(pre['mean'])}, std {short(pre['std'])}"),
-             ("epoch", f"{checkpoint['epoch']}" + ("" if checkpoint.get("val_acc") is None else
-                                                   f" (validation accuracy {checkpoint['val_acc']:.3f}, "
-                                                   f"loss {checkpoint['val_loss']:.4f})")),
-             ("trained on", f"{len(trained_on['digests'])} images (their digests and features are kept: evaluate "
-                            "tells copies of them apart)" if trained_on else "not recorded (before stopsign 0.2)"),
-             ("head parameters", str(sum(t.numel() for t in checkpoint["head"].values())))]
-    if "resume" in checkpoint:
-        lines.append(("resumable", f"yes: the training state after epoch {checkpoint['epoch']}"))
-    return lines
-
-
 def run_info(args) -> None:
+    from .checkpoint import describe, load_checkpoint, short
     from .inference.load import EXPORT_SUFFIXES, resolve_model_path
 
     path = resolve_model_path(args.checkpoint)
@@ -465,10 +436,8 @@ def run_info(args) -> None:
         for key, value in metadata.items():
             print(f"{key:<18} {short(value) if not isinstance(value, dict) else ', '.join(f'{k} {short(v)}' for k, v in value.items())}")
         return
-    from .training.runs import load_checkpoint
-
     checkpoint = load_checkpoint(path)
-    for key, value in checkpoint_lines(path, checkpoint):
+    for key, value in describe(checkpoint, path):
         print(f"{key:<18} {value}")
     print("settings")
     for key, value in (checkpoint.get("config") or {}).items():

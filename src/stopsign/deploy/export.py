@@ -33,8 +33,8 @@ from ..inference.torchscript import TorchScriptClassifier, load_torchscript, qui
 from ..model.backbones import FrozenBackboneClassifier, combine_tiles, pooled
 from ..model.transforms import decode_size, tile_count
 from ..cache import UPLOADS
+from ..checkpoint import load_checkpoint
 from ..storage import is_url, join, mirror_dir, upload_file
-from ..training.runs import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def load_classifier(path: str | Path, **options) -> Classifier:
         from .torchscript import TorchScriptClassifier
 
         return TorchScriptClassifier(path)
-    from ..training.runs import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from .pytorch import CheckpointClassifier
 
     return CheckpointClassifier(load_checkpoint(path), source=str(path), **options)

@@ -22,7 +22,7 @@ from .base import Classifier
 
 
 class CheckpointClassifier(Classifier):
-    """A frozen backbone and the trained head of one checkpoint (a dict from training.runs.load_checkpoint).
+    """A frozen backbone and the trained head of one checkpoint (a dict from checkpoint.load_checkpoint).
 
     cache: read and write the feature cache (in `cache_dir`, else training's default folder); False keeps the
     features of this classifier's images in memory only (nothing about them is left on disk)."""

@@ -1,31 +1,25 @@
-"""The run folder: what a run records (config, split, metrics, summary), its self-describing checkpoints,
-and loading them back. Every file is written with files.py's atomic writes.
+"""The run folder: making it, uploading it as it grows, and what a run records (config, split, metrics,
+summary, the state to resume from). The checkpoints in it are checkpoint.py's. Every file is written with
+files.py's atomic writes.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
-import re
 import shutil
-import zipfile
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, StopsignError
 from ..cache import UPLOADS
+from ..checkpoint import load_checkpoint
 from ..config import relevant_settings
-from ..files import atomic_write_bytes, relative
+from ..errors import CheckpointError, StopsignError
+from ..files import relative
 from ..files import remove_partial_files as remove_temporary_files
 from ..storage import RunUpload, check_writable, download_folder, exists, is_url, join, mirror_dir
 
-CHECKPOINT_FORMAT = "stopsign-checkpoint"
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_size", "preprocessing",
-                 "class_names", "head")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
 WRITE_PROBE = ".write-test"
 
@@ -94,76 +88,7 @@ def local_run(url: str) -> Path:
     return local
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> Path:
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True: tensors and plain data only, never code."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint; a run folder holds best.pt and last.pt")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as file:
-        head = file.read(2)
-    # torch.save writes a zip archive (since torch 1.6), or a pickle (protocol 2+ starts with 0x80) before it.
-    if not zipfile.is_zipfile(path):
-        if head == b"PK":
-            raise CheckpointError(f"{path} is not a stopsign checkpoint: a damaged or truncated torch.save file")
-        if head[:1] != b"\x80":
-            raise CheckpointError(f"{path} is not a stopsign checkpoint: it is not a file written by torch.save")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # Only the name of what was refused is passed on: the rest of PyTorch's message advises loading the file
-        # with weights_only=False, which would run whatever code it holds.
-        found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", str(error))
-        raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data"
-            f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded. Fix: load a checkpoint "
-            "written by stopsign (a run folder's best.pt); train one from your data with `stopsign train`."
-        ) from None
-    except Exception as error:  # a damaged archive fails inside torch in many ways (RuntimeError, KeyError, ...)
-        raise CheckpointError(f"{path} is not a stopsign checkpoint: it cannot be read ({error!r})") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a stopsign checkpoint: no format={CHECKPOINT_FORMAT!r} key")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} is missing {', '.join(missing)}; it is damaged or from another tool")
-    if checkpoint["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {checkpoint['version']}; "
-                              f"this stopsign reads up to {CHECKPOINT_VERSION}: upgrade stopsign")
-    return checkpoint
-
-
 # --- what a run records -------------------------------------------------------------------------------
-
-def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict,
-                    resume: dict | None = None, trained_on: dict | None = None) -> dict:
-    """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data.
-
-    backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; resume: the optimizer, scheduler,
-    history and best epoch, so `--resume` continues exactly (last.pt only); trained_on: the training images'
-    digests and feature signature (model.signature), so an evaluation can tell copies of them from new photos.
-    """
-    from .. import __version__
-
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stopsign_version": __version__,
-        "backbone": backbone["name"], "weights_sha256": backbone["weights_sha256"],
-        "feature_size": backbone["feature_size"], "preprocessing": backbone["preprocessing"],
-        "class_names": list(class_names), "head": head_state, "config": config,
-        "epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"],
-    }
-    if resume is not None:
-        checkpoint["resume"] = resume
-    if trained_on is not None:
-        checkpoint["trained_on"] = trained_on
-    return checkpoint
-
 
 def resume_state(run_dir: Path) -> dict | None:
     """The training state saved after the last finished epoch, or None when no epoch finished."""

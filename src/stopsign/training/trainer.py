@@ -18,6 +18,7 @@ import torch
 
 from ..config import TrainConfig
 from ..cache import SYNTHETIC, store_dir
+from ..checkpoint import make_checkpoint, save_checkpoint
 from ..data.checks import check_data, duplicate_groups
 from ..data.demo import synthetic_negatives
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
@@ -31,8 +32,8 @@ from ..reporting.report import write_report
 from .crossval import cross_validate
 from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
 from ..storage import check_writable, exists, is_url, join
-from .runs import (METRIC_COLUMNS, create_run_dir, data_record, local_run, make_checkpoint, remove_partial_files,
-                   resume_state, run_upload, save_checkpoint, summary, versions)
+from .runs import (METRIC_COLUMNS, create_run_dir, data_record, local_run, remove_partial_files, resume_state,
+                   run_upload, summary, versions)
 from .sources import CachedFeatures, LiveImages
 
 log = logging.getLogger(__name__)

@@ -355,3 +355,12 @@ def test_a_run_whose_last_upload_failed_still_resumes_to_finish_it(tmp_path, dat
     monkeypatch.setattr(trainer, "exists", lambda path: path == f"{url}/summary.json")  # uploaded: finished
     with pytest.raises(StopsignError, match=f"cannot resume {url}: that run finished"):
         trainer.resolve_config(None, {}, run_dir, url=url)
+
+
+def test_training_does_not_load_the_scene_renderer():
+    """The demo's 500-line scene renderer is imported only by `stopsign demo` and --synthetic-negatives."""
+    import subprocess
+    import sys
+
+    code = "import stopsign.training.trainer, sys; print('stopsign.data.demo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

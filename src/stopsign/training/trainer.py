@@ -20,7 +20,6 @@ from ..config import TrainConfig
 from ..cache import SYNTHETIC, store_dir
 from ..checkpoint import make_checkpoint, save_checkpoint
 from ..data.checks import check_data, duplicate_groups
-from ..data.demo import synthetic_negatives
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
 from ..errors import DataError, Interrupted, StopsignError
 from ..files import now, read_json, relative, write_csv, write_json
@@ -187,6 +186,8 @@ def synthetic_training_images(data: LabelledData, config: TrainConfig, progress:
     data: the positive class is config.positive, else the class called stop."""
     if not config.synthetic_negatives:
         return []
+    from ..data.demo import synthetic_negatives  # the scene renderer: off the training path unless asked for
+
     names = data.class_names
     positive = config.positive_index(names)
     if positive is None:

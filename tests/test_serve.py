@@ -153,11 +153,15 @@ def test_a_real_uvicorn_server(trained, tmp_path):
 
 # --- the page in a real browser ---------------------------------------------------------------------------
 
+def data_is_shared() -> bool:
+    return (SHARED_PHOTOS / "_annotations.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def stop_model(tmp_path_factory, request):
     """efficientnet_lite0 trained on the shared real photos (else on demo scenes), a stop and a non-stop image."""
     out = tmp_path_factory.mktemp("browser")
-    if (SHARED_PHOTOS / "_annotations.json").is_file():
+    if data_is_shared():
         data = SHARED_PHOTOS
         stop, other = SHARED_PHOTOS / "test_images/stop-1.jpeg", SHARED_PHOTOS / "test_images/not-stop-1.jpeg"
     else:
@@ -204,7 +208,11 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
         finally:
             browser.close()
     shutil.copy(tmp_path / "serve_page.png", "/tmp/serve_page.png")
-    assert labels == {stop.name: "stop", other.name: "not_stop"}
+    # the page shows what the model says (on the demo's fallback scenes a small model may be wrong about one)
+    said = {Path(row.path).name: row.label for row in load_classifier(checkpoint).predict([stop, other])}
+    assert labels == said
+    if data_is_shared():
+        assert labels == {stop.name: "stop", other.name: "not_stop"}
     assert bars == 2  # one probability bar per class
 
 

@@ -5,6 +5,9 @@ A linear head on a few hundred frozen feature vectors is a convex problem: lbfgs
 there are no epochs, learning rates or schedules to tune, only the regularisation C. The fit is one "epoch" row
 (lr None) so the run folder, the checkpoint and the report are those of an SGD run; the StandardScaler is folded
 into the weights (W' = W / sigma, b' = b - W' mu), so the checkpoint's head takes raw features like any other.
+
+With --pooling regions the head scores every region and an image takes its best (RegionLogistic): no longer convex,
+so its fit starts from a convex problem's solution, and its C is chosen on the convex max-pooled problem (choose_c).
 """
 
 from __future__ import annotations
@@ -33,10 +36,8 @@ C_GRID = tuple(float(c) for c in 10.0 ** np.arange(-3, 2.5, 0.5))  # 0.001 … 1
 MAX_ITER = 2000
 MAX_FOLDS = 5
 # The regions head scores an image by the best of its regions: with little regularisation a negative's best region
-# turns confidently positive. Where the max-pooled proxy prefers C above this (it did, 10 to 100, on photos whose
-# signs it separates easily), the regions head is fit at this C: at 1:9 on second-source its out-of-fold log-loss
-# fell from 0.382 (worse than the prior's 0.325) to 0.038, and nothing changed where the proxy chose less. So C is
-# chosen among the grid's values up to this one.
+# turns confidently positive, even where the max-pooled proxy is best at a larger C (bench/regions_fit.py and
+# bench/heads.py measure it). So its C is chosen among the grid's values up to this one.
 REGIONS_MAX_C = 1.0
 
 

@@ -162,8 +162,8 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
     if config.head == "logistic":
         from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for
 
-        return fit_logistic(source, num_features, num_classes, train_samples, val_samples, config, keep=keep,
-                            state=state, on_epoch=on_epoch, progress=progress, groups=groups, positive=positive)
+        return fit_logistic(source, num_features, num_classes, train_samples, val_samples, config,
+                            on_epoch=on_epoch, groups=groups, positive=positive)  # one fit: nothing to keep or resume
     if config.head != "sgd":
         raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):

@@ -43,14 +43,14 @@ REGIONS_MAX_C = 1.0
 
 def fit_logistic(source, num_features: int, num_classes: int, train_samples: list[Sample],
                  val_samples: list[Sample], config: TrainConfig, *, groups: dict[str, int] | None = None,
-                 on_epoch: Callable | None = None, positive: int | None = None, **ignored) -> FitResult:
+                 on_epoch: Callable | None = None, positive: int | None = None) -> FitResult:
     """fit() for config.head == "logistic": the same FitResult, with one history row (epoch 1, lr None) that
     also records the chosen C ("C") and each grid value's mean held-out log-loss ("C_scores": [[C, loss]]).
 
     Every cached view of every readable training image is one row. C is chosen by K-fold over the training
     samples only (K = min(5, the smallest class's count), each image's views and each duplicate group of
-    `groups` on one side); validation images are scored once, never used to choose anything. keep, state
-    and progress are accepted and ignored: there is one fit, and a resumed run refits.
+    `groups` on one side); validation images are scored once, never used to choose anything. There is one fit:
+    no epoch to keep, and a resumed run refits.
     """
     if not isinstance(source, CachedFeatures):
         raise StopsignError("--head logistic fits on cached backbone features, and --no-cache recomputes them "

@@ -149,7 +149,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
             reasons.append(f"label {label!r} is not in 'labels' {labels}")
         elif label is not None and class_names is not None and label not in classes:
             reasons.append(f"label {label!r} is not one of the classes {classes}")
-        file = _locate(name, folders, root, reasons, confined=True)  # an export comes from elsewhere
+        file = locate(name, folders, root, reasons, confined=True)  # an export comes from elsewhere
         found.add(file or _named_file(name, folders))  # a refused link is this entry's problem, not an unlisted file
         if reasons:
             problems.append(f"{name!r}: " + "; ".join(reasons))
@@ -203,7 +203,7 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
     classes = list(class_names) if class_names is not None else own
     folders = [folder for folder in (root, root / "images") if folder.is_dir()]
     samples, first_line = [], {}
-    found = {_locate(name, folders, root, [], confined=False) for name in set_aside}
+    found = {locate(name, folders, root, [], confined=False) for name in set_aside}
     for line, name, label in entries:
         reasons = []
         if not label:
@@ -213,7 +213,7 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
         if name in first_line:
             reasons.append(f"is listed again (first on line {first_line[name]})")
         first_line.setdefault(name, line)
-        file = _locate(name, folders, root, reasons, confined=False)  # the user's own list: any path
+        file = locate(name, folders, root, reasons, confined=False)  # the user's own list: any path
         found.add(file)
         if reasons:
             problems.append(f"line {line} {name!r}: " + "; ".join(reasons))
@@ -298,7 +298,7 @@ def _finish(root, layout, classes, own, samples, splits, problems, source, fix, 
     return LabelledData(root, layout, list(classes), samples, splits, skipped or {})
 
 
-def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, confined: bool) -> Path | None:
+def locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, confined: bool) -> Path | None:
     """The file `name` in the first of `folders` holding it; appends why not to `reasons`.
 
     confined (a CV Studio export's keys): a plain file name, and the file, links followed, inside `root`.
@@ -334,7 +334,7 @@ def _locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, c
 
 def _named_file(name: str, folders: list[Path]) -> Path | None:
     """The file that an export's key names as a plain file name, in the first of `folders` holding it, whether
-    or not `_locate` lets it be read (a link out of the export): the key accounts for that file."""
+    or not `locate` lets it be read (a link out of the export): the key accounts for that file."""
     if not name or len(re.split(r"[\\/]", name)) > 1:
         return None
     return next((folder / name for folder in folders if _is_file(folder / name)), None)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..files import atomic_write_bytes, atomic_write_text, relative, write_csv
-from .datasets import (ANNOTATIONS, EXCLUDED_COLUMN, EXCLUDED_KEY, EXCLUDED_VALUES, LabelledData, _locate, class_index,
+from .datasets import (ANNOTATIONS, EXCLUDED_COLUMN, EXCLUDED_KEY, EXCLUDED_VALUES, LabelledData, locate, class_index,
                        is_excluded, load_data)
 
 EXCLUDED_FOLDER = ".excluded"  # class folders: excluded files go to .excluded/<class>/
@@ -163,7 +163,7 @@ class Table:
         for row in document["rows"][1:]:
             if len(row) > column and row[column].strip():
                 name = row[column].strip()
-                if _locate(name, folders, self.root, [], confined=False) == path:
+                if locate(name, folders, self.root, [], confined=False) == path:
                     return name
         raise DataError(f"{self.source}: no row names {path}")
 
@@ -186,7 +186,7 @@ class Table:
 
     def path(self, document: dict, key: str) -> Path | None:
         folders = [folder for folder in (self.root, self.root / "images") if folder.is_dir()]
-        return _locate(key, folders, self.root, [], confined=False)
+        return locate(key, folders, self.root, [], confined=False)
 
     def _cell(self, document: dict, key: str, column: int, value: str) -> None:
         row = self._row(document, key)

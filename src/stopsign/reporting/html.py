@@ -77,7 +77,7 @@ class Shown(str):
 
 def _cell(value, short: bool = False) -> str:
     if isinstance(value, dict):
-        return f"<td>{_mapping_table(value, short)}</td>"
+        return f"<td>{mapping_table(value, short)}</td>"
     if isinstance(value, list):
         return f"<td>{_list(value, short)}</td>"
     numeric = isinstance(value, (int, float, Shown)) and not isinstance(value, bool)
@@ -90,7 +90,7 @@ def _scrolling(table: str) -> str:
     return f'<div class="scroll">{table}</div>'
 
 
-def _table(header: list[str], rows: list[list], row_classes: list[str] | None = None, *, short: bool = False,
+def html_table(header: list[str], rows: list[list], row_classes: list[str] | None = None, *, short: bool = False,
            row_headers: bool = False) -> str:
     """short: floats in 3 significant digits. row_headers: each row's first cell is its heading (<th>)."""
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
@@ -104,7 +104,7 @@ def _table(header: list[str], rows: list[list], row_classes: list[str] | None = 
     return _scrolling(f"<table><tr>{head}</tr>{''.join(body)}</table>")
 
 
-def _mapping_table(mapping: dict, short: bool = False) -> str:
+def mapping_table(mapping: dict, short: bool = False) -> str:
     """Any dict as a two-column table; nested dicts become sub-tables, lists of dicts become tables."""
     rows = "".join(f"<tr><th>{escape(str(key))}</th>{_cell(value, short)}</tr>" for key, value in mapping.items())
     return _scrolling(f"<table>{rows}</table>")
@@ -115,13 +115,13 @@ def _list(values: list, short: bool = False) -> str:
         return "none"
     if all(isinstance(v, dict) for v in values):
         columns = list(dict.fromkeys(key for v in values for key in v))
-        return _table(columns, [[v.get(c) for c in columns] for v in values], short=short)
+        return html_table(columns, [[v.get(c) for c in columns] for v in values], short=short)
     return escape(", ".join(str(v) for v in values))
 
 
 def _confusion_table(class_names: list[str], matrix: list[list[int]]) -> str:
     """Rows: the true class, columns: the predicted one, each named."""
-    return _table(["truth \\ predicted"] + class_names, [[name] + list(row) for name, row in zip(class_names, matrix)],
+    return html_table(["truth \\ predicted"] + class_names, [[name] + list(row) for name, row in zip(class_names, matrix)],
                   row_headers=True)
 
 
@@ -204,7 +204,7 @@ def _run_section(run_info: dict | None) -> Section | None:
         return None
     if isinstance(run_info.get("settings"), dict):
         run_info = run_info | {"settings": relevant_settings(run_info["settings"])}
-    return ("run", "Run", _mapping_table(run_info))
+    return ("run", "Run", mapping_table(run_info))
 
 
 def _group_html(group: dict, thumbnails: dict[str, str], what: str) -> str:
@@ -233,7 +233,7 @@ def _checks_section(checks: dict | None, thumbnails: dict[str, str]) -> Section 
     counts = checks.get("class_counts", {})
     if counts:
         names = list(next(iter(counts.values())))
-        parts.append(_table(["split"] + names, [[split] + [c[name] for name in names] for split, c in counts.items()]))
+        parts.append(html_table(["split"] + names, [[split] + [c[name] for name in names] for split, c in counts.items()]))
     ratio = checks.get("imbalance", {}).get("ratio")
     if ratio is not None:
         parts.append(f"<p>Largest to smallest class: {ratio:.2f} to 1.</p>")
@@ -275,7 +275,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
         _small_n_note(metrics),
         f"<p>Decision rule: {escape(rule)}. Macro F1 {_number(metrics['macro_f1'])}; "
         f"log loss {_number(metrics['log_loss'])}.</p>",
-        _table(["class", "precision", "recall", "F1", "support"], per_class, row_headers=True),
+        html_table(["class", "precision", "recall", "F1", "support"], per_class, row_headers=True),
         f'<p class="note">{NOT_DEFINED}: precision of a class never predicted, recall of a class with no image.</p>'
         if any(isinstance(value, Shown) for row in per_class for value in row) else "",
         "<h3>Confusion (rows: truth, columns: prediction)</h3>",
@@ -291,7 +291,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
             parts.append(f"; average precision (PR AUC) {_number(metrics['pr_auc'])}")
         parts.append(".</p>")
     if "roc_auc_per_class" in metrics:
-        parts.append(_table(["class", "ROC AUC (one-vs-rest)"], [[k, v] for k, v in metrics["roc_auc_per_class"].items()]))
+        parts.append(html_table(["class", "ROC AUC (one-vs-rest)"], [[k, v] for k, v in metrics["roc_auc_per_class"].items()]))
     parts += [_plot(images, "roc", "ROC curve"), _plot(images, "pr", "precision-recall curve")]
     calibration = metrics["calibration"]
     filled = [b for b in calibration["bins"] if b["count"]]
@@ -299,7 +299,7 @@ def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None 
         "<h3>Calibration</h3>",
         f"<p>Expected calibration error (10 bins on the top-class probability): {_number(calibration['ece'])}. "
         "0 means the stated confidence matches the hit rate.</p>",
-        _table(
+        html_table(
             ["bin", "images", "mean confidence", "accuracy"],
             [[f"{b['lo']:.1f}–{b['hi']:.1f}", b["count"], b["confidence"], b["accuracy"]] for b in filled],
         ),
@@ -315,7 +315,7 @@ def _threshold_section(metrics: dict) -> Section | None:
     positive = metrics["class_names"][1]
     rows = [[r["threshold"], r["precision"], r["recall"], r["fpr"]] for r in table]
     marks = ["best" if r["threshold"] == best["threshold"] else "" for r in table]
-    body = _table(["threshold", "precision", "recall", "false-positive rate"], rows, marks)
+    body = html_table(["threshold", "precision", "recall", "false-positive rate"], rows, marks)
     if len(table) > LONG_TABLE:
         body = f"<details><summary>All {len(table)} operating points</summary>{body}</details>"
     text = (
@@ -336,7 +336,7 @@ def _cv_section(cv: dict | None, class_names: list[str]) -> Section | None:
     parts = [
         f"<p>{cv.get('folds', len(folds))}-fold cross-validation: every image is scored once by a model that did not "
         "train on it.</p>",
-        _table(["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))], rows),
+        html_table(["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))], rows),
     ]
     if cv.get("oof_confusion"):
         parts += [

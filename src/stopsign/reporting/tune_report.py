@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution
 from .charts import integer_ticks, log_ticks, new_figure, save_figure
 from ..config import relevant_settings
 from ..files import atomic_write_text
-from .html import _mapping_table, _table, render_page
+from .html import html_table, mapping_table, render_page
 from .report import file_data_uri
 
 TOP_TRIALS = 10  # rows of the best-trials table
@@ -133,9 +133,9 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
     done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["value"])[:TOP_TRIALS]
     shown = [name for name in search_space if any(uses(r, name) for r in done)]
     columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"]
-    trials = (_mapping_table(best["trials"])
+    trials = (mapping_table(best["trials"])
               + f"<h3>The {len(done)} best trials</h3>"  # 14 columns: a box that scrolls sideways, 3 digits a number
-              + _table(columns + shown, [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown]
+              + html_table(columns + shown, [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown]
                                          for r in done], short=True)
               + ('<p class="note">—: a setting the trial\'s head does not read.</p>'
                  if any(not uses(r, c) for r in done for c in shown) else ""))
@@ -159,7 +159,7 @@ def best_settings(best: dict, search_space: dict) -> str:
     """The best trial's scores against the starting recipe's and the majority class's; the settings either
     recipe's head reads, "not used" where one does not."""
     start, trivial, folds = best["starting_recipe"], best["baseline"], best["folds"]
-    scores = _table(["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"]
+    scores = html_table(["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"]
                     + [f"fold {k + 1}" for k in range(folds)],
                     [[f"best (trial {best['trial']})", best["accuracy"], best["balanced_accuracy"],
                       best["accuracy_std"], best["log_loss"], *best["fold_accuracy"]],
@@ -169,7 +169,7 @@ def best_settings(best: dict, search_space: dict) -> str:
                       trivial["balanced_accuracy"], None, trivial["log_loss"], *[None] * folds]],
                     ["best", "", ""], short=True)
     params = [best["params"], start["params"]]
-    settings = _table(["parameter", "best", start["name"]],
+    settings = html_table(["parameter", "best", start["name"]],
                       [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]
                        for name in search_space if any(uses(p, name) for p in params)], short=True)
     final = (f"<p>The final model, trained on all images with these settings: <code>{escape(str(best['final_run']))}"

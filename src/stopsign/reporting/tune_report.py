@@ -1,7 +1,8 @@
 """The tune folder's plots and report.html: trial rows in, files out.
 
 Drawn from the rows of trials.csv on report.py's figures (matplotlib's object API, no pyplot) rather than with
-optuna.visualization.matplotlib, which draws through pyplot's global state; the page is html's. Files
+optuna.visualization.matplotlib, which draws through pyplot's global state; the page is
+templates/tune_report.html.j2's. Files
 are written atomically (report.py's writes): processes that share a study rewrite them as they finish.
 
 A setting the trial's head never reads (the SGD head's epochs and learning rates, for a logistic head:
@@ -11,7 +12,6 @@ config.relevant_settings) is left out of its tables and slices, and a plot with 
 from __future__ import annotations
 
 import math
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution
 from .charts import integer_ticks, log_ticks, new_figure, save_figure
 from ..config import relevant_settings
 from ..files import atomic_write_text
-from .html import html_table, mapping_table, render_page
+from .html import macros, render_page
 from .report import file_data_uri
 
 TOP_TRIALS = 10  # rows of the best-trials table
@@ -126,25 +126,17 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
         if len(slice_rows(rows, name)) >= MIN_POINTS:
             images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
     uris = {name: file_data_uri(path) for name, path in images.items()}
-
-    def plot(name: str, alt: str) -> str:
-        return f'<img class="plot" src="{uris[name]}" alt="{escape(alt)}">' if name in uris else ""
-
     done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["value"])[:TOP_TRIALS]
     shown = [name for name in search_space if any(uses(r, name) for r in done)]
     columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"]
-    trials = (mapping_table(best["trials"])
-              + f"<h3>The {len(done)} best trials</h3>"  # 14 columns: a box that scrolls sideways, 3 digits a number
-              + html_table(columns + shown, [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown]
-                                         for r in done], short=True)
-              + ('<p class="note">—: a setting the trial\'s head does not read.</p>'
-                 if any(not uses(r, c) for r in done for c in shown) else ""))
-    importance = plot("importances", "parameter importances") or f"<p>{escape(str(importances))}</p>"
-    slices = "".join(plot(f"slice_{name}", f"accuracy against {name}") for name in search_space) or (
-        "<p>No parameter was read by two completed trials yet.</p>")
-    sections = [("best", "Best settings", best_settings(best, search_space)), ("trials", "Trials", trials),
-                ("history", "History", plot("history", "optimisation history") or "<p>One trial so far.</p>"),
-                ("importances", "Importances", importance), ("slices", "Slices", slices)]
+    trials = [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown] for r in done]
+    unread = any(not uses(r, c) for r in done for c in shown)
+    page = macros("tune_report.html.j2")
+    sections = [("best", "Best settings", page.best_settings(best, *best_settings(best, search_space))),
+                ("trials", "Trials", page.trials(best["trials"], columns + shown, trials, unread)),
+                ("history", "History", page.history(uris)),
+                ("importances", "Importances", page.importances(uris, importances)),
+                ("slices", "Slices", page.slices(uris, [name for name in search_space if f"slice_{name}" in uris]))]
     headline = (f"Best {best['folds']}-fold CV accuracy {best['accuracy']:.3f} ± {best['accuracy_std']:.3f} "
                 f"(trial {best['trial']}); {start['name']} {start['accuracy']:.3f}; always "
                 f"{trivial['majority_class']} {trivial['accuracy']:.3f}")
@@ -155,25 +147,19 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
     return atomic_write_text(run_dir / "report.html", render_page(title, headline, sections, alerts=alerts))
 
 
-def best_settings(best: dict, search_space: dict) -> str:
-    """The best trial's scores against the starting recipe's and the majority class's; the settings either
-    recipe's head reads, "not used" where one does not."""
+def best_settings(best: dict, search_space: dict) -> tuple[tuple[list, list], tuple[list, list]]:
+    """(header, rows) of two tables: the best trial's scores against the starting recipe's and the majority
+    class's; the settings either recipe's head reads, "not used" where one does not."""
     start, trivial, folds = best["starting_recipe"], best["baseline"], best["folds"]
-    scores = html_table(["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"]
-                    + [f"fold {k + 1}" for k in range(folds)],
-                    [[f"best (trial {best['trial']})", best["accuracy"], best["balanced_accuracy"],
-                      best["accuracy_std"], best["log_loss"], *best["fold_accuracy"]],
-                     [start["name"], start["accuracy"], start.get("balanced_accuracy"), start["accuracy_std"],
-                      start["log_loss"], *start["fold_accuracy"]],
-                     [f"always {trivial['majority_class']} (no model)", trivial["accuracy"],
-                      trivial["balanced_accuracy"], None, trivial["log_loss"], *[None] * folds]],
-                    ["best", "", ""], short=True)
+    scores = (["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"] + [f"fold {k + 1}" for k in range(folds)],
+              [[f"best (trial {best['trial']})", best["accuracy"], best["balanced_accuracy"], best["accuracy_std"],
+                best["log_loss"], *best["fold_accuracy"]],
+               [start["name"], start["accuracy"], start.get("balanced_accuracy"), start["accuracy_std"],
+                start["log_loss"], *start["fold_accuracy"]],
+               [f"always {trivial['majority_class']} (no model)", trivial["accuracy"], trivial["balanced_accuracy"],
+                None, trivial["log_loss"], *[None] * folds]])
     params = [best["params"], start["params"]]
-    settings = html_table(["parameter", "best", start["name"]],
-                      [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]
-                       for name in search_space if any(uses(p, name) for p in params)], short=True)
-    final = (f"<p>The final model, trained on all images with these settings: <code>{escape(str(best['final_run']))}"
-             "</code> (its report.html holds the out-of-fold metrics).</p>" if best.get("final_run") else "")
-    return (f"<p>Objective: {escape(best['objective'])}. Each trial is scored on the same {folds} folds; each "
-            "fold's model keeps its last epoch. Always answering the majority class is the figure to beat.</p>"
-            + scores + settings + final)
+    settings = (["parameter", "best", start["name"]],
+                [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]
+                 for name in search_space if any(uses(p, name) for p in params)])
+    return scores, settings

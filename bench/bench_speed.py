@@ -12,11 +12,8 @@ Cases (each repeat runs each case in its own subprocess, so peak memory is the c
   lr       another pooling (gem) on that warm cache: every pooling was cached by the cold run's passes
   seedcold train(..., --recipe seed): the seed's features and head (average pooling, whole image, SGD), cold
   seedwarm the same again, warm
-  nofork   warm again, every report chart drawn in this process (reporting.report.FORK off): what the forked
-           chart process saves
 Prints median wall seconds, the ratio to the floor and to the seed loop, training-only seconds (the "train
-head" phase), the other phases, peak RSS (main process and its largest child: a DataLoader worker, or the
-report's chart process), views per second of the extraction pass and the best validation accuracy, all on
+head" phase), the other phases, peak RSS (main process and its largest child: a DataLoader worker), views per second of the extraction pass and the best validation accuracy, all on
 stopsign's split (val_fraction 0.1, seed 0).
 The machine is shared: read the ratios, and the spread across repeats printed below the table.
 """
@@ -38,7 +35,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 BACKBONE = "efficientnet_lite0"
-CASES = ("seed", "floor", "pass", "cold", "warm", "lr", "nofork", "seedcold", "seedwarm")
+CASES = ("seed", "floor", "pass", "cold", "warm", "lr", "seedcold", "seedwarm")
 SEED_RECIPE = {"pooling": "avg", "tiles": 1, "head": "sgd"}  # stopsign.config.SEED_RECIPE, here so the parent imports nothing
 
 
@@ -170,13 +167,6 @@ def run_train(workdir: Path, cache_name: str = "cache", **overrides) -> dict:
     return {"val_acc": result.best_val_acc, "phases": handler.phases, "views": views}
 
 
-def run_unforked(workdir: Path) -> dict:
-    from stopsign.reporting import report
-
-    report.FORK = False
-    return run_train(workdir)
-
-
 def child(case: str, workdir: Path, views: int | None) -> None:
     # Imports (about 2 s, the same for every case) stay outside the clock, stopsign's own modules included:
     # where bytecode is not cached (PYTHONDONTWRITEBYTECODE) compiling them would count against stopsign only.
@@ -191,7 +181,7 @@ def child(case: str, workdir: Path, views: int | None) -> None:
     overrides = {} if views is None else {"views": views}
     runners = {"seed": run_seed, "floor": run_floor, "pass": run_pass, "cold": lambda w: run_train(w, **overrides),
                "warm": lambda w: run_train(w, **overrides),
-               "lr": lambda w: run_train(w, pooling="gem", **overrides), "nofork": run_unforked,
+               "lr": lambda w: run_train(w, pooling="gem", **overrides),
                "seedcold": lambda w: run_train(w, "cache-seed", **SEED_RECIPE, **overrides),
                "seedwarm": lambda w: run_train(w, "cache-seed", **SEED_RECIPE, **overrides)}
     clock = time.perf_counter()
@@ -224,8 +214,8 @@ def table(results: dict[str, list[dict]]) -> str:
     floor, seed = median("floor", "seconds"), median("seed", "seconds")
     names = {"seed": "1 seed loop (notebook)", "floor": "2 floor", "pass": "  stopsign pass, plain views",
              "cold": "3 stopsign.train, cold cache", "warm": "4 stopsign.train, warm cache",
-             "lr": "5 --pooling gem, warm cache", "nofork": "6 warm, charts not forked",
-             "seedcold": "7 --recipe seed, cold cache", "seedwarm": "8 --recipe seed, warm cache"}
+             "lr": "5 --pooling gem, warm cache",
+             "seedcold": "6 --recipe seed, cold cache", "seedwarm": "7 --recipe seed, warm cache"}
     rows = ["| case | wall s | × floor | × seed | train head s | other phases s | views/s | peak RSS MB "
             "(main / child) | val acc |", "|" + "---|" * 9]
     for case in (c for c in CASES if c in results):
@@ -234,7 +224,7 @@ def table(results: dict[str, list[dict]]) -> str:
                   for k in results[case][0].get("phases", {})}
         head = phases.pop("train head", None)
         views = median(case, "views")
-        extracting = phases.get("features") if case in ("cold", "warm", "lr", "nofork", "seedcold", "seedwarm") \
+        extracting = phases.get("features") if case in ("cold", "warm", "lr", "seedcold", "seedwarm") \
             else seconds
         rate = f"{views / extracting:.1f}" if views and extracting else "–"
         others = ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "–"

@@ -2,11 +2,7 @@
 
 import csv
 import json
-import os
 import shutil
-import signal
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -220,89 +216,6 @@ def test_thumbnails_are_stored_by_content_and_a_second_report_decodes_nothing(im
     write_report(tmp_path / "two", predictions(images, P1_WITH_MISTAKES))
     assert len(decoded) == count  # the whole second report: every photo from the store
     assert (tmp_path / "one" / "plots" / "samples.jpg").read_bytes() == (tmp_path / "two" / "plots" / "samples.jpg").read_bytes()
-
-
-@pytest.fixture
-def chart_children(monkeypatch):
-    """The pids of the chart processes write_report forks, as it forks them."""
-    import stopsign.reporting.report as report
-
-    pids, enter = [], report.ForkedCharts.__enter__
-
-    def recording_enter(self):
-        entered = enter(self)
-        pids.append(self.pid)
-        return entered
-
-    monkeypatch.setattr(report.ForkedCharts, "__enter__", recording_enter)
-    return pids
-
-
-def gone(pid) -> bool:
-    """The process has exited and was reaped (a zombie still has its /proc entry)."""
-    return not os.path.exists(f"/proc/{pid}")
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="charts are drawn in a forked process only on Linux")
-def test_forked_charts_equal_charts_drawn_here_and_a_failing_child_costs_nothing(images, tmp_path, monkeypatch,
-                                                                                caplog, chart_children):
-    import stopsign.reporting.report as report
-
-    pred = predictions(images, P1_WITH_MISTAKES)
-    write_report(tmp_path / "forked", pred, history=HISTORY)
-    assert chart_children[-1] and gone(chart_children[-1])
-    with monkeypatch.context() as patch:
-        patch.setattr(report, "FORK", False)  # every chart drawn in this process
-        write_report(tmp_path / "here", pred, history=HISTORY)
-    assert chart_children[-1] is None
-
-    def same(run, names=("curves", "calibration", "confusion")):
-        return all((tmp_path / run / "plots" / f"{name}.png").read_bytes()
-                   == (tmp_path / "here/plots" / f"{name}.png").read_bytes() for name in names)
-
-    assert same("forked")
-
-    parent, real = os.getpid(), report.plot_curves
-    monkeypatch.setattr(report, "plot_curves", lambda *a: real(*a) if os.getpid() == parent else os._exit(3))
-    write_report(tmp_path / "failed", pred, history=HISTORY)
-    assert "the chart process failed" in caplog.text and same("failed") and gone(chart_children[-1])
-
-    caplog.clear()  # a child that hangs (say on a lock another thread held at the fork) is killed, not awaited
-    monkeypatch.setattr(report, "CHILD_TIMEOUT", 0.5)
-    monkeypatch.setattr(report, "plot_curves", lambda *a: real(*a) if os.getpid() == parent else time.sleep(600))
-    started = time.monotonic()
-    write_report(tmp_path / "hung", pred, history=HISTORY)
-    assert time.monotonic() - started < 30 and "failed or hung" in caplog.text
-    assert same("hung") and gone(chart_children[-1])
-
-    class Interrupting:  # Ctrl-C while the parent waits for the child: the child is killed and reaped first
-        monotonic = staticmethod(time.monotonic)
-
-        @staticmethod
-        def sleep(seconds):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(report, "CHILD_TIMEOUT", 30.0)
-    with monkeypatch.context() as patch:
-        patch.setattr(report, "time", Interrupting)
-        with pytest.raises(KeyboardInterrupt):
-            write_report(tmp_path / "interrupted", pred, history=HISTORY)
-    assert gone(chart_children[-1])
-
-    monkeypatch.setattr(report, "plot_curves", real)
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps children: no status to read
-    try:
-        write_report(tmp_path / "unreaped", pred, history=HISTORY)
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
-    assert same("unreaped")
-
-    def no_fork():
-        raise OSError(12, "Cannot allocate memory")
-
-    monkeypatch.setattr(report.os, "fork", no_fork)
-    write_report(tmp_path / "unforked", pred, history=HISTORY)
-    assert same("unforked") and chart_children[-1] is None
 
 
 def test_one_mistake_gets_its_whole_heading(images, tmp_path):

@@ -191,26 +191,6 @@ def test_ctrl_c_while_computing_features_says_how_to_resume(tmp_path, data, tiny
     assert len(resumed.history) == 4 and (resumed.run_dir / "best.pt").is_file()
 
 
-def test_train_leaves_the_garbage_collector_as_it_found_it(tmp_path, data, tiny_backbone):
-    import gc
-    import sys
-
-    from stopsign.training import trainer as train_module
-    seen = []
-    real_fit = train_module.fit
-    with pytest.MonkeyPatch.context() as patch:  # during the run, what existed before is frozen
-        patch.setattr(train_module, "fit", lambda *a, **k: seen.append(gc.get_freeze_count()) or real_fit(*a, **k))
-        run(tmp_path / "a", data)
-    assert seen[0] > 1000 and gc.get_freeze_count() == 0
-    gc.freeze()  # a caller that froze the heap itself keeps it frozen
-    try:
-        frozen = gc.get_freeze_count()
-        run(tmp_path / "b", data)
-        assert gc.get_freeze_count() > 0.9 * frozen  # not unfrozen (objects freed meanwhile leave the count)
-    finally:
-        gc.unfreeze()
-
-
 # --- duplicate groups stay on one side of whatever is drawn ------------------------------------------------
 
 def with_copies(make_images, root):

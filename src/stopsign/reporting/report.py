@@ -2,21 +2,15 @@
 cross-validation) in; predictions.csv, metrics.json, plots/ and one self-contained page out.
 
 The charts are `charts`', the photo grids `photos`', the HTML `html`'s; this module runs them
-side by side (a forked process, a thread) and writes what they make.
+side by side (the charts here, the photos in a thread) and writes what they make.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import os
-import signal
-import sys
-import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,81 +49,6 @@ def selection_note(epochs: int, n: int) -> dict:
 def file_data_uri(path: Path) -> str:
     """A written plot as a data: URI (JPEG or PNG by its suffix)."""
     return data_uri(Path(path).read_bytes(), "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
-
-
-FORKED_CHARTS = ("curves", "calibration")  # the child finishes first: the photo thread slows the parent
-CHILD_TIMEOUT = 30.0  # seconds the parent waits for the chart child after its own work (it needs about 0.2 s)
-FORK = sys.platform == "linux"  # macOS forbids fork after some system libraries are loaded; Windows has none
-
-
-class ForkedCharts:
-    """Draws some charts in a child process, forked, while this one draws the others.
-
-    matplotlib holds the GIL, so threads cannot share its work; a forked child has every module loaded already
-    and starts in a few milliseconds. On two cores the report of a run on warm features went from 0.40 to
-    0.28 s (bench/bench_speed.py), most of what is left of such a run. Only where FORK says. The child draws
-    into files (atomic writes), writes nothing else (a stream lock held by another thread at the fork, as in a
-    notebook, would hang it) and exits whatever happens, so a killed parent leaves no process behind for long.
-    Whatever goes wrong (no fork, a child that fails, hangs past CHILD_TIMEOUT or is reaped by someone else),
-    the charts are drawn here instead; an interrupted wait kills and reaps the child before it goes on.
-    """
-
-    def __init__(self, charts: dict):
-        self.charts, self.pid, self.status = charts, None, None
-
-    @property
-    def names(self):
-        """The charts the child draws: none when there is no child."""
-        return self.charts if self.pid else ()
-
-    def __enter__(self) -> "ForkedCharts":
-        if self.charts and FORK:
-            # Python 3.12+ warns on any fork beside other threads (torch's idle pool here); the child only draws
-            # with matplotlib and PIL, starts no thread and never returns to the caller.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                try:
-                    self.pid = os.fork()
-                except OSError as error:  # out of memory or processes: draw everything here
-                    logger.debug("no chart process: %s", error)
-            if self.pid == 0:
-                code = 1
-                try:
-                    warnings.simplefilter("ignore")  # the parent says what there is to say when it redraws
-                    logging.disable(logging.CRITICAL)
-                    for draw, data, path in self.charts.values():
-                        draw(data, path)
-                    code = 0
-                finally:
-                    os._exit(code)  # never back into the caller's code, whatever happened
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.pid:
-            return
-        try:
-            deadline = time.monotonic() + CHILD_TIMEOUT
-            while time.monotonic() < deadline:
-                done, status = os.waitpid(self.pid, os.WNOHANG)
-                if done:
-                    self.status = status
-                    return
-                time.sleep(0.002)
-        except ChildProcessError:  # SIGCHLD ignored: the kernel reaped the child, its status is unknown
-            return
-        finally:
-            if self.status is None:  # timed out, interrupted (Ctrl-C) or unknown: no child left behind
-                with contextlib.suppress(OSError):
-                    os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-
-    def result(self) -> dict[str, Path]:
-        """The paths of the child's charts, drawn here instead if the child failed."""
-        if not self.pid:
-            return {}
-        if self.status != 0:
-            logger.warning("the chart process failed or hung (wait status %s); drawing its charts here", self.status)
-        return {name: path if self.status == 0 else draw(data, path) for name, (draw, data, path) in self.charts.items()}
 
 
 def _photo_images(pred: Predictions, checks: dict | None, plots: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -186,13 +105,11 @@ def write_report(
         charts["roc"] = (plot_roc, pred, plots / "roc.png")
         charts["pr"] = (plot_pr, pred, plots / "pr.png")
     charts["calibration"] = (plot_calibration, metrics, plots / "calibration.png")
-    with ForkedCharts({name: chart for name, chart in charts.items() if name in FORKED_CHARTS}) as forked:
-        # The photo work (decoding, resizing, JPEG) releases the GIL: a thread does it beside the charts.
-        with ThreadPoolExecutor(1) as pool:
-            photo_work = pool.submit(_photo_images, pred, checks, plots)
-            images = {name: draw(data, path) for name, (draw, data, path) in charts.items() if name not in forked.names}
-            grids, thumbnail_uris = photo_work.result()
-    images |= forked.result()
+    # The photo work (decoding, resizing, JPEG) releases the GIL: a thread does it beside the charts.
+    with ThreadPoolExecutor(1) as pool:
+        photo_work = pool.submit(_photo_images, pred, checks, plots)
+        images = {name: draw(data, path) for name, (draw, data, path) in charts.items()}
+        grids, thumbnail_uris = photo_work.result()
 
     page = render_report(
         title,

@@ -23,7 +23,6 @@ from ..data.checks import check_data, duplicate_groups
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
 from ..errors import DataError, Interrupted, StopsignError
 from ..files import now, read_json, relative, write_csv, write_json
-from ..heap import settled_heap
 from ..model.features import FeatureExtractor, default_cache_dir
 from ..model.signature import make_signature, match_training
 from ..reporting.metrics import Predictions
@@ -48,7 +47,6 @@ class RunResult:
     url: str | None = None  # where the run was uploaded, when --out was a URL
 
 
-@settled_heap()
 def train(data: str | Path | LabelledData | None = None, *, val: str | Path | None = None, config: TrainConfig | None = None,
           resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
     """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.

@@ -36,7 +36,6 @@ from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, TrainConfig
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
 from ..data.checks import duplicate_groups
-from ..heap import settled_heap
 from ..reporting.metrics import baseline, verdict
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
@@ -149,7 +148,6 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         self._random_sampler._rng.rng.seed([self.base_seed, trial.number, 1])
 
 
-@settled_heap()
 def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None = None, timeout: float | None = None,
          config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
          final: bool = True, search: dict[str, list] | None = None, **overrides) -> TuneResult:

@@ -14,7 +14,8 @@ from sklearn.metrics import log_loss
 from stopsign.config import POOLINGS, TrainConfig
 from stopsign.data.datasets import Sample
 from stopsign.reporting.metrics import Predictions, compute_metrics
-from stopsign.training.fitting import FitResult, fit, learned_nothing
+from stopsign.training.fitting import fit, learned_nothing
+from stopsign.training.results import FitResult
 from stopsign.training.sources import CachedFeatures
 
 WIDTH, REGIONS = 32, 5

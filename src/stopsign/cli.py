@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .config import DEMO_PER_CLASS, DEVICE_HELP, RECIPES, SEED_RECIPE, TrainConfig
@@ -98,6 +99,7 @@ DESCRIPTION = ("stopsign: train an honest image classifier from a few hundred la
 EPILOG = ("Environment: STOPSIGN_CACHE is where recomputable data is kept (backbone features, file hashes, report "
           "thumbnails; default $XDG_CACHE_HOME/stopsign, else ~/.cache/stopsign); STOPSIGN_MAX_PIXELS sets the "
           "default of --max-pixels. `stopsign COMMAND --help` describes each command.")
+Command = Callable[..., argparse.ArgumentParser]  # makes a subcommand: see subcommand_maker
 MODEL_HELP = "a checkpoint (runs/NAME/best.pt), a run folder (its best.pt), or an exported .onnx or .torchscript file"
 
 
@@ -105,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stopsign", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"stopsign {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = subcommand_maker(commands)
+    for add_command in (add_train, add_predict, add_evaluate, add_info, add_demo, add_cache, add_export, add_serve,
+                        add_tune, add_review):  # in the order --help lists them
+        add_command(command)
+    return parser
+
+
+def subcommand_maker(commands) -> Command:
+    """`command(name, help, photos=...)`: a subcommand of `commands` with the options every command shares."""
     # -q also after the subcommand, listed in its --help; SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
@@ -121,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest width × height decoded; a larger image is refused before any pixel is "
                              f"decoded, smaller ones are decoded at reduced size (default: $STOPSIGN_MAX_PIXELS, else "
                              f"{DEFAULT_MAX_PIXELS}, a 200 MP photo)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, *, photos: bool = False, **kwargs) -> argparse.ArgumentParser:
         """A subcommand whose --help shows every default, and takes -q (and --max-pixels where it reads photos)."""
@@ -129,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=kwargs.pop("description", help[0].upper() + help[1:] + "."),
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG, **kwargs)
 
+    return command
+
+
+def add_train(command: Command) -> None:
+    """train's arguments: the data, --val, --resume, the recipe's settings and --recipe."""
     train = command("train", "train a classifier", photos=True,
                     description="Train a linear head on a frozen pretrained backbone and write a run folder. DATA: "
                                 "a CV Studio export (_annotations.json), class folders, train/ val/ folders, or a CSV "
@@ -142,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train, TRAIN_FIELDS)
     train.add_argument("--recipe", choices=RECIPES, default="stopsign", help=RECIPE_HELP)
 
+
+def add_predict(command: Command) -> None:
+    """predict's arguments: a model, the images and how rows are printed."""
     predict = command("predict", "predict images with a trained model", photos=True)
     predict.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
     predict.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
@@ -153,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-cache", dest="cache", action="store_false", default=argparse.SUPPRESS,
                          help=NO_CACHE_HELP)
 
+
+def add_evaluate(command: Command) -> None:
+    """evaluate's arguments: a model, labelled data and where the evaluation folder goes."""
     evaluate = command("evaluate", "score a model on labelled data (metrics, report, copies of training images)",
                        photos=True)
     evaluate.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
@@ -166,9 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-cache", dest="cache", action="store_false", default=argparse.SUPPRESS,
                           help=NO_CACHE_HELP)
 
+
+def add_info(command: Command) -> None:
+    """info's argument: a model."""
     info = command("info", "show what a model holds: backbone, classes, preprocessing, epoch, settings")
     info.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
 
+
+def add_demo(command: Command) -> None:
+    """demo's arguments: where the generated data goes, how much, and the training's epochs and seed."""
     demo = command("demo", "generate the built-in stop-sign demo data and train on it (offline)")
     demo.add_argument("--data", default="runs/demo-data", help="where the generated data set goes (made anew when "
                                                                "--per-class or --seed differ from what is there)")
@@ -178,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="drives the generated scenes and the training")
     demo.add_argument("--out", default="runs", help="folder that holds the run folder runs/demo")
 
+
+def add_cache(command: Command) -> None:
+    """cache's arguments: info or clear, and which cache."""
     cache = command("cache", "show or empty the caches (features, file hashes, thumbnails)")
     cache.add_argument("action", choices=["info", "clear"], help="info: sizes; clear: delete (all is recomputable)")
     cache.set_defaults(cache_dir=None)
@@ -185,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a feature cache folder of its own (as given to train --cache-dir); without it, every "
                             "store under $STOPSIGN_CACHE")
 
+
+def add_export(command: Command) -> None:
+    """export's arguments: a checkpoint, the format and the file to write."""
     export = command("export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch")
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint (runs/NAME/best.pt) or a run folder")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="the file format")
@@ -192,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=argparse.SUPPRESS,
                         help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")
 
+
+def add_serve(command: Command) -> None:
+    """serve's arguments: a model, the address, the upload limit, the threshold and the device."""
     serve = command("serve", "serve a model over HTTP: a JSON API and a web page at /", photos=True)
     serve.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 accepts other machines")
@@ -202,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threshold", type=PROBABILITY, default=argparse.SUPPRESS, help=THRESHOLD_HELP)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+
+def add_tune(command: Command) -> None:
+    """tune's arguments: the data, the search's budget and folds, the baseline recipe and what else to search."""
     tune = command("tune", "search the training recipe by K-fold cross-validation (Optuna)", photos=True,
                    description="Search the training recipe by K-fold cross-validation (Optuna). Writes study.db, "
                                "trials.csv, best.json, plots/ and report.html, then the best recipe's model trained "
@@ -229,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--recipe", choices=RECIPES, default="stopsign",
                       help=RECIPE_HELP + "; the recipe the search starts from and is compared with")
 
+
+def add_review(command: Command) -> None:
+    """review's arguments: the data, unlabelled photos to add, the page's address and the folds."""
     review = command("review", "find suspected label errors, fix them on a page that writes back to the data",
                      photos=True,
                      description="Rank suspected label errors (out-of-fold probabilities, cleanlab), write "
@@ -247,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 accepts other machines")
     review.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port to listen on")
     add_config_flags(review, REVIEW_FIELDS)
-    return parser
 
 
 def copies_sentence(metrics: dict) -> str | None:

@@ -45,21 +45,110 @@ class UndoBody(BaseModel):
     client: str | None = Field(default=None, max_length=64)
 
 
+class ReviewSession:
+    """What the app serves over one Review: its items' states (behind `lock`; the files have their own lock, in
+    data/labels.py), the label store that decisions go to, and the files the app may send."""
+
+    def __init__(self, review: Review, store: LabelStore):
+        self.review, self.store, self.names, self.root = review, store, store.class_names, review.data.root
+        self.items = []
+        for number, suspect in enumerate(review.suspects):
+            self.items.append({"id": number, "suspect": suspect, "photo": suspect.path, "new": suspect.new,
+                               "key": None if suspect.new else store.key(suspect.path), "label": suspect.given,
+                               "decisions": []})
+        # Every file the app may send, with its real path now: a file swapped for a link afterwards is refused.
+        self.allowed = {str(path): os.path.realpath(path) for path in
+                        [s.path for s in review.data.samples] + [s.path for s in review.suspects]}
+        self.lock = threading.Lock()  # the items' states
+
+    def public(self, item: dict) -> dict:
+        s, root = item["suspect"], self.root
+        return {"id": item["id"], "name": relative(s.path, root) if not s.new else s.path.name, "new": s.new,
+                "given": s.given, "label": item["label"], "suggested": s.suggested, "score": s.score,
+                "probabilities": s.probabilities, "reasons": s.reasons, "readable": s.suggested is not None,
+                "decision": item["decisions"][-1] if item["decisions"] else None,
+                "neighbours": [{"name": relative(p, root), "label": label, "similarity": round(similarity, 4)}
+                               for p, label, similarity in s.neighbours]}
+
+    def progress(self) -> dict:
+        return {"reviewed": sum(bool(item["decisions"]) for item in self.items), "total": len(self.items)}
+
+    def item_of(self, number: int) -> dict:
+        if not 0 <= number < len(self.items):
+            raise HTTPException(404, f"no suspect {number}: there are {len(self.items)}")
+        return self.items[number]
+
+    def send(self, path: Path) -> FileResponse:
+        real = self.allowed.get(str(path))
+        if real is None or os.path.realpath(path) != real or not os.path.isfile(real):
+            raise HTTPException(403, f"{path.name}: not a file of the data set")
+        return FileResponse(real)
+
+    def decide(self, item: dict, body: DecisionBody):
+        """POST /api/decision's work, under the lock: the decision written to the data set's files."""
+        store = self.store
+        try:
+            if item["key"] is None:  # a new photo: keep takes the suggestion, exclude leaves it out
+                if body.against is not None:
+                    raise Conflict(f"{item['photo'].name}: not in the data set yet", None)
+                if body.action == "exclude":
+                    record = store.note(item["photo"], "skip", by=body.client)
+                else:
+                    label = body.label if body.action == "set" else item["suspect"].suggested
+                    record = store.add(item["photo"], label, by=body.client)
+                    item["key"] = record["file"]
+            else:
+                record = store.decide(item["key"], body.action, label=body.label, against=body.against,
+                                      by=body.client)
+        except Conflict as error:
+            if item["key"] is not None:
+                item["label"] = store.label(item["key"])
+            return JSONResponse({"detail": str(error), "current": error.current, "item": self.public(item)},
+                                status_code=409)
+        except DataError as error:
+            raise HTTPException(422, str(error)) from None
+        self.refresh(item)
+        item["decisions"].append(record["action"])
+        return {"item": self.public(item), **self.progress()}
+
+    def undo(self, body: UndoBody):
+        """POST /api/undo's work, under the lock: the client's last decision taken back."""
+        try:
+            record = self.store.undo(by=body.client)
+        except Conflict as error:
+            return JSONResponse({"detail": str(error), "current": error.current}, status_code=409)
+        except DataError as error:
+            raise HTTPException(404, str(error)) from None
+        item = next((i for i in self.items if i["key"] == record["file"] or str(i["photo"]) == record["file"]
+                     or str(i["photo"]) == record.get("photo")), None)
+        if item is not None:
+            if record["action"] == "add":
+                item["key"], item["photo"] = None, item["suspect"].path
+            else:
+                self.refresh(item)
+            if item["decisions"]:
+                item["decisions"].pop()
+        return {"undone": {k: record[k] for k in ("file", "action", "before", "after")},
+                "item": self.public(item) if item else None, **self.progress()}
+
+    def refresh(self, item: dict) -> None:
+        """The item's label and file as they are now (a class-folder decision moves the file)."""
+        if item["key"] is None:
+            item["label"] = None
+            return
+        item["label"] = self.store.label(item["key"])
+        now = self.store.path(item["key"])
+        if now is not None and str(now) != str(item["photo"]):
+            item["photo"] = now
+            self.allowed[str(now)] = os.path.realpath(now)
+
+
 def create_review_app(review: Review, out: str | os.PathLike = "review") -> FastAPI:
     """The review app over `review`'s suspects; decisions are written to review.data_path, logged in `out`."""
     store = LabelStore(review.data_path, out)
-    names = store.class_names
     page = resources.files("stopsign.deploy").joinpath("static/review.html").read_text(encoding="utf-8")
-    root = review.data.root
-    items = []
-    for number, suspect in enumerate(review.suspects):
-        items.append({"id": number, "suspect": suspect, "photo": suspect.path, "new": suspect.new,
-                      "key": None if suspect.new else store.key(suspect.path), "label": suspect.given,
-                      "decisions": []})
-    # Every file the app may send, with its real path now: a file swapped for a link afterwards is refused.
-    allowed = {str(path): os.path.realpath(path) for path in
-               [s.path for s in review.data.samples] + [s.path for s in review.suspects]}
-    lock = threading.Lock()  # the items' states; the files have their own lock (data/labels.py)
+    session = ReviewSession(review, store)
+    names = session.names
 
     app = FastAPI(title="stopsign review", version=__version__,
                   description=f"Review the labels of {review.data_path} ({', '.join(names)}).")
@@ -68,110 +157,39 @@ def create_review_app(review: Review, out: str | os.PathLike = "review") -> Fast
                                              f"{MAX_BODY_BYTES} bytes")
     app.state.store = store
 
-    def public(item: dict) -> dict:
-        s = item["suspect"]
-        return {"id": item["id"], "name": relative(s.path, root) if not s.new else s.path.name, "new": s.new,
-                "given": s.given, "label": item["label"], "suggested": s.suggested, "score": s.score,
-                "probabilities": s.probabilities, "reasons": s.reasons, "readable": s.suggested is not None,
-                "decision": item["decisions"][-1] if item["decisions"] else None,
-                "neighbours": [{"name": relative(p, root), "label": label, "similarity": round(similarity, 4)}
-                               for p, label, similarity in s.neighbours]}
-
-    def progress() -> dict:
-        return {"reviewed": sum(bool(item["decisions"]) for item in items), "total": len(items)}
-
-    def item_of(number: int) -> dict:
-        if not 0 <= number < len(items):
-            raise HTTPException(404, f"no suspect {number}: there are {len(items)}")
-        return items[number]
-
-    def send(path: Path) -> FileResponse:
-        real = allowed.get(str(path))
-        if real is None or os.path.realpath(path) != real or not os.path.isfile(real):
-            raise HTTPException(403, f"{path.name}: not a file of the data set")
-        return FileResponse(real)
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page)
 
     @app.get("/api/suspects")
     def suspects() -> dict:
-        with lock:
+        with session.lock:
             return {"data": str(review.data_path), "layout": review.data.layout, "classes": names,
-                    "folds": review.folds, "items": [public(item) for item in items], **progress()}
+                    "folds": review.folds, "items": [session.public(item) for item in session.items],
+                    **session.progress()}
 
     @app.get("/api/photo/{number}")
     def photo(number: int) -> FileResponse:
-        return send(item_of(number)["photo"])
+        return session.send(session.item_of(number)["photo"])
 
     @app.get("/api/photo/{number}/neighbour/{k}")
     def neighbour(number: int, k: int) -> FileResponse:
-        nearest = item_of(number)["suspect"].neighbours
+        nearest = session.item_of(number)["suspect"].neighbours
         if not 0 <= k < len(nearest):
             raise HTTPException(404, f"suspect {number} has {len(nearest)} neighbours")
-        return send(nearest[k][0])
+        return session.send(nearest[k][0])
 
     @app.post("/api/decision")
     def decision(body: DecisionBody):
-        item = item_of(body.id)
+        item = session.item_of(body.id)
         if body.action == "set" and body.label not in names:
             raise HTTPException(422, f"unknown class {body.label!r}: the classes are {', '.join(names)}")
-        with lock:
-            try:
-                if item["key"] is None:  # a new photo: keep takes the suggestion, exclude leaves it out
-                    if body.against is not None:
-                        raise Conflict(f"{item['photo'].name}: not in the data set yet", None)
-                    if body.action == "exclude":
-                        record = store.note(item["photo"], "skip", by=body.client)
-                    else:
-                        label = body.label if body.action == "set" else item["suspect"].suggested
-                        record = store.add(item["photo"], label, by=body.client)
-                        item["key"] = record["file"]
-                else:
-                    record = store.decide(item["key"], body.action, label=body.label, against=body.against,
-                                          by=body.client)
-            except Conflict as error:
-                if item["key"] is not None:
-                    item["label"] = store.label(item["key"])
-                return JSONResponse({"detail": str(error), "current": error.current, "item": public(item)},
-                                    status_code=409)
-            except DataError as error:
-                raise HTTPException(422, str(error)) from None
-            refresh(item)
-            item["decisions"].append(record["action"])
-            return {"item": public(item), **progress()}
+        with session.lock:
+            return session.decide(item, body)
 
     @app.post("/api/undo")
     def undo(body: UndoBody):
-        with lock:
-            try:
-                record = store.undo(by=body.client)
-            except Conflict as error:
-                return JSONResponse({"detail": str(error), "current": error.current}, status_code=409)
-            except DataError as error:
-                raise HTTPException(404, str(error)) from None
-            item = next((i for i in items if i["key"] == record["file"] or str(i["photo"]) == record["file"]
-                         or str(i["photo"]) == record.get("photo")), None)
-            if item is not None:
-                if record["action"] == "add":
-                    item["key"], item["photo"] = None, item["suspect"].path
-                else:
-                    refresh(item)
-                if item["decisions"]:
-                    item["decisions"].pop()
-            return {"undone": {k: record[k] for k in ("file", "action", "before", "after")},
-                    "item": public(item) if item else None, **progress()}
-
-    def refresh(item: dict) -> None:
-        """The item's label and file as they are now (a class-folder decision moves the file)."""
-        if item["key"] is None:
-            item["label"] = None
-            return
-        item["label"] = store.label(item["key"])
-        now = store.path(item["key"])
-        if now is not None and str(now) != str(item["photo"]):
-            item["photo"] = now
-            allowed[str(now)] = os.path.realpath(now)
+        with session.lock:
+            return session.undo(body)
 
     return app

@@ -176,6 +176,44 @@ def too_large(size: int, limit: int) -> str:
             "(start the server with a larger --max-upload-mb)")
 
 
+class UploadClassifier:
+    """Uploaded bytes to answers, as the pool's workers run it (CPU work): each upload decoded within the limits,
+    classified, and its probabilities turned into a label at the threshold."""
+
+    def __init__(self, classifier, threshold: float | None, max_upload_bytes: int, decoded: int):
+        self.classifier, self.names, self.threshold = classifier, classifier.class_names, threshold
+        self.max_upload_bytes, self.decoded = max_upload_bytes, decoded
+
+    def decode(self, data: bytes, name: str):
+        if len(data) > self.max_upload_bytes:
+            raise HTTPException(413, f"{name}: {too_large(len(data), self.max_upload_bytes)}")
+        try:
+            return decode_image(data, draft=(self.decoded, self.decoded))
+        except ImageError as error:
+            raise HTTPException(415, f"{name}: {error}") from None
+
+    def answer(self, row: np.ndarray) -> dict:
+        return {"label": self.names[int(decide(row[None], self.threshold)[0])],
+                "probabilities": {n: float(p) for n, p in zip(self.names, row)}, "threshold": self.threshold}
+
+    def one(self, data: bytes, name: str) -> dict:
+        return self.answer(self.classifier.image_probabilities([self.decode(data, name)])[0])
+
+    def many(self, uploads: list[tuple[str, bytes]]) -> list[dict]:
+        rows, images = [], []
+        for name, data in uploads:
+            try:
+                images.append(self.decode(data, name))
+                rows.append({"filename": name})
+            except HTTPException as error:  # one bad file in a batch costs its own row only
+                rows.append({"filename": name, "label": None, "error": error.detail, "status": error.status_code})
+        good = [row for row in rows if "error" not in row]
+        if images:
+            for row, probs in zip(good, self.classifier.image_probabilities(images)):
+                row |= self.answer(probs)
+        return rows
+
+
 def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                threshold: float | None = None, device: str | None = "auto", workers: int = DEFAULT_WORKERS,
                queue: int = DEFAULT_QUEUE) -> FastAPI:
@@ -204,34 +242,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
                                "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
     app.state.classifier, app.state.pool = classifier, pool
 
-    def decode(data: bytes, name: str):
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{name}: {too_large(len(data), max_upload_bytes)}")
-        try:
-            return decode_image(data, draft=(decoded, decoded))
-        except ImageError as error:
-            raise HTTPException(415, f"{name}: {error}") from None
-
-    def answer(row: np.ndarray) -> dict:
-        return {"label": names[int(decide(row[None], threshold)[0])],
-                "probabilities": {n: float(p) for n, p in zip(names, row)}, "threshold": threshold}
-
-    def classify_one(data: bytes, name: str) -> dict:  # CPU work, run by the pool's workers
-        return answer(classifier.image_probabilities([decode(data, name)])[0])
-
-    def classify_many(uploads: list[tuple[str, bytes]]) -> list[dict]:
-        rows, images = [], []
-        for name, data in uploads:
-            try:
-                images.append(decode(data, name))
-                rows.append({"filename": name})
-            except HTTPException as error:  # one bad file in a batch costs its own row only
-                rows.append({"filename": name, "label": None, "error": error.detail, "status": error.status_code})
-        good = [row for row in rows if "error" not in row]
-        if images:
-            for row, probs in zip(good, classifier.image_probabilities(images)):
-                row |= answer(probs)
-        return rows
+    classify = UploadClassifier(classifier, threshold, max_upload_bytes, decoded)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -257,7 +268,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
             name, data = upload.filename or "file", await upload.read()
         else:
             name, data = "body", await request.body()
-        result = await pool.submit(classify_one, data, name)
+        result = await pool.submit(classify.one, data, name)
         return result | {"latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.post("/predict/batch", openapi_extra=_upload_body("image files", "files", many=True))
@@ -271,7 +282,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
                    for i, u in enumerate(form.getlist("files")) if isinstance(u, UploadFile)]
         if not uploads:
             raise HTTPException(422, "send one or more images in the multipart field 'files'")
-        results = await pool.submit(classify_many, uploads)
+        results = await pool.submit(classify.many, uploads)
         return {"results": results, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     log.debug("serving %s (%s): %s", model_path, info["format"], ", ".join(names))

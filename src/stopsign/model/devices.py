@@ -5,11 +5,13 @@ differ from the CPU's more than CUDA's, and Apple machines train fine on the CPU
 On the CPU nothing changes from stopsign without this module: float32, 8 views a backbone call, the decode
 workers asked for. On CUDA the pass autocasts (bf16 where the GPU has it, else fp16), uses channels_last (as the
 CPU does), pinned host memory, a batch sized to the GPU's memory and decode workers sized to the CPU's cores.
+torch_threads sets torch's CPU thread count for a block (a source's `threads`), for every fitter alike.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -83,3 +85,17 @@ def cache_suffix(device: torch.device) -> str:
     if dtype is not None:
         return f"-{device.type}-{str(dtype).removeprefix('torch.')}"
     return "" if device.type == "cpu" else f"-{device.type}"
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` (None: unchanged) for the block, then restored."""
+    previous = torch.get_num_threads()
+    if not threads or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

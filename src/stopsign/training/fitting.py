@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,17 +20,10 @@ from ..config import SCHEDULER_NAMES, TrainConfig
 from ..data.datasets import Sample
 from ..errors import StopsignError
 from ..model.backbones import make_head
+from ..model.devices import torch_threads
+from .results import FitResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitResult:
-    history: list[dict]
-    best: dict  # the kept epoch's row
-    head: nn.Linear  # with the kept epoch's weights
-    val_samples: list[Sample]  # the validation images that could be read, in the order of val_probs
-    val_probs: np.ndarray  # (len(val_samples), C) from the kept head
 
 
 def learned_nothing(result: FitResult, train_samples: list[Sample], config: TrainConfig) -> str | None:
@@ -217,20 +209,6 @@ def _on_cpu(state):
     if isinstance(state, (list, tuple)):
         return type(state)(_on_cpu(value) for value in state)
     return state
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    """torch's intra-op thread count set to `threads` (None: unchanged) for the block, then restored."""
-    previous = torch.get_num_threads()
-    if not threads or threads == previous:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager

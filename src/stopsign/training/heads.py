@@ -27,7 +27,8 @@ from ..config import TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
 from ..model.backbones import RegionHead, get_spec, region_logits
-from .fitting import FitResult, torch_threads
+from ..model.devices import torch_threads
+from .results import FitResult
 from .sources import CachedFeatures
 
 log = logging.getLogger(__name__)

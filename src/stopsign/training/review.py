@@ -108,13 +108,7 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
     extractor = make_extractor(config)
     source = CachedFeatures(extractor, samples, samples, config, progress)
     readable = source.readable(samples)
-    counts = np.bincount([s.label for s in readable], minlength=len(names))
-    k = int(min(folds, counts[counts > 0].min())) if len(readable) else 0
-    if k < 2 or (counts > 0).sum() < 2:
-        raise StopsignError(f"{data_path}: too few readable images to score out of fold (per class: "
-                            f"{dict(zip(names, counts.tolist()))}); at least two classes of two images are needed")
-    if k < folds:
-        log.warning("%d-fold instead of %d: the smallest class has %d images", k, folds, k)
+    k = fold_count(readable, names, folds, data_path)
 
     probs = out_of_fold(source, readable, names, extractor.feature_size, config.replace(folds=k), groups, progress)
     labels = np.array([s.label for s in readable])
@@ -122,6 +116,39 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
     log.debug("%d of %d images are suspected label errors (%d-fold, cleanlab)", len(ranked), len(readable), k)
 
     features = normalised(source.val_features[[source.val_rows[s.path] for s in readable]])
+    found = suspects_of(readable, probs, ranked, features, names, disagreeing_groups(samples, groups), neighbours)
+    unreadable = {str(s.path): s for s in samples}
+    for path, why in sorted((labelled.skipped | source.skipped).items()):
+        sample = unreadable.get(path)
+        found.append(Suspect(Path(path), names[sample.label] if sample else None, None, None,
+                             [f"could not be read: {why}"]))
+    if add is not None:
+        found += new_photo_suggestions(Path(os.path.abspath(add)), extractor, source, readable, features, names,
+                                       config, neighbours, progress)
+
+    issues_file = Path(out) / ISSUES_FILE
+    write_csv(issues_file, [row(s, labelled.root) for s in found], COLUMNS)
+    return Review(data_path, labelled, found, k, issues_file, time.perf_counter() - started)
+
+
+def fold_count(readable: list[Sample], names: list[str], folds: int, data_path: Path) -> int:
+    """K of the out-of-fold probabilities: `folds`, fewer (with a warning) when a class has fewer readable images;
+    an error when fewer than two classes have two."""
+    counts = np.bincount([s.label for s in readable], minlength=len(names))
+    k = int(min(folds, counts[counts > 0].min())) if len(readable) else 0
+    if k < 2 or (counts > 0).sum() < 2:
+        raise StopsignError(f"{data_path}: too few readable images to score out of fold (per class: "
+                            f"{dict(zip(names, counts.tolist()))}); at least two classes of two images are needed")
+    if k < folds:
+        log.warning("%d-fold instead of %d: the smallest class has %d images", k, folds, k)
+    return k
+
+
+def suspects_of(readable: list[Sample], probs: np.ndarray, ranked, features: np.ndarray, names: list[str],
+                disagreeing: list[list[Sample]], neighbours: int) -> list[Suspect]:
+    """A Suspect for each image cleanlab ranked (in its order), then for each readable member of a duplicate group
+    whose labels disagree; an image that is both has both reasons. `features`: normalised, in readable's order,
+    to find each suspect's nearest `neighbours`."""
     by_path: dict[Path, Suspect] = {}
 
     def suspect(i: int, reason: str) -> Suspect:
@@ -140,24 +167,12 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
     for i in ranked:
         suspect(int(i), f"held-out probability of {names[readable[i].label]!r} is {probs[i, readable[i].label]:.3f}")
     index = {s.path: i for i, s in enumerate(readable)}
-    for members in disagreeing_groups(samples, groups):
+    for members in disagreeing:
         for s in members:
             others = ", ".join(f"{o.path.name} ({names[o.label]})" for o in members if o is not s)
             if s.path in index:
                 suspect(index[s.path], f"a copy of {others}")
-    found = list(by_path.values())
-    unreadable = {str(s.path): s for s in samples}
-    for path, why in sorted((labelled.skipped | source.skipped).items()):
-        sample = unreadable.get(path)
-        found.append(Suspect(Path(path), names[sample.label] if sample else None, None, None,
-                             [f"could not be read: {why}"]))
-    if add is not None:
-        found += new_photo_suggestions(Path(os.path.abspath(add)), extractor, source, readable, features, names,
-                                       config, neighbours, progress)
-
-    issues_file = Path(out) / ISSUES_FILE
-    write_csv(issues_file, [row(s, labelled.root) for s in found], COLUMNS)
-    return Review(data_path, labelled, found, k, issues_file, time.perf_counter() - started)
+    return list(by_path.values())
 
 
 def out_of_fold(source: CachedFeatures, samples: list[Sample], class_names: list[str], num_features: int,

@@ -57,26 +57,9 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     written locally and uploaded as it grows, summary.json last (storage.py).
     """
     phases, clock, started = {}, time.perf_counter(), now()
-    resume_url = str(resume) if resume and is_url(str(resume)) else None
-    if resume_url:
-        check_writable(resume_url)  # credentials and bucket, before the data is fetched or anything trained
-    resume = local_run(resume_url) if resume_url else resume
-    config, run_dir = resolve_config(config, overrides, resume, url=resume_url)
-    if is_url(config.out) and not resume:
-        check_writable(config.out)
-    if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
-        log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
-                    "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
-                    config.cycle_epochs, rising_epochs(config))
-    if val is not None and config.folds > 1:
-        raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
-                            "fold, and a separate validation set would be merged into it. Fix: use one of them")
-    if data is None:
-        if not resume:
-            raise StopsignError("no data to train on: give DATA (or --resume RUN_DIR to continue a run)")
-        data = recorded_data(run_dir)
-    location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
-    data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
+    config, run_dir, resume, resume_url = resolve_run(config, overrides, resume)
+    check_recipe(config, val)
+    data, location = resolve_data(data, run_dir, resume, progress)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
     check_positive(config, data.class_names)
     groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
@@ -86,15 +69,9 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     upload = run_upload(config.out, run_dir, resume_url)
     sync = upload.sync if upload else lambda: None
     with discarded_unless_trained(run_dir, keep=bool(resume)):
-        folds = fold_numbers(train_samples, config, data.class_names, groups)
-        drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
-                  for k in range(1, config.folds + 1)} if folds else {"train": train_samples, "val": val_samples})
-        checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
-        for warning in checks.get("warnings", []):
-            log.warning("%s", warning)
+        folds, checks = draw_and_check(train_samples, val_samples, data, config, groups)
         extractor = make_extractor(config)
-        record = config.to_dict() | {"data": location or str(data.root), "backbone_weights_sha256": extractor.weights_sha256,
-                                     "preprocessing": extractor.preprocessing, "versions": versions()}
+        record = run_record(config, location or str(data.root), extractor)
         if not resume:
             write_json(run_dir / "config.json", record)
         phases["load and check data"] = time.perf_counter() - clock
@@ -105,8 +82,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
                        f"{upload.url if upload else run_dir}")
         source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
         skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
-        kept = {name: [s for s in samples if str(s.path) not in skipped]
-                for name, samples in (("train", train_samples), ("val", val_samples))}
+        kept = without_skipped(skipped, train=train_samples, val=val_samples)
         rendered = {s.path for s in synthetic}
         log.info("%s", describe_data(data, [s for s in kept["train"] if s.path not in rendered], kept["val"], config,
                                      groups, val, unreadable=source.skipped))  # once the counts are true
@@ -130,30 +106,16 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
                               trained_on=signature, groups=groups, after_save=sync)
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
-        stuck = learned_nothing(result, train_samples, config)
-        if stuck:
+        if stuck := learned_nothing(result, train_samples, config):
             log.error("%s", stuck)
 
         clock = time.perf_counter()
         test = score_test(extractor, result.head, data, signature, config)
         completed = now()
-        predictions = cv.pop("oof") if cv else Predictions(
-            [str(s.path) for s in result.val_samples], [s.label for s in result.val_samples], result.val_probs,
-            data.class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
-        run_info = {
-            "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
-                     "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
-            "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
-            "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
-                         "features": "cached" if config.cache else "recomputed every epoch"},
-            "synthetic negatives": (f"{len(synthetic)} rendered scenes with other signs and red things, in the "
-                                    "training split only" if synthetic else "none"),
-            "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
-                            else "the validation split",
-            "settings": config.to_dict(), "started": started, "completed": completed,
-            "seconds per phase": {k: round(v, 3) for k, v in phases.items()},
-        }
-        metrics = write_report(run_dir, predictions, history=result.history, run_info=run_info, checks=checks, cv=cv,
+        predictions = cv.pop("oof") if cv else validation_predictions(result, data.class_names, val_copies)
+        info = run_info(data, kept, skipped, config, extractor, synthetic, cv=cv,
+                        times={"started": started, "completed": completed, "phases": phases})
+        metrics = write_report(run_dir, predictions, history=result.history, run_info=info, checks=checks, cv=cv,
                                test=test, title=f"stopsign run {run_dir.name}", warnings=[stuck] if stuck else [])
         share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
         write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
@@ -165,6 +127,92 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         log.debug("phases: %s", {k: round(v, 2) for k, v in phases.items()})
         return RunResult(run_dir, result.best["epoch"], result.best["val_acc"], result.history, metrics,
                          upload.url if upload else None)
+
+
+def resolve_run(config: TrainConfig | None, overrides: dict, resume: str | Path | None
+                ) -> tuple[TrainConfig, Path | None, str | Path | None, str | None]:
+    """The settings, the run folder when resuming, the run to resume (the local copy of one at a URL) and its URL.
+    Where a URL will be written to, its credentials and bucket are checked first, before anything is fetched."""
+    resume_url = str(resume) if resume and is_url(str(resume)) else None
+    if resume_url:
+        check_writable(resume_url)  # credentials and bucket, before the data is fetched or anything trained
+    resume = local_run(resume_url) if resume_url else resume
+    config, run_dir = resolve_config(config, overrides, resume, url=resume_url)
+    if is_url(config.out) and not resume:
+        check_writable(config.out)
+    return config, run_dir, resume, resume_url
+
+
+def check_recipe(config: TrainConfig, val: str | Path | None) -> None:
+    """A warning when training is shorter than one learning-rate cycle; an error for --val with --folds."""
+    if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
+        log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
+                    "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
+                    config.cycle_epochs, rising_epochs(config))
+    if val is not None and config.folds > 1:
+        raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
+                            "fold, and a separate validation set would be merged into it. Fix: use one of them")
+
+
+def resolve_data(data: str | Path | LabelledData | None, run_dir: Path | None, resume: str | Path | None,
+                 progress: bool) -> tuple[LabelledData, str | None]:
+    """The labelled data (DATA, else the resumed run's own), and the URL config.json records for it (None when it
+    is not one)."""
+    if data is None:
+        if not resume:
+            raise StopsignError("no data to train on: give DATA (or --resume RUN_DIR to continue a run)")
+        data = recorded_data(run_dir)
+    location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
+    return (data if isinstance(data, LabelledData) else load_data(data, progress=progress)), location
+
+
+def draw_and_check(train_samples: list[Sample], val_samples: list[Sample], data: LabelledData, config: TrainConfig,
+                   groups: dict[str, int]) -> tuple[dict | None, dict]:
+    """Each training image's fold (with --folds), and the data checks of what was drawn, their warnings logged."""
+    folds = fold_numbers(train_samples, config, data.class_names, groups)
+    drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
+              for k in range(1, config.folds + 1)} if folds else {"train": train_samples, "val": val_samples})
+    checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
+    for warning in checks.get("warnings", []):
+        log.warning("%s", warning)
+    return folds, checks
+
+
+def run_record(config: TrainConfig, data_location: str, extractor: FeatureExtractor) -> dict:
+    """What config.json records: the settings, the data's location, the backbone's weights and preprocessing, and
+    the versions of the libraries."""
+    return config.to_dict() | {"data": data_location, "backbone_weights_sha256": extractor.weights_sha256,
+                               "preprocessing": extractor.preprocessing, "versions": versions()}
+
+
+def without_skipped(skipped: dict[str, str], **samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Each named list of samples without the files in `skipped` (those that could not be listed or decoded)."""
+    return {name: [s for s in part if str(s.path) not in skipped] for name, part in samples.items()}
+
+
+def validation_predictions(result, class_names: list[str], val_copies: dict) -> Predictions:
+    """The kept head's predictions of the validation images it could read, each marked if a training image's copy."""
+    return Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
+                       result.val_probs, class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
+
+
+def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[str, str], config: TrainConfig,
+             extractor: FeatureExtractor, synthetic: list[Sample], *, cv: dict | None, times: dict) -> dict:
+    """The report's account of the run: data, skipped files, backbone, settings, times (started, completed and
+    the seconds of each phase)."""
+    return {
+        "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
+                 "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
+        "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
+        "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
+                     "features": "cached" if config.cache else "recomputed every epoch"},
+        "synthetic negatives": (f"{len(synthetic)} rendered scenes with other signs and red things, in the "
+                                "training split only" if synthetic else "none"),
+        "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
+                        else "the validation split",
+        "settings": config.to_dict(), "started": times["started"], "completed": times["completed"],
+        "seconds per phase": {k: round(v, 3) for k, v in times["phases"].items()},
+    }
 
 
 LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "splits": "split folders",

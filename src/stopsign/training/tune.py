@@ -165,23 +165,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     optuna.logging.enable_propagation()
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
-    search = checked_search(search)
-    if resume:
-        run_dir, config = reopen_tune_folder(Path(resume), data, samples)
-        recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
-        if search and search != recorded:
-            raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
-                                f"study's ({recorded or 'none'}). Fix: resume without it, or tune in a new folder")
-        search = recorded
-        asked = overrides | ({"folds": folds} if folds is not None else {})
-        conflicts = config.conflicts(asked)
-        if conflicts:
-            raise StopsignError(f"cannot add trials to {run_dir} with other settings than its study "
-                                f"({'; '.join(conflicts)}): its trials would not compare. Fix: resume without "
-                                "them, or tune in a new folder")
-    else:
-        config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
-        run_dir = create_tune_folder(config, data, samples, search)
+    run_dir, config, search = tune_folder(data, samples, config, resume, folds, checked_search(search), overrides)
     space = search_space(search)
     score, skipped = scorer(data, samples, config, progress)
 
@@ -233,6 +217,27 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     found = (best["params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
     return TuneResult(run_dir, *found, final_run, config.folds, start["accuracy"], start["name"], trivial,
                       best["verdict"] if best else None)
+
+
+def tune_folder(data: LabelledData, samples: list[Sample], config: TrainConfig | None, resume: str | Path | None,
+                folds: int | None, search: dict[str, list], overrides: dict) -> tuple[Path, TrainConfig, dict]:
+    """The tune folder, the study's settings and its search of features: a resumed folder's own (another search or
+    settings asked of it are an error: its trials would not compare), or a new folder's, folds 5 by default."""
+    if not resume:
+        config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
+        return create_tune_folder(config, data, samples, search), config, search
+    run_dir, config = reopen_tune_folder(Path(resume), data, samples)
+    recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
+    if search and search != recorded:
+        raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
+                            f"study's ({recorded or 'none'}). Fix: resume without it, or tune in a new folder")
+    asked = overrides | ({"folds": folds} if folds is not None else {})
+    conflicts = config.conflicts(asked)
+    if conflicts:
+        raise StopsignError(f"cannot add trials to {run_dir} with other settings than its study "
+                            f"({'; '.join(conflicts)}): its trials would not compare. Fix: resume without "
+                            "them, or tune in a new folder")
+    return run_dir, config, recorded
 
 
 def scorer(data: LabelledData, samples: list[Sample], config: TrainConfig, progress: bool

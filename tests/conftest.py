@@ -111,6 +111,17 @@ def shared_photos() -> Path:
     return SHARED_PHOTOS
 
 
+@pytest.fixture(scope="session")
+def photo_features(request, tmp_path_factory) -> str:
+    """The feature cache the real-photo tests share, so efficientnet_lite0 sees each photo's view once a session:
+    the pytest cache's stopsign-features (kept between sessions, as test_serve's real-photo model keeps it), else
+    a session folder (pytest run with -p no:cacheprovider). Features are keyed by file content and view, so a test
+    that copies the photos reads them too."""
+    if hasattr(request.config, "cache"):
+        return str(request.config.cache.mkdir("stopsign-features"))
+    return str(tmp_path_factory.mktemp("photo-features"))
+
+
 # --- a tiny backbone, so training tests take seconds -------------------------------------------------
 
 

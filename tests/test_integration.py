@@ -9,9 +9,11 @@ from stopsign import evaluate, load_classifier, train
 pytestmark = pytest.mark.slow
 
 
-def test_real_photos_train_and_the_test_images_are_predicted_as_named(shared_photos, tmp_path):
-    result = train(shared_photos, backbone="efficientnet_lite0", out=str(tmp_path / "runs"),
-                   cache_dir=str(tmp_path / "cache"), progress=False)
+def test_real_photos_train_and_the_test_images_are_predicted_as_named(shared_photos, photo_features, tmp_path):
+    # The defaults but for runtime options: decoding in this process (on two busy cores the backbone runs
+    # fastest in one process), and the real-photo tests' shared feature cache, which evaluate below reads too.
+    result = train(shared_photos, backbone="efficientnet_lite0", out=str(tmp_path / "runs"), num_workers=0,
+                   cache_dir=photo_features, progress=False)
     assert result.best_val_acc >= 0.8
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert len(summary["accuracy"]["accuracy"]) == 1 and summary["accuracy"]["measured_on"] == "validation"  # logistic: one fit
@@ -27,5 +29,5 @@ def test_real_photos_train_and_the_test_images_are_predicted_as_named(shared_pho
         expected = "not_stop" if name.startswith("not-stop") else "stop"
         assert prediction.label == expected, prediction
     out_dir, metrics = evaluate(result.run_dir / "best.pt", shared_photos, out=tmp_path / "eval",
-                                progress=False, cache_dir=tmp_path / "cache")
+                                progress=False, cache_dir=photo_features, num_workers=0)
     assert metrics["n"] == 197 and metrics["accuracy"] >= 0.85

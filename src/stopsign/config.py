@@ -35,6 +35,9 @@ SGD_SETTINGS = ("epochs", "batch_size", "lr_base", "lr_max", "momentum", "weight
 # 108 to 0.95 with 270 on these features), and 30 per class make a held-out split worth reading (n = 60, not 24).
 DEMO_PER_CLASS = 300
 RECIPES = ("stopsign", "seed")
+# Options that say where and how fast a run goes, not what it learns: a resumed run may change them (Ultralytics'
+# check_resume does the same), e.g. continue on a GPU a run begun on a CPU.
+RUNTIME = ("device", "num_workers", "cache_dir")
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None,
@@ -135,9 +138,10 @@ class TrainConfig:
 
     def conflicts(self, asked: dict) -> list[str]:
         """The settings in `asked` that differ from these, as "name: asked X, recorded Y" (for --resume, which
-        continues with the recorded settings and must not silently ignore others)."""
+        continues with the recorded settings and must not silently ignore others); runtime options (RUNTIME: where
+        and how fast, not what is learned) may differ."""
         return [f"{name}: asked {value!r}, recorded {getattr(self, name)!r}" for name, value in asked.items()
-                if getattr(self, name) != value]
+                if name not in RUNTIME and getattr(self, name) != value]
 
 
 def relevant_settings(settings: dict) -> dict:

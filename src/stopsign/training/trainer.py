@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import RUNTIME, TrainConfig
 from ..cache import SYNTHETIC, store_dir
 from ..checkpoint import make_checkpoint, save_checkpoint
 from ..data.checks import check_data, duplicate_groups
@@ -324,7 +324,7 @@ def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Pa
         raise StopsignError(f"cannot resume {run_dir} with other settings than it recorded ({'; '.join(conflicts)}). "
                             "Fix: resume without them, or start a new run with them")
     remove_partial_files(run_dir)
-    return recorded, run_dir
+    return recorded.replace(**{name: value for name, value in overrides.items() if name in RUNTIME}), run_dir
 
 
 def recorded_data(run_dir: Path) -> str:

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,7 @@ def test_health_model_and_an_offline_page(client):
     assert info["class_names"] == ["not_stop", "stop"] and info["backbone"] == "tiny"
     assert info["preprocessing"]["size"] == 32 and info["format"] == "checkpoint"
     assert 0 <= info["metrics"]["accuracy"] <= 1 and info["metrics"]["best_epoch"] >= 1
+    assert info["metrics"]["baseline"]["majority_class"] in info["class_names"]  # the figure beside its baseline
     page = client.get("/")
     assert page.status_code == 200 and "<input id=\"picker\"" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works without internet
@@ -199,6 +201,7 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
             page = browser.new_page(viewport={"width": 1100, "height": 760})
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('efficientnet_lite0')")
+            header = page.locator("#model").inner_text()
             page.set_input_files("#picker", [str(stop), str(other)])
             page.wait_for_selector(".card[data-done='true'] >> nth=1", timeout=60_000)
             labels = {name: page.locator(f".card[data-file='{name}'] .label").inner_text()
@@ -211,6 +214,7 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
     # the page shows what the model says (on the demo's fallback scenes a small model may be wrong about one)
     said = {Path(row.path).name: row.label for row in load_classifier(checkpoint).predict([stop, other])}
     assert labels == said
+    assert re.search(r"validation (balanced )?accuracy \d+\.\d% \(n=\d+; always \w+: \d+\.\d%\)", header), header
     if data_is_shared():
         assert labels == {stop.name: "stop", other.name: "not_stop"}
     assert bars == 2  # one probability bar per class

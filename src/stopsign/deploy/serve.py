@@ -48,7 +48,8 @@ MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers ar
 DEFAULT_WORKERS = 2  # images decoded and classified at once: one decodes while the other runs the network
 DEFAULT_QUEUE = 8  # requests waiting for a worker before the next one gets 503
 RETRY_AFTER_S = 1
-METRIC_KEYS = {"metrics.json": ("n", "accuracy", "accuracy_ci95", "macro_f1", "roc_auc", "per_class", "confusion"),
+METRIC_KEYS = {"metrics.json": ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "baseline", "verdict",
+                                 "macro_f1", "roc_auc", "per_class", "confusion"),
                "summary.json": ("best_val_acc", "best_epoch", "started", "completed")}
 
 

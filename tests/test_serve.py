@@ -358,12 +358,17 @@ async def post_all(app, image: bytes, count: int, gate: Gate, *, answered: int =
         return list(await asyncio.gather(*tasks))
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_the_queued_requests_are_answered(trained):
-    _, data = trained
-    app = create_app(trained[0], workers=1, queue=1)
+def gated_app(trained, *, workers: int, queue: int):
+    """An app whose classifier waits at a Gate, and a stop photo to send it."""
+    checkpoint, data = trained
+    app = create_app(checkpoint, workers=workers, queue=queue)
     gate = Gate(app.state.classifier.image_probabilities)
     app.state.classifier.image_probabilities = gate
-    image = (data / "stop" / "stop-0.png").read_bytes()
+    return app, gate, (data / "stop" / "stop-0.png").read_bytes()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_queued_requests_are_answered(trained):
+    app, gate, image = gated_app(trained, workers=1, queue=1)
     # one runs (held by the gate), one waits in the queue, the third is refused at once
     responses = asyncio.run(post_all(app, image, 3, gate, answered=1))
     assert sorted(r.status_code for r in responses) == [200, 200, 503]
@@ -374,11 +379,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_queued_requests_are_a
 
 
 def test_sixteen_clients_at_once_are_classified_two_at_a_time(trained):
-    _, data = trained
-    app = create_app(trained[0], workers=2, queue=32)
-    gate = Gate(app.state.classifier.image_probabilities)
-    app.state.classifier.image_probabilities = gate
-    image = (data / "stop" / "stop-0.png").read_bytes()
+    app, gate, image = gated_app(trained, workers=2, queue=32)
     responses = asyncio.run(post_all(app, image, 16, gate, running=2))
     assert [r.status_code for r in responses] == [200] * 16
     assert gate.most == 2  # not 16 decodes and forward passes at once: memory stays bounded

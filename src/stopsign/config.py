@@ -7,6 +7,7 @@ command line builds `stopsign train`'s and `stopsign tune`'s flags from it, so a
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 # The registered backbones and schedulers, by name, here so that the CLI can offer them without importing
@@ -38,6 +39,12 @@ RECIPES = ("stopsign", "seed")
 # Options that say where and how fast a run goes, not what it learns: a resumed run may change them (Ultralytics'
 # check_resume does the same), e.g. continue on a GPU a run begun on a CPU.
 RUNTIME = ("device", "num_workers", "cache_dir")
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else every core): what the decode
+    workers, a GPU's decoders and serve's inference threads are sized by."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None,

@@ -18,7 +18,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import socket
 import sys
 import threading
@@ -34,6 +33,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from .. import __version__
+from ..config import available_cores
 from ..data.images import decode_image
 from ..decision import POSITIVE, decide
 from ..errors import ImageError, StopsignError
@@ -138,10 +138,6 @@ class InferencePool:
     def give_back(self, *_) -> None:
         with self.lock:
             self.taken -= 1
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def limit_torch_threads(threads: int) -> None:

@@ -10,11 +10,11 @@ torch_threads sets torch's CPU thread count for a block (a source's `threads`), 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
 
+from ..config import available_cores
 from ..errors import StopsignError
 
 CPU_FORWARD_CHUNK = 8  # views per backbone call on the CPU: see model/features.py
@@ -75,8 +75,7 @@ def decode_workers(device: torch.device, asked: int) -> int:
     only decodes, at least one per core but one (up to 16)."""
     if device.type == "cpu":
         return asked
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(asked, min(16, cores - 1))
+    return max(asked, min(16, available_cores() - 1))
 
 
 def cache_suffix(device: torch.device) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..config import available_cores
 from ..cache import FEATURES, store_dir
 from ..data.images import file_digest, read_image
 from ..errors import StopsignError
@@ -218,7 +219,7 @@ class FeatureExtractor:
         # each (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48 for the same model run
         # here with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread layer waits for the slower,
         # often descheduled, thread).
-        in_workers = 0 < workers and _cpu_count() <= workers and self.device.type == "cpu"
+        in_workers = 0 < workers and available_cores() <= workers and self.device.type == "cpu"
         collate = _ForwardViews(self.inference_model, self.autocast) if in_workers else list
         computed = 0
         loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=collate,
@@ -274,8 +275,6 @@ class _ForwardViews:
         return [(index, None, error) for index, _, error in batch], features
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _allocate(shape: tuple, store) -> np.ndarray:

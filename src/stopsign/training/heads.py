@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ..config import TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
-from ..model.backbones import RegionHead, get_spec, region_logits
+from ..model.backbones import get_spec
 from ..model.devices import torch_threads
+from ..model.pooling import RegionHead, region_logits
 from .results import FitResult
 from .sources import CachedFeatures
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 C_GRID = tuple(float(c) for c in 10.0 ** np.arange(-3, 2.5, 0.5))  # 0.001 … 100, half a decade apart
 MAX_ITER = 2000
+EPSILON = float(np.finfo(np.float64).eps)  # sklearn.metrics.log_loss's clip
 MAX_FOLDS = 5
 # The regions head scores an image by the best of its regions: with little regularisation a negative's best region
 # turns confidently positive, even where the max-pooled proxy is best at a larger C (bench/regions_fit.py and
@@ -56,7 +59,9 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
     if not isinstance(source, CachedFeatures):
         raise StopsignError("--head logistic fits on cached backbone features, and --no-cache recomputes them "
                             "every epoch instead. Fix: drop --no-cache, or use --head sgd with --no-cache")
-    with torch_threads(source.threads):
+    # One BLAS thread: the grid's fits multiply matrices of a few hundred rows, where more threads only wait on
+    # each other (bench/bench_speed.py, warm)
+    with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
         tick = time.perf_counter()
         readable = [s for s in train_samples if s.path in source.train_rows]
         present = sorted({s.label for s in readable})
@@ -112,8 +117,6 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
 
     Hand-written rather than GridSearchCV: each fold walks the grid from the smallest C with warm starts, and a
     class a fold's part lacks gets probability 0 in the log-loss."""
-    from sklearn.metrics import log_loss
-
     present = sorted({s.label for s in samples})
     smallest = int(min(np.bincount([s.label for s in samples])[present]))
     if smallest < 2:
@@ -131,11 +134,17 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
         x, x_held = scaler[1].fit_transform(x), scaler[1].transform(x_held)
         for i, c in enumerate(grid):
             fit_quietly(classifier[1].set_params(C=c), x, y)
-            probs = np.zeros((len(y_held), len(present)))  # a class this part lacks: probability 0
-            probs[:, np.searchsorted(present, classifier[1].classes_)] = classifier[1].predict_proba(x_held)
-            losses[i, fold] = log_loss(y_held, probs / probs.sum(axis=1, keepdims=True), labels=present)
+            losses[i, fold] = held_out_log_loss(classifier[1], x_held, y_held)
     scores = [(c, float(loss)) for c, loss in zip(grid, losses.mean(axis=1))]
     return min(scores, key=lambda pair: pair[1])[0], scores  # the first of equal scores: the smaller C
+
+
+def held_out_log_loss(classifier, x: np.ndarray, y: np.ndarray) -> float:
+    """The mean log-loss of `classifier` on (x, y); a class its fit lacked has probability 0, clipped as
+    scikit-learn's log_loss clips it (which costs more in parameter checks than the fit, on these small folds)."""
+    probs = np.zeros((len(y), max(int(y.max()), int(classifier.classes_.max())) + 1))
+    probs[:, classifier.classes_] = classifier.predict_proba(x)
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], EPSILON, 1)).mean())
 
 
 def pooled_rows(rows: tuple[np.ndarray, np.ndarray], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:

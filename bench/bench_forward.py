@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from stopsign.model.backbones import inference_model, load_backbone
+from stopsign.model.backbones import load_backbone
+from stopsign.model.rewrites import inference_model
 from stopsign.model.transforms import preprocess
 from stopsign.data.images import read_image
 

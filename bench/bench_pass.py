@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_pass.py [--repeats 3]
 
   plain, main, 32   decode in 2 DataLoader workers, the plain backbone in this process, 32 views a call (the floor)
-  fused, main, 32   the same with backbones.inference_model (BatchNorm folded, activations in place)
+  fused, main, 32   the same with rewrites.inference_model (BatchNorm folded, activations in place)
   fused, main, 8    ... 8 views a call
   stopsign pass     FeatureExtractor.extract: on a machine with no more cores than workers, each worker
                     decodes and runs the fused backbone on its own images, one thread each, 8 views a call
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench_speed import BACKBONE, split
-from stopsign.model.backbones import inference_model, load_backbone
+from stopsign.model.backbones import load_backbone
+from stopsign.model.rewrites import inference_model
 from stopsign.model.features import FeatureExtractor, ViewsDataset
 
 

@@ -19,7 +19,7 @@ from stopsign.data.checks import duplicate_groups
 from stopsign.data.datasets import kfold_samples, load_data
 from stopsign.training.crossval import cross_validate
 from stopsign.training.sources import CachedFeatures
-from stopsign.training.trainer import make_extractor
+from stopsign.training.plan import make_extractor
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 

@@ -140,6 +140,18 @@ def test_numbers_and_names_are_checked_before_any_data_is_read(tmp_path, capsys)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_recipe_fills_only_the_settings_not_written_and_a_written_default_counts():
+    from stopsign.cli import TRAIN_FIELDS, given
+    from stopsign.config import recipe_settings
+
+    args = build_parser().parse_args(["train", "data", "--recipe", "seed", "--tiles", "2", "--epochs", "10"])
+    # --epochs 10 is the default, yet written: --resume checks it against the run's own
+    assert given(args, TRAIN_FIELDS) == {"tiles": 2, "epochs": 10}
+    assert recipe_settings(args.recipe, given(args, TRAIN_FIELDS)) == {"pooling": "avg", "tiles": 2, "head": "sgd",
+                                                                       "epochs": 10}
+    assert recipe_settings("stopsign", {"tiles": 2}) == {"tiles": 2}
+
+
 def test_train_help_shows_each_default_once_and_no_misleading_ones(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

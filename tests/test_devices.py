@@ -9,7 +9,7 @@ import torch
 from stopsign.cli import main
 from stopsign.errors import StopsignError
 from stopsign.model import devices
-from stopsign.model.backbones import inference_model
+from stopsign.model.rewrites import inference_model
 from stopsign.model.devices import resolve_device
 from stopsign.model.features import FeatureExtractor
 from stopsign.model.transforms import preprocess

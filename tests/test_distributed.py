@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stopsign.model.backbones import BACKBONES
-from stopsign.training.distributed import feature_requests, owner
+from stopsign.training.plan import Plan, owner
 
 TESTS = Path(__file__).resolve().parent
 
@@ -26,12 +26,12 @@ from conftest import register_tiny
 from stopsign import store
 from stopsign.cli import main
 from stopsign.model import features
-from stopsign.training import distributed
+import torch.distributed as dist
 
 register_tiny(Path(sys.argv[1]))
 rank, counts = os.environ.get("RANK", "0"), os.environ.get("COUNTS")
 phase = ["share"]
-compute, commit, train = features.FeatureExtractor._compute, store._Writer.commit, distributed.train
+compute, commit, destroy = features.FeatureExtractor._compute, store._Writer.commit, dist.destroy_process_group
 
 
 def counted(self, *args, **kwargs):
@@ -42,9 +42,9 @@ def counted(self, *args, **kwargs):
     return computed
 
 
-def train_after_barrier(*args, **kwargs):
-    phase[0] = "train"
-    return train(*args, **kwargs)
+def destroy_after_the_shares():
+    phase[0] = "train"  # the ranks' group closes once every share is written: rank 0 computes alone after it
+    return destroy()
 
 
 def dying_commit(self):
@@ -55,17 +55,7 @@ def dying_commit(self):
 
 
 dying_commit.calls = 0
-features.FeatureExtractor._compute, distributed.train = counted, train_after_barrier
-if "tune" in sys.argv:
-    from stopsign.training import tune as tuning
-
-    tune = tuning.tune
-
-    def tune_after_barrier(*args, **kwargs):
-        phase[0] = "train"
-        return tune(*args, **kwargs)
-
-    tuning.tune = tune_after_barrier
+features.FeatureExtractor._compute, dist.destroy_process_group = counted, destroy_after_the_shares
 if os.environ.get("KILL_RANK") == rank:
     store.COMMIT_ROWS, store._Writer.commit = 1, dying_commit
 sys.exit(main(sys.argv[2:]))
@@ -155,13 +145,15 @@ def test_each_image_has_one_rank_by_content_and_the_requests_are_what_train_extr
     renamed = paths[0].rename(paths[0].with_name("renamed.png"))
     assert owner(renamed, 3) == ranks[0]  # by content: a rename keeps its rank
     from stopsign.config import TrainConfig
-    from stopsign.data.datasets import Sample
+    from stopsign.data.datasets import Sample, load_data
 
+    listing = load_data(data)
     train, val = [Sample(p, 0) for p in paths[:30]], [Sample(p, 1) for p in paths[30:]]
-    requests = feature_requests(train, val, [], TrainConfig(views=2))
-    assert [(len(s), v, t) for s, v, t in requests] == [(30, [1, 2], 2), (10, [0], 2), (40, [0], 1), (0, [0], 2)]
-    folds = feature_requests(train, [], [], TrainConfig(folds=3, augment=False))
-    assert [(len(s), v, t) for s, v, t in folds][:2] == [(30, [0], 2), (30, [0], 2)]
+    requests = Plan(listing, TrainConfig(views=2), train, val, {}).requests()
+    assert [(len(r.paths), r.views, r.tiles) for r in requests.values()] == [
+        (30, [1, 2], 2), (10, [0], 2), (30, [0], 1), (10, [0], 1), (0, [0], 2), (0, [0], 1)]
+    folds = Plan(listing, TrainConfig(folds=3, augment=False), train, [], {}).requests()
+    assert [(len(r.paths), r.views, r.tiles) for r in folds.values()][:2] == [(30, [0], 2), (30, [0], 2)]
 
 
 def trials_without_time(folder: Path) -> list[dict]:

@@ -33,12 +33,11 @@ from stopsign.errors import CheckpointError, DataError, StopsignError
 from stopsign.model.features import FeatureExtractor
 from stopsign.files import TEMPORARY_SUFFIX
 from stopsign.checkpoint import load_checkpoint
-from stopsign.training.runs import WRITE_PROBE
+from stopsign.runs import WRITE_PROBE
 from test_images import noisy_jpeg, palette_with_transparency, png_claiming, sixteen_bit_grey
 
 TESTS = Path(__file__).resolve().parent
 from stopsign.training import trainer as train_module
-runs_module = importlib.import_module("stopsign.training.runs")
 files_module = importlib.import_module("stopsign.files")
 
 

@@ -15,7 +15,7 @@ from stopsign import load_classifier, train
 from stopsign.config import TrainConfig
 from stopsign.data.datasets import load_data, split_samples
 from stopsign.data.images import read_image
-from stopsign.model.backbones import RegionHead, make_head
+from stopsign.model.pooling import RegionHead, make_head
 from stopsign.model.features import FeatureExtractor
 from stopsign.model.transforms import tile_views
 from stopsign.training import heads

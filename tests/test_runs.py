@@ -1,4 +1,5 @@
-"""training/runs.py: run folders, the state to resume from, data.json and summary.json records."""
+"""runs.py (run folders: made, never reused, cleaned after a kill) and training/runs.py (the state to resume from,
+the data.json and summary.json records)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from stopsign.config import TrainConfig
 from stopsign.data.datasets import Sample
 from stopsign.checkpoint import make_checkpoint, save_checkpoint
 from stopsign.errors import StopsignError
-from stopsign.training import runs
-from stopsign.training.runs import create_run_dir, data_record, remove_partial_files, summary
+from stopsign.runs import WRITE_PROBE, create_run_dir, remove_partial_files
+from stopsign.training.runs import data_record, resume_state, summary
 from test_checkpoint import BACKBONE
 
 
@@ -75,8 +76,8 @@ def test_checkpoint_keeps_the_resume_state(tmp_path):
     checkpoint = make_checkpoint(head, BACKBONE, ["a", "b"], {}, {"epoch": 1, "val_acc": None, "val_loss": None},
                                  resume=resume)
     save_checkpoint(tmp_path / "last.pt", checkpoint)
-    assert runs.resume_state(tmp_path) == resume
-    assert runs.resume_state(tmp_path / "elsewhere") is None
+    assert resume_state(tmp_path) == resume
+    assert resume_state(tmp_path / "elsewhere") is None
 
 
 # --- records ---------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_remove_partial_files_keeps_finished_files(tmp_path):
     for path in finished:
         path.write_text("done")
     partial = [run / ".last.pt.abc123.tmp", run / ".metrics.csv.x.tmp", run / "report" / ".index.html.q.tmp",
-               run / runs.WRITE_PROBE]
+               run / WRITE_PROBE]
     for path in partial:
         path.write_text("half")
     remove_partial_files(run)

@@ -14,7 +14,8 @@ from conftest import train_tiny
 
 from stopsign import TrainConfig, train
 from stopsign.errors import DataError, StopsignError
-from stopsign.model.backbones import FrozenBackboneClassifier, load_backbone
+from stopsign.model.backbones import load_backbone
+from stopsign.model.pooling import FrozenBackboneClassifier
 from stopsign.checkpoint import load_checkpoint
 from stopsign.training.fitting import is_better, make_optimizer, train_one_epoch
 

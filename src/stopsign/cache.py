@@ -83,6 +83,16 @@ def clear_cache(features_dir: str | os.PathLike | None = None) -> dict:
     return info
 
 
+def describe_cache(info: dict, cleared: bool = False) -> list[str]:
+    """What `stopsign cache info` (or `clear`, which says what it removed) shows of cache_info()'s dict."""
+    verb = "removed" if cleared else "holds"
+    return [f"feature cache {info['root']} {verb} {info['entries']} entries, {info['bytes'] / 1e6:.1f} MB",
+            *(f"  {name:<32} {folder['entries']:>8} entries {folder['bytes'] / 1e6:>9.1f} MB"
+              for name, folder in info["folders"].items()),
+            *(f"{name} {store['path']} {verb} {store['files']} files, {store['bytes'] / 1e6:.1f} MB"
+              for name, store in info["stores"].items())]
+
+
 def _clear_uploads(folder: Path) -> None:
     """The local copies of runs at URLs, except those whose upload has not finished: the error that stopped it
     promised that `--resume URL` continues from them, so they are results, not cache."""

@@ -123,3 +123,9 @@ def describe(checkpoint: dict, path: str | Path) -> list[tuple[str, str]]:
     if "resume" in checkpoint:
         lines.append(("resumable", f"yes: the training state after epoch {checkpoint['epoch']}"))
     return lines
+
+
+def describe_settings(checkpoint: dict) -> list[tuple[str, str]]:
+    """The training settings the checkpoint recorded, (name, value) pairs, less those describe() shows already."""
+    shown = ("backbone_weights_sha256", "preprocessing", "versions")
+    return [(key, short(value)) for key, value in (checkpoint.get("config") or {}).items() if key not in shown]

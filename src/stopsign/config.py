@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from .errors import StopsignError
+
 # The registered backbones and schedulers, by name, here so that the CLI can offer them without importing
 # torch; model/backbones.py and training/fitting.py check that their registries match.
 BACKBONE_NAMES = ("resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -128,7 +130,7 @@ class TrainConfig:
     @classmethod
     def seed_recipe(cls, **overrides) -> "TrainConfig":
         """The seed notebook's recipe exactly (average pooling, the whole image, the SGD head), then overrides."""
-        return cls(**(SEED_RECIPE | overrides))
+        return cls(**recipe_settings("seed", overrides))
 
     def positive_index(self, class_names: list[str]) -> int | None:
         """The index of the positive class of two-class data (--positive, else the class called stop); None for
@@ -149,6 +151,14 @@ class TrainConfig:
         and how fast, not what is learned) may differ."""
         return [f"{name}: asked {value!r}, recorded {getattr(self, name)!r}" for name, value in asked.items()
                 if name not in RUNTIME and getattr(self, name) != value]
+
+
+def recipe_settings(recipe: str, given: dict) -> dict:
+    """The settings `--recipe NAME` stands for (RECIPES: "stopsign", TrainConfig's defaults; "seed", SEED_RECIPE),
+    with those given explicitly winning: `--recipe seed --tiles 2` is the seed's recipe on a 2×2 grid."""
+    if recipe not in RECIPES:
+        raise StopsignError(f"there is no recipe {recipe!r}. Fix: name one of {', '.join(RECIPES)}")
+    return (SEED_RECIPE if recipe == "seed" else {}) | given
 
 
 def relevant_settings(settings: dict) -> dict:

@@ -1,1 +1,1 @@
-"""Layer 7, deploy: export to ONNX/TorchScript (export) and the HTTP service with its page (serve, static/)."""
+"""Layer 6, deploy: export to ONNX/TorchScript (export) and the HTTP service with its page (serve, static/)."""

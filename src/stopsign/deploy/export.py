@@ -30,7 +30,7 @@ from ..inference.exported import EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPU
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
-from ..model.backbones import FrozenBackboneClassifier, combine_tiles, pooled
+from ..model.pooling import FrozenBackboneClassifier, combine_tiles, pooled
 from ..model.transforms import decode_size, tile_count
 from ..cache import UPLOADS
 from ..checkpoint import load_checkpoint

@@ -1,1 +1,1 @@
-"""Layer 6, inference: the torch-free base (base), the exported format (exported), the backends (pytorch, torchscript, onnx), load_classifier (load), evaluate()."""
+"""Layer 5, inference (training's sibling: neither imports the other): the torch-free base (base), the exported format (exported), the backends (pytorch, torchscript, onnx), load_classifier (load), evaluate()."""

@@ -10,7 +10,10 @@ one decision rule (decision.decide), is here. The backends each depend only on t
 from __future__ import annotations
 
 import abc
+import csv
 import glob
+import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,36 @@ class Prediction:
     def to_dict(self) -> dict:
         data = {"path": self.path, "label": self.label, "probabilities": self.probabilities}
         return data | ({"error": self.error} if self.error else {})
+
+
+def prediction_lines(rows: list[Prediction], class_names: list[str], format: str = "table",
+                     threshold: float | None = None) -> list[str]:
+    """The rows as `stopsign predict` shows them: "json"; "csv", the columns of a run's predictions.csv (one
+    probability per class); or a "table" of each label and its probability (with a threshold, the positive
+    class's: the one the label follows)."""
+    if format == "json":
+        return [json.dumps([row.to_dict() for row in rows], indent=2)]
+    if format == "csv":
+        lines = [csv_line(["path", "label", *(f"p_{name}" for name in class_names), "error"])]
+        for r in rows:
+            probabilities = [f"{r.probabilities[name]:.4f}" if r.label else "" for name in class_names]
+            lines.append(csv_line([r.path, r.label or "", *probabilities, r.error or ""]))
+        return lines
+    shown = class_names[1] if threshold is not None else None
+    width, label_width = max([len(r.path) for r in rows] + [4]), max([len(name) for name in class_names] + [5])
+    lines = [f"{'path':<{width}}  {'label':<{label_width}} {f'p({shown})' if shown else 'probability'}"]
+    for r in rows:
+        value = (f"{r.label:<{label_width}} {r.probabilities[shown or r.label]:.3f}" if r.label
+                 else f"{'-':<{label_width}} error: {r.error}")
+        lines.append(f"{r.path:<{width}}  {value}")
+    return lines
+
+
+def csv_line(values: list) -> str:
+    """One CSV row, without its line end."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(values)
+    return buffer.getvalue()
 
 
 def images_under(folder: Path) -> list[Path]:

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch.distributed as dist
 
-from ..training.distributed import process_group, rank_and_world, rank_device
+from ..model.ranks import process_group, rank_and_world, rank_device
 from .base import Classifier, Prediction, expand_inputs
 from .load import load_classifier
 

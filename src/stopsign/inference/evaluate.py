@@ -11,7 +11,7 @@ from ..data.datasets import load_data
 from ..errors import StopsignError
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
-from ..training.runs import create_run_dir, run_upload
+from ..runs import create_run_dir, run_upload
 from .load import load_classifier
 
 

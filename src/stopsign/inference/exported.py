@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import short
 from ..errors import CheckpointError
 
 EXPORT_FORMAT = "stopsign-export"
@@ -32,6 +33,12 @@ def check_metadata(metadata: dict, path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: its stopsign metadata lacks {', '.join(missing)}; export it again")
     return metadata
+
+
+def describe_metadata(metadata: dict) -> list[tuple[str, str]]:
+    """What `stopsign info` shows of an exported file: its metadata, one (name, text) pair a key."""
+    return [(key, ", ".join(f"{k} {short(v)}" for k, v in value.items()) if isinstance(value, dict) else short(value))
+            for key, value in metadata.items()]
 
 
 def parse_onnx_properties(properties: dict[str, str], path: str | Path) -> dict:

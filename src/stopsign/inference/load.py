@@ -49,3 +49,18 @@ def load_classifier(path: str | Path, **options) -> Classifier:
     from .pytorch import CheckpointClassifier
 
     return CheckpointClassifier(load_checkpoint(path), source=str(path), **options)
+
+
+def describe_model(path: str | Path) -> list[str]:
+    """What `stopsign info` shows of a model (a path as load_classifier takes it), a line each: a checkpoint's own
+    description and recorded settings, or the metadata `stopsign export` wrote into an exported file."""
+    path = resolve_model_path(path)
+    if path.suffix.lower() in EXPORT_SUFFIXES:
+        from .exported import describe_metadata
+
+        return [f"{key:<18} {text}" for key, text in describe_metadata(load_classifier(path).metadata)]
+    from ..checkpoint import describe, describe_settings, load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    return ([f"{key:<18} {text}" for key, text in describe(checkpoint, path)] + ["settings"]
+            + [f"  {key:<16} {text}" for key, text in describe_settings(checkpoint)])

@@ -15,7 +15,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import CheckpointError
-from ..model.backbones import make_head
+from ..model.pooling import make_head
 from ..model.features import FeatureExtractor, default_cache_dir
 from ..model.signature import match_training
 from .base import Classifier

@@ -27,8 +27,9 @@ from ..data.images import file_digest, read_image
 from ..errors import StopsignError
 from ..store import MemoryStore, ShardStore
 from .devices import autocast_dtype, cache_suffix, decode_workers, forward_chunk, resolve_device
-from .backbones import (REGIONS, SLOTS, STORED, Backbone, combine_tiles, get_spec, inference_model, load_backbone,
-                        model_key, pooled, weights_sha256)
+from .backbones import Backbone, get_spec, load_backbone, model_key, weights_sha256
+from .pooling import REGIONS, SLOTS, STORED, combine_tiles, pooled
+from .rewrites import inference_model
 from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class FeatureExtractor:
 
         Each (view, tile) is one backbone pass whose every pooling is stored; `pooling` picks one and the tiles
         of a view (tiles > 1: the whole image and a tiles×tiles grid of crops) are combined by max, or for
-        regions laid side by side (model.backbones.combine_tiles).
+        regions laid side by side (model.pooling.combine_tiles).
         """
         views = list(views)
         pool = SLOTS[pooling]

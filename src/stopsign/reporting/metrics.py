@@ -3,7 +3,8 @@
 `compute_metrics()` turns `Predictions` into one JSON-ready dict (plain floats, ints, lists, None).
 Each number scikit-learn defines is taken from scikit-learn, so the report can be checked against it;
 the Wilson interval is scipy's; only what neither has (the binned calibration table and its ECE, the
-operating-point table) is computed here.
+operating-point table) is computed here. `evaluation_lines()` and `training_lines()` word the figures, beside their
+baselines and warnings, for the command line.
 """
 
 from __future__ import annotations
@@ -200,6 +201,73 @@ def headline(metrics: dict, where: str = "") -> str:
               else accuracy)
     return (f"{figure}{where}; always {base['majority_class']}: {base[lead]:.3f}; log-loss {metrics['log_loss']:.4f} "
             f"against the prior's {base['log_loss']:.4f}")
+
+
+def copies_sentence(metrics: dict) -> str | None:
+    """How many evaluated images the model was trained on, and the scores on the others (the ones to quote)."""
+    copies = metrics.get("training_copies")
+    if not copies:
+        return None
+    seen, n = copies["exact"] + copies["near"], metrics["n"]
+    if not seen:
+        return f"none of the {n} images is a training image of this model or a near copy of one"
+    sentence = (f"warning: {seen} of the {n} images are training images of this model ({copies['exact']} exact, "
+                f"{copies['near']} near copies): accuracy on them measures memory")
+    new = copies["new_images"]
+    if new:
+        low, high = new["accuracy_ci95"]
+        recall = ", ".join(f"{name} {r:.3f}" for name, r in new["recall"].items() if r is not None)
+        sentence += (f"; on the {new['n']} new images: accuracy {new['accuracy']:.3f} (95% CI {low:.2f}-{high:.2f}), "
+                     f"recall {recall} (the figure to quote)")
+    return sentence
+
+
+def warning_lines(metrics: dict) -> list[str]:
+    """What the run found wrong (a head no better than the class prior, a model no better than its baseline)."""
+    return [f"warning: {warning}" for warning in metrics.get("warnings", [])]
+
+
+def evaluation_lines(metrics: dict) -> list[str]:
+    """What `stopsign evaluate` says: the figure beside its baselines, the warnings, each class's scores, the
+    confusion matrix, and how many of the images the model was trained on."""
+    confusion, names = metrics["confusion"], list(metrics["per_class"])
+    lines = [headline(metrics), *warning_lines(metrics)]
+    for k, (name, row) in enumerate(metrics["per_class"].items()):
+        predicted = sum(line[k] for line in confusion)  # no image called this class: its precision is undefined
+        precision = f"{row['precision']:.3f}" if predicted else "n/a"
+        recall = f"{row['recall']:.3f}" if row["support"] else "n/a"
+        lines.append(f"  {name:<16} precision {precision:<5}  recall {recall:<5}  f1 {row['f1']:.3f}  "
+                     f"support {row['support']}")
+    corner = "truth / predicted"
+    width = max(len(name) for name in names + [corner])
+    lines += ["confusion (rows: truth, columns: predicted)",
+              f"  {corner:<{width}} " + " ".join(f"{name:>{max(len(name), 5)}}" for name in names)]
+    lines += [f"  {name:<{width}} " + " ".join(f"{count:>{max(len(other), 5)}}" for other, count in zip(names, line))
+              for name, line in zip(names, confusion)]
+    copies = copies_sentence(metrics)
+    return lines + [copies] if copies else lines
+
+
+def training_lines(metrics: dict, epochs: int, best_epoch: int) -> list[str]:
+    """What a training command says last: the accuracy to trust (cross-validated, else on the validation images
+    with what makes it optimistic, then the test split's) and the warnings. epochs: the rows of its history."""
+    cv = metrics.get("cv")
+    if cv:
+        folds = f", mean of folds {cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f}"
+        lines = [f"{cv['folds']}-fold cross-validated {headline(metrics, folds)}; final model trained on all data",
+                 *warning_lines(metrics)]
+    else:
+        # the SGD head keeps the best of its epochs; a head fit in one step (logistic) chose nothing on them
+        lines = [f"best validation {headline(metrics, f' at epoch {best_epoch}')}" if epochs > 1
+                 else f"validation {headline(metrics)}", *warning_lines(metrics)]
+        selection, copies = (metrics.get("selection") or {}).get("warning"), copies_sentence(metrics)
+        if selection:
+            lines.append(f"warning: {selection}")
+        if copies and copies.startswith("warning"):  # the copies matter here only when there are some
+            lines.append(copies)
+    if metrics.get("test"):
+        lines.append(f"test {headline(metrics['test'])}: scored once with the kept model, the figure to quote")
+    return lines
 
 
 def training_copies(pred: Predictions) -> dict:

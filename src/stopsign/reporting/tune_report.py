@@ -163,3 +163,18 @@ def best_settings(best: dict, search_space: dict) -> tuple[tuple[list, list], tu
                 [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]
                  for name in search_space if any(uses(p, name) for p in params)])
     return scores, settings
+
+
+def summary_lines(result) -> list[str]:
+    """What `stopsign tune` says at the end of a training.tune.TuneResult: the final model, a warning when the best
+    trial does not beat always answering the majority class, and the best accuracy beside the starting recipe's."""
+    if not result.best_params:
+        return [f"no completed trial yet; the study is in {result.run_dir}"]
+    lines = []
+    if result.final_run:
+        lines.append(f"final model (best settings, all data): {result.final_run.run_dir / 'best.pt'}")
+    if result.verdict["message"]:
+        lines.append(f"warning: {result.verdict['message']}")
+    return lines + [f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} "
+                    f"({result.start_name} {result.start_accuracy:.3f}; always {result.baseline['majority_class']} "
+                    f"{result.baseline['accuracy']:.3f}); output folder {result.run_dir}"]

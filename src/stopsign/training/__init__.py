@@ -1,1 +1,2 @@
-"""Layer 5, training: the epoch loop (fitting), sources of batches (sources), K-fold (crossval), the run folder (runs), train() (trainer), tune()."""
+"""Layer 5, training (inference's sibling: neither imports the other): the epoch loop (fitting), sources of batches
+(sources), K-fold (crossval), what a run records (runs), the plan every run shares (plan), train() (trainer), tune()."""

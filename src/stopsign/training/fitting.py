@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..config import SCHEDULER_NAMES, TrainConfig
 from ..data.datasets import Sample
 from ..errors import StopsignError
-from ..model.backbones import make_head
+from ..model.pooling import make_head
 from ..model.devices import torch_threads
 from .results import FitResult
 

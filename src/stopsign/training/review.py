@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ import torch
 
 from ..cache import REMOTE, store_dir
 from ..config import TrainConfig
-from ..data.checks import duplicate_groups
 from ..data.datasets import LabelledData, Sample, load_data
 from ..data.images import list_images
 from ..errors import StopsignError
@@ -33,7 +32,7 @@ from ..storage import is_url
 from .crossval import held_out_predictions
 from .fitting import fit
 from .sources import CachedFeatures
-from .trainer import make_extractor
+from .plan import Request, extract, make_extractor, prepare
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,14 @@ class Review:
     issues_file: Path
     seconds: float
 
+    def summary(self) -> str:
+        """One line: how many suspects of each kind, among how many images, and where the list is."""
+        kinds = [("suspected label errors", lambda s: not s.new and s.suggested is not None),
+                 ("unreadable", lambda s: not s.new and s.suggested is None), ("new photos", lambda s: s.new)]
+        counts = ", ".join(f"{sum(map(test, self.suspects))} {kind}" for kind, test in kinds)
+        return (f"{counts} among {len(self.data.samples)} images ({self.folds}-fold, {self.seconds:.1f} s): "
+                f"{self.issues_file}")
+
 
 def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None, folds: int = 5,
                   add: str | os.PathLike | None = None, out: str | os.PathLike = "review", progress: bool = False,
@@ -103,8 +110,9 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
         raise StopsignError(f"--out {out} is inside the class folders of {labelled.root}, where it would be read as "
                             "a class. Fix: choose an --out outside the data folder")
     names = labelled.class_names
-    samples = labelled.samples
-    groups = duplicate_groups((s.path for s in samples), progress=progress)
+    # every image alike, whatever split the layout puts it in; K is settled once the readable images are known
+    plan = prepare(replace(labelled, splits=None), config.replace(folds=folds), progress=progress)
+    samples, groups = plan.train, plan.groups
     extractor = make_extractor(config)
     source = CachedFeatures(extractor, samples, samples, config, progress)
     readable = source.readable(samples)
@@ -207,7 +215,8 @@ def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, sampl
     if not photos:
         log.warning("--add %s: no images in that folder", folder)
         return []
-    extracted = extractor.extract(photos, pooling=config.pooling, tiles=config.tiles, progress=progress)
+    new = {"new": Request(photos, [0], config.tiles, config.pooling)}  # plain, as the head sees them
+    extracted = extract(new, extractor, progress=progress)["new"]
     # one fit, as long as one fold: no bar to show, so say what the wait is for
     log.info("labelling %d new photo(s): a head trained on all %d labelled images", len(photos), len(samples))
     head = fit(source, extractor.feature_size, len(class_names), samples, [], config,

@@ -1,94 +1,21 @@
-"""The run folder: making it, uploading it as it grows, and what a run records (config, split, metrics,
-summary, the state to resume from). The checkpoints in it are checkpoint.py's. Every file is written with
-files.py's atomic writes.
+"""What a training run records in its folder: the split (data.json), the metrics' columns, the summary, the
+versions, and the state to resume from. The folder itself (making it, its upload) is stopsign/runs.py's; the
+checkpoints in it are checkpoint.py's. Every file is written with files.py's atomic writes.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from ..cache import UPLOADS
 from ..checkpoint import load_checkpoint
 from ..config import relevant_settings
-from ..errors import CheckpointError, StopsignError
+from ..errors import CheckpointError
 from ..files import relative
-from ..files import remove_partial_files as remove_temporary_files
-from ..storage import RunUpload, check_writable, download_folder, exists, is_url, join, mirror_dir
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
-WRITE_PROBE = ".write-test"
 
-log = logging.getLogger(__name__)
-
-
-def remove_partial_files(run_dir: Path) -> None:
-    """Delete what a killed run left half-done: unfinished atomic writes and the write probe."""
-    remove_temporary_files(run_dir)
-    (Path(run_dir) / WRITE_PROBE).unlink(missing_ok=True)
-
-
-def create_run_dir(out: str | Path, name: str | None, prefix: str) -> Path:
-    """A new folder under `out`; never reuses one. Fails early, naming the path, when `out` is unwritable.
-
-    `out` may be a URL (s3://bucket/runs): the folder is then made in the local copy of it (storage.UPLOADS),
-    under a name free both there and in the bucket, once a probe object proved the bucket writable.
-    """
-    remote = is_url(str(out))
-    if remote:
-        check_writable(str(out))
-    local_out = mirror_dir(str(out), UPLOADS) if remote else Path(out)
-    base = name or f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    try:
-        local_out.mkdir(parents=True, exist_ok=True)
-        for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
-            path = local_out / f"{base}{suffix}"
-            if remote and exists(join(str(out), path.name)):
-                continue
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            try:
-                probe = path / WRITE_PROBE
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)  # a folder we could not write is no run: leave none
-                raise
-            if suffix and name:
-                log.warning("%s already exists; this run goes to %s",
-                            join(str(out), base) if remote else local_out / base,
-                            join(str(out), path.name) if remote else path)
-            return path
-    except OSError as error:
-        raise StopsignError(f"cannot write the run folder under {local_out}: {error.strerror or error}. "
-                            "Fix: choose another folder with --out, or free disk space.") from error
-    raise StopsignError(f"no free run name {base}-N under {out}; pass another --name")
-
-
-def run_upload(out: str | Path, run_dir: Path, url: str | None = None) -> RunUpload | None:
-    """For a run whose --out is a URL (or a resumed one at `url`): what uploads its folder as it grows."""
-    if url or is_url(str(out)):
-        return RunUpload(run_dir, url or join(str(out), run_dir.name))
-    return None
-
-
-def local_run(url: str) -> Path:
-    """The local folder of a run at a URL, for --resume: the local copy when this machine wrote it (it may hold
-    files the upload did not finish), else the bucket's files, downloaded."""
-    parent, _, name = url.rstrip("/").rpartition("/")
-    local = mirror_dir(parent, UPLOADS) / name
-    if not (local / "config.json").is_file():
-        download_folder(url, local)
-    return local
-
-
-# --- what a run records -------------------------------------------------------------------------------
 
 def resume_state(run_dir: Path) -> dict | None:
     """The training state saved after the last finished epoch, or None when no epoch finished."""

@@ -21,9 +21,10 @@ from ..config import TrainConfig
 from ..data.datasets import Sample
 from ..data.images import file_digest, read_image
 from ..errors import StopsignError
-from ..model.backbones import FrozenBackboneClassifier
-from ..model.features import FeatureExtractor, ViewsDataset, view_loader
+from ..model.pooling import FrozenBackboneClassifier
+from ..model.features import FeatureExtractor, FeatureSet, ViewsDataset, view_loader
 from ..model.transforms import view_params
+from .plan import extract, source_requests
 
 
 class CachedFeatures:
@@ -35,12 +36,10 @@ class CachedFeatures:
     threads = 1
 
     def __init__(self, extractor: FeatureExtractor, train: list[Sample], val: list[Sample], config: TrainConfig,
-                 progress: bool = False):
-        views = range(1, config.views + 1) if config.augment and config.views > 0 else [0]
-        kind = {"pooling": config.pooling, "tiles": config.tiles}
-        augmented = extractor.extract([s.path for s in train], views=views, seed=config.seed,
-                                      rotation=config.rotation, progress=progress, **kind)
-        plain = extractor.extract([s.path for s in val], progress=progress, **kind)
+                 progress: bool = False, *, features: dict[str, FeatureSet] | None = None):
+        """features: those of plan.source_requests(train, val, config), when extracted already (train())."""
+        features = features or extract(source_requests(train, val, config), extractor, progress=progress)
+        augmented, plain = features["train"], features["held out"]
         self.train_rows = {p: row for row, p in enumerate(augmented.paths)}
         self.val_rows = {p: row for row, p in enumerate(plain.paths)}
         self.train_features, self.val_features = augmented.features, plain.features[:, 0]

@@ -1,6 +1,7 @@
-"""train(): data → split → checks → features → (cross-validation) → fit() → run folder → report.
+"""train(): plan (data → groups → split, training/plan.py) → run folder → checks → features → (cross-validation)
+→ fit() → report.
 
-Each step is a function below, in the order train() calls them. config.json is written once the data proved
+Each step is a function below or in plan.py, in the order train() calls them. config.json is written once the data proved
 usable, data.json once the features are known (so it lists the files that could not be decoded), metrics.csv
 and last.pt after every epoch: a run killed at any point resumes from its last finished epoch.
 """
@@ -17,21 +18,21 @@ from pathlib import Path
 import torch
 
 from ..config import RUNTIME, TrainConfig
-from ..cache import SYNTHETIC, store_dir
 from ..checkpoint import make_checkpoint, save_checkpoint
-from ..data.checks import check_data, duplicate_groups
-from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
-from ..errors import DataError, Interrupted, StopsignError
-from ..files import now, read_json, relative, write_csv, write_json
-from ..model.features import FeatureExtractor, default_cache_dir
+from ..data.checks import check_data
+from ..data.datasets import LabelledData, Sample, load_data
+from ..errors import Interrupted, StopsignError
+from ..files import now, read_json, write_csv, write_json
+from ..model.features import FeatureExtractor, FeatureSet
 from ..model.signature import make_signature, match_training
 from ..reporting.metrics import Predictions
 from ..reporting.report import write_report
 from .crossval import cross_validate
 from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
+from .plan import Plan, extract, make_extractor, prepare, ranks, share
 from ..storage import check_writable, exists, is_url, join
-from .runs import (METRIC_COLUMNS, create_run_dir, data_record, local_run, remove_partial_files, resume_state,
-                   run_upload, summary, versions)
+from ..runs import create_run_dir, local_run, remove_partial_files, run_upload
+from .runs import METRIC_COLUMNS, data_record, resume_state, summary, versions
 from .sources import CachedFeatures, LiveImages
 
 log = logging.getLogger(__name__)
@@ -48,78 +49,78 @@ class RunResult:
 
 
 def train(data: str | Path | LabelledData | None = None, *, val: str | Path | None = None, config: TrainConfig | None = None,
-          resume: str | Path | None = None, progress: bool = True, **overrides) -> RunResult:
+          resume: str | Path | None = None, progress: bool = True, distributed: bool | None = None,
+          **overrides) -> RunResult | None:
     """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.
 
     resume: a run folder of an interrupted run; its own config.json and data.json split are used, and its data
-    folder when `data` is None. Overrides that differ from what it recorded are an error, never ignored.
-    data, resume and config.out may be URLs (s3://...): data is fetched into a local mirror, and the run is
-    written locally and uploaded as it grows, summary.json last (storage.py).
+    folder when `data` is None. Overrides that differ from what it recorded are an error, never ignored. data,
+    resume and config.out may be URLs (s3://...): data is fetched into a local mirror, and the run is written
+    locally and uploaded as it grows, summary.json last (storage.py). Under torchrun (distributed=None: when
+    launched by it) every rank computes its share of the features, then rank 0 trains as a single process would
+    and returns the RunResult; the other ranks return None (plan.py).
     """
     phases, clock, started = {}, time.perf_counter(), now()
     config, run_dir, resume, resume_url = resolve_run(config, overrides, resume)
     check_recipe(config, val)
-    data, location = resolve_data(data, run_dir, resume, progress)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
-    check_positive(config, data.class_names)
-    groups = duplicate_groups(s.path for s in data.samples)  # exact and near copies: kept on one side of a split
-    train_samples, val_samples = choose_split(data, config, val, recorded, groups)
-    synthetic = synthetic_training_images(data, config, progress)
+    with ranks(config.device, distributed) as (shard, device):
+        config, progress = config.replace(device=device), progress and shard[0] == 0
+        data, location = resolve_data(data, config, run_dir, resume, progress)
+        plan = prepare(data, config, val=val, recorded=recorded, shard=shard, progress=progress)
+        share(plan, shard, progress)  # under torchrun: this rank's share of the features, into the shared store
+    if shard[0] != 0:
+        return None  # rank 0 trains on what every rank computed
     run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
     upload = run_upload(config.out, run_dir, resume_url)
     sync = upload.sync if upload else lambda: None
     with discarded_unless_trained(run_dir, keep=bool(resume)):
-        folds, checks = draw_and_check(train_samples, val_samples, data, config, groups)
+        checks = check_drawn(plan)
         extractor = make_extractor(config)
         record = run_record(config, location or str(data.root), extractor)
         if not resume:
             write_json(run_dir / "config.json", record)
         phases["load and check data"] = time.perf_counter() - clock
 
-        train_samples = train_samples + synthetic  # training only: never validated, never in a fold's held-out part
         clock = time.perf_counter()
-        resume_hint = (f"Continue with: stopsign train {location or data.root} --resume "
-                       f"{upload.url if upload else run_dir}")
-        source = make_source(extractor, train_samples, val_samples, config, progress, resume_hint)
+        hint = f"Continue with: stopsign train {location or data.root} --resume {upload.url if upload else run_dir}"
+        source, features = make_source(extractor, plan, progress, hint)
         skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
-        kept = without_skipped(skipped, train=train_samples, val=val_samples)
-        rendered = {s.path for s in synthetic}
-        log.info("%s", describe_data(data, [s for s in kept["train"] if s.path not in rendered], kept["val"], config,
-                                     groups, val, unreadable=source.skipped))  # once the counts are true
+        kept = without_skipped(skipped, train=plan.training, val=plan.val)
+        log.info("%s", describe_data(plan, kept, val, unreadable=source.skipped))  # once the counts are true
         if recorded is None:
             write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped,
-                                                          record, groups, folds, synthetic))
+                                                          record, plan.groups, plan.folds, plan.synthetic))
         phases["features"] = time.perf_counter() - clock
 
-        signature, val_copies = describe_training(extractor, kept["train"], kept["val"], progress)
+        signature, val_copies = describe_training(features)
         cv = None
         if config.folds > 1:
             clock = time.perf_counter()
-            real = [s for s in train_samples if s not in synthetic]
-            cv = cross_validate(source, real, data.class_names, extractor.feature_size, config, groups, synthetic,
-                                progress=progress)
+            cv = cross_validate(source, plan.train, data.class_names, extractor.feature_size, config, plan.groups,
+                                plan.synthetic, progress=progress)
             phases["cross-validation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        result = fit_and_save(run_dir, source, extractor, data.class_names, train_samples, val_samples, config, record,
-                              state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=resume_hint,
-                              trained_on=signature, groups=groups, after_save=sync)
+        result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, config, record,
+                              state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=hint,
+                              trained_on=signature, groups=plan.groups, after_save=sync)
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
-        if stuck := learned_nothing(result, train_samples, config):
+        if stuck := learned_nothing(result, plan.training, config):
             log.error("%s", stuck)
 
         clock = time.perf_counter()
-        test = score_test(extractor, result.head, data, signature, config)
+        test = score_test(plan, features, result.head, signature)
         completed = now()
         predictions = cv.pop("oof") if cv else validation_predictions(result, data.class_names, val_copies)
-        info = run_info(data, kept, skipped, config, extractor, synthetic, cv=cv,
+        info = run_info(data, kept, skipped, config, extractor, plan.synthetic, cv=cv,
                         times={"started": started, "completed": completed, "phases": phases})
         metrics = write_report(run_dir, predictions, history=result.history, run_info=info, checks=checks, cv=cv,
                                test=test, title=f"stopsign run {run_dir.name}", warnings=[stuck] if stuck else [])
-        share = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
+        share_trained = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
         write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
-                   summary(record, result.history, result.best, started, completed, share_trained=share,
+                   summary(record, result.history, result.best, started, completed, share_trained=share_trained,
                            cv_accuracy=cv["mean"]["accuracy"] if cv else None, metrics=metrics))
         if upload:
             upload.finish()  # the report, then summary.json
@@ -154,28 +155,33 @@ def check_recipe(config: TrainConfig, val: str | Path | None) -> None:
                             "fold, and a separate validation set would be merged into it. Fix: use one of them")
 
 
-def resolve_data(data: str | Path | LabelledData | None, run_dir: Path | None, resume: str | Path | None,
-                 progress: bool) -> tuple[LabelledData, str | None]:
-    """The labelled data (DATA, else the resumed run's own), and the URL config.json records for it (None when it
-    is not one)."""
+def resolve_data(data: str | Path | LabelledData | None, config: TrainConfig, run_dir: Path | None,
+                 resume: str | Path | None, progress: bool) -> tuple[LabelledData, str | None]:
+    """The labelled data (DATA, else the resumed run's own), checked against --positive, and the URL config.json
+    records for it (None when it is not one)."""
     if data is None:
         if not resume:
             raise StopsignError("no data to train on: give DATA (or --resume RUN_DIR to continue a run)")
-        data = recorded_data(run_dir)
+        data = read_json(run_dir / "config.json").get("data")  # what `--resume RUN` trains on without DATA
+        if not data:
+            raise StopsignError(f"{run_dir} does not record its data folder (a run of stopsign 0.1): give DATA too")
     location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
-    return (data if isinstance(data, LabelledData) else load_data(data, progress=progress)), location
+    data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
+    # an error, not a silent fallback: the regions head and the synthetic negatives would do without a positive
+    if config.positive is not None and config.positive_index(data.class_names) is None:
+        raise StopsignError(f"--positive {config.positive}: the positive class must be one of two classes; these "
+                            f"data have {data.class_names}. Fix: name one of them, or drop --positive")
+    return data, location
 
 
-def draw_and_check(train_samples: list[Sample], val_samples: list[Sample], data: LabelledData, config: TrainConfig,
-                   groups: dict[str, int]) -> tuple[dict | None, dict]:
-    """Each training image's fold (with --folds), and the data checks of what was drawn, their warnings logged."""
-    folds = fold_numbers(train_samples, config, data.class_names, groups)
-    drawn = ({f"fold {k}": [s for s in train_samples if folds[str(s.path)] == k]
-              for k in range(1, config.folds + 1)} if folds else {"train": train_samples, "val": val_samples})
-    checks = check_data(drawn, data.class_names)  # the crossing count is of what was drawn, folds included
+def check_drawn(plan: Plan) -> dict:
+    """The data checks of what was drawn (each fold with --folds, else train and validation), warnings logged."""
+    drawn = ({f"fold {k}": [s for s in plan.train if plan.folds[str(s.path)] == k]
+              for k in range(1, plan.config.folds + 1)} if plan.folds else {"train": plan.train, "val": plan.val})
+    checks = check_data(drawn, plan.data.class_names)  # the crossing count is of what was drawn, folds included
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
-    return folds, checks
+    return checks
 
 
 def run_record(config: TrainConfig, data_location: str, extractor: FeatureExtractor) -> dict:
@@ -219,42 +225,16 @@ LAYOUT_NAMES = {"cvstudio": "CV Studio export", "folders": "class folders", "spl
                 "csv": "CSV"}
 
 
-def check_positive(config: TrainConfig, class_names: list[str]) -> None:
-    """A --positive that names no class of two-class data is an error: the regions head and the synthetic
-    negatives would silently do without one."""
-    if config.positive is not None and config.positive_index(class_names) is None:
-        raise StopsignError(f"--positive {config.positive}: the positive class must be one of two classes; these "
-                            f"data have {class_names}. Fix: name one of them, or drop --positive")
-
-
-def synthetic_training_images(data: LabelledData, config: TrainConfig, progress: bool) -> list[Sample]:
-    """config.synthetic_negatives rendered negatives (data/demo.py), labelled with the negative class of two-class
-    data: the positive class is config.positive, else the class called stop."""
-    if not config.synthetic_negatives:
-        return []
-    from ..data.demo import synthetic_negatives  # the scene renderer: off the training path unless asked for
-
-    names = data.class_names
-    positive = config.positive_index(names)
-    if positive is None:
-        raise StopsignError(f"--synthetic-negatives adds images of the negative class of two-class data with a "
-                            f"positive class; these data have classes {names}" + ("" if len(names) != 2 else
-                            " and none is called stop. Fix: name the positive class with --positive"))
-    negative = 1 - positive
-    paths = synthetic_negatives(store_dir(SYNTHETIC), config.synthetic_negatives, seed=config.seed, progress=progress)
-    log.info("adding %d rendered %s scenes (other signs, red things) to the training split only",
-             len(paths), names[negative])
-    return [Sample(path, negative) for path in paths]
-
-
-def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig,
-                  groups: dict[str, int], val: str | Path | None, unreadable: dict[str, str] | None = None) -> str:
+def describe_data(plan: Plan, kept: dict[str, list[Sample]], val: str | Path | None,
+                  unreadable: dict[str, str] | None = None) -> str:
     """The line a training command shows once the features are known: layout, classes and counts of the readable
     images, how validation is drawn, and how many images were skipped as unreadable.
 
-    train_samples, val_samples: those trained and validated on (readable, no synthetic ones); unreadable: the
-    paths that could not be decoded, of any set."""
-    unreadable = unreadable or {}
+    kept: the readable images trained and validated on (rendered ones are left out here); unreadable: the paths
+    that could not be decoded, of any set."""
+    data, config, groups, unreadable = plan.data, plan.config, plan.groups, unreadable or {}
+    rendered = {s.path for s in plan.synthetic}
+    train_samples, val_samples = [s for s in kept["train"] if s.path not in rendered], kept["val"]
     readable = [s for s in data.samples if str(s.path) not in unreadable]
     counts = " / ".join(f"{name} {count}" for name, count in data.class_counts(readable).items())
     grouping = f", grouped by {len(set(groups.values()))} duplicate groups" if groups else ""
@@ -270,19 +250,16 @@ def describe_data(data: LabelledData, train_samples: list[Sample], val_samples: 
     return f"{LAYOUT_NAMES.get(data.layout, data.layout)}: {len(readable)} images, {counts}; {how}{skipped}"
 
 
-def score_test(extractor: FeatureExtractor, head, data: LabelledData, signature: dict, config: TrainConfig
-               ) -> Predictions | None:
+def score_test(plan: Plan, features: dict[str, FeatureSet], head, signature: dict) -> Predictions | None:
     """The layout's test/ split, scored once with the kept model: the unbiased figure (None without one)."""
-    samples = (data.splits or {}).get("test") or []
-    if not samples:
+    if not plan.test:
         return None
-    features = extractor.extract([s.path for s in samples], pooling=config.pooling, tiles=config.tiles)
-    plain = extractor.extract(features.paths)  # the signature's kind of features
-    label_of = {s.path: s.label for s in samples}
+    scored, plain = features["test"], features["test plain"]  # as the head sees them; the signature's kind
+    label_of = {s.path: s.label for s in plan.test}
     with torch.no_grad():
-        probs = head(torch.from_numpy(features.features[:, 0])).softmax(1).numpy()
-    return Predictions([str(p) for p in features.paths], [label_of[p] for p in features.paths], probs,
-                       data.class_names, copies=match_training(signature, plain.digests, plain.features[:, 0]))
+        probs = head(torch.from_numpy(scored.features[:, 0])).softmax(1).numpy()
+    return Predictions([str(p) for p in scored.paths], [label_of[p] for p in scored.paths], probs,
+                       plan.data.class_names, copies=match_training(signature, plain.digests, plain.features[:, 0]))
 
 
 @contextmanager
@@ -327,84 +304,23 @@ def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Pa
     return recorded.replace(**{name: value for name, value in overrides.items() if name in RUNTIME}), run_dir
 
 
-def recorded_data(run_dir: Path) -> str:
-    """The data folder a run recorded in config.json: what `--resume RUN` trains on when DATA is not given."""
-    record = read_json(Path(run_dir) / "config.json")
-    if not record.get("data"):
-        raise StopsignError(f"{run_dir} does not record its data folder (a run of stopsign 0.1): give DATA too")
-    return record["data"]
-
-
-def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None,
-                 groups: dict[str, int] | None = None) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation) samples: as a resumed run recorded them, a given validation set, the layout's own
-    split, everything (cross-validation scores the final model), or a seeded stratified split that keeps each
-    duplicate group on one side."""
-    if recorded is not None:
-        return recorded_split(data, recorded)
-    if val is not None:
-        train_samples, val_samples = data.samples, load_data(val, class_names=data.class_names).samples
-    elif data.splits:
-        train_samples, val_samples = data.splits["train"], data.splits["val"]
-    else:
-        return ((data.samples, []) if config.folds > 1 else
-                split_samples(data.samples, config.val_fraction, config.seed, class_names=data.class_names,
-                              groups=groups))
-    return (train_samples + val_samples, []) if config.folds > 1 else (train_samples, val_samples)
-
-
-
-def fold_numbers(samples: list[Sample], config: TrainConfig, class_names: list[str], groups: dict[str, int]
-                 ) -> dict[str, int]:
-    """With cross-validation, each image's fold (1..K, the folds cross_validate draws); else nothing."""
-    if config.folds < 2:
-        return {}
-    pairs = kfold_samples(samples, config.folds, config.seed, class_names=class_names, groups=groups)
-    return {str(s.path): k for k, (_, held_out) in enumerate(pairs, start=1) for s in held_out}
-
-
-def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
-    """The train/val split a run recorded in data.json, matched against the data as it is now (rendered images
-    are left out: synthetic_training_images makes the same ones again)."""
-    by_file = {relative(sample.path, data.root): sample for sample in data.samples}
-    rows = [row for row in record["split"] if not row.get("synthetic")]
-    missing = [row["file"] for row in rows if row["file"] not in by_file]
-    if missing:
-        raise DataError(f"cannot resume: {len(missing)} files of the recorded split are no longer in {data.root}, "
-                        f"e.g. {', '.join(missing[:5])}")
-    splits = {"train": [], "val": []}
-    for row in rows:
-        splits[row["split"]].append(by_file[row["file"]])
-    return splits["train"], splits["val"]
-
-
-def make_extractor(config: TrainConfig) -> FeatureExtractor:
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
-                            num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16,
-                            image_size=config.image_size, device=config.device)
-
-
-def make_source(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
-                config: TrainConfig, progress: bool, resume_hint: str):
-    """Where fit() gets its batches: cached features (each view computed once) or, with cache=False, live images.
-    With folds, every image needs both its augmented views (as a training image) and its plain one (held out)."""
-    if not config.cache:
-        return LiveImages(extractor, train_samples + val_samples, config)
-    held_out = train_samples if config.folds > 1 else val_samples
+def make_source(extractor: FeatureExtractor, plan: Plan, progress: bool, resume_hint: str
+                ) -> tuple[CachedFeatures | LiveImages, dict[str, FeatureSet]]:
+    """Where fit() gets its batches: cached features (each view computed once) or, with cache=False, live images;
+    and the features of every request of the plan (with cache=False, of those the live path does not read)."""
+    live = None if plan.config.cache else LiveImages(extractor, plan.training + plan.val, plan.config)
     try:
-        return CachedFeatures(extractor, train_samples, held_out, config, progress)
+        features = extract(plan.requests(), extractor, skipped=live.skipped if live else None, progress=progress)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped while computing features; those computed are cached. {resume_hint}") from None
+    return live or CachedFeatures(extractor, plan.training, plan.held_out, plan.config, features=features), features
 
 
-def describe_training(extractor: FeatureExtractor, train_samples: list[Sample], val_samples: list[Sample],
-                      progress: bool) -> tuple[dict, dict[str, str | None]]:
+def describe_training(features: dict[str, FeatureSet]) -> tuple[dict, dict[str, str | None]]:
     """The signature of the training images (plain views: one more backbone pass each on a cold cache, since
     training itself needs only augmented views) and, for each validation image, whether it is a copy of one."""
-    trained = extractor.extract([s.path for s in train_samples], progress=progress)
+    trained, held = features["trained"], features["validated"]
     signature = make_signature(trained.digests, trained.features[:, 0])
-    held = extractor.extract([s.path for s in val_samples], progress=progress)
     marks = match_training(signature, held.digests, held.features[:, 0])
     return signature, {str(path): mark for path, mark in zip(held.paths, marks)}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,14 +35,15 @@ except ImportError as error:  # the optional `tune` extra
 from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, TrainConfig
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
-from ..data.checks import duplicate_groups
 from ..reporting.metrics import baseline, verdict
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
-from .runs import create_run_dir, run_upload, versions
+from ..runs import create_run_dir, run_upload
+from .runs import versions
 from .sources import CachedFeatures
 from ..model.backbones import get_spec
-from .trainer import RunResult, make_extractor, train
+from .plan import Plan, make_extractor, prepare, ranks, share
+from .trainer import RunResult, train
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
 
 def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None = None, timeout: float | None = None,
          config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
-         final: bool = True, search: dict[str, list] | None = None, **overrides) -> TuneResult:
+         final: bool = True, search: dict[str, list] | None = None, **overrides) -> TuneResult | None:
     """Search SEARCH_SPACE for `trials` more trials (or `timeout` seconds) and train the best recipe on all data.
 
     Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...); folds
@@ -159,15 +160,26 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     every trial is compared with (recipe_name: the defaults, or the seed recipe with config=TrainConfig.seed_recipe()).
     resume: a tune folder; its own settings are used and its study grows (another process may be adding
     trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
+    Under torchrun every rank computes its share of the features the study reads, then rank 0 tunes and returns
+    the TuneResult; the other ranks return None (plan.py).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.logging.disable_default_handler()  # optuna's messages go through logging, which the CLI configures
     optuna.logging.enable_propagation()
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
-    samples = data.splits["train"] + data.splits["val"] if data.splits else data.samples  # never a test split
-    run_dir, config, search = tune_folder(data, samples, config, resume, folds, checked_search(search), overrides)
+    studied = (replace(data, samples=data.splits["train"] + data.splits["val"], splits=None) if data.splits
+               else data)  # never a test split
+    config, search = study_settings(studied, config, resume, folds, checked_search(search), overrides)
+    with ranks(config.device) as (shard, device):
+        config, progress = config.replace(device=device), progress and shard[0] == 0
+        plan = prepare(studied, config.replace(views=max(MAX_VIEWS, config.views), synthetic_negatives=0),
+                       shard=shard, progress=progress)  # the most views a trial reads; no rendered ones: final only
+        share(plan, shard, progress, search)  # under torchrun: this rank's share, into the shared store
+    if shard[0] != 0:
+        return None  # rank 0 tunes on what every rank computed
+    run_dir = Path(resume) if resume else create_tune_folder(config, studied, plan.train, search)
     space = search_space(search)
-    score, skipped = scorer(data, samples, config, progress)
+    score, skipped = scorer(plan, progress)
 
     def objective(trial: optuna.Trial) -> float:
         def on_fold(index: int, scores: dict) -> None:
@@ -186,7 +198,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         start = {"name": recipe_name(config, space)}  # the recipe as given, on the same folds
         log.info("scoring the %s on the %d folds every trial is scored on", start["name"], config.folds)
         start |= score(config) | {"params": {name: getattr(config, name) for name in space}}
-        trivial = baseline(np.array([s.label for s in samples if str(s.path) not in skipped]), data.class_names)
+        trivial = baseline(np.array([s.label for s in plan.train if str(s.path) not in skipped]), data.class_names)
         bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
 
         def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -207,7 +219,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         final_run = None
         if best and final:
             final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
-                              progress=progress)
+                              progress=progress, distributed=False)  # under torchrun the other ranks are done
             best = write_outputs(study, run_dir, start, trivial, final_run.run_dir, space)
     finally:
         storage.engine.dispose()  # its last connection closed, SQLite folds study.db-wal into study.db, deletes -shm
@@ -219,14 +231,16 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                       best["verdict"] if best else None)
 
 
-def tune_folder(data: LabelledData, samples: list[Sample], config: TrainConfig | None, resume: str | Path | None,
-                folds: int | None, search: dict[str, list], overrides: dict) -> tuple[Path, TrainConfig, dict]:
-    """The tune folder, the study's settings and its search of features: a resumed folder's own (another search or
-    settings asked of it are an error: its trials would not compare), or a new folder's, folds 5 by default."""
+def study_settings(data: LabelledData, config: TrainConfig | None, resume: str | Path | None, folds: int | None,
+                   search: dict[str, list], overrides: dict) -> tuple[TrainConfig, dict]:
+    """The study's settings and its search of features: a resumed tune folder's own (another search or settings
+    asked of it are an error: its trials would not compare), or a new study's, folds 5 by default."""
     if not resume:
         config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
-        return create_tune_folder(config, data, samples, search), config, search
-    run_dir, config = reopen_tune_folder(Path(resume), data, samples)
+        if config.folds < 2:
+            raise StopsignError(f"tuning needs folds >= 2, got {config.folds}: it never scores on a single split")
+        return config, search
+    run_dir, config = reopen_tune_folder(Path(resume), data, data.samples)
     recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
     if search and search != recorded:
         raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
@@ -237,16 +251,15 @@ def tune_folder(data: LabelledData, samples: list[Sample], config: TrainConfig |
         raise StopsignError(f"cannot add trials to {run_dir} with other settings than its study "
                             f"({'; '.join(conflicts)}): its trials would not compare. Fix: resume without "
                             "them, or tune in a new folder")
-    return run_dir, config, recorded
+    return config, recorded
 
 
-def scorer(data: LabelledData, samples: list[Sample], config: TrainConfig, progress: bool
-           ) -> tuple[Callable[..., dict], dict[str, str]]:
+def scorer(plan: Plan, progress: bool) -> tuple[Callable[..., dict], dict[str, str]]:
     """score(trial_config, on_fold=None): cross_validated_score of a trial's recipe on its features, each
     (backbone, tiles, pooling) extracted (or read from the cache) once; and the images the study's own features
-    skipped (path: reason), which no trial scores."""
+    skipped (path: reason), which no trial scores. plan.config: the study's settings, with the most views."""
     extractors = {}  # per backbone
-    groups = duplicate_groups(s.path for s in samples)  # copies of one photo stay in one fold
+    samples, config = plan.train, plan.config
     sources: dict[tuple, CachedFeatures] = {}  # per (backbone, tiles, pooling); poolings share the cached passes
 
     def features(trial_config: TrainConfig) -> CachedFeatures:
@@ -256,16 +269,16 @@ def scorer(data: LabelledData, samples: list[Sample], config: TrainConfig, progr
                 extractors[trial_config.backbone] = make_extractor(config.replace(backbone=trial_config.backbone))
             new_passes = not any(k[:2] == key[:2] for k in sources)  # another pooling of passes cached already
             sources[key] = CachedFeatures(extractors[trial_config.backbone], samples, samples, config.replace(
-                backbone=trial_config.backbone, tiles=trial_config.tiles, views=max(MAX_VIEWS, config.views),
-                pooling=trial_config.pooling), progress=progress and new_passes)
+                backbone=trial_config.backbone, tiles=trial_config.tiles, pooling=trial_config.pooling),
+                progress=progress and new_passes)
             for path, reason in sources[key].skipped.items():
                 log.warning("skipped %s: %s", path, reason)
         return sources[key]
 
     def score(trial_config: TrainConfig, on_fold=None) -> dict:
         return cross_validated_score(features(trial_config).for_config(trial_config), samples,
-                                     extractors[trial_config.backbone].feature_size, data.class_names, trial_config,
-                                     on_fold, groups, progress)
+                                     extractors[trial_config.backbone].feature_size, plan.data.class_names,
+                                     trial_config, on_fold, plan.groups, progress)
 
     return score, features(config).skipped
 
@@ -328,8 +341,6 @@ def checked_search(search: dict[str, list] | None) -> dict[str, list]:
 def create_tune_folder(config: TrainConfig, data: LabelledData, samples: list[Sample], search: dict | None = None
                        ) -> Path:
     """A new folder with config.json: the settings fixed for the study, what fixes its folds, the search."""
-    if config.folds < 2:
-        raise StopsignError(f"tuning needs folds >= 2, got {config.folds}: it never scores on a single split")
     run_dir = create_run_dir(config.out, config.name, f"tune-{config.backbone}")
     write_json(run_dir / "config.json", config.to_dict() | {
         "data": {"root": str(data.root), "images": len(samples), "digest": samples_digest(data, samples)},

@@ -1,0 +1,122 @@
+"""Pooling and the head's forward: every pooling of a backbone's last feature map in one pass (AllPoolings),
+one pooling of it (pooled), tiles combined into one row per image (combine_tiles), the regions head's forward
+(region_logits, RegionHead), a new head for a pooling (make_head), and a frozen backbone with its head as one
+model (FrozenBackboneClassifier).
+
+FrozenBackboneClassifier lives here, not with the registry: it is the forward from a backbone pass to logits
+(the pass's `pooled` slot into the head), needs any trunk but nothing of how one is found or loaded, and so
+sits beside the pieces it composes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import POOLINGS
+
+GEM_POWER = 3.0  # generalised-mean pooling's p (Radenović et al.): between the average (1) and the max (∞)
+REGIONS = 4  # --pooling regions: the max over each of 2×2 overlapping quarters of the last feature map
+# Where each pooling sits in a backbone pass's output (N, STORED, C): regions is several rows.
+SLOTS = {"avg": 0, "max": 1, "gem": 2, "regions": slice(3, 3 + REGIONS)}
+STORED = 3 + REGIONS
+assert tuple(SLOTS) == POOLINGS, "config.POOLINGS must list the poolings a backbone pass computes"
+
+
+def quarters(length: int) -> tuple[slice, slice]:
+    """Two overlapping windows along a side of `length` cells, each just over half of it (7 cells: 0-3 and 3-6;
+    1 cell: that cell twice)."""
+    size = length // 2 + 1
+    return slice(0, size), slice(length - size, length)
+
+
+class AllPoolings(nn.Module):
+    """A trunk, then every pooling of its last feature map at once, in SLOTS order (avg, max, gem, then the max
+    of each region): one backbone pass gives them all, so trying another costs no forward."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(images)
+        if maps.dim() == 2:  # a trunk that pools by itself: every pooling of a 1×1 map is the same
+            maps = maps[:, :, None, None]
+        average = maps.mean(dim=(2, 3))
+        largest = maps.amax(dim=(2, 3))
+        gem = maps.clamp(min=1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1 / GEM_POWER)
+        rows, columns = quarters(maps.shape[2]), quarters(maps.shape[3])
+        regions = [maps[:, :, r, c].amax(dim=(2, 3)) for r in rows for c in columns]
+        return torch.stack([average, largest, gem, *regions], dim=1)
+
+
+def pooled(passes, pooling: str):
+    """One pooling of backbone passes (N, STORED, C) as (N, width): C features, or REGIONS × C for regions."""
+    chosen = passes[:, SLOTS[pooling]]
+    return chosen.reshape(chosen.shape[0], -1)
+
+
+def combine_tiles(features, pooling: str):
+    """The features of each image's tiles (N, T, width) as one row per image: their max, or for regions every
+    tile's regions side by side (the head scores each region; see RegionHead). numpy arrays or tensors."""
+    if pooling == "regions":
+        return features.reshape(features.shape[0], -1)
+    return features.amax(dim=1) if isinstance(features, torch.Tensor) else features.max(axis=1)
+
+
+def region_logits(regions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, binary: bool) -> torch.Tensor:
+    """Regions (N, R, C) scored by a linear layer (K, C): each class's logit is its best region's, (N, K); with
+    `binary`, weight (1, C) gives log-odds of the positive class and an image is as positive as its best region,
+    (N,). The one forward of the regions head, shared by RegionHead and the logistic fit (training/heads.py)."""
+    scores = regions @ weight.T + bias  # (N, R, K)
+    return scores[..., 0].amax(dim=1) if binary else scores.amax(dim=1)
+
+
+class RegionHead(nn.Linear):
+    """The head of --pooling regions: an nn.Linear (the same weights, the same checkpoint) applied to each
+    region's C features of the input (N, R × C), each region giving class logits.
+
+    Two-class data with a positive class (stop): an image is as positive as its region with the largest log-odds
+    of the positive class, so a busy scene elsewhere in the frame cannot outvote a small sign (multiple-instance
+    learning); its logits are ±half those log-odds (softmax depends only on their difference). Other data: each
+    class's logit is its largest over the regions (Oquab et al., 2015)."""
+
+    def __init__(self, in_features: int, out_features: int, positive: int | None = None):
+        super().__init__(in_features, out_features)
+        self.positive = positive
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        regions = features.reshape(features.shape[0], -1, self.in_features)
+        if self.positive is None:
+            return region_logits(regions, self.weight, self.bias, binary=False)
+        other = 1 - self.positive
+        odds = region_logits(regions, (self.weight[self.positive] - self.weight[other])[None],
+                             self.bias[self.positive] - self.bias[other], binary=True)
+        half = odds[:, None] / 2
+        return torch.cat([-half, half] if self.positive == 1 else [half, -half], dim=1)
+
+
+def make_head(num_features: int, num_classes: int, pooling: str, positive: int | None = None) -> nn.Linear:
+    """A new head for features of this pooling (num_features: the backbone's width C); `positive`: see RegionHead."""
+    if pooling == "regions":
+        return RegionHead(num_features, num_classes, positive if num_classes == 2 else None)
+    return nn.Linear(num_features, num_classes)
+
+
+class FrozenBackboneClassifier(nn.Module):
+    """Backbone + linear head on one of its poolings. `train()` leaves the frozen backbone in eval mode so
+    BatchNorm stays put."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str = "avg"):
+        super().__init__()
+        self.backbone, self.head, self.pooling = backbone, head, pooling
+
+    def train(self, mode: bool = True) -> "FrozenBackboneClassifier":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = pooled(self.backbone(images.contiguous(memory_format=torch.channels_last)), self.pooling)
+        return self.head(features)

@@ -117,7 +117,7 @@ def store_alone(count: int, workdir: Path) -> dict:
 def measure(count: int, image_size: int, workers: int, old_limit: int, workdir: Path, device: str) -> dict:
     import torch
 
-    from stopsign.config import TrainConfig
+    from stopsign.config import ModelConfig, TrainConfig
     from stopsign.model.features import FeatureExtractor
     from stopsign.training.heads import fit_model
 
@@ -153,7 +153,7 @@ def measure(count: int, image_size: int, workers: int, old_limit: int, workdir: 
 
     labels = np.array([int(p.parent.name == "stop") for p in cold.paths])
     began = time.perf_counter()
-    fit_model(cold.features[:, 0], labels, 1.0, TrainConfig())
+    fit_model(cold.features[:, 0], labels, 1.0, ModelConfig(), TrainConfig())
     result["head_s"] = time.perf_counter() - began
     # ru_maxrss of this process and of its finished DataLoader workers, in KiB on Linux
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

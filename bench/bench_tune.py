@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stopsign.config import TrainConfig
+from stopsign.config import Settings
 from stopsign.training.crossval import cross_validate
 from stopsign.data.datasets import kfold_samples, load_data
 from stopsign.model.features import FeatureExtractor, default_cache_dir
@@ -41,13 +41,13 @@ def timed(function, repeat: int) -> list[float]:
     return times
 
 
-def other_splits_accuracy(source, data, num_features: int, config: TrainConfig, split_seeds) -> float:
+def other_splits_accuracy(source, data, num_features: int, config: Settings, split_seeds) -> float:
     """Mean fold accuracy over K-fold splits drawn with other seeds (the features, views and training seed stay)."""
     accuracies = []
     for split_seed in split_seeds:
-        for train_samples, val_samples in kfold_samples(data.samples, config.folds, split_seed):
-            result = fit(source.for_config(config), num_features, len(data.class_names), train_samples,
-                         val_samples, config, keep="last")
+        for train_samples, val_samples in kfold_samples(data.samples, config.recipe.folds, split_seed):
+            result = fit(source.for_config(config.model, config.recipe), num_features, len(data.class_names),
+                         train_samples, val_samples, config.model, config.recipe, keep="last")
             truth = [s.label for s in result.val_samples]
             accuracies.append(float((result.val_probs.argmax(1) == truth).mean()))
     return statistics.mean(accuracies)
@@ -63,22 +63,24 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     data = load_data(args.data)
-    config = TrainConfig(backbone=args.backbone, folds=args.folds)
-    extractor = FeatureExtractor(config.backbone, cache_dir=default_cache_dir(), num_workers=config.num_workers)
+    config = Settings().replace(backbone=args.backbone, folds=args.folds)
+    model, recipe, run = config
+    extractor = FeatureExtractor(model.backbone, cache_dir=default_cache_dir(), num_workers=run.num_workers)
     tick = time.perf_counter()
-    source = CachedFeatures(extractor, data.samples, data.samples, config.replace(views=MAX_VIEWS), progress=True)
+    source = CachedFeatures(extractor, data.samples, data.samples, model, recipe.replace(views=MAX_VIEWS),
+                            progress=True)
     features_s = time.perf_counter() - tick
-    seed_source = source.for_config(config)
-    train_samples, val_samples = kfold_samples(data.samples, args.folds, config.seed)[0]
+    seed_source = source.for_config(model, recipe)
+    train_samples, val_samples = kfold_samples(data.samples, args.folds, recipe.seed)[0]
     one_fold = lambda: fit(seed_source, extractor.feature_size, len(data.class_names), train_samples, val_samples,
-                           config, keep="last")
+                           model, recipe, keep="last")
     one_thread = timed(one_fold, 5)
     seed_source.threads = None  # torch's default thread count, as fit() ran before
     default_threads = timed(one_fold, 3)
     seed_source.threads = 1
 
-    cv = cross_validate(seed_source, data.samples, data.class_names, extractor.feature_size, config)
-    scores = cross_validated_score(seed_source, data.samples, extractor.feature_size, data.class_names, config)
+    cv = cross_validate(seed_source, data.samples, data.class_names, extractor.feature_size, model, recipe)
+    scores = cross_validated_score(seed_source, data.samples, extractor.feature_size, data.class_names, model, recipe)
     assert abs(cv["mean"]["accuracy"] - scores["accuracy"]) < 1e-12, (cv["mean"], scores)
 
     with tempfile.TemporaryDirectory() as out:

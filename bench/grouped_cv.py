@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stopsign.config import TrainConfig
+from stopsign.config import Settings
 from stopsign.data.checks import duplicate_groups
 from stopsign.data.datasets import kfold_samples, load_data
 from stopsign.training.crossval import cross_validate
@@ -35,17 +35,19 @@ def main() -> None:
     for path, group in groups.items():
         members.setdefault(group, []).append(path)
     print(f"{len(data.samples)} photos, {len(members)} duplicate groups ({len(groups)} photos in them)")
-    extractor = make_extractor(TrainConfig(backbone="efficientnet_lite0"))
+    settings = Settings().replace(backbone="efficientnet_lite0")
+    extractor = make_extractor(settings.model, settings.run)
     print("| seed | folds | groups crossing folds | mean fold accuracy | recall " + " | recall ".join(data.class_names)
           + " |\n|---|---|---|---|" + "---|" * len(data.class_names))
     for seed in map(int, args.seeds.split(",")):
-        config = TrainConfig(backbone="efficientnet_lite0", folds=args.folds, seed=seed)
-        source = CachedFeatures(extractor, data.samples, data.samples, config)
+        config = settings.replace(folds=args.folds, seed=seed)
+        source = CachedFeatures(extractor, data.samples, data.samples, config.model, config.recipe)
         for name, given in (("ungrouped", None), ("grouped", groups)):
             fold_of = {str(s.path): k for k, (_, held) in
                        enumerate(kfold_samples(data.samples, args.folds, seed, groups=given)) for s in held}
             crossing = sum(len({fold_of[p] for p in paths}) > 1 for paths in members.values())
-            cv = cross_validate(source, data.samples, data.class_names, extractor.feature_size, config, given)
+            cv = cross_validate(source, data.samples, data.class_names, extractor.feature_size, config.model,
+                                config.recipe, given)
             oof = cv["oof"]
             recall = [float((oof.y_pred[oof.y_true == k] == k).mean()) for k in range(len(data.class_names))]
             print(f"| {seed} | {name} | {crossing} | {cv['mean']['accuracy']:.3f} ± {cv['std']['accuracy']:.3f} | "

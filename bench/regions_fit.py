@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, log_loss
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from stopsign.config import TrainConfig
+from stopsign.config import ModelConfig, TrainConfig
 from stopsign.data.checks import duplicate_groups
 from stopsign.data.datasets import load_data
 from stopsign.model.features import FeatureExtractor, default_cache_dir
@@ -72,9 +72,9 @@ def choose(x, y, how: str) -> float:
     losses = []
     for c in grid:
         if how == "proxy":  # what choose_c does: the max-pooled logistic regression of the same rows
-            config = TrainConfig(backbone="efficientnet_lite0", pooling="max")
+            model = ModelConfig(backbone="efficientnet_lite0", pooling="max")
             pooled = x.reshape(len(x), -1, WIDTH).max(axis=1)
-            scores = [log_loss(y[te], heads.make_model(config, c).fit(pooled[tr], y[tr]).predict_proba(pooled[te]),
+            scores = [log_loss(y[te], heads.make_model(model, TrainConfig(), c).fit(pooled[tr], y[tr]).predict_proba(pooled[te]),
                                labels=[0, 1]) for tr, te in folds]
         else:
             scores = [log_loss(y[te], fit(x[tr], y[tr], c)(x[te]), labels=[0, 1]) for tr, te in folds]

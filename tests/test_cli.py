@@ -67,6 +67,28 @@ def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):
     assert "error:" in out and "stop-0.png" in out
 
 
+def test_predict_prints_each_chunk_of_rows_before_it_reads_the_next(tmp_path, data, tiny_backbone, capsys,
+                                                                     monkeypatch):
+    """A big folder streams: the csv header and the first rows are out while later files wait to be predicted."""
+    from functools import partialmethod
+
+    from stopsign.inference.base import Classifier
+    from stopsign.inference.pytorch import CheckpointClassifier
+
+    train_cli(tmp_path, data)
+    capsys.readouterr()
+    printed = []  # what stdout had received as each chunk of files began to be predicted, then the rest
+    probabilities = CheckpointClassifier.probabilities
+    monkeypatch.setattr(CheckpointClassifier, "probabilities", lambda self, paths, progress=False:
+                        printed.append(capsys.readouterr().out) or probabilities(self, paths, progress))
+    monkeypatch.setattr(Classifier, "predict_iter", partialmethod(Classifier.predict_iter, chunk=8))
+    checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
+    assert main(["-q", "predict", checkpoint, str(data / "images"), "--format", "csv"]) == 0
+    printed.append(capsys.readouterr().out)
+    assert [text.count("\n") for text in printed] == [1, 8, 8, 4]  # the header first, then 20 rows 8 at a time
+    assert printed[0].startswith("path,label,p_not_stop,p_stop,error")
+
+
 def test_info_and_evaluate(tmp_path, data, tiny_backbone, capsys):
     train_cli(tmp_path, data)
     checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
@@ -172,9 +194,9 @@ def test_predict_searches_folders_and_refuses_to_find_nothing(tmp_path, data, ti
     assert main(["-q", "predict", checkpoint, str(tmp_path / "nested"), "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3  # found in the subfolder
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    for inputs in ([str(tmp_path / "empty")], [str(tmp_path / "no-match-*.png")]):
+    for inputs in ([str(tmp_path / "empty")], [str(tmp_path / "no-match-*.png"), "--format", "csv"]):
         assert main(["-q", "predict", checkpoint, *inputs]) == 2
-        captured = capsys.readouterr()
+        captured = capsys.readouterr()  # streamed csv too: no header before the error
         assert captured.out == "" and f"error: no image found in {inputs[0]}" in captured.err
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stopsign.config import TrainConfig
+from stopsign.config import Settings
 from stopsign.data.datasets import load_data
 from stopsign.model.features import FeatureExtractor
 from stopsign.reporting.metrics import Predictions
@@ -20,9 +20,9 @@ def data(tmp_path, make_images, tiny_backbone):
 
 
 def setup(tmp_path, data, folds=2, **changes):
-    config = TrainConfig(backbone="tiny", folds=folds, epochs=3, num_workers=0, batch_size=4).replace(**changes)
+    config = Settings().replace(backbone="tiny", folds=folds, epochs=3, num_workers=0, batch_size=4).replace(**changes)
     extractor = FeatureExtractor("tiny", cache_dir=tmp_path / "cache", num_workers=0)
-    return CachedFeatures(extractor, data.samples, data.samples, config), config  # as trainer.make_source does
+    return CachedFeatures(extractor, data.samples, data.samples, config.model, config.recipe), config  # as trainer.make_source does
 
 
 @pytest.fixture
@@ -31,9 +31,9 @@ def fits(monkeypatch):
     calls = []
     real = crossval.fit
 
-    def spy(source, num_features, num_classes, train, val, config, **kwargs):
+    def spy(source, num_features, num_classes, train, val, model, recipe, **kwargs):
         calls.append(({str(s.path) for s in train}, {str(s.path) for s in val}, kwargs.get("keep")))
-        return real(source, num_features, num_classes, train, val, config, **kwargs)
+        return real(source, num_features, num_classes, train, val, model, recipe, **kwargs)
 
     monkeypatch.setattr(crossval, "fit", spy)
     return calls
@@ -42,7 +42,7 @@ def fits(monkeypatch):
 @pytest.mark.parametrize("folds", [2, 3])
 def test_held_out_predictions_cover_every_sample_once(tmp_path, data, fits, folds):
     source, config = setup(tmp_path, data, folds)
-    predictions = list(held_out_predictions(source, data.samples, data.class_names, 8, config))
+    predictions = list(held_out_predictions(source, data.samples, data.class_names, 8, config.model, config.recipe))
     assert len(predictions) == folds and all(isinstance(p, Predictions) for p in predictions)
     everything = [path for fold in predictions for path in fold.paths]
     assert sorted(everything) == sorted(str(s.path) for s in data.samples)  # each exactly once
@@ -63,7 +63,7 @@ def test_held_out_predictions_cover_every_sample_once(tmp_path, data, fits, fold
 
 def test_cross_validate_summarises_the_folds(tmp_path, data):
     source, config = setup(tmp_path, data, 2)
-    result = cross_validate(source, data.samples, data.class_names, 8, config)
+    result = cross_validate(source, data.samples, data.class_names, 8, config.model, config.recipe)
     assert set(result) == {"folds", "per_fold", "mean", "std", "oof_confusion", "oof"}
     assert result["folds"] == 2 and len(result["per_fold"]) == 2
     for fold in result["per_fold"]:
@@ -89,8 +89,8 @@ def test_cross_validate_summarises_the_folds(tmp_path, data):
 
 def test_cross_validate_is_deterministic(tmp_path, data):
     source, config = setup(tmp_path, data, 2)
-    first = cross_validate(source, data.samples, data.class_names, 8, config)
-    second = cross_validate(source, data.samples, data.class_names, 8, config)
+    first = cross_validate(source, data.samples, data.class_names, 8, config.model, config.recipe)
+    second = cross_validate(source, data.samples, data.class_names, 8, config.model, config.recipe)
     assert first["oof"].paths == second["oof"].paths
     np.testing.assert_array_equal(first["oof"].probs, second["oof"].probs)
     assert first["per_fold"] == second["per_fold"]
@@ -98,16 +98,16 @@ def test_cross_validate_is_deterministic(tmp_path, data):
 
 def test_another_seed_draws_other_folds(tmp_path, data, fits):
     source, config = setup(tmp_path, data, 2)
-    list(held_out_predictions(source, data.samples, data.class_names, 8, config))
-    list(held_out_predictions(source, data.samples, data.class_names, 8, config.replace(seed=1)))
+    list(held_out_predictions(source, data.samples, data.class_names, 8, config.model, config.recipe))
+    list(held_out_predictions(source, data.samples, data.class_names, 8, config.model, config.recipe.replace(seed=1)))
     assert {frozenset(v) for _, v, _ in fits[:2]} != {frozenset(v) for _, v, _ in fits[2:]}
 
 
 def test_the_folds_show_a_bar_only_when_asked(tmp_path, data, capsys):
     source, config = setup(tmp_path, data, 2)
     capsys.readouterr()  # whatever building the features wrote
-    cross_validate(source, data.samples, data.class_names, 8, config, progress=True)
+    cross_validate(source, data.samples, data.class_names, 8, config.model, config.recipe, progress=True)
     shown = capsys.readouterr().err
     assert "folds:" in shown and "/2 [" in shown  # tqdm's "folds:   0%|   | 0/2 [..." line
-    cross_validate(source, data.samples, data.class_names, 8, config)  # the default, as tune's trials call it
+    cross_validate(source, data.samples, data.class_names, 8, config.model, config.recipe)  # the default, as tune's trials call it
     assert capsys.readouterr().err == ""

@@ -2,7 +2,10 @@
 
 import json
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +158,34 @@ def test_a_second_demo_reuses_the_data_and_trains_into_a_new_folder(tmp_path, ti
     assert {path.name: path.stat().st_mtime_ns for path in (out / "demo-data" / "images").iterdir()} == images
     assert sorted(path.name for path in out.iterdir()) == ["demo", "demo-2", "demo-data"]
     assert (out / "demo" / "summary.json").is_file() and (out / "demo-2" / "summary.json").is_file()
+
+
+# A fresh interpreter, which no other test has made import the renderer: the training API, then `stopsign train`
+# on a folder, then with --synthetic-negatives; after each, whether data/demo.py is loaded.
+RENDERER_LOADED = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import register_tiny
+register_tiny(Path({weights!r}))
+import stopsign.training
+from stopsign import find_suspects, train, tune
+print("renderer after import", "stopsign.data.demo" in sys.modules)
+from stopsign.cli import main
+for extra in ([], ["--synthetic-negatives", "2"]):
+    assert main(["-q", "train", {data!r}, "--backbone", "tiny", "--epochs", "1", "--workers", "0", "--out", {out!r},
+                 *extra]) == 0
+    print("renderer after train", *extra, "stopsign.data.demo" in sys.modules)
+"""
+
+
+def test_training_loads_the_scene_renderer_only_for_synthetic_negatives(tmp_path, make_images, tiny_backbone):
+    from stopsign.model.backbones import BACKBONES
+
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders")
+    script = RENDERER_LOADED.format(tests=str(Path(__file__).resolve().parent), data=str(data),
+                                    weights=str(BACKBONES[tiny_backbone].weights_file(None)), out=str(tmp_path / "runs"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stdout.splitlines() if line.startswith("renderer")] == [
+        "renderer after import False", "renderer after train False", "renderer after train --synthetic-negatives 2 True"]

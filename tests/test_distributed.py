@@ -144,15 +144,15 @@ def test_each_image_has_one_rank_by_content_and_the_requests_are_what_train_extr
     assert set(ranks) == {0, 1, 2}
     renamed = paths[0].rename(paths[0].with_name("renamed.png"))
     assert owner(renamed, 3) == ranks[0]  # by content: a rename keeps its rank
-    from stopsign.config import TrainConfig
+    from stopsign.config import Settings
     from stopsign.data.datasets import Sample, load_data
 
     listing = load_data(data)
     train, val = [Sample(p, 0) for p in paths[:30]], [Sample(p, 1) for p in paths[30:]]
-    requests = Plan(listing, TrainConfig(views=2), train, val, {}).requests()
+    requests = Plan(listing, Settings().replace(views=2), train, val, {}).requests()
     assert [(len(r.paths), r.views, r.tiles) for r in requests.values()] == [
         (30, [1, 2], 2), (10, [0], 2), (30, [0], 1), (10, [0], 1), (0, [0], 2), (0, [0], 1)]
-    folds = Plan(listing, TrainConfig(folds=3, augment=False), train, [], {}).requests()
+    folds = Plan(listing, Settings().replace(folds=3, augment=False), train, [], {}).requests()
     assert [(len(r.paths), r.views, r.tiles) for r in folds.values()][:2] == [(30, [0], 2), (30, [0], 2)]
 
 

@@ -178,7 +178,7 @@ def test_tile_boxes_cover_the_image_with_overlapping_crops():
 
 
 def test_no_readable_image_gives_no_rows_of_the_heads_width_not_a_crash(tmp_path, images, tiny_backbone):
-    from stopsign.config import TrainConfig
+    from stopsign.config import Settings
     from stopsign.data.datasets import Sample
     from stopsign.training.sources import CachedFeatures
 
@@ -190,7 +190,7 @@ def test_no_readable_image_gives_no_rows_of_the_heads_width_not_a_crash(tmp_path
             assert nothing.skipped == ({str(missing): "file not found"} if given else {})
     assert extractor(None).image_features([], pooling="regions", tiles=2).shape == (0, 160)
     # training with no validation images: every training image's features, no validation rows
-    config = TrainConfig(backbone="tiny", pooling="regions", tiles=2, views=2)
-    features = CachedFeatures(extractor(tmp_path / "cache"), [Sample(p, 0) for p in images], [], config)
+    config = Settings().replace(backbone="tiny", pooling="regions", tiles=2, views=2)
+    features = CachedFeatures(extractor(tmp_path / "cache"), [Sample(p, 0) for p in images], [], config.model, config.recipe)
     assert features.train_features.shape == (6, 2, 160) and features.val_features.shape == (0, 160)
     assert list(features.val_batches([])) == []

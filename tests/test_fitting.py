@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from stopsign.config import TrainConfig
+from stopsign.config import Settings, TrainConfig
 from stopsign.data.datasets import load_data, split_samples
 from stopsign.data.images import file_digest
 from stopsign.errors import StopsignError
@@ -21,8 +21,8 @@ from stopsign.training.fitting import fit, make_optimizer
 from stopsign.training.sources import CachedFeatures, LiveImages
 
 
-def tiny_config(**changes) -> TrainConfig:
-    return TrainConfig.seed_recipe(backbone="tiny", num_workers=0, epochs=10, batch_size=4, val_fraction=0.25).replace(**changes)
+def tiny_config(**changes) -> Settings:
+    return Settings.seed_recipe(backbone="tiny", num_workers=0, epochs=10, batch_size=4, val_fraction=0.25).replace(**changes)
 
 
 @pytest.fixture
@@ -49,8 +49,8 @@ def without_seconds(history):
 def test_two_fits_with_the_same_seed_are_identical(extractor, split):
     train, val = split
     config = tiny_config(views=3, seed=4, epochs=6)
-    first = fit(CachedFeatures(extractor, train, val, config), 8, 2, train, val, config)
-    second = fit(CachedFeatures(extractor, train, val, config), 8, 2, train, val, config)  # warm cache
+    first = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 2, train, val, config.model, config.recipe)
+    second = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 2, train, val, config.model, config.recipe)  # warm cache
     assert len(first.history) == 6
     assert without_seconds(first.history) == without_seconds(second.history)
     for key, value in first.head.state_dict().items():
@@ -59,7 +59,7 @@ def test_two_fits_with_the_same_seed_are_identical(extractor, split):
     assert [s.path for s in first.val_samples] == [s.path for s in val]
 
     other = tiny_config(views=3, seed=5, epochs=6)
-    third = fit(CachedFeatures(extractor, train, val, other), 8, 2, train, val, other)
+    third = fit(CachedFeatures(extractor, train, val, other.model, other.recipe), 8, 2, train, val, other.model, other.recipe)
     assert not torch.equal(third.head.weight, first.head.weight)  # the seed does matter
 
 
@@ -121,7 +121,7 @@ def scripted_fit(extractor, split, keep):
     def record(row, state):
         heads[row["epoch"]] = {k: v.clone() for k, v in state["head"].items()}
 
-    result = fit(ScriptedSource(CachedFeatures(extractor, train, val, config)), 8, 2, train, val[:4], config,
+    result = fit(ScriptedSource(CachedFeatures(extractor, train, val, config.model, config.recipe)), 8, 2, train, val[:4], config.model, config.recipe,
                  keep=keep, on_epoch=record)
     return result, heads
 
@@ -147,7 +147,7 @@ def test_keep_last_takes_the_last_epoch_whatever_its_score(extractor, split):
 def test_keep_best_on_real_features_is_the_best_row(extractor, split):
     train, val = split
     config = tiny_config(epochs=8, lr_max=0.5)
-    result = fit(CachedFeatures(extractor, train, val, config), 8, 2, train, val, config, keep="best")
+    result = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 2, train, val, config.model, config.recipe, keep="best")
     best = max(result.history, key=lambda row: (row["val_acc"], -row["val_loss"]))
     assert result.best == best
 
@@ -155,7 +155,7 @@ def test_keep_best_on_real_features_is_the_best_row(extractor, split):
 def test_without_validation_the_last_epoch_is_kept(extractor, split):
     train, _ = split
     config = tiny_config(epochs=3)
-    result = fit(CachedFeatures(extractor, train, [], config), 8, 2, train, [], config, keep="best")
+    result = fit(CachedFeatures(extractor, train, [], config.model, config.recipe), 8, 2, train, [], config.model, config.recipe, keep="best")
     assert result.best["epoch"] == 3 and result.best["val_acc"] is None
     assert result.val_samples == [] and result.val_probs is None
 
@@ -178,7 +178,7 @@ def test_make_optimizer_is_sgd_with_the_recipe():
 def test_triangular2_rises_from_lr_base_to_lr_max_over_cycle_epochs(extractor, split):
     train, val = split
     config = tiny_config(epochs=10, lr_base=1e-6, lr_max=1e-2, cycle_epochs=5, scheduler="triangular2")
-    result = fit(CachedFeatures(extractor, train, val, config), 8, 2, train, val, config)
+    result = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 2, train, val, config.model, config.recipe)
     lrs = [row["lr"] for row in result.history]
     assert [row["epoch"] for row in result.history] == list(range(1, 11))
     assert lrs[0] == pytest.approx(1e-6, rel=1e-9)
@@ -190,13 +190,14 @@ def test_triangular2_rises_from_lr_base_to_lr_max_over_cycle_epochs(extractor, s
 
 def test_cosine_and_constant_schedules(extractor, split):
     train, val = split
-    source = CachedFeatures(extractor, train, val, tiny_config())
+    model, recipe, _ = tiny_config()
+    source = CachedFeatures(extractor, train, val, model, recipe)
     cosine = tiny_config(epochs=4, scheduler="cosine", lr_base=1e-4, lr_max=0.1)
-    lrs = [row["lr"] for row in fit(source, 8, 2, train, val, cosine).history]
+    lrs = [row["lr"] for row in fit(source, 8, 2, train, val, cosine.model, cosine.recipe).history]
     expected = [1e-4 + (0.1 - 1e-4) * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)]
     assert lrs == pytest.approx(expected, rel=1e-6)
     constant = tiny_config(epochs=3, scheduler="constant", lr_max=0.03)
-    assert [row["lr"] for row in fit(source, 8, 2, train, val, constant).history] == pytest.approx([0.03] * 3)
+    assert [row["lr"] for row in fit(source, 8, 2, train, val, constant.model, constant.recipe).history] == pytest.approx([0.03] * 3)
 
 
 # --- the live path -----------------------------------------------------------------------------------------
@@ -221,11 +222,11 @@ def spy(monkeypatch):
 
 def test_live_images_draw_view_params_of_epoch_plus_one(data, extractor, spy):
     config = tiny_config(seed=3, rotation=20.0)
-    live = LiveImages(extractor, data.samples, config)
+    live = LiveImages(extractor, data.samples, *config)
     digests = {str(s.path): file_digest(s.path) for s in data.samples}
     seen = set()
     for epoch in range(3):
-        batches = list(live.train_batches(data.samples, epoch, np.random.default_rng([config.seed, epoch])))
+        batches = list(live.train_batches(data.samples, epoch, np.random.default_rng([config.recipe.seed, epoch])))
         assert sum(len(labels) for _, labels in batches) == len(data.samples)
         assert batches[0][0].shape[1:] == (3, 32, 32)
         paths, draws = spy.made[-1]
@@ -239,11 +240,11 @@ def test_live_images_draw_view_params_of_epoch_plus_one(data, extractor, spy):
 def test_live_epoch_e_is_the_cached_view_e_plus_one(data, tiny_backbone, spy):
     config = tiny_config(seed=2, rotation=15.0, views=3)
     uncached = FeatureExtractor("tiny", cache_dir=None, num_workers=0)  # every view goes through ViewsDataset
-    CachedFeatures(uncached, data.samples, [], config)
+    CachedFeatures(uncached, data.samples, [], config.model, config.recipe)
     cached = {path: views for paths, draws in spy.made for path, views in zip(paths, draws)}
     assert sorted(cached) == sorted(str(s.path) for s in data.samples)
     assert all(len(views) == 3 for views in cached.values())
-    live = LiveImages(uncached, data.samples, config)
+    live = LiveImages(uncached, data.samples, *config)
     for epoch in range(3):
         list(live.train_batches(data.samples, epoch, np.random.default_rng(epoch)))
         paths, draws = spy.made[-1]
@@ -252,7 +253,7 @@ def test_live_epoch_e_is_the_cached_view_e_plus_one(data, tiny_backbone, spy):
 
 
 def test_live_images_without_augmentation_draw_the_plain_view(data, extractor, spy):
-    live = LiveImages(extractor, data.samples, tiny_config(augment=False))
+    live = LiveImages(extractor, data.samples, *tiny_config(augment=False))
     list(live.train_batches(data.samples, 4, np.random.default_rng(0)))
     assert all(views == [(False, 0.0)] for views in spy.made[-1][1])
 
@@ -262,7 +263,7 @@ def test_live_images_list_an_unreadable_file_before_any_epoch(data, extractor, s
     broken.write_bytes(b"\x89PNG garbage, not an image" * 3)
     data = load_data(data.root)
     assert str(broken) in {str(s.path) for s in data.samples}
-    live = LiveImages(extractor, data.samples, tiny_config())
+    live = LiveImages(extractor, data.samples, *tiny_config())
     assert list(live.skipped) == [str(broken)] and live.skipped[str(broken)]
     assert spy.made == []  # nothing was batched yet
     assert str(broken) not in live.digests and len(live.digests) == len(data.samples) - 1
@@ -273,7 +274,7 @@ def test_live_images_list_an_unreadable_file_before_any_epoch(data, extractor, s
 
 
 def test_live_images_record_a_file_that_breaks_after_construction(data, extractor):
-    live = LiveImages(extractor, data.samples, tiny_config())
+    live = LiveImages(extractor, data.samples, *tiny_config())
     assert live.skipped == {}
     gone = data.samples[0].path
     gone.write_bytes(b"")  # emptied between construction and the epoch

@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from conftest import train_tiny
-from stopsign.config import TrainConfig
+from stopsign.config import Settings
 from stopsign.data.datasets import Sample, load_data, split_samples
 from stopsign.errors import StopsignError
 from stopsign.model.features import FeatureExtractor
@@ -24,9 +24,9 @@ from stopsign.checkpoint import load_checkpoint
 from stopsign.training.sources import CachedFeatures, LiveImages
 
 
-def tiny_config(**changes) -> TrainConfig:
-    return TrainConfig(backbone="tiny", num_workers=0, epochs=3, batch_size=4, val_fraction=0.25,
-                       head="logistic", tiles=1, pooling="max").replace(**changes)
+def tiny_config(**changes) -> Settings:
+    return Settings().replace(backbone="tiny", num_workers=0, epochs=3, batch_size=4, val_fraction=0.25,
+                              head="logistic", tiles=1, pooling="max").replace(**changes)
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def test_the_folded_head_reproduces_predict_proba(tmp_path, make_images, extract
     data = load_data(make_images(tmp_path / "data", counts, layout="folders"))
     train, val = split_samples(data.samples, 0.25, 0, class_names=data.class_names)
     config = tiny_config(views=3, class_weight="balanced" if balanced else "none")
-    source = CachedFeatures(extractor, train, val, config)
-    result = fit(source, 8, len(counts), train, val, config)
+    source = CachedFeatures(extractor, train, val, config.model, config.recipe)
+    result = fit(source, 8, len(counts), train, val, config.model, config.recipe)
 
     row = result.best
     assert result.history == [row] and row["epoch"] == 1 and row["lr"] is None
@@ -80,7 +80,7 @@ def test_the_folded_head_reproduces_predict_proba(tmp_path, make_images, extract
 def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_classes, monkeypatch):
     _, train, val = three_classes
     config = tiny_config()
-    source = CachedFeatures(extractor, train, val, config)
+    source = CachedFeatures(extractor, train, val, config.model, config.recipe)
     monkeypatch.setattr(heads, "C_GRID", (0.01, 0.1, 1.0))
     scores = {0.01: 2.0, 0.1: 1.0, 1.0: 1.0}  # 0.1 and 1 tie: the smaller wins
     monkeypatch.setattr(heads, "held_out_log_loss", lambda classifier, x, y: scores[current["C"]])
@@ -92,7 +92,7 @@ def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_cla
         return fit_quietly(model, features, labels)
 
     monkeypatch.setattr(heads, "fit_quietly", spy)
-    result = fit(source, 8, 3, train, val, config)
+    result = fit(source, 8, 3, train, val, config.model, config.recipe)
     assert result.best["C"] == 0.1 and result.best["C_scores"] == [[0.01, 2.0], [0.1, 1.0], [1.0, 1.0]]
 
 
@@ -100,17 +100,17 @@ def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_cla
 def test_c_is_chosen_without_the_validation_images(extractor, three_classes, monkeypatch, pooling):
     _, train, val = three_classes
     config = tiny_config(views=2, pooling=pooling)
-    source = CachedFeatures(extractor, train, val, config)
+    source = CachedFeatures(extractor, train, val, config.model, config.recipe)
     seen = []  # every row count the solver is given: never one that includes validation features
     fit_quietly = heads.fit_quietly
     monkeypatch.setattr(heads, "fit_quietly", lambda model, x, y: seen.append(len(x)) or fit_quietly(model, x, y))
-    first = fit(source, 8, 3, train, val, config)
+    first = fit(source, 8, 3, train, val, config.model, config.recipe)
     assert max(seen) == 2 * len(train)
 
-    changed = CachedFeatures(extractor, train, val, config)  # other validation labels and features
+    changed = CachedFeatures(extractor, train, val, config.model, config.recipe)  # other validation labels and features
     changed.val_features = np.random.default_rng(1).normal(size=changed.val_features.shape).astype(np.float32)
     relabelled = [Sample(s.path, (s.label + 1) % 3) for s in val]
-    second = fit(changed, 8, 3, train, relabelled, config)
+    second = fit(changed, 8, 3, train, relabelled, config.model, config.recipe)
     assert second.best["C"] == first.best["C"] and second.best["C_scores"] == first.best["C_scores"]
     for key, value in first.head.state_dict().items():
         assert torch.equal(value, second.head.state_dict()[key]), key
@@ -120,14 +120,14 @@ def test_c_is_chosen_without_the_validation_images(extractor, three_classes, mon
 def test_the_folds_keep_duplicate_groups_and_an_images_views_together(extractor, three_classes, monkeypatch):
     _, train, val = three_classes
     config = tiny_config(views=2)
-    source = CachedFeatures(extractor, train, val, config)
+    source = CachedFeatures(extractor, train, val, config.model, config.recipe)
     groups = {str(train[0].path): 7, str(train[1].path): 7, str(val[0].path): 9}
     asked = []
     kfold = heads.kfold_samples
     monkeypatch.setattr(heads, "kfold_samples", lambda *a, **k: asked.append((a, k)) or kfold(*a, **k))
-    fit(source, 8, 3, train, val, config, groups=groups)
+    fit(source, 8, 3, train, val, config.model, config.recipe, groups=groups)
     (samples, k, seed), keywords = asked[0]
-    assert samples == train and k == 5 and seed == config.seed and keywords["groups"] == groups
+    assert samples == train and k == 5 and seed == config.recipe.seed and keywords["groups"] == groups
     for _, held_out in kfold(samples, k, seed, groups=groups):
         sides = {s.path for s in held_out}
         assert (train[0].path in sides) == (train[1].path in sides)
@@ -137,7 +137,7 @@ def test_on_epoch_gets_one_row_and_a_resumable_state(extractor, three_classes):
     _, train, val = three_classes
     config = tiny_config()
     calls = []
-    result = fit(CachedFeatures(extractor, train, val, config), 8, 3, train, val, config,
+    result = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 3, train, val, config.model, config.recipe,
                  on_epoch=lambda row, state: calls.append((row, state)))
     (row, state), = calls
     assert row is result.best and state["history"] == [row] and state["best"] is row
@@ -149,7 +149,7 @@ def test_live_images_are_refused_naming_the_fix(extractor, three_classes):
     _, train, val = three_classes
     config = tiny_config(cache=False)
     with pytest.raises(StopsignError, match="--head logistic.*--no-cache"):
-        fit(LiveImages(extractor, train + val, config), 8, 3, train, val, config)
+        fit(LiveImages(extractor, train + val, *config), 8, 3, train, val, config.model, config.recipe)
 
 
 # --- class weights of the SGD head ---------------------------------------------------------------------
@@ -166,14 +166,14 @@ def test_balanced_weights_reach_the_sgd_loss(tmp_path, make_images, extractor, m
 
     monkeypatch.setattr(fitting.nn, "CrossEntropyLoss", spy)
     config = tiny_config(head="sgd", class_weight="balanced")
-    fit(CachedFeatures(extractor, train, [], config), 8, 2, train, [], config)
+    fit(CachedFeatures(extractor, train, [], config.model, config.recipe), 8, 2, train, [], config.model, config.recipe)
     # n / (classes * count): 12 / (2 * 9) and 12 / (2 * 3)
     assert torch.allclose(built[0], torch.tensor([12 / 18, 12 / 6]))
     assert fitting.class_weights(train, 3).tolist() == pytest.approx([12 / 27, 12 / 9, 0.0])  # no image: 0
 
     built.clear()
     config = config.replace(class_weight="none")
-    fit(CachedFeatures(extractor, train, [], config), 8, 2, train, [], config)
+    fit(CachedFeatures(extractor, train, [], config.model, config.recipe), 8, 2, train, [], config.model, config.recipe)
     assert built == [None]
 
 
@@ -183,7 +183,7 @@ def test_balanced_weights_raise_the_small_class_share(tmp_path, make_images, ext
 
     def small_class_probability(class_weight):
         config = tiny_config(head="sgd", class_weight=class_weight, epochs=4, lr_max=0.1)
-        result = fit(CachedFeatures(extractor, train, train, config), 8, 2, train, train, config, keep="last")
+        result = fit(CachedFeatures(extractor, train, train, config.model, config.recipe), 8, 2, train, train, config.model, config.recipe, keep="last")
         return result.val_probs[:, 1].mean()
 
     assert small_class_probability("balanced") > small_class_probability("none")
@@ -192,13 +192,13 @@ def test_balanced_weights_raise_the_small_class_share(tmp_path, make_images, ext
 def test_no_class_weight_is_the_seed_recipe_bit_for_bit(extractor, three_classes, monkeypatch):
     _, train, val = three_classes
     config = tiny_config(head="sgd", views=2, epochs=4)
-    weighted = fit(CachedFeatures(extractor, train, val, config), 8, 3, train, val, config)
+    weighted = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 3, train, val, config.model, config.recipe)
 
     def seed_criterion(config, train_samples, num_classes):  # what fit() built before class weights
         return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     monkeypatch.setattr(fitting, "make_criterion", seed_criterion)
-    seed = fit(CachedFeatures(extractor, train, val, config), 8, 3, train, val, config)
+    seed = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 3, train, val, config.model, config.recipe)
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in weighted.history] == \
         [{k: v for k, v in r.items() if k != "seconds"} for r in seed.history]
     for key, value in weighted.head.state_dict().items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from stopsign.config import POOLINGS, TrainConfig
+from stopsign.config import POOLINGS, ModelConfig, Settings, TrainConfig
 from stopsign.data.datasets import Sample
 from stopsign.reporting.metrics import Predictions, compute_metrics
 from stopsign.training.fitting import fit, learned_nothing
@@ -51,17 +51,17 @@ def source_of(pooling: str, ratio: int) -> tuple[CachedFeatures, list[Sample], l
 def test_every_head_and_pooling_beats_the_prior_on_imbalanced_data(head, pooling, ratio, monkeypatch):
     monkeypatch.setattr("stopsign.training.heads.get_spec", lambda name: type("Spec", (), {"feature_size": WIDTH}))
     source, train, val = source_of(pooling, ratio)
-    config = TrainConfig(backbone="tiny", head=head, pooling=pooling)
-    result = fit(source, WIDTH, 2, train, val, config, positive=1)
+    config = Settings().replace(backbone="tiny", head=head, pooling=pooling)
+    result = fit(source, WIDTH, 2, train, val, config.model, config.recipe, positive=1)
     truth = np.array([s.label for s in val])
     shares = np.bincount(truth) / len(truth)
     prior = log_loss(truth, np.tile(shares, (len(truth), 1)))
     metrics = compute_metrics(Predictions([str(s.path) for s in val], truth, result.val_probs, ["not_stop", "stop"]))
     beats = log_loss(truth, result.val_probs) < 0.8 * prior and metrics["balanced_accuracy"] >= 0.8
     if head == "logistic":  # the default head: every pooling learns the sign
-        assert learned_nothing(result, train, config) is None and beats, (metrics["log_loss"], prior)
+        assert learned_nothing(result, train, config.model, config.recipe) is None and beats, (metrics["log_loss"], prior)
     else:  # the seed's ten short epochs may not get there on imbalanced data; then the run must say so
-        assert beats or learned_nothing(result, train, config) or metrics["verdict"]["message"], \
+        assert beats or learned_nothing(result, train, config.model, config.recipe) or metrics["verdict"]["message"], \
             (metrics["log_loss"], prior, metrics["balanced_accuracy"])
 
 
@@ -70,12 +70,12 @@ def test_a_head_at_the_prior_is_said_to_have_learned_nothing():
     prior = -(0.1 * np.log(0.1) + 0.9 * np.log(0.9))
     row = {"epoch": 1, "train_loss": prior, "C_scores": None}
     stuck = FitResult([row], row, None, [], None)
-    message = learned_nothing(stuck, train, TrainConfig())
+    message = learned_nothing(stuck, train, ModelConfig(), TrainConfig())
     assert message.startswith("the head learned nothing") and f"{prior:.4f}" in message and "Fix:" in message
     learned = dict(row, train_loss=prior / 2)
-    assert learned_nothing(FitResult([learned], learned, None, [], None), train, TrainConfig()) is None
+    assert learned_nothing(FitResult([learned], learned, None, [], None), train, ModelConfig(), TrainConfig()) is None
     held_out = dict(learned, C_scores=[[0.1, prior + 0.01], [1.0, prior]])  # out of fold no better than the prior
-    assert "out of fold" in learned_nothing(FitResult([held_out], held_out, None, [], None), train, TrainConfig())
+    assert "out of fold" in learned_nothing(FitResult([held_out], held_out, None, [], None), train, ModelConfig(), TrainConfig())
 
 
 def test_a_model_no_better_than_the_majority_is_said_so_in_the_cli_and_atop_the_report(

@@ -198,3 +198,21 @@ def test_a_second_evaluate_of_the_same_data_runs_no_backbone(trained, tmp_path, 
     assert len(loads) == 1
     _, second = evaluate(checkpoint, data, out=tmp_path / "evals", progress=False, num_workers=0)
     assert len(loads) == 1 and second["accuracy"] == first["accuracy"] and second["log_loss"] == first["log_loss"]
+
+
+def test_predict_iter_streams_rows_in_input_order_chunk_by_chunk(trained, monkeypatch):
+    checkpoint, data = trained
+    classifier = load_classifier(checkpoint)
+    asked = []
+    probabilities = classifier.probabilities
+    monkeypatch.setattr(classifier, "probabilities",
+                        lambda paths, progress=False: asked.append(len(paths)) or probabilities(paths, progress))
+    rows = classifier.predict_iter([str(data / "stop"), str(data / "not_stop")], chunk=5)
+    first = next(rows)
+    assert asked == [5] and first.path.endswith("stop-0.png")  # one chunk read, its first row out
+    rest = list(rows)
+    assert asked == [5, 5, 5, 5, 4] and len(rest) == 23
+    assert [r.path for r in [first, *rest]] == [r.path for r in classifier.predict([str(data / "stop"),
+                                                                                     str(data / "not_stop")])]
+    with pytest.raises(StopsignError, match="between 0 and 1"):
+        next(classifier.predict_iter([str(data / "stop")], threshold=2.0))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stopsign import load_classifier, train
-from stopsign.config import TrainConfig
+from stopsign.config import Settings
 from stopsign.data.datasets import load_data, split_samples
 from stopsign.data.images import read_image
 from stopsign.model.pooling import RegionHead, make_head
@@ -142,11 +142,11 @@ def test_converged_is_false_when_the_fit_never_left_its_start(monkeypatch):
 @pytest.mark.parametrize("balanced, positive", [(False, None), (True, None), (False, 1), (True, 0)])
 def test_the_folded_region_head_reproduces_predict_proba(images, tmp_path, balanced, positive):
     train_samples, val = split_samples(images.samples, 0.25, 0, class_names=images.class_names)
-    config = TrainConfig(backbone="tiny", num_workers=0, head="logistic", pooling="regions", tiles=2, views=2,
-                         class_weight="balanced" if balanced else "none")
+    config = Settings().replace(backbone="tiny", num_workers=0, head="logistic", pooling="regions", tiles=2, views=2,
+                                class_weight="balanced" if balanced else "none")
     extractor = FeatureExtractor("tiny", cache_dir=tmp_path / "cache", num_workers=0)
-    source = CachedFeatures(extractor, train_samples, val, config)
-    result = fit(source, 8, 2, train_samples, val, config, positive=positive)
+    source = CachedFeatures(extractor, train_samples, val, config.model, config.recipe)
+    result = fit(source, 8, 2, train_samples, val, config.model, config.recipe, positive=positive)
     row = result.best
     capped = [c for c in heads.C_GRID if c <= heads.REGIONS_MAX_C]  # a larger C overfits the best region
     assert row["C"] in capped and [c for c, _ in row["C_scores"]] == capped

@@ -346,16 +346,16 @@ def test_the_report_says_which_images_the_model_was_trained_on_and_scores_the_ot
 
 
 def test_the_run_settings_list_only_what_the_head_reads(images):
-    from stopsign.config import SGD_SETTINGS, TrainConfig
+    from stopsign.config import SGD_SETTINGS, Settings
     from stopsign.reporting.html import render_report
 
     metrics = compute_metrics(predictions(images, P1_WITH_MISTAKES))
 
-    def run_section(config: TrainConfig) -> str:
+    def run_section(config: Settings) -> str:
         page = render_report("t", metrics, images={}, run_info={"settings": config.to_dict()})
         return page[page.index('<section id="run">'):]
 
-    logistic, sgd = run_section(TrainConfig()), run_section(TrainConfig.seed_recipe())
+    logistic, sgd = run_section(Settings()), run_section(Settings.seed_recipe())
     for name in SGD_SETTINGS:  # epochs, learning rates, momentum ...: the logistic head reads none of them
         assert f"<th>{name}</th>" not in logistic and f"<th>{name}</th>" in sgd, name
     for name in ("head", "pooling", "class_weight", "views", "seed"):

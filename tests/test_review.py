@@ -122,6 +122,7 @@ def test_new_photos_get_the_model_label_least_certain_first(tmp_path, make_image
     assert green["new"] and green["label"] is None and green["suggested"] == "stop"
     answer = client.post("/api/decision", json={"id": green["id"], "action": "keep", "against": None})
     assert answer.status_code == 200 and answer.json()["item"]["label"] == "stop"
+    assert answer.json()["added"] == {"not_stop": 0, "stop": 1}  # the page shows what each class has received
     assert (root / "stop/green.png").read_bytes() == (new / "green.png").read_bytes()
     assert labels_of(root)["green.png"] == "stop" and len(labels_of(root)) == 17
     assert client.get(f"/api/photo/{green['id']}").content == (new / "green.png").read_bytes()
@@ -132,7 +133,7 @@ def test_new_photos_get_the_model_label_least_certain_first(tmp_path, make_image
         "reviewed"] == 2  # left out: counted, nothing copied
     assert not (root / "not_stop/red.png").exists()
     client.post("/api/undo", json={})
-    client.post("/api/undo", json={})
+    assert client.post("/api/undo", json={}).json()["added"] == {"not_stop": 0, "stop": 0}
     assert not (root / "stop/green.png").exists() and (new / "green.png").is_file() and len(labels_of(root)) == 16
 
 
@@ -463,3 +464,20 @@ def test_undoing_an_exclusion_of_an_entry_removed_since_is_a_conflict(tmp_path, 
     with pytest.raises(Conflict, match="no longer in the data set"):
         store.undo()
     assert source_text(root, layout) == before
+
+
+def test_the_first_new_photos_to_label_cover_both_classes(tmp_path, make_images, tiny_backbone):
+    root = make_images(tmp_path / "data", {"stop": 8, "not_stop": 8}, layout="folders")
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(6):  # red-leaning, unsure: what least-certain-first would ask for first
+        make_image(2000 + i, tint=(150 + 3 * i, 80, 42)).save(new / f"reddish-{i}.png")
+    for i in range(3):
+        make_image(3000 + i, tint=(30, 160, 60)).save(new / f"green-{i}.png")
+    out = tmp_path / "review"
+    assert main(["-q", "review", str(root), "--no-serve", "--backbone", "tiny", "--tiles", "1", "--pooling", "avg",
+                 "--workers", "0", "--folds", "2", "--add", str(new), "--out", str(out)]) == 0
+    added = [row for row in read_csv(out / "label_issues.csv") if row["reason"] == "unlabelled (--add)"]
+    least_certain = sorted(added, key=lambda row: float(row["score"]))
+    assert {row["suggested_label"] for row in least_certain[:4]} == {"not_stop"}
+    assert {row["suggested_label"] for row in added[:4]} == {"not_stop", "stop"}

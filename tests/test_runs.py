@@ -1,4 +1,4 @@
-"""runs.py (run folders: made, never reused, cleaned after a kill) and training/runs.py (the state to resume from,
+"""runs.py (run folders: made, never reused, cleaned after a kill) and training/records.py (the state to resume from,
 the data.json and summary.json records)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from stopsign.config import TrainConfig
+from stopsign.config import Settings, TrainConfig
 from stopsign.data.datasets import Sample
 from stopsign.checkpoint import make_checkpoint, save_checkpoint
 from stopsign.errors import StopsignError
 from stopsign.runs import WRITE_PROBE, create_run_dir, remove_partial_files
-from stopsign.training.runs import data_record, resume_state, summary
+from stopsign.training.records import data_record, resume_state, summary
 from test_checkpoint import BACKBONE
 
 
@@ -108,15 +108,15 @@ def test_data_record_counts_and_relative_names(tmp_path):
 
 
 def test_summary_shape():
-    config = TrainConfig(head="sgd", epochs=3, lr_max=0.05, lr_base=1e-5, momentum=0.8, val_fraction=0.2,
-                         scheduler="cosine").to_dict()
+    config = Settings().replace(head="sgd", epochs=3, lr_max=0.05, lr_base=1e-5, momentum=0.8, val_fraction=0.2,
+                                scheduler="cosine").to_dict()
     history = [dict(epoch=i, val_acc=acc, train_loss=loss, val_loss=1 - acc, train_acc=0.7)
                for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.6), (0.8, 0.4)], start=1)]
     result = summary(config, history, history[1], "2024-01-01T10:00:00+00:00", "2024-01-01T10:05:00+00:00",
                      share_trained=0.8)
     assert set(result) == {"started", "completed", "parameters", "accuracy", "cv_accuracy", "best_val_acc",
-                           "best_epoch", "evaluation"}
-    assert result["evaluation"] is None  # no report's metrics given
+                           "best_epoch", "evaluation", "threshold"}
+    assert result["evaluation"] is None and result["threshold"] is None  # no report's metrics or threshold given
     assert result["started"] == "2024-01-01T10:00:00+00:00" and result["completed"] == "2024-01-01T10:05:00+00:00"
     assert result["parameters"] == {
         "epochs": 3, "learningRate": 0.05, "momentum": 0.8, "percentage used training": 80,
@@ -129,7 +129,7 @@ def test_summary_shape():
 
 
 def test_summary_of_a_logistic_head_lists_its_c_and_the_evaluation_beside_its_baseline():
-    config = TrainConfig(val_fraction=0.2).to_dict()  # the default head: logistic, no epochs or learning rate
+    config = Settings().replace(val_fraction=0.2).to_dict()  # the default head: logistic, no epochs or learning rate
     best = dict(epoch=1, val_acc=0.9, val_loss=0.3, train_acc=0.95, train_loss=0.2, C=0.1)
     evaluation = {"n": 20, "accuracy": 0.9, "balanced_accuracy": 0.9, "log_loss": 0.3,
                   "baseline": {"majority_class": "stop", "accuracy": 0.5},
@@ -141,7 +141,7 @@ def test_summary_of_a_logistic_head_lists_its_c_and_the_evaluation_beside_its_ba
 
 
 def test_summary_of_a_cross_validated_run_says_what_it_measured():
-    config = TrainConfig(epochs=2, folds=5).to_dict()
+    config = Settings().replace(epochs=2, folds=5).to_dict()
     history = [dict(epoch=i, val_acc=None, val_loss=None, train_acc=0.6 + i / 10, train_loss=1 / i) for i in (1, 2)]
     result = summary(config, history, history[1], "s", "c", share_trained=1.0, cv_accuracy=0.93)
     assert result["parameters"]["percentage used training"] == 100  # the final model trains on every image

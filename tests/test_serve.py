@@ -319,8 +319,12 @@ def test_the_answer_and_the_model_route_carry_the_threshold_in_force(trained):
     assert info["threshold"] == threshold and info["positive"] == "stop"
     row = thresholded.post("/predict/batch", files=[("files", ("a.png", image, "image/png"))]).json()["results"][0]
     assert row["label"] == "stop" and row["threshold"] == threshold
-    plain = TestClient(create_app(trained[0])).post("/predict", files={"file": ("a.png", image, "image/png")}).json()
-    assert plain["label"] == "not_stop" and plain["threshold"] is None
+    assert info["threshold_from"] == "--threshold"
+    own = load_classifier(trained[0]).threshold  # without --threshold: the model's own, chosen in training
+    plain_app = TestClient(create_app(trained[0]))
+    plain = plain_app.post("/predict", files={"file": ("a.png", image, "image/png")}).json()
+    assert plain["threshold"] == pytest.approx(own) and plain["label"] == ("stop" if p_stop >= own else "not_stop")
+    assert plain_app.get("/model").json()["threshold_from"] == "the model's, chosen out of fold in training"
 
 
 class Gate:

@@ -332,10 +332,10 @@ def test_a_run_whose_last_upload_failed_still_resumes_to_finish_it(tmp_path, dat
     run_dir = run(tmp_path, data, epochs=1, name="cut").run_dir  # whole here: summary.json written locally
     url = "s3://bucket/runs/cut"
     monkeypatch.setattr(trainer, "exists", lambda path: False)  # ... but its upload never reached the bucket
-    assert trainer.resolve_config(None, {}, run_dir, url=url)[1] == run_dir
+    assert trainer.resolve_settings({}, run_dir, url=url)[1] == run_dir
     monkeypatch.setattr(trainer, "exists", lambda path: path == f"{url}/summary.json")  # uploaded: finished
     with pytest.raises(StopsignError, match=f"cannot resume {url}: that run finished"):
-        trainer.resolve_config(None, {}, run_dir, url=url)
+        trainer.resolve_settings({}, run_dir, url=url)
 
 
 def test_training_does_not_load_the_scene_renderer():
@@ -345,3 +345,22 @@ def test_training_does_not_load_the_scene_renderer():
 
     code = "import stopsign.training.trainer, sys; print('stopsign.data.demo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_checkpoint_stores_its_model_and_one_written_before_loads_with_the_head_it_had(tiny_checkpoint, tmp_path):
+    """checkpoint["model"]: the model's own arguments, its head's included. A checkpoint without them (before the
+    settings were split; before 0.2 its settings named no pooling either) rebuilds the seed's head from its settings."""
+    from stopsign import load_classifier
+
+    checkpoint, data = tiny_checkpoint
+    state = load_checkpoint(checkpoint)
+    assert state["model"] == {
+        "backbone": "tiny", "weights": None, "image_size": None, "pooling": "avg", "tiles": 1, "head": "sgd",
+        "positive": None, "num_features": 8, "num_classes": 2, "positive_index": 1}
+    assert state["config"]["pooling"] == "avg" and state["config"]["epochs"] == 6  # the flat settings, as before
+    old = tmp_path / "old.pt"
+    torch.save({key: value for key, value in state.items() if key != "model"} | {"config": {}}, old)
+    before, now = load_classifier(old, cache=False), load_classifier(checkpoint, cache=False)
+    assert (before.pooling, before.tiles) == (now.pooling, now.tiles) == ("avg", 1)
+    photos = sorted((data / "stop").iterdir())[:3]
+    np.testing.assert_allclose(before.probabilities(photos)[1], now.probabilities(photos)[1])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import stopsign.training.tune as tune_module
-from stopsign import TrainConfig
+from stopsign.config import Settings
 from stopsign.config import SGD_SETTINGS
 from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
@@ -74,9 +74,9 @@ def test_objective_sees_only_its_folds(tmp_path, data, tiny_backbone, monkeypatc
     crossval = importlib.import_module("stopsign.training.crossval")  # the one K-fold loop, which tune calls
     real_fit = crossval.fit
 
-    def spy(source, num_features, num_classes, train_samples, val_samples, config, **kwargs):
+    def spy(source, num_features, num_classes, train_samples, val_samples, model, recipe, **kwargs):
         calls.append((set(train_samples), set(val_samples), kwargs.get("keep")))
-        return real_fit(source, num_features, num_classes, train_samples, val_samples, config, **kwargs)
+        return real_fit(source, num_features, num_classes, train_samples, val_samples, model, recipe, **kwargs)
 
     monkeypatch.setattr(crossval, "fit", spy)
     trials, folds = 3, 3
@@ -94,18 +94,18 @@ def test_objective_sees_only_its_folds(tmp_path, data, tiny_backbone, monkeypatc
 def test_narrowed_features_are_those_of_fewer_views(tmp_path, data, tiny_backbone):
     samples = load_data(data).samples
     extractor = FeatureExtractor("tiny", cache_dir=tmp_path / "cache", num_workers=0)
-    config = TrainConfig(backbone="tiny", views=2, batch_size=5)
-    many = CachedFeatures(extractor, samples, samples, config.replace(views=6))
-    narrowed, fresh = many.for_config(config), CachedFeatures(extractor, samples, samples, config)
+    model, recipe, _ = Settings().replace(backbone="tiny", views=2, batch_size=5)
+    many = CachedFeatures(extractor, samples, samples, model, recipe.replace(views=6))
+    narrowed, fresh = many.for_config(model, recipe), CachedFeatures(extractor, samples, samples, model, recipe)
     assert narrowed.train_features.shape[1] == 2 and narrowed.batch_size == 5
     np.testing.assert_array_equal(narrowed.train_features, fresh.train_features)
     rng = lambda: np.random.default_rng(3)
     for (a, y), (b, z) in zip(narrowed.train_batches(samples, 0, rng()), fresh.train_batches(samples, 0, rng())):
         assert a.equal(b) and y.equal(z)
     with pytest.raises(ValueError, match="views"):
-        many.for_config(config.replace(views=7))
+        many.for_config(model, recipe.replace(views=7))
     with pytest.raises(ValueError, match="seed"):
-        many.for_config(config.replace(seed=1))
+        many.for_config(model, recipe.replace(seed=1))
 
 
 LAUNCHER = '''import sys
@@ -410,10 +410,10 @@ def test_resuming_a_study_whose_choices_changed_is_refused_naming_the_fix(tmp_pa
 
 
 def test_the_starting_recipe_is_named_by_its_settings():
-    assert recipe_name(TrainConfig(backbone="tiny", folds=3), SEARCH_SPACE) == "defaults"
-    assert recipe_name(TrainConfig.seed_recipe(backbone="tiny", folds=3), SEARCH_SPACE) == "seed recipe"
+    assert recipe_name(Settings().replace(backbone="tiny", folds=3), SEARCH_SPACE) == "defaults"
+    assert recipe_name(Settings.seed_recipe(backbone="tiny", folds=3), SEARCH_SPACE) == "seed recipe"
     for changed in ({"pooling": "max"}, {"lr_max": 0.1}, {"tiles": 1}):  # tiles: fixed for a study, the seed's 1
-        assert recipe_name(TrainConfig(**changed), SEARCH_SPACE) == "given settings", changed
+        assert recipe_name(Settings().replace(**changed), SEARCH_SPACE) == "given settings", changed
 
 
 def settings_table(page: str) -> str:

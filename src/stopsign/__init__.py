@@ -1,7 +1,7 @@
 """stopsign: train honest image classifiers by transfer learning from a frozen ImageNet backbone.
 
     import stopsign
-    run = stopsign.train("data/", backbone="efficientnet_lite0")
+    run = stopsign.train("data/", model=stopsign.ModelConfig(backbone="efficientnet_lite0"))
     classifier = stopsign.load_classifier(run.run_dir)          # a run folder, best.pt, .onnx or .torchscript
     classifier.predict(["photo.jpg"])
 """
@@ -17,6 +17,8 @@ __version__ = "0.2.0"
 # nothing and a deployment that predicts with an .onnx file never imports torch.
 _PUBLIC = {
     "Classifier": "inference.base",
+    "ModelConfig": "config",
+    "RunOptions": "config",
     "StopsignError": "errors",
     "TrainConfig": "config",
     "create_app": "deploy.serve",
@@ -29,7 +31,7 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .config import ModelConfig, RunOptions, TrainConfig
     from .deploy.export import export
     from .training.review import find_suspects
     from .deploy.serve import create_app

@@ -1,9 +1,8 @@
 """Where stopsign keeps what it can recompute, and `stopsign cache info|clear` over all of it.
 
-The stores live under one root: the backbone features (a folder per backbone key), the file hashes of the
-duplicate checks, the reports' photo thumbnails, rendered negatives, and the local copies of files at URLs.
-Each is a cache: deleting it costs time, never results (so `clear` keeps a run whose upload to a URL has not
-finished: that copy is the only whole one).
+The stores live under one root: the backbone features, the duplicate checks' file hashes, the reports' thumbnails,
+rendered negatives, and the local copies of files at URLs. Deleting one costs time, never results (so `clear`
+keeps a run whose upload to a URL has not finished: that copy is the only whole one).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def cache_root() -> Path:
 
 
 def store_dir(name: str) -> Path:
-    """The folder of one store (FEATURES, HASH_CACHE or THUMBNAILS) under cache_root()."""
+    """The folder of one store (FEATURES, HASH_CACHE, ...) under cache_root()."""
     return cache_root() / name
 
 
@@ -46,24 +45,20 @@ def _usage(folder: Path) -> dict:
     files = size = 0
     for parent, _, names in os.walk(folder):  # skips a folder it cannot list, or that went meanwhile
         for name in names:
-            try:
+            with contextlib.suppress(OSError):
                 found = os.stat(os.path.join(parent, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(found.st_mode) and not name.endswith(TEMPORARY_SUFFIX):
-                files, size = files + 1, size + found.st_size
+                if stat.S_ISREG(found.st_mode) and not name.endswith(TEMPORARY_SUFFIX):
+                    files, size = files + 1, size + found.st_size
     return {"files": files, "bytes": size}
 
 
 def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
     """The feature cache's size per backbone folder; without a folder of its own, also the other stores'."""
-    stores = {} if features_dir else {name: store_dir(folder) for name, folder in OTHER_STORES.items()}
     root = Path(features_dir or store_dir(FEATURES))
-    folders = {}
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        folders[folder.name] = {"entries": count_entries(folder)} | _usage(folder)
-    for name, folder in stores.items():
-        stores[name] = {"path": str(folder)} | _usage(folder)
+    folders = {folder.name: {"entries": count_entries(folder)} | _usage(folder)
+               for folder in sorted(p for p in root.glob("*") if p.is_dir())}
+    stores = {} if features_dir else {name: {"path": str(store_dir(folder))} | _usage(store_dir(folder))
+                                      for name, folder in OTHER_STORES.items()}
     return {"root": str(root), "folders": folders, "stores": stores,
             "entries": sum(f["entries"] for f in folders.values()),
             "bytes": sum(f["bytes"] for f in folders.values())}
@@ -72,9 +67,8 @@ def cache_info(features_dir: str | os.PathLike | None = None) -> dict:
 def clear_cache(features_dir: str | os.PathLike | None = None) -> dict:
     """Empty the feature cache (and, without a folder of its own, the other stores); return what they held."""
     info = cache_info(features_dir)
-    root = Path(info["root"])
     for name in info["folders"]:
-        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(Path(info["root"]) / name, ignore_errors=True)
     for name, store in info["stores"].items():
         if OTHER_STORES[name] == UPLOADS:
             _clear_uploads(Path(store["path"]))
@@ -99,7 +93,7 @@ def _clear_uploads(folder: Path) -> None:
     for run in sorted(folder.glob("*/*")):
         if not run.is_dir():
             with contextlib.suppress(OSError):
-                run.unlink(missing_ok=True)  # an exported model: made again from its checkpoint
+                run.unlink()  # an exported model: made again from its checkpoint
         elif (run / UPLOADED).is_file():
             shutil.rmtree(run, ignore_errors=True)
     for mirror in folder.glob("*"):

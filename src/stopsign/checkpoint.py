@@ -13,6 +13,7 @@ import re
 import zipfile
 from pathlib import Path
 
+from .config import positive_index
 from .errors import CheckpointError
 from .files import atomic_write_bytes
 
@@ -22,13 +23,17 @@ REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_siz
                  "class_names", "head")
 
 
-def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict,
-                    resume: dict | None = None, trained_on: dict | None = None) -> dict:
+def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict, *,
+                    model: dict | None = None, resume: dict | None = None, trained_on: dict | None = None,
+                    threshold: dict | None = None) -> dict:
     """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data.
 
-    backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; resume: the optimizer, scheduler,
+    backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; config: the run's settings, flat (what
+    `stopsign info` lists); model: the model's own arguments (model_arguments()); resume: the optimizer, scheduler,
     history and best epoch, so `--resume` continues exactly (last.pt only); trained_on: the training images'
-    digests and feature signature (model.signature), so an evaluation can tell copies of them from new photos.
+    digests and feature signature (model.signature), so an evaluation can tell copies of them from new photos;
+    threshold: the two-class decision threshold chosen out of fold (training/threshold.py), which predict,
+    evaluate and serve apply unless told another.
     """
     from . import __version__
 
@@ -39,11 +44,36 @@ def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], co
         "class_names": list(class_names), "head": head_state, "config": config,
         "epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"],
     }
+    if model is not None:
+        checkpoint["model"] = model
     if resume is not None:
         checkpoint["resume"] = resume
     if trained_on is not None:
         checkpoint["trained_on"] = trained_on
+    if threshold is not None:
+        checkpoint["threshold"] = threshold
     return checkpoint
+
+
+def stored_threshold(checkpoint: dict) -> float | None:
+    """The decision threshold the checkpoint's training chose, or None (argmax: more than two classes, or a
+    checkpoint written before thresholds were chosen)."""
+    return (checkpoint.get("threshold") or {}).get("value")
+
+
+def model_arguments(checkpoint: dict) -> dict:
+    """What defines the checkpoint's model: ModelConfig's fields, and the arguments its head is made from by
+    model.pooling.make_head (num_features, num_classes, pooling, positive_index). A checkpoint written before the
+    settings were split has none stored: they are read from its settings, and one before 0.2 has average pooling,
+    one tile, the backbone's native size and the class called stop as the positive one."""
+    if "model" in checkpoint:
+        return checkpoint["model"]
+    config, names = checkpoint.get("config") or {}, list(checkpoint["class_names"])
+    return {"backbone": checkpoint["backbone"], "weights": config.get("weights"),
+            "image_size": config.get("image_size"), "pooling": config.get("pooling", "avg"),
+            "tiles": config.get("tiles", 1), "head": config.get("head", "sgd"), "positive": config.get("positive"),
+            "num_features": checkpoint["feature_size"], "num_classes": len(names),
+            "positive_index": positive_index(names, config.get("positive"))}
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> Path:
@@ -120,6 +150,9 @@ def describe(checkpoint: dict, path: str | Path) -> list[tuple[str, str]]:
              ("trained on", f"{len(trained_on['digests'])} images (their digests and features are kept: evaluate "
                             "tells copies of them apart)" if trained_on else "not recorded (before stopsign 0.2)"),
              ("head parameters", str(sum(t.numel() for t in checkpoint["head"].values())))]
+    if chosen := checkpoint.get("threshold"):
+        lines.append(("threshold", f"p({checkpoint['class_names'][1]}) >= {chosen['value']:.3f}, chosen by "
+                                   f"{chosen['rule']} on {chosen['images']} training images"))
     if "resume" in checkpoint:
         lines.append(("resumable", f"yes: the training state after epoch {checkpoint['epoch']}"))
     return lines

@@ -1,7 +1,14 @@
-"""The training settings: one dataclass whose defaults are the seed recipe.
+"""The settings, in three dataclasses by kind, whose defaults are stopsign's recipe:
 
-Each field carries its one help text (and, where it has one, its flag, choices and range) as metadata; the
-command line builds `stopsign train`'s and `stopsign tune`'s flags from it, so a setting is described once.
+- ModelConfig: what defines the model (backbone, input size, pooling, tiles, head, positive class). The checkpoint
+  stores it with the head's own arguments, so a model rebuilds itself; a resumed run may not change it.
+- TrainConfig: the recipe that fits the head (split, augmentation, optimisation, folds); `--recipe seed` is a preset.
+- RunOptions: where and how fast a run goes (device, workers, cache, output folder); free to change on resume.
+
+Settings holds one of each, and turns the flat settings (the command line's flags, config.json) into the three
+parts and back. Each field carries its one help text (and, where it has one, its flag, choices and range) as
+metadata; the command line builds `stopsign train`'s and `stopsign tune`'s flags from it, so a setting is described
+once.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ DEVICE_HELP = ("where the backbone (and an SGD head) runs: auto (a CUDA GPU when
 # 0.937 grouped 5-fold balanced accuracy and 0.890 on the second-source photos (negatives 0.886), against 0.926
 # and 0.699 (0.468) for the seed's average pooling, whole image and SGD head, and 0.947 and 0.850 (0.777) for max
 # pooling of the same tiles; on the demo's held-out scenes 0.9+ against 0.8. `--recipe seed`
-# (TrainConfig.seed_recipe()) is the seed's exactly.
+# (Settings.seed_recipe()) is the seed's exactly.
 SEED_RECIPE = {"pooling": "avg", "tiles": 1, "head": "sgd"}
 # The settings only the SGD head reads. The logistic head solves a convex problem exactly (its C chosen by K-fold on
 # the training split), so it has no epochs, batches, learning rates, schedule or label smoothing.
@@ -38,9 +45,12 @@ SGD_SETTINGS = ("epochs", "batch_size", "lr_base", "lr_max", "momentum", "weight
 # 108 to 0.95 with 270 on these features), and 30 per class make a held-out split worth reading (n = 60, not 24).
 DEMO_PER_CLASS = 300
 RECIPES = ("stopsign", "seed")
-# Options that say where and how fast a run goes, not what it learns: a resumed run may change them (Ultralytics'
-# check_resume does the same), e.g. continue on a GPU a run begun on a CPU.
-RUNTIME = ("device", "num_workers", "cache_dir")
+# The order the command line lists the settings' flags, and config.json, `stopsign info` and the report list them
+# (that of the one settings class before the split, so that none of them changed).
+LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "val_fraction", "seed",
+          "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs", "batch_size", "lr_base",
+          "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler", "cycle_epochs", "cache", "cache_dir",
+          "num_workers", "bf16", "device", "folds", "target_recall", "out", "name")
 
 
 def available_cores() -> int:
@@ -51,7 +61,7 @@ def available_cores() -> int:
 
 def setting(default, help: str, *, flag: str | None = None, choices=None,
             low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
-    """A TrainConfig field: its default and what the command line needs to offer and check it.
+    """A settings field: its default and what the command line needs to offer and check it.
 
     choices: a tuple, or a function returning one; low/high bound the value (inclusive unless low_open/high_open);
     flag defaults to --field-name.
@@ -60,9 +70,35 @@ def setting(default, help: str, *, flag: str | None = None, choices=None,
                                             "high": high, "low_open": low_open, "high_open": high_open})
 
 
+class Part:
+    """What the three kinds of settings share: a flat dict of them, and a copy with some changed."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The fields of this part among `values` (e.g. config.json's, which holds the others' too)."""
+        return cls(**{name: value for name, value in values.items() if name in names(cls)})
+
+
+def names(part: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(part))
+
+
+def positive_index(class_names: list[str], positive: str | None = None) -> int | None:
+    """The index of the positive class of two-class data (`positive`, else the class called stop); None for other
+    data."""
+    positive = positive or ("stop" if "stop" in class_names else None)
+    return class_names.index(positive) if len(class_names) == 2 and positive in class_names else None
+
+
 @dataclass
-class TrainConfig:
-    # model
+class ModelConfig(Part):
+    """What defines the model: saved in its checkpoint, and fixed for a resumed run."""
     backbone: str = setting("resnet18", "pretrained backbone", choices=lambda: BACKBONE_NAMES)  # read when asked
     weights: str | None = setting(None, "a local copy of the backbone's weights, for machines without internet")
     image_size: int | None = setting(None, "input size in pixels (default: the backbone's native size)", low=32)
@@ -74,10 +110,24 @@ class TrainConfig:
     tiles: int = setting(2, "K > 1: features of the whole image and of a K×K grid of overlapping crops, combined "
                             "by max (small, distant signs); K×K+1 backbone passes per view, each cached; 1: the "
                             "whole image only (the seed's)", low=1, high=4)
-    # the head
     head: str = setting("logistic", "the head's fit: logistic (multinomial logistic regression on standardised "
                                     "features, C chosen by grouped K-fold on the training split) or sgd (the seed's "
                                     "recipe: the optimisation settings below)", choices=HEADS)
+    positive: str | None = setting(None, "the positive class of two-class data (default: the class called stop)")
+
+    def positive_index(self, class_names: list[str]) -> int | None:
+        return positive_index(class_names, self.positive)
+
+    def head_arguments(self, num_features: int, class_names: list[str]) -> dict:
+        """What model.pooling.make_head builds this model's head from besides its pooling: the checkpoint stores
+        them beside these fields (checkpoint.model_arguments)."""
+        return {"num_features": num_features, "num_classes": len(class_names),
+                "positive_index": self.positive_index(class_names)}
+
+
+@dataclass
+class TrainConfig(Part):
+    """The recipe that fits the head: how the data is split and augmented, and the optimisation."""
     class_weight: str = setting("none", "balanced: weigh each class by the inverse of its share of the training images",
                                 choices=CLASS_WEIGHTS)
     # data
@@ -91,7 +141,6 @@ class TrainConfig:
     synthetic_negatives: int = setting(0, "N rendered street scenes of the negative kinds (other signs, red things; the "
                                           "demo's generator) added to the training split only, never to validation",
                                        low=0)
-    positive: str | None = setting(None, "the positive class of two-class data (default: the class called stop)")
     # optimisation (the seed recipe)
     epochs: int = setting(10, "passes over the training set", low=1)
     batch_size: int = setting(32, "images per optimisation step", low=1)
@@ -105,7 +154,18 @@ class TrainConfig:
     cycle_epochs: int = setting(5, "CyclicLR is stepped once per epoch: the LR rises linearly from --lr-base to "
                                    "--lr-max over this many epochs, falls back over as many, and each later "
                                    "cycle's height halves", low=1)
-    # speed
+    folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
+                            "then the final model on all data", low=0)
+    target_recall: float | None = setting(None, "two classes: the decision threshold is the largest whose "
+                                                "out-of-fold recall of the positive class reaches this (default: "
+                                                "the one that maximises out-of-fold balanced accuracy)",
+                                          low=0, high=1, low_open=True)
+
+
+@dataclass
+class RunOptions(Part):
+    """Where and how fast a run goes, not what it learns: a resumed run may change them (as Ultralytics'
+    check_resume allows), e.g. continue on a GPU a run begun on a CPU."""
     cache: bool = setting(True, "train the head on cached backbone features (--no-cache: recompute the backbone "
                                 "on augmented images every epoch, the seed's slow loop)")
     cache_dir: str | None = setting(None, "where backbone features are cached "
@@ -113,56 +173,83 @@ class TrainConfig:
     num_workers: int = setting(2, "image decoding processes", flag="--workers", low=0)
     bf16: bool = setting(False, "bf16 autocast for the backbone pass (faster; may change some predictions)")
     device: str = setting("auto", DEVICE_HELP)  # checked by model/devices.py: cuda:N has no fixed choices
-    folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
-                            "then the final model on all data", low=0)
-    # output
     out: str = setting("runs", "folder that holds run folders")
     name: str | None = setting(None, "run folder name (default: <backbone>-<time>; never overwrites)")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+def setting_fields() -> list[dataclasses.Field]:
+    """Every setting's field, of the three kinds, in the LISTED order."""
+    fields = {f.name: f for part in (ModelConfig, TrainConfig, RunOptions) for f in dataclasses.fields(part)}
+    return [fields[name] for name in LISTED]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings: the model, the recipe and the run options. Flat (a name for each field of any of the
+    three) on the command line and in config.json, the report and summary.json."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: TrainConfig = field(default_factory=TrainConfig)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def __iter__(self):
+        """model, recipe, run = settings."""
+        return iter((self.model, self.recipe, self.run))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_dict(cls, values: dict) -> "Settings":
+        """The settings among flat `values` (others, such as config.json's "data", are left out)."""
+        return cls(ModelConfig.from_dict(values), TrainConfig.from_dict(values), RunOptions.from_dict(values))
 
     @classmethod
-    def seed_recipe(cls, **overrides) -> "TrainConfig":
+    def seed_recipe(cls, **overrides) -> "Settings":
         """The seed notebook's recipe exactly (average pooling, the whole image, the SGD head), then overrides."""
-        return cls(**recipe_settings("seed", overrides))
+        return cls().replace(**recipe_settings("seed", overrides))
 
-    def positive_index(self, class_names: list[str]) -> int | None:
-        """The index of the positive class of two-class data (--positive, else the class called stop); None for
-        other data."""
-        positive = self.positive or ("stop" if "stop" in class_names else None)
-        return class_names.index(positive) if len(class_names) == 2 and positive in class_names else None
+    def to_dict(self) -> dict:
+        """Flat, in the LISTED order: what config.json, the checkpoint's "config" and the report record."""
+        values = self.model.to_dict() | self.recipe.to_dict() | self.run.to_dict()
+        return {name: values[name] for name in LISTED}
 
-    def relevant(self) -> dict:
-        """to_dict() less the settings its head never reads: what a report, summary.json and tune show."""
-        return relevant_settings(self.to_dict())
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+    def replace(self, **changes) -> "Settings":
+        """These settings with flat `changes`, each made to the part it belongs to."""
+        known(changes)
+        return Settings(*(part.replace(**{k: v for k, v in changes.items() if k in names(type(part))})
+                          for part in (self.model, self.recipe, self.run)))
 
     def conflicts(self, asked: dict) -> list[str]:
-        """The settings in `asked` that differ from these, as "name: asked X, recorded Y" (for --resume, which
-        continues with the recorded settings and must not silently ignore others); runtime options (RUNTIME: where
-        and how fast, not what is learned) may differ."""
-        return [f"{name}: asked {value!r}, recorded {getattr(self, name)!r}" for name, value in asked.items()
-                if name not in RUNTIME and getattr(self, name) != value]
+        """The settings in flat `asked` that differ from these, as "name: asked X, recorded Y" (for --resume, which
+        continues with the recorded settings and must not silently ignore others); RunOptions may differ."""
+        recorded = self.to_dict()
+        known(asked)
+        return [f"{name}: asked {value!r}, recorded {recorded[name]!r}" for name, value in asked.items()
+                if name not in names(RunOptions) and recorded[name] != value]
+
+
+def known(settings: dict) -> None:
+    """A TypeError naming what in flat `settings` is no setting (as a dataclass names an unexpected argument)."""
+    unknown = set(settings) - set(LISTED)
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+
+
+def given_settings(model: ModelConfig | None, recipe: TrainConfig | None, run: RunOptions | None,
+                   overrides: dict) -> dict:
+    """What an API call (train, tune, find_suspects) was given, flat: every field of the parts it passed, then its
+    flat overrides. Settings().replace(**given) are a new run's settings; a resumed run checks them against its own."""
+    return {name: value for part in (model, recipe, run) if part is not None
+            for name, value in part.to_dict().items()} | overrides
 
 
 def recipe_settings(recipe: str, given: dict) -> dict:
-    """The settings `--recipe NAME` stands for (RECIPES: "stopsign", TrainConfig's defaults; "seed", SEED_RECIPE),
-    with those given explicitly winning: `--recipe seed --tiles 2` is the seed's recipe on a 2×2 grid."""
+    """The settings `--recipe NAME` stands for (RECIPES: "stopsign", the defaults; "seed", SEED_RECIPE), with
+    those given explicitly winning: `--recipe seed --tiles 2` is the seed's recipe on a 2×2 grid."""
     if recipe not in RECIPES:
         raise StopsignError(f"there is no recipe {recipe!r}. Fix: name one of {', '.join(RECIPES)}")
     return (SEED_RECIPE if recipe == "seed" else {}) | given
 
 
 def relevant_settings(settings: dict) -> dict:
-    """`settings` (TrainConfig fields, all or some, e.g. a trial's parameters) less those the head they name never
-    reads (SGD_SETTINGS, unless the head is sgd); a dict that names no head has the default one."""
-    head = settings.get("head", TrainConfig.head)
+    """Flat `settings` (all or some, e.g. a trial's parameters) less those the head they name never reads
+    (SGD_SETTINGS, unless the head is sgd); a dict that names no head has the default one."""
+    head = settings.get("head", ModelConfig.head)
     return {name: value for name, value in settings.items() if head == "sgd" or name not in SGD_SETTINGS}

@@ -1,9 +1,8 @@
-"""Writing and naming files: atomic writes (bytes, text, JSON, CSV, .npy), staging folders, one sha256 of a
-file, paths relative to a folder.
+"""Writing and naming files: atomic writes (bytes, text, JSON, CSV, .npy), staging folders, sha256, relative paths.
 
-Every write goes to a temporary name in the destination folder, is flushed (and fsynced, unless the caller
-is a cache that checks what it reads) and renamed, so a process killed at any instant leaves each file
-either whole or absent. The files take the umask's permissions, like any file the user creates.
+Every write goes to a temporary name in the destination folder, is flushed (and fsynced, unless the caller is a
+cache that checks what it reads) and renamed, so a process killed at any instant leaves each file whole or absent.
+Files and folders take the umask's permissions, like any the user creates.
 """
 
 from __future__ import annotations
@@ -32,28 +31,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
-    """Write `data` to `path` whole or not at all; a full disk or unwritable folder is a StopsignError naming it.
-
-    durable=False skips the fsync, for caches that check what they read: after a power cut such a file may be
-    empty or end in zeros.
-    """
-    return atomic_write(path, lambda handle: handle.write(data), durable=durable)
-
-
 def atomic_write(path: str | os.PathLike, write, *, durable: bool = True) -> Path:
-    """Call `write(binary file)` on a temporary file beside `path`, then rename it to `path` (see the module)."""
+    """Call `write(binary file)` on a temporary file beside `path`, then rename it to `path`. A full disk or an
+    unwritable folder is a StopsignError naming the path. durable=False skips the fsync, for caches that check
+    what they read: after a power cut such a file may be empty or end in zeros."""
     path = Path(path)
     handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX,
-                                             delete=False)
-        with handle:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX,
+                                         delete=False) as handle:
             write(handle)
             handle.flush()
-            # NamedTemporaryFile creates 0600 files; a finished file gets what the user's umask gives.
-            os.chmod(handle.name, 0o666 & ~_umask())
+            os.chmod(handle.name, 0o666 & ~_umask())  # not NamedTemporaryFile's 0600
             if durable:
                 os.fsync(handle.fileno())
         os.replace(handle.name, path)
@@ -61,23 +51,19 @@ def atomic_write(path: str | os.PathLike, write, *, durable: bool = True) -> Pat
         if handle is not None:
             with contextlib.suppress(OSError):
                 os.unlink(handle.name)
-        if isinstance(error, OSError):
-            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StopsignError(
-                f"cannot write {path}: {'the disk is full' if full else error.strerror or error}. "
-                f"Fix: {'free disk space' if full else 'make the folder writable'} or choose another --out; "
-                "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
-            ) from error
-        raise
+        if not isinstance(error, OSError):
+            raise
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StopsignError(
+            f"cannot write {path}: {'the disk is full' if full else error.strerror or error}. "
+            f"Fix: {'free disk space' if full else 'make the folder writable'} or choose another --out; "
+            "an interrupted `stopsign train` continues from its last epoch with --resume RUN_DIR."
+        ) from error
     return path
 
 
-def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new empty folder in `parent`, named `prefix` and a unique tail, to fill and then rename into place, so
-    the folder it becomes is whole or absent. It takes the umask's permissions, not mkdtemp's 0700."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
+    return atomic_write(path, lambda handle: handle.write(data), durable=durable)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -104,17 +90,16 @@ def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
 
 
-def remove_partial_files(folder: str | os.PathLike) -> None:
-    """Delete the temporary files of atomic writes that a killed process never finished (never a finished
-    file), in `folder` and the folders directly in it."""
-    folder = Path(folder)
-    for path in [*folder.glob(f".*{TEMPORARY_SUFFIX}"), *folder.glob(f"*/.*{TEMPORARY_SUFFIX}")]:
-        path.unlink(missing_ok=True)
+def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder in `parent`, named `prefix` and a unique tail, to fill and then rename into place, so
+    the folder it becomes is whole or absent. It takes the umask's permissions, not mkdtemp's 0700."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks: equal for equal content, whatever the file's name.
-    OSError propagates; callers turn it into their own reason."""
+    """The sha256 of a file's bytes (equal for equal content, whatever the name); OSError propagates."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

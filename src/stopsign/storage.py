@@ -1,23 +1,21 @@
 """Object storage: data, runs and models at a URL (s3://, gs://, az://, https://, zip::...) through fsspec.
 
 A URL never reaches the code that decodes photos or writes run files. Data and models are fetched into a local
-mirror under the cache, one per URL, each file checked by its ETag (or version) from one paginated listing, so a
-second run downloads nothing and the feature cache, keyed by content, still hits. A run is written locally, as
-always, and uploaded as it grows (RunUpload). Local paths never come here (`is_url` is False for them), so they
-keep their speed.
-
-Credentials and endpoints come the usual way for each backend (for S3: the AWS chain of environment variables,
-~/.aws/credentials, AWS_PROFILE and AWS_ENDPOINT_URL), plus keyword options for fsspec from
-$STOPSIGN_STORAGE_OPTIONS (a JSON object) and `--storage-option key=value` (set_storage_options).
+mirror, each file checked by its ETag from one paginated listing, so a second run downloads nothing and the feature
+cache, keyed by content, still hits. A run is written locally and uploaded as it grows (RunUpload). Credentials
+come each backend's usual way (for S3: the AWS variables, ~/.aws/credentials, AWS_PROFILE, AWS_ENDPOINT_URL), plus
+fsspec options from $STOPSIGN_STORAGE_OPTIONS (a JSON object) and `--storage-option key=value`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -38,17 +36,18 @@ RETRIES = 4  # attempts of an upload after the first, each after BACKOFF × 2^k 
 BACKOFF = 0.5
 MODEL_SUFFIXES = (".pt", ".onnx", ".torchscript")  # a URL ending so names a model, not a run folder
 INDEX = "index.json"  # a mirror's {relative path: ETag}, beside its files/
+WRITE_PROBE = ".write-test"  # what proves a run folder writable; never uploaded
 # An S3 endpoint that does not answer fails in seconds, not botocore's minutes (the user's options win).
 S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
-# The optional package each protocol's fsspec backend imports, and how to install it: a URL whose backend is
-# missing is one line naming that command, never a traceback.
-BACKENDS = {"s3": ("s3fs", "pip install 'stopsign[cloud]'"), "s3a": ("s3fs", "pip install 'stopsign[cloud]'"),
-            "gs": ("gcsfs", "pip install gcsfs"), "gcs": ("gcsfs", "pip install gcsfs"),
-            "az": ("adlfs", "pip install adlfs"), "abfs": ("adlfs", "pip install adlfs"),
-            "http": ("aiohttp", "pip install aiohttp"), "https": ("aiohttp", "pip install aiohttp")}
+# The package each protocol's fsspec backend imports: without it, a URL is one line naming the install.
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+            "http": "aiohttp", "https": "aiohttp"}
 CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for IBM Cloud Object Storage: the HMAC keys), "
                    "or a profile in ~/.aws/credentials with AWS_PROFILE, or --storage-option key=... "
                    "--storage-option secret=...")
+CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                     "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+                     "ConnectionRefusedError", "ConnectionResetError", "TimeoutError", "IncompleteRead"}
 
 _given_options: dict = {}
 _filesystems: dict = {}
@@ -68,10 +67,8 @@ def set_storage_options(pairs: list[str]) -> None:
         key, equals, value = pair.partition("=")
         if not equals or not key:
             raise StorageError(f"--storage-option {pair!r}: expected key=value, e.g. endpoint_url=https://...")
-        try:
+        with suppress(ValueError):  # else text, as given
             value = json.loads(value)
-        except ValueError:
-            pass  # text, as given
         *parents, last = key.split(".")
         target = options
         for parent in parents:
@@ -88,13 +85,11 @@ def storage_options(protocol: str) -> dict:
     except ValueError as error:
         raise StorageError(f"${OPTIONS_ENV} is not a JSON object ({error}); e.g. "
                            '{"endpoint_url": "https://s3.us-south.cloud-object-storage.appdomain.cloud"}') from error
-    options = json.loads(json.dumps(S3_DEFAULTS)) if protocol in ("s3", "s3a") else {}
+    options = copy.deepcopy(S3_DEFAULTS) if protocol in ("s3", "s3a") else {}
     for layer in (from_env, _given_options):
         for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(options.get(key), dict):
-                options[key] = options[key] | value
-            else:
-                options[key] = value
+            merge = isinstance(value, dict) and isinstance(options.get(key), dict)
+            options[key] = options[key] | value if merge else value
     return options
 
 
@@ -102,26 +97,27 @@ def filesystem(url: str):
     """(fsspec filesystem, path within it) for a URL; a backend that is not installed says which package to add."""
     import fsspec.core
 
-    protocol = url.split("::")[-1].split("://")[0] if "::" in url else url.split("://")[0]
+    protocol = url.split("::")[-1].split("://")[0]
     options = storage_options(protocol)
     # One filesystem per protocol, options and credentials in the environment (fsspec's own instance cache would
     # keep the credentials it first resolved); a chained URL (zip::...) gets its own each time.
     key = (protocol, json.dumps(options, sort_keys=True, default=str),
-           tuple(os.environ.get(name) for name in sorted(os.environ) if name.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
+           tuple((k, v) for k, v in sorted(os.environ.items()) if k.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
+    chained = "::" in url
+    if not chained and key in _filesystems:
+        return _filesystems[key], _filesystems[key]._strip_protocol(url)
     try:
-        if "::" not in url and key in _filesystems:
-            fs = _filesystems[key]
-            return fs, fs._strip_protocol(url)
         fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
-        if "::" not in url:
-            _filesystems[key] = fs
-        return fs, path
     except (ImportError, ValueError) as error:  # the backend is not installed; fsspec knows no such protocol
-        if isinstance(error, ImportError) and protocol.lower() in BACKENDS:
-            package, command = BACKENDS[protocol.lower()]
+        package = BACKENDS.get(protocol.lower())
+        if isinstance(error, ImportError) and package:
+            command = "pip install 'stopsign[cloud]'" if package == "s3fs" else f"pip install {package}"
             raise StorageError(f"{url}: {protocol}:// URLs need {package}: {command}") from error
         raise StorageError(f"{url}: cannot open {protocol}:// ({error}). Fix: install the fsspec backend for "
                            f"{protocol}://") from error
+    if not chained:
+        _filesystems[key] = fs
+    return fs, path
 
 
 @contextmanager
@@ -136,26 +132,26 @@ def storage_errors(url: str):
 
 
 def explain(url: str, error: BaseException) -> str:
-    name = type(error).__name__
+    name, first = type(error).__name__, _first_line(str(error))
     codes = [str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", "")) for e in _chain(error)]
     text = " ".join([str(error), *codes])  # s3fs turns botocore's error codes into OSErrors with their messages
-    endpoint = storage_options("s3").get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the default"
     if name == "NoCredentialsError" or "Unable to locate credentials" in text:
         return f"{url}: no credentials. Fix: {CREDENTIALS_FIX}"
     if name == "PartialCredentialsError":
-        return f"{url}: incomplete credentials ({_first_line(str(error))}). Fix: {CREDENTIALS_FIX}"
+        return f"{url}: incomplete credentials ({first}). Fix: {CREDENTIALS_FIX}"
     if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                                      "signature we calculated", "Access Key Id you provided does not exist")):
-        return f"{url}: the credentials were refused ({_first_line(str(error))}). Fix: check the key and secret ({CREDENTIALS_FIX})"
+        return f"{url}: the credentials were refused ({first}). Fix: check the key and secret ({CREDENTIALS_FIX})"
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return (f"{url}: access denied ({_first_line(str(error))}). Fix: grant these credentials read (data, models) or "
+        return (f"{url}: access denied ({first}). Fix: grant these credentials read (data, models) or "
                 "write (--out) access to the bucket, or use other credentials")
     if isinstance(error, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
-        return f"{url}: no such bucket or object ({_first_line(str(error))}). Fix: check the URL (bucket name, prefix, key)"
+        return f"{url}: no such bucket or object ({first}). Fix: check the URL (bucket name, prefix, key)"
     if _is_connection_error(error):
-        return (f"{url}: cannot reach the storage endpoint {endpoint} ({_first_line(str(error))}). Fix: check the network "
+        endpoint = storage_options("s3").get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "the default"
+        return (f"{url}: cannot reach the storage endpoint {endpoint} ({first}). Fix: check the network "
                 "and the endpoint (AWS_ENDPOINT_URL, or --storage-option endpoint_url=https://...)")
-    return f"{url}: {name}: {_first_line(str(error))}"
+    return f"{url}: {name}: {first}"
 
 
 def _first_line(text: str) -> str:
@@ -163,11 +159,8 @@ def _first_line(text: str) -> str:
 
 
 def _is_connection_error(error: BaseException) -> bool:
-    names = {type(e).__name__ for e in _chain(error)}
-    connection = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                  "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
-                  "ConnectionRefusedError", "ConnectionResetError", "TimeoutError", "IncompleteRead"}
-    return bool(names & connection) or isinstance(error, (ConnectionError, TimeoutError))
+    return isinstance(error, (ConnectionError, TimeoutError)) or \
+        any(type(e).__name__ in CONNECTION_ERRORS for e in _chain(error))
 
 
 def _chain(error: BaseException):
@@ -193,8 +186,7 @@ def fetch(url: str, *, progress: bool = False) -> Path:
     if not listing:
         raise StorageError(f"{url}: no such bucket, prefix or object (nothing listed there). "
                            "Fix: check the URL (bucket name, prefix, key)")
-    root, stripped = mirror_dir(url), path.rstrip("/")
-    files = _below(url, stripped, listing)
+    root, files = mirror_dir(url), _below(url, path.rstrip("/"), listing)
     single = not files  # the URL names one object (s3fs lists a key as itself)
     if single:
         if len(listing) != 1:
@@ -221,7 +213,8 @@ def _below(url: str, prefix: str, listing: dict[str, dict]) -> dict[str, tuple[s
 
 
 def _download(fs, key: str, target: Path) -> None:
-    """One object to one local file, whole or absent (a temporary name of this process's, then a rename)."""
+    """One object to one local file, whole or absent (a temporary name of this process's, then a rename). Not
+    files.atomic_write: FETCH_WORKERS threads run this, and reading the umask, as atomic_write does, sets it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
     with storage_errors(fs.unstrip_protocol(key)):
@@ -242,56 +235,41 @@ def inside(url: str, name: str) -> str:
 def _mirror(fs, url: str, files: dict[str, tuple[str, dict]], root: Path, progress: bool) -> None:
     """Bring root/files/ to `files` ({relative path: (key, info)}): fetch what the index does not hold at its
     version, concurrently; remove what is no longer listed; record each file's version in root/index.json."""
-    index_path = root / INDEX
-    index = read_json(index_path) if index_path.is_file() else {}
-    local_root = root / "files"
-    wanted = {}
-    for rel, (_, info) in files.items():
-        tag = version_tag(info)
-        target = local_root / rel
-        if index.get(rel) != tag or not target.is_file() or target.stat().st_size != info.get("size", -1):
-            wanted[rel] = (info, tag)
+    index_path, local_root = root / INDEX, root / "files"
+    known = read_json(index_path) if index_path.is_file() else {}
+    index = {rel: tag for rel, tag in known.items() if rel in files}
+    wanted = {rel: info for rel, (_, info) in files.items() if index.get(rel) != version_tag(info)
+              or not (local_root / rel).is_file() or (local_root / rel).stat().st_size != info.get("size", -1)}
     _prune(local_root, files)
-    for stale in set(index) - set(files):
-        index.pop(stale)
-    if wanted:
-        total = sum(int(info.get("size") or 0) for info, _ in wanted.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {len(wanted)} files", disable=not progress,
-                   leave=False)
+    bar = tqdm(total=sum(int(info.get("size") or 0) for info in wanted.values()), unit="B", unit_scale=True,
+               desc=f"download {len(wanted)} files", disable=not (progress and wanted), leave=False)
 
-        def get(rel: str) -> str:
-            key, info = files[rel]
-            _download(fs, key, local_root / rel)
-            bar.update(int(info.get("size") or 0))
-            return rel
+    def get(rel: str) -> str:
+        _download(fs, files[rel][0], local_root / rel)
+        bar.update(int(wanted[rel].get("size") or 0))
+        return rel
 
-        done = 0
-        try:
-            with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-                for rel in pool.map(get, sorted(wanted)):
-                    index[rel] = wanted[rel][1]
-                    done += 1
-                    bar.set_postfix_str(f"{done}/{len(wanted)} files", refresh=False)
-        finally:
-            bar.close()
-            atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True))  # what arrived stays known
-        log.debug("fetched %d of %d files of %s", len(wanted), len(files), url)
-    elif not index_path.is_file() or set(index) != set(files):
-        atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True))
+    try:
+        with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+            for done, rel in enumerate(pool.map(get, sorted(wanted)), start=1):
+                index[rel] = version_tag(wanted[rel])
+                bar.set_postfix_str(f"{done}/{len(wanted)} files", refresh=False)
+    finally:
+        bar.close()
+        if index != known or not index_path.is_file():  # what arrived stays known, even when a fetch failed
+            atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True))
+    log.debug("fetched %d of %d files of %s", len(wanted), len(files), url)
 
 
 def _prune(local_root: Path, files: dict) -> None:
     """Gone from the bucket: gone from the mirror, so the data is the same. The folder is walked, not the index:
     a fetch that failed part way leaves files it renamed into place but never indexed."""
-    if not local_root.is_dir():
-        return
     for path in [p for p in local_root.rglob("*") if p.is_file()]:
         if path.relative_to(local_root).as_posix() not in files and not path.name.endswith(TEMPORARY_SUFFIX):
             path.unlink(missing_ok=True)  # (a temporary file is another fetch's, in progress)
     for folder in sorted((p for p in local_root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(folder.iterdir()):  # an emptied class folder would be read as a class with no images
-            with suppress(OSError):  # another fetch just put a file there
-                folder.rmdir()
+        with suppress(OSError):  # not empty, or another fetch just put a file there
+            folder.rmdir()  # an emptied class folder would be read as a class with no images
 
 
 def version_tag(info: dict) -> str:
@@ -305,11 +283,8 @@ def version_tag(info: dict) -> str:
 
 def _unpacked(archive: Path, folder: Path, info: dict) -> Path:
     """A downloaded .zip's contents, unpacked again only when the archive changed (zipfile keeps names inside)."""
-    marker = folder / ".archive"
-    tag = version_tag(info)
+    marker, tag = folder / ".archive", version_tag(info)
     if not (marker.is_file() and marker.read_text() == tag):
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
         with zipfile.ZipFile(archive) as handle:
             handle.extractall(folder)
@@ -394,11 +369,10 @@ class RunUpload:
     def sync(self, *, finish: bool = False) -> None:
         (self.local / UPLOADED).unlink(missing_ok=True)  # a resumed run grows again: not whole in the bucket now
         files = sorted(p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(TEMPORARY_SUFFIX)
-                       and not p.name.startswith(".write-test") and p.name != UPLOADED)
+                       and p.name not in (WRITE_PROBE, UPLOADED))
         held = [p for p in files if p.parent == self.local and p.name in self.last]
         for path in [p for p in files if p not in held] + (held if finish else []):
-            rel = path.relative_to(self.local).as_posix()
-            stat = path.stat()
+            rel, stat = path.relative_to(self.local).as_posix(), path.stat()
             if self.sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
                 try:
                     upload_file(path, join(self.url, rel))

@@ -1,26 +1,18 @@
-"""The feature store: arrays keyed by (image digest, view tag), in append-only shard files, one folder per backbone key.
+"""The feature store: arrays keyed by (image digest, view tag) in append-only shard files, one folder per backbone key.
 
-A shard is a pair of files in `folder/shards/`: `NAME.f32`, rows of one shape (e.g. 7 pooled rows × 512 features)
-of float32 appended one after another, and `NAME.idx`, the 128-bit keys of its first n rows (an .npy of n × 2
-uint64, then the CRC-32 of those bytes, which np.load ignores). Each writing process owns the shards it creates
-(NAME holds its host, pid and a random part), so processes and torchrun ranks on one machine or many never write
-to one file. A commit fsyncs the rows written since the last one, then replaces the index atomically (temporary
-file, fsync, rename): a reader sees exactly the committed rows, and a process killed at any instant leaves at most
-bytes past them, which no index names. A shard whose data file is shorter than its index says (truncated or
-deleted by something else) or whose index is damaged (any byte: the CRC covers them; an index written before
-the CRC is checked for its header and length only) is skipped with a warning and its entries recomputed. Bytes of
-a data file overwritten in place are not detected (no checksum: checking one would cost more than the warm read
-it protects; an index is read whole anyway, and is small beside its rows).
+A shard is `shards/NAME.f32`, float32 rows of one shape (NAME ends in it: .7x512) appended one after another, and
+`NAME.idx`, the 128-bit keys of its first n rows (an .npy of n × 2 uint64, then the CRC-32 of those bytes). NAME
+holds its writer's host, pid and a random part, so processes and torchrun ranks never write to one file. A commit
+fsyncs the new rows, then replaces the index atomically: a reader sees exactly the committed rows, and a kill leaves
+at most bytes past them, which no index names. A shard whose data file is shorter than its index says, or whose
+index is damaged (the CRC covers every byte; an index of before the CRC is checked for its header and length), is
+skipped with a warning and its entries recomputed. Rows overwritten in place go undetected: a checksum would cost
+more than the warm read it protects. Reads map the shard files and look keys up in one sorted array built from
+every index. Caches of stopsign <= 0.2 (one .npy per entry under `xx/`) are moved into shards when first read.
 
-Reads map the shard files (np.memmap) and look keys up in one sorted array built from every index, so a warm
-load is a few numpy calls, not one file per entry. Caches of stopsign <= 0.2 (one .npy per entry under
-`folder/xx/`) are moved into shards the first time a folder is read, then removed.
-
-The format is written by hand: no library keeps appendable, memory-mappable arrays that many processes on
-many machines write at once without a server or a lock (SQLite's WAL mode needs shared memory, so not over NFS).
-An index is parsed by hand too: np.load parses a header with the tokenizer, and damaged bytes raise whatever it
-raises (tokenize.TokenError, ...), where a reader must only ever skip the shard. JSON lines would be as safe and
-parse 65,536 keys one line at a time, where .npy bytes are one np.frombuffer.
+Written by hand: no library keeps appendable, memory-mappable arrays that many processes on many machines write at
+once without a server or a lock (SQLite's WAL mode needs shared memory, so not over NFS). The index is parsed by
+hand too: np.load parses its header with the tokenizer, and damaged bytes raise whatever that raises.
 """
 
 from __future__ import annotations
@@ -36,12 +28,12 @@ import socket
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import StopsignError
-from .files import atomic_write
+from .files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +46,20 @@ DATA, INDEX = ".f32", ".idx"
 DAMAGED = "ignoring damaged feature shard %s (%s); its entries are computed again"
 # The one header np.save writes for an index (n × 2 little-endian uint64), padded with spaces; nothing else is one.
 INDEX_HEADER = re.compile(rb"\{'descr': '<u8', 'fortran_order': False, 'shape': \((\d+), 2\), \} *\n")
+NO_KEYS = np.zeros((0, 2), dtype=np.uint64)
 
 Key = tuple[str, str]  # (sha256 hex of the image file, view tag)
-
-
-def _tag_code(tag: str) -> np.ndarray:
-    return np.frombuffer(hashlib.blake2b(tag.encode(), digest_size=16).digest(), dtype="<u8")
 
 
 def keys_array(keys: Sequence[Key]) -> np.ndarray:
     """(len(keys), 2) uint64: the first 128 bits of each digest, xor a hash of its tag (computed once per tag)."""
     if not keys:
-        return np.zeros((0, 2), dtype=np.uint64)
-    digests = bytes.fromhex("".join([digest[:32] for digest, _ in keys]))
-    words = np.frombuffer(digests, dtype="<u8").reshape(len(keys), 2)
+        return NO_KEYS
+    words = np.frombuffer(bytes.fromhex("".join([digest[:32] for digest, _ in keys])), dtype="<u8").reshape(-1, 2)
     tags = [tag for _, tag in keys]
     number = {tag: i for i, tag in enumerate(dict.fromkeys(tags))}
-    codes = np.stack([_tag_code(tag) for tag in number])
+    codes = np.stack([np.frombuffer(hashlib.blake2b(tag.encode(), digest_size=16).digest(), "<u8") for tag in number])
     return words ^ codes[np.fromiter((number[tag] for tag in tags), dtype=np.intp, count=len(tags))]
-
-
-def _shape_name(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
 
 
 def _parse_shape(name: str) -> tuple[int, ...] | None:
@@ -111,11 +95,11 @@ def parse_index(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8", count=2 * rows, offset=start).reshape(rows, 2)
 
 
-class _Shard:
-    """One committed shard as a reader sees it: its keys, and its rows mapped on demand."""
-
-    def __init__(self, data: Path, keys: np.ndarray, shape: tuple[int, ...]):
-        self.data, self.keys, self.shape = data, keys, shape
+class _Shard(NamedTuple):
+    """One committed shard as a reader sees it: its data file, its keys, the shape of its rows."""
+    data: Path
+    keys: np.ndarray
+    shape: tuple[int, ...]
 
     def read(self, rows: np.ndarray, select: int | slice | None = None) -> np.ndarray:
         """A copy of those rows. The mapping is dropped at once: a mapping holds its file open, and a store of
@@ -129,21 +113,21 @@ class _Writer:
 
     def __init__(self, folder: Path, shape: tuple[int, ...]):
         self.pid, self.shape = os.getpid(), shape
-        self.row_bytes = int(np.prod(shape)) * 4
-        self.limit = max(1, min(SHARD_ROWS, SHARD_BYTES // self.row_bytes))
-        stem = f"{socket.gethostname()}-{self.pid}-{secrets.token_hex(4)}.{_shape_name(shape)}"
+        self.limit = max(1, min(SHARD_ROWS, SHARD_BYTES // (int(np.prod(shape)) * 4)))
+        stem = f"{socket.gethostname()}-{self.pid}-{secrets.token_hex(4)}.{'x'.join(map(str, shape))}"
         folder.mkdir(parents=True, exist_ok=True)
         self.data, self.index = folder / (stem + DATA), folder / (stem + INDEX)
         # Unbuffered: a forked child that drops this writer must not flush the parent's buffered rows into the
         # parent's file a second time, which would shift every row the parent appends after them.
         self.file = open(self.data, "ab", buffering=0)
-        self.committed = np.zeros((0, 2), dtype=np.uint64)
-        self.pending: list[np.ndarray] = []
-        self.pending_rows, self.last_commit = 0, time.monotonic()
+        self.committed, self.pending, self.pending_rows = NO_KEYS, [], 0
+        self.last_commit = time.monotonic()
 
-    @property
-    def rows(self) -> int:
-        return len(self.committed) + self.pending_rows
+    def full(self, shape: tuple[int, ...], rows: int) -> bool:
+        """Whether rows of this shape need another shard: another shape, no room, or the file removed (`cache
+        clear` ran: an index written now would name rows no file holds)."""
+        return shape != self.shape or len(self.committed) + self.pending_rows + rows > self.limit or \
+            not self.data.exists()
 
     def append(self, keys: np.ndarray, arrays: np.ndarray) -> None:
         data = memoryview(np.ascontiguousarray(arrays, dtype=np.float32)).cast("B")
@@ -152,25 +136,22 @@ class _Writer:
         self.pending.append(keys)
         self.pending_rows += len(keys)
 
-    def removed(self) -> bool:
-        """Whether the data file is gone (`cache clear` ran): an index written now would name rows no file holds."""
-        return not self.data.exists()
-
     def commit(self) -> None:
         """Data first, on disk; then the index that names it (see the module)."""
         if not self.pending_rows:
             return
-        if self.removed():
+        if not self.data.exists():
             raise FileNotFoundError(f"{self.data.name} was removed while being written; its rows are dropped")
         os.fsync(self.file.fileno())
         keys = np.concatenate([self.committed, *self.pending])
-        atomic_write(self.index, lambda handle: handle.write(index_bytes(keys)))
+        atomic_write_bytes(self.index, index_bytes(keys))
         self.committed, self.pending, self.pending_rows = keys, [], 0
         self.last_commit = time.monotonic()
 
     def close(self) -> None:
         try:
-            self.commit()
+            if self.data.exists():
+                self.commit()
         finally:
             self.file.close()
 
@@ -194,39 +175,26 @@ class ShardStore:
         if not self._migrated:
             self._migrated = True
             self._migrate_legacy()
-        seen, changed = set(), False
-        try:
-            entries = list(os.scandir(self.shards_dir))
-        except OSError:  # no shard yet, or no folder that can be read: nothing is stored
-            entries = []
-        for entry in entries:
-            if not entry.name.endswith(INDEX):
-                continue
-            try:
-                stat = entry.stat()
-            except OSError:  # removed since the listing (cache clear)
-                continue
-            seen.add(entry.name)
-            stamp = (stat.st_size, stat.st_mtime_ns)
-            if self._shards.get(entry.name, (None,))[0] != stamp:
-                self._shards[entry.name] = (stamp, self._open_shard(Path(entry.path)))
-                changed = True
-        for gone in set(self._shards) - seen:
-            del self._shards[gone]
-            changed = True
-        if changed or self._lookup is None:
-            shards = [shard for _, shard in self._shards.values() if shard is not None and len(shard.keys)]
-            keys = np.concatenate([s.keys for s in shards]) if shards else np.zeros((0, 2), np.uint64)
-            number = np.concatenate([np.full(len(s.keys), i, np.int32) for i, s in enumerate(shards)]) \
-                if shards else np.zeros(0, np.int32)
-            row = np.concatenate([np.arange(len(s.keys), dtype=np.int64) for s in shards]) \
-                if shards else np.zeros(0, np.int64)
-            order = np.argsort(keys[:, 0], kind="stable")
-            self._lookup = (keys[order, 0], keys[order, 1], number[order], row[order]), shards
+        stamps = {}
+        with contextlib.suppress(OSError):  # no shard yet, or no folder that can be read: nothing is stored
+            for entry in os.scandir(self.shards_dir):
+                with contextlib.suppress(OSError):  # removed since the listing (cache clear)
+                    if entry.name.endswith(INDEX):
+                        stamps[entry.name] = (entry.stat().st_size, entry.stat().st_mtime_ns)
+        if self._lookup is not None and stamps == {name: stamp for name, (stamp, _) in self._shards.items()}:
+            return
+        self._shards = {name: self._shards[name] if self._shards.get(name, (None,))[0] == stamp
+                        else (stamp, self._open_shard(self.shards_dir / name)) for name, stamp in stamps.items()}
+        shards = [shard for _, shard in self._shards.values() if shard is not None and len(shard.keys)]
+        sizes = [len(shard.keys) for shard in shards]
+        keys = np.concatenate([NO_KEYS, *(shard.keys for shard in shards)])
+        number = np.repeat(np.arange(len(shards), dtype=np.int32), sizes)
+        row = np.arange(len(keys)) - np.repeat(np.cumsum([0, *sizes])[:-1], sizes)
+        order = np.argsort(keys[:, 0], kind="stable")
+        self._lookup = (keys[order, 0], keys[order, 1], number[order], row[order]), shards
 
     def _open_shard(self, index: Path) -> _Shard | None:
-        data = index.with_suffix(DATA)
-        shape = _parse_shape(index.stem)
+        data, shape = index.with_suffix(DATA), _parse_shape(index.stem)
         try:
             if shape is None:
                 raise ValueError("not a shard of this store")
@@ -277,47 +245,48 @@ class ShardStore:
 
     # --- writing --------------------------------------------------------------------------------------
 
+    def _own_writer(self) -> _Writer | None:
+        """This process's writer; a forked child drops its parent's, whose shard is the parent's own."""
+        if self._writer is not None and self._writer.pid != os.getpid():
+            self._writer = None
+        return self._writer
+
+    def _cannot_write(self, error: Exception) -> None:
+        log.warning("cannot write the feature cache at %s (%s); continuing without it", self.folder, error)
+        self._writer = None
+
     def put_many(self, keys: Sequence[Key], arrays: np.ndarray) -> None:
         """Append entries (arrays: len(keys) × shape); committed every COMMIT_ROWS rows, COMMIT_SECONDS seconds
         and by flush(). A full or read-only disk costs speed, never the run: it is logged and the entries dropped."""
         if not len(keys):
             return
         arrays = np.asarray(arrays)
-        shape = tuple(arrays.shape[1:])
         try:
-            writer = self._writer
-            if writer is not None and writer.pid != os.getpid():  # a forked child: the parent's shard is its own
-                writer = self._writer = None
-            if writer is not None and writer.removed():  # the cache was cleared: a new shard in the new folder
-                writer.file.close()
-                writer = self._writer = None
-            if writer is not None and (writer.shape != shape or writer.rows + len(keys) > writer.limit):
+            writer = self._own_writer()
+            if writer is not None and writer.full(arrays.shape[1:], len(keys)):
+                self._writer = None
                 writer.close()
-                writer = self._writer = None
-            if writer is None:
-                writer = self._writer = _Writer(self.shards_dir, shape)
+            writer = self._writer = self._writer or _Writer(self.shards_dir, arrays.shape[1:])
             writer.append(keys_array(keys), arrays)
             if writer.pending_rows >= COMMIT_ROWS or time.monotonic() - writer.last_commit > COMMIT_SECONDS:
                 writer.commit()
         except (OSError, StopsignError) as error:
-            log.warning("cannot write the feature cache at %s (%s); continuing without it", self.folder, error)
-            self._writer = None
+            self._cannot_write(error)
 
     def put(self, digest: str, tag: str, array: np.ndarray) -> None:
         self.put_many([(digest, tag)], np.asarray(array)[None])
 
     def flush(self) -> None:
         """Commit what was put: after this a kill loses none of it, and other processes read it."""
-        if self._writer is not None and self._writer.pid == os.getpid():
-            try:
+        try:
+            if self._own_writer() is not None:
                 self._writer.commit()
-            except (OSError, StopsignError) as error:
-                log.warning("cannot write the feature cache at %s (%s); continuing without it", self.folder, error)
-                self._writer = None
+        except (OSError, StopsignError) as error:
+            self._cannot_write(error)
 
     def close(self) -> None:
         self.flush()
-        if self._writer is not None and self._writer.pid == os.getpid():
+        if self._own_writer() is not None:
             self._writer.file.close()
         self._writer = None
 
@@ -326,39 +295,33 @@ class ShardStore:
     def _migrate_legacy(self) -> None:
         """Move the entries of a stopsign <= 0.2 cache (FOLDER/xx/DIGEST-TAG.npy) into shards, then remove
         them; and remove data files of shards that were never committed by writers long gone."""
-        legacy = [p for p in self.folder.glob("[0-9a-f][0-9a-f]/*.npy")] if self.folder.is_dir() else []
+        legacy = list(self.folder.glob("[0-9a-f][0-9a-f]/*.npy"))
         if legacy:
             log.info("moving %d cached features of an older stopsign into %s", len(legacy), self.shards_dir)
-            moved, keys = [], []
+            moved = []
             for path in legacy:
                 digest, _, tag = path.stem.partition("-")
                 try:
                     self.put(digest, tag, np.load(path))
-                    moved.append(path)
-                    keys.append((digest, tag))
+                    moved.append((path, (digest, tag)))
                 except (ValueError, EOFError):  # a damaged old entry is simply computed again
                     with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
+                        path.unlink()
                 except OSError:
                     pass  # unreadable now: kept, and read (or migrated) another time
             self.flush()
             # Remove only what a reader now finds in a shard: an entry whose write failed (a full disk) is kept.
-            for i in self._locate(keys)[0].tolist():
+            for i in self._locate([key for _, key in moved])[0].tolist():
                 with contextlib.suppress(OSError):  # a read-only cache is read, not emptied
-                    moved[i].unlink(missing_ok=True)
+                    moved[i][0].unlink()
             for folder in {path.parent for path in legacy}:
-                try:
+                with contextlib.suppress(OSError):  # still holds another process's old entries, or a temporary file
                     folder.rmdir()
-                except OSError:
-                    pass  # another process is still writing old entries there, or a temporary file is left
-        if self.shards_dir.is_dir():
-            old = time.time() - ORPHAN_SECONDS
-            for data in self.shards_dir.glob(f"*{DATA}"):
-                try:
-                    if not data.with_suffix(INDEX).exists() and data.stat().st_mtime < old:
-                        data.unlink()
-                except OSError:
-                    pass  # gone already, or not ours to remove: nothing depends on it
+        old = time.time() - ORPHAN_SECONDS
+        for data in self.shards_dir.glob(f"*{DATA}"):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: nothing depends on it
+                if not data.with_suffix(INDEX).exists() and data.stat().st_mtime < old:
+                    data.unlink()
 
 
 class MemoryStore:
@@ -371,30 +334,22 @@ class MemoryStore:
         self.entries: dict[Key, np.ndarray] = {}
         self.limit = limit
 
-    def get(self, digest: str, tag: str) -> np.ndarray | None:
-        return self.entries.get((digest, tag))
-
-    def put(self, digest: str, tag: str, array: np.ndarray) -> None:
-        if len(self.entries) < self.limit:
-            self.entries[(digest, tag)] = np.array(array)
-
     def get_many(self, keys: Sequence[Key], shape: tuple[int, ...], select: int | slice | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        found = [(i, self.entries[key]) for i, key in enumerate(keys) if key in self.entries]
-        found = [(i, array) for i, array in found if array.shape == tuple(shape)]
+        found = [i for i, key in enumerate(keys) if key in self.entries and self.entries[key].shape == tuple(shape)]
         if found:
-            arrays = np.stack([array for _, array in found])
-            yield np.array([i for i, _ in found], dtype=np.int64), arrays if select is None else arrays[:, select]
+            arrays = np.stack([self.entries[keys[i]] for i in found])
+            yield np.array(found, dtype=np.int64), arrays if select is None else arrays[:, select]
 
     def put_many(self, keys: Sequence[Key], arrays: np.ndarray) -> None:
         for key, array in zip(keys, arrays):
-            self.put(*key, array)
+            if len(self.entries) < self.limit:
+                self.entries[key] = np.array(array)
 
     def flush(self) -> None:
-        """Nothing to commit: the entries live in this process's memory (FeatureStore's interface)."""
+        """Nothing to commit: the entries live in this process's memory (ShardStore's interface)."""
 
-    def close(self) -> None:
-        """Nothing to close (FeatureStore's interface)."""
+    close = flush
 
 
 def count_entries(folder: str | os.PathLike) -> int:

@@ -3,8 +3,8 @@
 A copy of a photo in both train and validation makes validation accuracy a memory test, and with
 ~20 validation images one leaked copy moves accuracy by five points; these checks find such copies.
 Files that fail to open are skipped here without a word: the data module reports them.
-Each file's (sha256, pHash) pair is kept in a small on-disk map per folder, keyed by the file's resolved
-path, size and modification time, so a second run over the same photos decodes none of them.
+Each file's (sha256, pHash) pair is kept in a small on-disk map per folder (HashCache), so a second run over
+the same photos decodes none of them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 from scipy.fft import dctn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
 from ..cache import HASH_CACHE, store_dir
@@ -62,10 +64,6 @@ def _hamming_distances(hashes: np.ndarray, rows: slice) -> np.ndarray:
     return np.unpackbits(differing.view(np.uint8).reshape(*differing.shape, 8), axis=-1).sum(axis=-1)
 
 
-def default_hash_cache_dir() -> Path:
-    return store_dir(HASH_CACHE)
-
-
 class HashCache:
     """(sha256, pHash) per file, one JSON map per folder, keyed by file name, size and mtime_ns.
 
@@ -83,16 +81,15 @@ class HashCache:
 
     def _map(self, image_folder: str) -> dict:
         if image_folder not in self.maps:
-            files = {}
+            self.maps[image_folder] = {}
             try:
                 stored = json.loads(self._file(image_folder).read_text(encoding="utf-8"))
                 if stored.get("folder") == image_folder and isinstance(stored.get("files"), dict):
-                    files = stored["files"]
+                    self.maps[image_folder] = stored["files"]
             except FileNotFoundError:
                 pass
             except (OSError, ValueError, AttributeError) as error:
                 logger.warning("ignoring the damaged hash cache %s (%s)", self._file(image_folder), error)
-            self.maps[image_folder] = files
         return self.maps[image_folder]
 
     def get(self, path: str, info: os.stat_result) -> tuple[str, int] | None:
@@ -158,57 +155,39 @@ def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, 
     exact = [sorted(group) for group in by_digest.values() if len(group) > 1]
     digests = list(by_digest)
     hashes = np.array([hash_of[d] for d in digests], dtype=np.uint64)
-    near = []
-    for members in _linked_groups(hashes, near_threshold):
-        inside = hashes[members]
-        near.append({
-            "paths": sorted(p for m in members for p in by_digest[digests[m]]),
-            "max_distance": int(_hamming_distances(inside, slice(None)).max()),
-        })
+    near = [{"paths": sorted(p for m in members for p in by_digest[digests[m]]),
+             "max_distance": int(_hamming_distances(hashes[members], slice(None)).max())}
+            for members in _linked_groups(hashes, near_threshold)]
     seconds = time.perf_counter() - start
-    logger.debug("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact), len(near))
-    return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable, "seconds": seconds}
+    logger.debug("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact),
+                 len(near))
+    return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable,
+            "seconds": seconds}
 
 
 def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list[list[int]]:
     """Connected components (two or more members) of the graph "Hamming distance <= threshold"."""
-    parent = list(range(len(hashes)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for first in range(0, len(hashes), block):  # blocks of rows keep the distance matrix small
-        distances = _hamming_distances(hashes, slice(first, first + block))
-        for i, j in zip(*np.nonzero(distances <= threshold)):
-            a, b = root(first + i), root(j)
-            if a != b:
-                parent[a] = b
+    if not len(hashes):
+        return []
+    pairs = [np.argwhere(_hamming_distances(hashes, slice(first, first + block)) <= threshold) + (first, 0)
+             for first in range(0, len(hashes), block)]  # blocks of rows keep the distance matrix small
+    rows, columns = np.concatenate(pairs).T
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(hashes), len(hashes)))
     groups = defaultdict(list)
-    for i in range(len(hashes)):
-        groups[root(i)].append(i)
+    for i, component in enumerate(connected_components(graph, directed=False)[1]):
+        groups[component].append(i)
     return [members for members in groups.values() if len(members) > 1]
 
 
 def duplicate_groups(paths, *, cache_dir: Path | None = None, progress: bool = False) -> dict[str, int]:
     """Each image that has an exact or near copy among `paths` → the number of its group (0, 1, ... in path
     order); images with no copy are left out. The split, the folds and tune keep each group on one side."""
-    found = find_duplicates(list(paths), cache_dir=cache_dir or default_hash_cache_dir(), progress=progress)
-    parent: dict[str, str] = {}
-
-    def root(path: str) -> str:
-        while parent.setdefault(path, path) != path:
-            path = parent[path]
-        return path
-
-    for group in [*found["exact"], *(near["paths"] for near in found["near"])]:
-        for path in group[1:]:
-            parent[root(path)] = root(group[0])
-    roots = sorted({root(path) for path in parent}, key=lambda r: min(p for p in parent if root(p) == r))
-    number = {r: i for i, r in enumerate(roots)}
-    return {path: number[root(path)] for path in sorted(parent)}
+    found = find_duplicates(list(paths), cache_dir=cache_dir or store_dir(HASH_CACHE), progress=progress)
+    # A near group holds every copy of each of its contents, so the groups below never overlap.
+    near = [group["paths"] for group in found["near"]]
+    in_near = {path for group in near for path in group}
+    groups = sorted(near + [group for group in found["exact"] if group[0] not in in_near])
+    return dict(sorted((path, number) for number, group in enumerate(groups) for path in group))
 
 
 def check_data(splits: dict[str, list], class_names: list[str], *, cache_dir: Path | None = None) -> dict:
@@ -217,85 +196,57 @@ def check_data(splits: dict[str, list], class_names: list[str], *, cache_dir: Pa
     `splits` maps a split name ("train", "val", "test") to its samples (anything with .path and .label).
     A duplicate group is cross-split when its files lie in more than one split: the held-out copies
     were seen in training (or are counted twice), so held-out scores are inflated. cache_dir: where the
-    per-file hashes are kept (default: default_hash_cache_dir()).
+    per-file hashes are kept (default: the cache's hash store).
     """
-    warnings = []
-    class_counts = {
-        split: {name: Counter(s.label for s in samples)[k] for k, name in enumerate(class_names)}
-        for split, samples in splits.items()
-    }
+    class_counts = {split: {name: Counter(s.label for s in samples)[k] for k, name in enumerate(class_names)}
+                    for split, samples in splits.items()}
     imbalance = _imbalance(class_counts, class_names)
-    if imbalance["warning"]:
-        warnings.append(imbalance["warning"])
+    warnings = [imbalance["warning"]] if imbalance["warning"] else []
     for split, counts in class_counts.items():
         missing = [name for name, count in counts.items() if count == 0]
         if split != "train" and missing and sum(counts.values()):
-            warnings.append(
-                f"The {split} split has no images of {', '.join(map(repr, missing))}: their recall "
-                "(and the ROC AUC) cannot be measured on it."
-            )
-
+            warnings.append(f"The {split} split has no images of {', '.join(map(repr, missing))}: their recall "
+                            "(and the ROC AUC) cannot be measured on it.")
     where: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for split, samples in splits.items():
         for sample in samples:
             where[str(sample.path)].append((split, int(sample.label)))
-    listed_twice = [path for path, places in where.items() if len(places) > 1]
-    if listed_twice:
+    if listed_twice := [path for path, places in where.items() if len(places) > 1]:
         warnings.append(f"Files listed more than once: {len(listed_twice)} (first: {listed_twice[0]}).")
-
-    found = find_duplicates(list(where), cache_dir=cache_dir or default_hash_cache_dir())
+    found = find_duplicates(list(where), cache_dir=cache_dir or store_dir(HASH_CACHE))
 
     def describe(paths: list[str]) -> dict:
-        files = [
-            {"path": path, "split": split, "label": class_names[label]}
-            for path in paths
-            for split, label in where[path]
-        ]
-        return {
-            "files": files,
-            "cross_split": len({f["split"] for f in files}) > 1,
-            "labels_disagree": len({f["label"] for f in files}) > 1,
-        }
+        files = [{"path": path, "split": split, "label": class_names[label]}
+                 for path in paths for split, label in where[path]]
+        return {"files": files, "cross_split": len({f["split"] for f in files}) > 1,
+                "labels_disagree": len({f["label"] for f in files}) > 1}
 
     exact = [describe(paths) for paths in found["exact"]]
     near = [{**describe(group["paths"]), "max_distance": group["max_distance"]} for group in found["near"]]
     cross_split = sum(group["cross_split"] for group in exact + near)
+    disagree = sum(group["labels_disagree"] for group in exact + near)
     if exact:
         copies = sum(len(group["files"]) - 1 for group in exact)
         warnings.append(f"Images stored more than once under different names: {len(exact)} ({copies} extra files).")
     if near:
         warnings.append(f"Groups of near-duplicate images (resized, re-encoded or lightly edited copies): {len(near)}.")
     if cross_split:
-        warnings.append(
-            f"Duplicate groups spanning more than one split: {cross_split}. The held-out copies were seen in "
-            "training, so held-out accuracy is inflated; keep each group in one split or remove the copies."
-        )
-    disagree = sum(group["labels_disagree"] for group in exact + near)
+        warnings.append(f"Duplicate groups spanning more than one split: {cross_split}. The held-out copies were seen "
+                        "in training, so held-out accuracy is inflated; keep each group in one split or remove the "
+                        "copies.")
     if disagree:
         warnings.append(f"Duplicate groups whose copies carry different labels: {disagree}. Fix the labels.")
-    return {
-        "class_counts": class_counts,
-        "imbalance": imbalance,
-        "exact_duplicates": exact,
-        "near_duplicates": near,
-        "cross_split": cross_split,
-        "duplicate_seconds": found["seconds"],
-        "warnings": warnings,
-    }
+    return {"class_counts": class_counts, "imbalance": imbalance, "exact_duplicates": exact, "near_duplicates": near,
+            "cross_split": cross_split, "duplicate_seconds": found["seconds"], "warnings": warnings}
 
 
 def _imbalance(class_counts: dict[str, dict[str, int]], class_names: list[str]) -> dict:
     totals = {name: sum(counts[name] for counts in class_counts.values()) for name in class_names}
-    largest = max(totals, key=totals.get)
-    smallest = min(totals, key=totals.get)
+    largest, smallest = max(totals, key=totals.get), min(totals, key=totals.get)
     if totals[smallest] == 0:
         return {"ratio": None, "warning": f"Class {smallest!r} has no images at all: add some or drop the class."}
     ratio = totals[largest] / totals[smallest]
-    warning = None
-    if ratio >= IMBALANCE_WARNING:
-        warning = (
-            f"Classes are imbalanced: {largest!r} has {totals[largest]} images, {smallest!r} only "
-            f"{totals[smallest]} (ratio {ratio:.1f}). Accuracy flatters a model that favours {largest!r}; "
-            "read per-class recall and macro F1."
-        )
+    warning = (f"Classes are imbalanced: {largest!r} has {totals[largest]} images, {smallest!r} only "
+               f"{totals[smallest]} (ratio {ratio:.1f}). Accuracy flatters a model that favours {largest!r}; "
+               "read per-class recall and macro F1.") if ratio >= IMBALANCE_WARNING else None
     return {"ratio": ratio, "warning": warning}

@@ -1,16 +1,16 @@
 """Labelled data sets: the four layouts on disk, validation of their labels, the seeded stratified split.
 
-`load_data()` recognises the layout, checks every entry, and either returns a `LabelledData` or
-raises one `DataError` that lists every problem found and says how to fix it. Decoding the images
-is `images.py`'s business; here a file only has to exist, where its layout allows:
+`load_data()` recognises the layout, checks every entry, and either returns a `LabelledData` or raises one
+`DataError` that lists every problem found and says how to fix it. Decoding is `images.py`'s business; here a
+file only has to exist, where its layout allows:
 
-- class folders and split folders (the user's own): links are followed, wherever they lead, for a class
-  folder and for an image file alike, as torchvision's ImageFolder does; a broken link is skipped.
-- CSV (the user's own): a file name is relative to the CSV's folder (looked up there, then in images/),
-  may hold subfolders and '../', or is absolute; links are followed, as fastai's from_csv does.
-- CV Studio export (`_annotations.json`, made elsewhere and downloaded): each key is a plain file name
-  in the export folder (or its images/), and a link out of the export folder is refused, so a crafted
-  export cannot make stopsign read, train on or show a file beside it.
+- class folders and split folders (the user's own): links are followed wherever they lead, as torchvision's
+  ImageFolder does; a broken link is skipped.
+- CSV (the user's own): a file name is relative to the CSV's folder (looked up there, then in images/), may hold
+  subfolders and '../', or is absolute; links are followed, as fastai's from_csv does.
+- CV Studio export (`_annotations.json`, made elsewhere and downloaded): each key is a plain file name in the
+  export folder (or its images/), and a link out of the export folder is refused, so a crafted export cannot make
+  stopsign read, train on or show a file beside it.
 """
 
 from __future__ import annotations
@@ -84,10 +84,8 @@ def load_data(path: str | os.PathLike, class_names: list[str] | None = None, *, 
     if is_url(path):
         path = fetch(path, progress=progress)
     path = Path(os.path.abspath(Path(path).expanduser()))
-    if path.is_file() and path.suffix.lower() == ".json":
-        return _load_cvstudio(path, class_names)
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return _load_csv(path, class_names)
+    if path.is_file() and path.suffix.lower() in (".json", ".csv"):
+        return (_load_cvstudio if path.suffix.lower() == ".json" else _load_csv)(path, class_names)
     if path.is_dir():
         if (path / ANNOTATIONS).is_file():
             return _load_cvstudio(path / ANNOTATIONS, class_names)
@@ -102,28 +100,42 @@ def load_data(path: str | os.PathLike, class_names: list[str] | None = None, *, 
     raise DataError(f"{path}: {reason}.\n{LAYOUT_HELP}")
 
 
-def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledData:
-    root = json_path.parent
+def export_folders(root: Path) -> list[Path]:
+    """Where a CV Studio export's images are looked up, in order: its images/ (when there), then its own folder."""
+    return [root / "images", root] if (root / "images").is_dir() else [root]
+
+
+def csv_folders(root: Path) -> list[Path]:
+    """Where a CSV's file names are looked up, in order: the CSV's folder, then its images/ (when there)."""
+    return [folder for folder in (root, root / "images") if folder.is_dir()]
+
+
+def _read_json(json_path: Path) -> tuple[dict, list[str]]:
+    """The export's document and the keys that appear twice in one object: json.loads keeps the last of two equal
+    keys without a word, and a repeated file name is a labelling slip."""
     repeated: list[str] = []
 
     def keep_pairs(pairs: list[tuple]) -> dict:
-        # json.loads silently keeps the last of two equal keys; a repeated file name is a labelling slip.
         repeated.extend(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
         return dict(pairs)
 
     try:
         document = json.loads(json_path.read_text(encoding="utf-8"), object_pairs_hook=keep_pairs)
     except json.JSONDecodeError as error:
-        raise DataError(
-            f"{json_path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.\n"
-            "Repair the file there, or export the data set from CV Studio again."
-        ) from None
+        raise DataError(f"{json_path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.\n"
+                        "Repair the file there, or export the data set from CV Studio again.") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{json_path}: cannot be read as UTF-8 text ({error}).\n{CVSTUDIO_FIX}") from None
     except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting deeper than Python's stack
         raise DataError(f"{json_path}: not a usable JSON document ({str(error)[:200]}).\n{CVSTUDIO_FIX}") from None
     if not isinstance(document, dict):
         raise DataError(f"{json_path}: the top level must be a JSON object.\n{CVSTUDIO_FIX}")
+    return document, repeated
+
+
+def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledData:
+    root = json_path.parent
+    document, repeated = _read_json(json_path)
     problems = [f"{key!r}: appears more than once (keep one entry)" for key in repeated]
     if document.get("type", "classification") != "classification":
         problems.append(f"type is {document['type']!r}: stopsign needs a 'classification' export")
@@ -138,11 +150,11 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
         problems.append("'annotations' must be an object mapping each file name to a list of labels")
         annotations = {}
     classes = list(class_names) if class_names is not None else list(labels or [])
-    folders = [root / "images", root] if (root / "images").is_dir() else [root]
+    folders = export_folders(root)
     samples, found = [], set()
     for name, entry in annotations.items():
         if is_excluded(entry):
-            found.add(_named_file(name, folders))  # no "without a label" warning for it
+            found.add(named_file(name, folders))  # no "without a label" warning for it
             continue
         label, reasons = _one_label(entry)
         if label is not None and labels is not None and label not in labels:
@@ -150,7 +162,7 @@ def _load_cvstudio(json_path: Path, class_names: list[str] | None) -> LabelledDa
         elif label is not None and class_names is not None and label not in classes:
             reasons.append(f"label {label!r} is not one of the classes {classes}")
         file = locate(name, folders, root, reasons, confined=True)  # an export comes from elsewhere
-        found.add(file or _named_file(name, folders))  # a refused link is this entry's problem, not an unlisted file
+        found.add(file or named_file(name, folders))  # a refused link is this entry's problem, not an unlisted file
         if reasons:
             problems.append(f"{name!r}: " + "; ".join(reasons))
         elif label in classes:  # not so when 'labels' was unreadable (already a problem)
@@ -182,8 +194,7 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
     root = csv_path.parent
     try:
         reader = csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8-sig"), newline=""))
-        header = [name.strip().lower() for name in reader.fieldnames or []]
-        reader.fieldnames = header
+        reader.fieldnames = header = [name.strip().lower() for name in reader.fieldnames or []]
         rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{csv_path}: cannot be read as a UTF-8 CSV file ({error}).\n{CSV_FIX}") from None
@@ -194,16 +205,17 @@ def _load_csv(csv_path: Path, class_names: list[str] | None) -> LabelledData:
     problems = [f"line {line}: a malformed row: expected {len(header)} fields ({','.join(header)}), found "
                 f"{len(header) + len(row[None])} (quote a file name or label that holds a comma)"
                 for line, row in rows if None in row]
-    # rows set aside, excluded or malformed: their files are still no "image without a label"
-    set_aside = [(row["filename"] or "").strip() for _, row in rows
-                 if None in row or is_excluded(row.get(EXCLUDED_COLUMN))]
-    rows = [(line, row) for line, row in rows if None not in row and not is_excluded(row.get(EXCLUDED_COLUMN))]
-    entries = [(line, (row["filename"] or "").strip(), (row["label"] or "").strip()) for line, row in rows]
+    folders = csv_folders(root)
+    found, entries = set(), []
+    for line, row in rows:
+        name = (row["filename"] or "").strip()
+        if None in row or is_excluded(row.get(EXCLUDED_COLUMN)):  # set aside: still no "image without a label"
+            found.add(locate(name, folders, root, [], confined=False))
+        else:
+            entries.append((line, name, (row["label"] or "").strip()))
     own = sorted({label for _, _, label in entries if label})
     classes = list(class_names) if class_names is not None else own
-    folders = [folder for folder in (root, root / "images") if folder.is_dir()]
     samples, first_line = [], {}
-    found = {locate(name, folders, root, [], confined=False) for name in set_aside}
     for line, name, label in entries:
         reasons = []
         if not label:
@@ -251,18 +263,15 @@ def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | No
 
 def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[str],
                    skipped: dict[str, str]) -> list[Sample]:
-    """Samples from folder/<class>/*; a folder naming an unknown class is a problem.
-
-    The user's own folders: a class folder or image that is a link is followed wherever it leads (a data
-    set assembled from links into a photo library); broken links and loops are skipped into `skipped`.
-    """
+    """Samples from folder/<class>/*; a folder naming an unknown class is a problem. Links are followed (a data
+    set assembled from links into a photo library); broken links and loops go to `skipped`."""
     samples = []
     for name in _subfolders(folder):
         index = class_index(name, classes)
         if index is None:
             problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
-            continue
-        samples += [Sample(file, index) for file in list_images(folder / name, skipped)]
+        else:
+            samples += [Sample(file, index) for file in list_images(folder / name, skipped)]
     return samples
 
 
@@ -271,6 +280,7 @@ def class_index(name: str, classes: list[str]) -> int | None:
     "-", "_" and spaces for one another (a folder "not-stop" for a model's class "not_stop"); else None."""
     if name in classes:
         return classes.index(name)
+
     def key(text: str) -> str:
         return re.sub(r"[-_\s]+", "_", text.strip().lower())
 
@@ -323,7 +333,8 @@ def locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, co
     else:
         for folder in folders:
             if _is_file(folder / name):  # False for broken links and link loops
-                if not confined or _inside(folder / name, root):
+                # Resolving both sides follows every link, so a link out of the data folder is never opened.
+                if not confined or (folder / name).resolve().is_relative_to(root.resolve()):
                     return folder / name
                 reasons.append("links to a file outside the data folder")
                 return None
@@ -332,7 +343,7 @@ def locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, co
     return None
 
 
-def _named_file(name: str, folders: list[Path]) -> Path | None:
+def named_file(name: str, folders: list[Path]) -> Path | None:
     """The file that an export's key names as a plain file name, in the first of `folders` holding it, whether
     or not `locate` lets it be read (a link out of the export): the key accounts for that file."""
     if not name or len(re.split(r"[\\/]", name)) > 1:
@@ -353,11 +364,6 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # a name too long for the file system, say: no such file
         return False
-
-
-def _inside(file: Path, root: Path) -> bool:
-    # Resolving both sides follows every link, so a link out of the data folder is never opened.
-    return file.resolve().is_relative_to(root.resolve())
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -387,15 +393,21 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int, *, clas
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    _by_label(samples, 2, "to draw a validation split", class_names)
+    ordered = _checked(samples, 2, "to draw a validation split", class_names)
+    by_unit: dict[object, list[Sample]] = {}  # the samples that stay together, in path order
+    for sample in ordered:
+        key = (groups or {}).get(str(sample.path))
+        by_unit.setdefault(("group", key) if key is not None else ("image", str(sample.path)), []).append(sample)
+    units: dict[int, list[list[Sample]]] = defaultdict(list)  # by the label of each unit's first sample
+    for unit in sorted(by_unit.values(), key=lambda members: _order(members[0])):
+        units[unit[0].label].append(unit)
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for label, units in sorted(_units(samples, groups).items()):
-        size = sum(len(unit) for unit in units)
-        count = min(size - 1, max(1, math.floor(val_fraction * size + 0.5)))
-        taken = 0
-        for i in rng.permutation(len(units)):
-            unit = units[i]
+    for label, class_units in sorted(units.items()):
+        size = sum(len(unit) for unit in class_units)
+        count, taken = min(size - 1, max(1, math.floor(val_fraction * size + 0.5))), 0
+        for i in rng.permutation(len(class_units)):
+            unit = class_units[i]
             # a unit goes to val while that brings val nearer its share and leaves the class some training image
             if abs(taken + len(unit) - count) < abs(taken - count) and taken + len(unit) < size:
                 val += unit
@@ -403,18 +415,6 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int, *, clas
             else:
                 train += unit
     return sorted(train, key=_order), sorted(val, key=_order)
-
-
-def _units(samples: list[Sample], groups: dict[str, int] | None) -> dict[int, list[list[Sample]]]:
-    """The samples as units that stay together, by the label of each unit's first sample, in path order."""
-    by_group: dict[object, list[Sample]] = {}
-    for sample in sorted(samples, key=_order):
-        key = (groups or {}).get(str(sample.path))
-        by_group.setdefault(("group", key) if key is not None else ("image", str(sample.path)), []).append(sample)
-    units: dict[int, list[list[Sample]]] = defaultdict(list)
-    for unit in sorted(by_group.values(), key=lambda members: _order(members[0])):
-        units[unit[0].label].append(unit)
-    return units
 
 
 def kfold_samples(samples: list[Sample], folds: int, seed: int, *, class_names: list[str] | None = None,
@@ -426,18 +426,16 @@ def kfold_samples(samples: list[Sample], folds: int, seed: int, *, class_names: 
     """
     if folds < 2:
         raise DataError(f"folds must be 2 or more, got {folds}")
-    ordered = sorted(samples, key=_order)
-    _by_label(ordered, folds, f"for {folds}-fold cross-validation", class_names)
+    ordered = _checked(samples, folds, f"for {folds}-fold cross-validation", class_names)
     labels = [sample.label for sample in ordered]
     keys = [(groups or {}).get(str(sample.path)) for sample in ordered]
     if any(key is not None for key in keys):
-        ids = [key if key is not None else f"image {i}" for i, key in enumerate(keys)]
-        numbers = {key: n for n, key in enumerate(dict.fromkeys(map(str, ids)))}
+        ids = [str(key) if key is not None else f"image {i}" for i, key in enumerate(keys)]
+        numbers = {key: n for n, key in enumerate(dict.fromkeys(ids))}  # in order of first appearance
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        pairs = splitter.split(np.zeros(len(ordered)), labels, groups=[numbers[str(key)] for key in ids])
+        pairs = splitter.split(np.zeros(len(ordered)), labels, groups=[numbers[key] for key in ids])
     else:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        pairs = splitter.split(np.zeros(len(ordered)), labels)
+        pairs = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(ordered)), labels)
     return [([ordered[i] for i in train], [ordered[i] for i in val]) for train, val in pairs]
 
 
@@ -446,20 +444,17 @@ def _order(sample: Sample) -> tuple[str, int]:
     return str(sample.path), sample.label
 
 
-def _by_label(samples: list[Sample], minimum: int, purpose: str, class_names: list[str] | None) -> dict:
-    by_label = defaultdict(list)
-    for sample in sorted(samples, key=_order):
-        by_label[sample.label].append(sample)
-    if not by_label:
+def _checked(samples: list[Sample], minimum: int, purpose: str, class_names: list[str] | None) -> list[Sample]:
+    """The samples in path order, once every class has at least `minimum` of them."""
+    ordered = sorted(samples, key=_order)
+    if not ordered:
         raise DataError(f"no images: at least {minimum} per class are needed {purpose}")
-    small = [
-        f"class {class_names[label]!r}" if class_names else f"class {label} (e.g. {group[0].path})"
-        for label, group in sorted(by_label.items())
-        if len(group) < minimum
-    ]
+    counts, first = Counter(sample.label for sample in ordered), {}
+    for sample in ordered:
+        first.setdefault(sample.label, sample.path)
+    small = [f"class {class_names[label]!r}" if class_names else f"class {label} (e.g. {first[label]})"
+             for label in sorted(counts) if counts[label] < minimum]
     if small:
-        raise DataError(
-            f"{'; '.join(small)}: fewer than {minimum} images, the least needed {purpose}. "
-            "Add images to that class, or remove it from the data set."
-        )
-    return dict(by_label)
+        raise DataError(f"{'; '.join(small)}: fewer than {minimum} images, the least needed {purpose}. "
+                        "Add images to that class, or remove it from the data set.")
+    return ordered

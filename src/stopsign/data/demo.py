@@ -9,6 +9,7 @@ the word, not "red". One numpy Generator, seeded once, drives every draw: one se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -26,20 +27,16 @@ from tqdm import tqdm
 from ..config import DEMO_PER_CLASS
 from ..errors import StopsignError
 from ..files import atomic_write_bytes, staging_folder
+from .datasets import ANNOTATIONS
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ["not_stop", "stop"]
-ANNOTATIONS_FILE = "_annotations.json"
 CONFUSERS = ("yield", "speed_limit", "no_entry", "street_name", "red_car", "brick_building")
 
-SKIES = [  # (zenith, horizon): day, haze, overcast, dusk, dawn
-    ((70, 130, 200), (190, 215, 235)),
-    ((140, 165, 190), (220, 225, 225)),
-    ((145, 150, 155), (205, 205, 205)),
-    ((60, 60, 120), (240, 160, 110)),
-    ((120, 150, 200), (250, 210, 170)),
-]
+# (zenith, horizon): day, haze, overcast, dusk, dawn
+SKIES = [((70, 130, 200), (190, 215, 235)), ((140, 165, 190), (220, 225, 225)), ((145, 150, 155), (205, 205, 205)),
+         ((60, 60, 120), (240, 160, 110)), ((120, 150, 200), (250, 210, 170))]
 FACADE_COLOURS = [(200, 190, 170), (170, 170, 165), (140, 120, 100), (225, 215, 195), (120, 130, 140), (190, 160, 120)]
 BRICK = (150, 60, 45)
 CAR_COLOURS = [(30, 30, 35), (200, 200, 205), (120, 125, 130), (30, 60, 120), (235, 235, 235), (40, 80, 50)]
@@ -52,7 +49,6 @@ STREET_NAMES = ["MAIN ST", "OAK AVE", "ELM ST", "2ND ST", "PARK RD", "HILL ST", 
 class Scene:
     image: Image.Image
     stop_box: tuple[int, int, int, int] | None  # the stop sign's pixel box (left, top, right, bottom), if any
-    confusers: tuple[str, ...]  # names from CONFUSERS drawn on purpose
     occluder: str | None  # what partly hides the stop sign: "tree", "car", "pole" or None
 
 
@@ -69,24 +65,20 @@ def demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, size: 
     """The demo data set in out_dir made with these parameters: reused when it is there (True), else generated,
     replacing an earlier demo data set made with other parameters (False). Any other folder is left alone."""
     out_dir = Path(out_dir)
-    wanted = parameters(per_class, seed, size)
-    record = out_dir / PARAMETERS_FILE
-    if record.is_file():
-        try:
-            if json.loads(record.read_text()) == wanted and (out_dir / ANNOTATIONS_FILE).is_file():
-                return out_dir, True
-        except ValueError:
-            pass  # a damaged record: the data set is generated anew
-    if out_dir.exists() and any(out_dir.iterdir()):
-        entries = {p.name for p in out_dir.iterdir()}
-        if not entries <= {PARAMETERS_FILE, ANNOTATIONS_FILE, "images"} or ANNOTATIONS_FILE not in entries:
+    with contextlib.suppress(OSError, ValueError):  # no record, or a damaged one: the data set is generated anew
+        record = json.loads((out_dir / PARAMETERS_FILE).read_text())
+        if record == parameters(per_class, seed, size) and (out_dir / ANNOTATIONS).is_file():
+            return out_dir, True
+    if entries := {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set():
+        if not entries <= {PARAMETERS_FILE, ANNOTATIONS, "images"} or ANNOTATIONS not in entries:
             raise StopsignError(f"{out_dir} holds something other than stopsign's demo data; delete it or choose "
                                 "another folder with --data")
         shutil.rmtree(out_dir)  # an earlier demo data set, made with other parameters
     return make_demo_data(out_dir, per_class=per_class, seed=seed, size=size, progress=progress), False
 
 
-def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, size: int = 256, progress: bool = False) -> Path:
+def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, size: int = 256,
+                   progress: bool = False) -> Path:
     """Render per_class stop and per_class not-stop scenes into out_dir as a CV Studio export; return out_dir."""
     out_dir = Path(out_dir)
     if per_class < 1 or size < 64:
@@ -96,8 +88,7 @@ def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, s
     rng = np.random.default_rng(seed)
     # Half the negatives carry confusers by construction, so every data set has them, whatever its size.
     jobs = [("stop", ())] * per_class + [("not_stop", ())] * (per_class - per_class // 2)
-    jobs += [("not_stop", tuple(str(name) for name in rng.choice(CONFUSERS, rng.integers(1, 4), replace=False)))
-             for _ in range(per_class // 2)]
+    jobs += [("not_stop", draw_confusers(rng)) for _ in range(per_class // 2)]
     jobs = [jobs[i] for i in rng.permutation(len(jobs))]
 
     # Build next to out_dir and rename at the end, so out_dir only ever holds a complete export.
@@ -112,7 +103,7 @@ def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, s
             scene.image.save(staging / "images" / f"{image_id}.jpg", quality=90)
             annotations[f"{image_id}.jpg"] = [{"label": label, "id": image_id}]
         export = {"version": "1.0", "type": "classification", "labels": CLASS_NAMES, "annotations": annotations}
-        (staging / ANNOTATIONS_FILE).write_text(json.dumps(export, indent=1))
+        (staging / ANNOTATIONS).write_text(json.dumps(export, indent=1))
         (staging / PARAMETERS_FILE).write_text(json.dumps(parameters(per_class, seed, size)) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
@@ -134,12 +125,16 @@ def synthetic_negatives(folder, count: int, *, seed: int = 0, size: int = 256, p
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, count, 7])  # not the demo data's own stream: other scenes
     for path in tqdm(paths, desc="synthetic negatives", unit="image", disable=not progress):
-        confusers = tuple(str(name) for name in rng.choice(CONFUSERS, rng.integers(1, 4), replace=False))
-        scene = render_scene(rng, size, stop=False, confusers=confusers)
+        scene = render_scene(rng, size, stop=False, confusers=draw_confusers(rng))
         buffer = io.BytesIO()
         scene.image.save(buffer, format="JPEG", quality=90)
         atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a cache: training skips a damaged file, named
     return paths
+
+
+def draw_confusers(rng: np.random.Generator) -> tuple[str, ...]:
+    """One to three different names from CONFUSERS."""
+    return tuple(str(name) for name in rng.choice(CONFUSERS, rng.integers(1, 4), replace=False))
 
 
 def render_scene(rng: np.random.Generator, size: int, *, stop: bool, confusers=()) -> Scene:
@@ -176,7 +171,7 @@ def render_scene(rng: np.random.Generator, size: int, *, stop: bool, confusers=(
         stop_box = place_sign(image, draw, stop_sign_patch(rng), size * log_uniform(rng, 0.08, 0.45), rng)
         if rng.random() < 0.25:
             occluder = occlude(draw, stop_box, str(rng.choice(["tree", "car", "pole"])), rng, size)
-    return Scene(apply_camera(image, rng), stop_box, tuple(confusers), occluder)
+    return Scene(apply_camera(image, rng), stop_box, occluder)
 
 
 # --- the street --------------------------------------------------------------------------------------------------
@@ -410,10 +405,9 @@ def speed_limit_patch(rng):
     patch = Image.new("RGBA", (width, height))
     ImageDraw.Draw(patch).rounded_rectangle((0, 0, width - 1, height - 1), radius=12, fill=jitter(rng, WHITE, 10),
                                             outline=(20, 20, 20), width=6)
-    ink = (20, 20, 20)
-    _write(patch, "SPEED", (0.15 * width, 0.1 * height, 0.85 * width, 0.25 * height), ink)
-    _write(patch, "LIMIT", (0.18 * width, 0.3 * height, 0.82 * width, 0.45 * height), ink)
-    _write(patch, "30", (0.2 * width, 0.52 * height, 0.8 * width, 0.88 * height), ink)
+    for text, (left, top, right, bottom) in (("SPEED", (0.15, 0.1, 0.85, 0.25)), ("LIMIT", (0.18, 0.3, 0.82, 0.45)),
+                                             ("30", (0.2, 0.52, 0.8, 0.88))):
+        _write(patch, text, (left * width, top * height, right * width, bottom * height), (20, 20, 20))
     return patch
 
 

@@ -1,13 +1,11 @@
-"""Safe decoding of one image file: any mode to RGB, EXIF orientation, a pixel limit, JPEG draft.
+"""Safe decoding of one image file: any mode to RGB, EXIF orientation, a pixel limit, JPEG draft; also a file's
+content digest and the image files of a folder.
 
-The pixel limit is `MAX_PIXELS`, read at each call (200 MP by default: the largest phone sensors);
-`set_max_pixels(n)` changes it for this process and the worker processes it starts. With `draft=`
-(every caller passes its input size) a JPEG is decoded at 1/2, 1/4 or 1/8 scale and any image is then
-reduced by whole factors, never below the target, so a 200 MP phone photo costs about 12 MB of pixels.
-
-Also the content digest of a file and the listing of image files in a folder. Every failure to
-decode is an `ImageError` whose message is a short reason ("not an image file", "truncated or
-corrupt image data", ...), so callers can report the file and skip it.
+The pixel limit is `MAX_PIXELS`, read at each call (200 MP by default: the largest phone sensors); `set_max_pixels`
+changes it for this process and the worker processes it starts. With `draft=` (every caller passes its input size)
+a JPEG is decoded at 1/2, 1/4 or 1/8 scale and any image is then reduced by whole factors, never below the target,
+so a 200 MP phone photo costs about 12 MB of pixels. Every failure to decode is an `ImageError` whose message is a
+short reason ("not an image file", "truncated or corrupt image data", ...), so callers can report the file and skip it.
 """
 
 from __future__ import annotations
@@ -36,13 +34,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
 DEFAULT_MAX_PIXELS = 200_000_000  # about 16,000 × 12,500: a 200 MP phone photo fits
 MAX_PIXELS_ENV = "STOPSIGN_MAX_PIXELS"  # how set_max_pixels reaches spawned worker processes
 
-_OS_REASONS = {
-    errno.ENOENT: "file not found",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EISDIR: "is a directory",
-    errno.ELOOP: "symbolic link loop",
-}
+_OS_REASONS = {errno.ENOENT: "file not found", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EISDIR: "is a directory", errno.ELOOP: "symbolic link loop"}
 
 # Image.Transpose method for each EXIF orientation (what ImageOps.exif_transpose does, without its copy).
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -77,20 +70,15 @@ def set_max_pixels(pixels: int) -> int:
     (a DataLoader's, under the spawn or forkserver start methods) apply the same limit.
     """
     global MAX_PIXELS
-    try:
-        value = operator.index(pixels)
-    except TypeError:
-        value = None
-    if value is None or isinstance(pixels, bool) or value < 1:
+    if not hasattr(pixels, "__index__") or isinstance(pixels, bool) or operator.index(pixels) < 1:
         raise ValueError(f"the pixel limit must be a whole number of at least 1, got {pixels!r}")
-    previous, MAX_PIXELS = MAX_PIXELS, value
-    os.environ[MAX_PIXELS_ENV] = str(value)
+    previous, MAX_PIXELS = MAX_PIXELS, operator.index(pixels)
+    os.environ[MAX_PIXELS_ENV] = str(MAX_PIXELS)
     return previous
 
 
-def read_image(
-    path: str | os.PathLike, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None
-) -> Image.Image:
+def read_image(path: str | os.PathLike, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None
+               ) -> Image.Image:
     """Decode the image file at `path` into a loaded RGB image, or raise ImageError with the reason.
 
     draft: (width, height) the caller will resize to; the image comes back smaller than its file, but
@@ -105,14 +93,12 @@ def read_image(
         with open(path, "rb") as file:
             return _decode(file, draft, max_pixels)
     except OSError as error:
-        raise ImageError(_OS_REASONS.get(error.errno, error.strerror or str(error))) from None
+        raise ImageError(_os_reason(error)) from None
     except ValueError:  # os.stat refuses a name holding a NUL byte
         raise ImageError("invalid file name") from None
 
 
-def decode_image(
-    data: bytes, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None
-) -> Image.Image:
+def decode_image(data: bytes, *, draft: tuple[int, int] | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode encoded image bytes (an upload, say) exactly as `read_image` decodes a file."""
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -182,6 +168,10 @@ def _keep_pillow_limit_above(max_pixels: int) -> None:
                 Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+def _os_reason(error: OSError) -> str:
+    return _OS_REASONS.get(error.errno, error.strerror or str(error))
+
+
 def _too_large(size: str, max_pixels: int) -> str:
     return f"too large: {size} pixels exceeds the limit of {max_pixels}"
 
@@ -234,7 +224,7 @@ def file_digest(path: str | os.PathLike) -> str:
     try:
         return sha256_file(path)
     except OSError as error:
-        raise ImageError(_OS_REASONS.get(error.errno, error.strerror or str(error))) from None
+        raise ImageError(_os_reason(error)) from None
 
 
 def list_images(folder: str | os.PathLike, skipped: dict[str, str] | None = None) -> list[Path]:
@@ -244,27 +234,24 @@ def list_images(folder: str | os.PathLike, skipped: dict[str, str] | None = None
     given), and hidden files: macOS leaves `._photo.jpg` companions in copied folders that carry an
     image name but hold no image.
     """
-    folder = Path(folder)
+    folder, skipped = Path(folder), {} if skipped is None else skipped
     try:
-        entries = list(os.scandir(folder))
+        names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as error:
         raise DataError(f"{folder}: cannot list the folder ({error.strerror or error})") from None
     found = []
-    for entry in entries:
-        if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+    for name in names:
+        if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
         try:
-            mode = os.stat(entry.path).st_mode  # follows links; a loop raises
-            if not stat.S_ISREG(mode):
-                if skipped is not None:
-                    skipped[str(folder / entry.name)] = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
-                continue
+            mode = os.stat(folder / name).st_mode  # follows links; a loop raises
         except OSError as error:
-            logger.warning("%s: skipped, a broken or looping link", entry.path)
-            if skipped is not None:
-                skipped[str(folder / entry.name)] = ("broken link: its target does not exist"
-                                                     if error.errno == errno.ENOENT else
-                                                     _OS_REASONS.get(error.errno, error.strerror or str(error)))
+            logger.warning("%s: skipped, a broken or looping link", folder / name)
+            skipped[str(folder / name)] = ("broken link: its target does not exist" if error.errno == errno.ENOENT
+                                           else _os_reason(error))
             continue
-        found.append(folder / entry.name)
-    return sorted(found, key=lambda path: path.name)
+        if stat.S_ISREG(mode):
+            found.append(folder / name)
+        else:
+            skipped[str(folder / name)] = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return found

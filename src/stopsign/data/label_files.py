@@ -1,11 +1,21 @@
-"""How each layout load_data reads stores a label, and how to change it in place: the editors that
-data/labels.py applies decisions with (it owns the locking, the log, conflicts and undo).
+"""How each layout load_data reads stores a label, edited in place: the editors data/labels.py applies decisions
+with (it owns the locking, the log, conflicts and undo). Nothing is deleted from disk but the copy an undone
+addition made:
+
+- CV Studio export: the entry's label in `_annotations.json` changes in place (the `labels` list, the key order
+  and every field stopsign does not know are kept); an excluded entry keeps its label and gets
+  `"stopsign_excluded": true` in its annotation objects, which load_data skips; an added photo is copied into the
+  export's image folder and annotated with a new id.
+- CSV: the row's label cell changes; an excluded row gets `yes` in an `excluded` column (added to the header when
+  missing), which load_data skips; an added photo is copied into images/ (or beside the CSV) and appended as a row.
+- class folders and split folders: the file moves to the other class's folder (a rename); an excluded file moves
+  to `.excluded/<class>/` beside the class folders (a hidden folder is never a class); an added photo is copied
+  into its class's folder (of train/, for split folders).
 
 Each editor has one interface: load() the document (re-read for every decision: someone else may have changed
 it), entry(document, key) -> (label or None, the raw entry undo restores), set / exclude / add / restore on the
 document, save(document) atomically, key(path) and path(document, key) between image files and entry keys,
 lock_file beside the source, and back_up(target) (written to target, a name that ends in backup_suffix).
-Class folders have no document: each change is a rename.
 """
 
 from __future__ import annotations
@@ -21,11 +31,12 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..files import atomic_write_bytes, atomic_write_text, relative, write_csv
-from .datasets import (ANNOTATIONS, EXCLUDED_COLUMN, EXCLUDED_KEY, EXCLUDED_VALUES, LabelledData, locate, class_index,
-                       is_excluded, load_data)
+from .datasets import (ANNOTATIONS, EXCLUDED_COLUMN, EXCLUDED_KEY, EXCLUDED_VALUES, LabelledData, class_index,
+                       csv_folders, export_folders, is_excluded, load_data, locate, named_file)
 
 EXCLUDED_FOLDER = ".excluded"  # class folders: excluded files go to .excluded/<class>/
 LOCK_NAME = ".stopsign-review.lock"
+BOM = b"\xef\xbb\xbf"
 
 
 def backend_for(path: Path, loaded: LabelledData):
@@ -37,31 +48,40 @@ def backend_for(path: Path, loaded: LabelledData):
     return Folders(loaded.root, loaded.class_names, loaded.layout)
 
 
-def _new_name(folder: Path, name: str, taken=lambda name: False) -> str:
-    """`name`, or name-1, name-2 ... where a file of that name is already in `folder` or `taken(name)`: an entry
-    of that name (its file missing, or in another class folder) would otherwise be overwritten or made ambiguous."""
-    stem, suffix = os.path.splitext(name)
-    candidate, n = name, 0
-    while (folder / candidate).exists() or taken(candidate):
+def _copy_in(photo: Path, folder: Path, taken) -> Path:
+    """A copy of `photo` in `folder`, named name-1, name-2 ... where a file of its name is there or `taken(name)`:
+    an entry of that name (its file missing, or in another class folder) would be overwritten or made ambiguous."""
+    stem, suffix = os.path.splitext(re.sub(r"[\\/]", "_", photo.name))
+    name, n = stem + suffix, 0
+    while (folder / name).exists() or taken(name):
         n += 1
-        candidate = f"{stem}-{n}{suffix}"
-    return candidate
+        name = f"{stem}-{n}{suffix}"
+    return atomic_write_bytes(folder / name, photo.read_bytes())
 
 
-def _copy_in(photo: Path, folder: Path, taken=lambda name: False) -> Path:
-    target = folder / _new_name(folder, re.sub(r"[\\/]", "_", photo.name), taken)
-    atomic_write_bytes(target, photo.read_bytes())
-    return target
+class _LabelFile:
+    """A file of labels edited in place (an export's JSON, a CSV), backed up as a copy of itself."""
 
-
-class Annotations:
-    """A CV Studio `_annotations.json`: parsed with its key order, written back in its own layout."""
+    backup_suffix = ""
 
     def __init__(self, file: Path):
         self.source, self.root = file, file.parent
         self.lock_file = self.root / LOCK_NAME
-        self.backup_suffix = ""  # a copy of the file itself
-        self.folder = self.root / "images" if (self.root / "images").is_dir() else self.root
+
+    def back_up(self, target: Path) -> Path:
+        return atomic_write_bytes(target, self.source.read_bytes())
+
+    def _remove_added(self, document, key: str, remove) -> None:
+        """Undo an addition: `remove()` its entry from the document, save it, then delete the copy it made."""
+        file = self.path(document, key)
+        remove()
+        self.save(document)
+        if file is not None:
+            file.unlink(missing_ok=True)
+
+
+class Annotations(_LabelFile):
+    """A CV Studio `_annotations.json`: parsed with its key order, written back in its own layout."""
 
     def load(self) -> dict:
         self.text = self.source.read_text(encoding="utf-8")
@@ -70,10 +90,8 @@ class Annotations:
     def save(self, document: dict) -> None:
         # The export's own layout: CV Studio writes one line; an indented file stays indented as it was.
         indent = re.match(r"\{\s*\n([ \t]+)\"", self.text)
-        if indent:
-            text = json.dumps(document, indent=indent.group(1), ensure_ascii=False)
-        else:
-            text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(document, ensure_ascii=False,
+                          **({"indent": indent.group(1)} if indent else {"separators": (",", ":")}))
         atomic_write_text(self.source, text + ("\n" if self.text.endswith("\n") else ""))
 
     def key(self, path: Path) -> str:
@@ -83,15 +101,13 @@ class Annotations:
         raw = document.get("annotations", {}).get(key)
         if raw is None:
             return None, None
-        label = None if is_excluded(raw) or not raw else raw[0].get("label")
-        return label, copy.deepcopy(raw)
+        return (None if is_excluded(raw) or not raw else raw[0].get("label")), copy.deepcopy(raw)
 
     def path(self, document: dict, key: str) -> Path | None:
-        return next((folder / key for folder in (self.folder, self.root) if (folder / key).is_file()), None)
+        return named_file(key, export_folders(self.root))
 
     def _annotations(self, document: dict, key: str) -> list:
-        raw = document.get("annotations", {}).get(key)
-        if not raw:
+        if not (raw := document.get("annotations", {}).get(key)):
             raise DataError(f"{self.source}: has no entry {key!r}")
         return raw
 
@@ -106,44 +122,33 @@ class Annotations:
             annotation[EXCLUDED_KEY] = True
 
     def add(self, document: dict, photo: Path, label: str) -> str:
-        target = _copy_in(photo, self.folder, taken=lambda name: name in document.get("annotations", {}))
-        document.setdefault("annotations", {})[target.name] = [{"label": label, "id": str(uuid.uuid4())}]
+        annotations = document.setdefault("annotations", {})
+        target = _copy_in(photo, export_folders(self.root)[0], taken=lambda name: name in annotations)
+        annotations[target.name] = [{"label": label, "id": str(uuid.uuid4())}]
         return target.name
 
     def restore(self, document: dict, key: str, raw: list | None) -> None:
-        if raw is None:  # undoing an addition: the entry and the copy it made
-            file = self.path(document, key)
-            document["annotations"].pop(key, None)
-            self.save(document)
-            if file is not None:
-                file.unlink(missing_ok=True)
+        if raw is None:
+            self._remove_added(document, key, lambda: document["annotations"].pop(key, None))
         else:
             document["annotations"][key] = raw  # an existing key keeps its place
 
-    def back_up(self, target: Path) -> Path:
-        return atomic_write_bytes(target, self.source.read_bytes())
 
-
-class Table:
+class Table(_LabelFile):
     """A CSV of filename,label (and any other columns, kept as they are)."""
 
-    def __init__(self, file: Path):
-        self.source, self.root = file, file.parent
-        self.lock_file = self.root / LOCK_NAME
-        self.backup_suffix = ""  # a copy of the file itself
-
     def load(self) -> dict:
-        text = self.source.read_text(encoding="utf-8-sig")
-        self.bom = self.source.read_bytes().startswith(b"\xef\xbb\xbf")
+        data = self.source.read_bytes()
+        self.bom = data.startswith(BOM)
+        text = data.decode("utf-8-sig")
         self.newline = "\r\n" if "\r\n" in text else "\n"
         rows = list(csv.reader(io.StringIO(text, newline="")))
-        header = [cell.strip().lower() for cell in rows[0]] if rows else []
-        return {"rows": rows, "header": header}
+        return {"rows": rows, "header": [cell.strip().lower() for cell in rows[0]] if rows else []}
 
     def save(self, document: dict) -> None:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator=self.newline).writerows(document["rows"])
-        atomic_write_bytes(self.source, (b"\xef\xbb\xbf" if self.bom else b"") + buffer.getvalue().encode("utf-8"))
+        atomic_write_bytes(self.source, (BOM if self.bom else b"") + buffer.getvalue().encode("utf-8"))
 
     def _column(self, document: dict, name: str, create: bool = False) -> int | None:
         header = document["header"]
@@ -152,27 +157,19 @@ class Table:
             header.append(name)
         return header.index(name) if name in header else None
 
-    def _row(self, document: dict, key: str) -> list | None:
+    def _names(self, document: dict) -> list[tuple[list, str]]:
+        """(row, its file name cell) for every row that names a file."""
         column = self._column(document, "filename")
-        return next((row for row in document["rows"][1:] if len(row) > column and row[column].strip() == key), None)
+        return [(row, row[column].strip()) for row in document["rows"][1:] if len(row) > column and row[column].strip()]
+
+    def _row(self, document: dict, key: str) -> list | None:
+        return next((row for row, name in self._names(document) if name == key), None)
 
     def key(self, path: Path) -> str:
-        document = self.load()
-        column = self._column(document, "filename")
-        folders = [folder for folder in (self.root, self.root / "images") if folder.is_dir()]
-        for row in document["rows"][1:]:
-            if len(row) > column and row[column].strip():
-                name = row[column].strip()
-                if locate(name, folders, self.root, [], confined=False) == path:
-                    return name
-        raise DataError(f"{self.source}: no row names {path}")
-
-    def _named(self, document: dict, file: Path) -> bool:
-        """Whether a row names `file`, on disk or not (an excluded row's file may have been deleted since)."""
-        column = self._column(document, "filename")
-        named = {os.path.normpath(folder / row[column].strip()) for row in document["rows"][1:]
-                 if len(row) > column and row[column].strip() for folder in (self.root, self.root / "images")}
-        return os.path.normpath(file) in named
+        names = [name for _, name in self._names(self.load())]
+        if (key := next((name for name in names if self.path(None, name) == path), None)) is None:
+            raise DataError(f"{self.source}: no row names {path}")
+        return key
 
     def entry(self, document: dict, key: str) -> tuple[str | None, list | None]:
         row = self._row(document, key)
@@ -184,9 +181,8 @@ class Table:
         label = self._column(document, "label")
         return (row[label].strip() if len(row) > label else None), list(row)
 
-    def path(self, document: dict, key: str) -> Path | None:
-        folders = [folder for folder in (self.root, self.root / "images") if folder.is_dir()]
-        return locate(key, folders, self.root, [], confined=False)
+    def path(self, document, key: str) -> Path | None:
+        return locate(key, csv_folders(self.root), self.root, [], confined=False)
 
     def _cell(self, document: dict, key: str, column: int, value: str) -> None:
         row = self._row(document, key)
@@ -206,12 +202,15 @@ class Table:
         self._cell(document, key, self._column(document, EXCLUDED_COLUMN, create=True), EXCLUDED_VALUES[0])
 
     def add(self, document: dict, photo: Path, label: str) -> str:
-        folder = self.root / "images" if (self.root / "images").is_dir() else self.root
-
-        target = _copy_in(photo, folder, taken=lambda name: self._named(document, folder / name))
+        folder = csv_folders(self.root)[-1]  # images/ when there
+        # a name any row gives, on disk or not (an excluded row's file may have been deleted since)
+        named = {os.path.normpath(base / name) for _, name in self._names(document)
+                 for base in (self.root, self.root / "images")}
+        target = _copy_in(photo, folder, taken=lambda name: os.path.normpath(folder / name) in named)
         key = relative(target, self.root) if folder != self.root else target.name
-        row = [""] * (max(self._column(document, "filename"), self._column(document, "label")) + 1)
-        row[self._column(document, "filename")], row[self._column(document, "label")] = key, label
+        filename, label_column = self._column(document, "filename"), self._column(document, "label")
+        row = [""] * (max(filename, label_column) + 1)
+        row[filename], row[label_column] = key, label
         document["rows"].append(row)
         return key
 
@@ -219,15 +218,11 @@ class Table:
         rows = document["rows"]
         at = next(i for i, row in enumerate(rows) if i and row is self._row(document, key))
         if raw is None:
-            file = self.path(document, key)
-            del rows[at]
-            self.save(document)
-            if file is not None:
-                file.unlink(missing_ok=True)
-        else:
-            rows[at] = raw
+            self._remove_added(document, key, lambda: rows.pop(at))
+            return
+        rows[at] = raw
         header = document["header"]
-        if raw is not None and len(raw) < len(header) and header[-1] == EXCLUDED_COLUMN and \
+        if len(raw) < len(header) and header[-1] == EXCLUDED_COLUMN and \
                 all(len(row) < len(header) or not row[-1].strip() for row in rows[1:]):
             # the column an exclusion added (the row had no such cell before), now empty: gone again, so undoing
             # every decision restores the file; a column the file had before review stays
@@ -235,18 +230,16 @@ class Table:
             for row in rows:
                 del row[len(header):]
 
-    def back_up(self, target: Path) -> Path:
-        return atomic_write_bytes(target, self.source.read_bytes())
-
 
 class Folders:
     """Class folders (or split folders of class folders): a label is the folder a file is in."""
+
+    backup_suffix = ".csv"  # the labels as a CSV of filename,label
 
     def __init__(self, root: Path, class_names: list[str], layout: str):
         self.source = self.root = root
         self.class_names, self.layout = class_names, layout
         self.lock_file = root / LOCK_NAME
-        self.backup_suffix = ".csv"  # the labels as a CSV of filename,label
 
     def load(self) -> None:
         return None  # the file system itself is the document
@@ -263,20 +256,16 @@ class Folders:
     def _places(self, key: str) -> list[tuple[Path, bool]]:
         """(file, excluded) for each class folder holding the key's file."""
         container, name = (self.root / key).parent, Path(key).name
-        places = []
-        for base, excluded in ((container, False), (container / EXCLUDED_FOLDER, True)):
-            if base.is_dir():
-                for folder in sorted(base.iterdir()):
-                    if not folder.name.startswith(".") and (folder / name).is_file():
-                        places.append((folder / name, excluded))
+        places = [(folder / name, excluded)
+                  for base, excluded in ((container, False), (container / EXCLUDED_FOLDER, True)) if base.is_dir()
+                  for folder in sorted(base.iterdir()) if not folder.name.startswith(".") and (folder / name).is_file()]
         if len(places) > 1:
             raise DataError(f"{key}: a file of this name is in several class folders "
                             f"({', '.join(relative(p, self.root) for p, _ in places)}): rename one to decide on it")
         return places
 
     def entry(self, document, key: str) -> tuple[str | None, dict | None]:
-        places = self._places(key)
-        if not places:
+        if not (places := self._places(key)):
             return None, None
         file, excluded = places[0]
         index = class_index(file.parent.name, self.class_names)
@@ -295,16 +284,14 @@ class Folders:
         return container / label
 
     def _move(self, file: Path, folder: Path) -> None:
-        target = folder / file.name
-        if target.exists():
+        if (folder / file.name).exists():
             raise DataError(f"cannot move {relative(file, self.root)} to {relative(folder, self.root)}/: a file of "
                             "that name is already there; rename one of them")
         folder.mkdir(parents=True, exist_ok=True)
-        os.rename(file, target)  # atomic within the data folder
+        os.rename(file, folder / file.name)  # atomic within the data folder
 
     def set(self, document, key: str, label: str) -> None:
-        file = self.path(document, key)
-        self._move(file, self._class_folder((self.root / key).parent, label))
+        self._move(self.path(document, key), self._class_folder((self.root / key).parent, label))
 
     def exclude(self, document, key: str) -> None:
         file = self.path(document, key)
@@ -326,6 +313,6 @@ class Folders:
 
     def back_up(self, target: Path) -> Path:
         """The labels before this session's first change, as a CSV of file,label (the images stay where they are)."""
-        data = load_data(self.root)
-        rows = [{"filename": relative(s.path, self.root), "label": self.class_names[s.label]} for s in data.samples]
+        rows = [{"filename": relative(s.path, self.root), "label": self.class_names[s.label]}
+                for s in load_data(self.root).samples]
         return write_csv(target, rows, ["filename", "label"])

@@ -1,25 +1,12 @@
-"""Label decisions written back to a data set's own files, the source of truth, for every layout load_data reads.
+"""Label decisions written back to a data set's own files, the source of truth, for every layout load_data reads
+(how each layout's files change is data/label_files.py's).
 
-A decision sets an entry's label, excludes it, keeps it, or adds a new photo; each is applied at once:
-
-- CV Studio export: the entry's label in `_annotations.json` is changed in place (the `labels` list, the key
-  order and every field stopsign does not know are kept); an excluded entry keeps its label and gets
-  `"stopsign_excluded": true` in its annotation objects, which load_data skips; an added photo is copied into
-  the export's image folder and annotated with a new id.
-- CSV: the row's label cell is changed; an excluded row gets `yes` in an `excluded` column (added to the
-  header when missing), which load_data skips; an added photo is copied into images/ (or beside the CSV) and
-  appended as a row.
-- class folders and split folders: the file is moved to the other class's folder; an excluded file is moved to
-  `.excluded/<class>/` beside the class folders (a hidden folder is never a class); an added photo is copied
-  into its class's folder (of train/, for split folders).
-
-Nothing is deleted from disk except the copy an undone addition made. The first change of a LabelStore backs
-the original up (review/backups/), every file is written atomically (files.py), and every decision is appended
-to review/decisions.jsonl (when, by, file, action, before, after, and what undo restores). A decision carries
-the label it was made against; if the entry has changed meanwhile it is refused as a Conflict. An advisory
-file lock (fcntl.flock, so POSIX only) beside the source serialises the read-modify-write of every thread
-and process, so two reviewers never lose each other's update. The file edits of each layout are
-data/label_files.py's.
+A decision sets an entry's label, excludes it, keeps it, or adds a new photo, and is applied at once. The first
+change of a LabelStore backs the original up (review/backups/), and every decision is appended to
+review/decisions.jsonl (when, by, file, action, before, after, and what undo restores). A decision carries the
+label it was made against; if the entry has changed meanwhile it is refused as a Conflict. An advisory file lock
+(fcntl.flock, so POSIX only) beside the source serialises the read-modify-write of every thread and process, so
+two reviewers never lose each other's update.
 """
 
 from __future__ import annotations
@@ -58,7 +45,6 @@ class LabelStore:
     def __init__(self, data: str | os.PathLike, review_dir: str | os.PathLike):
         loaded = load_data(data)
         self.class_names = loaded.class_names
-        self.layout, self.root = loaded.layout, loaded.root
         self.backend = backend_for(Path(os.path.abspath(data)), loaded)
         self.review_dir = Path(review_dir)
         self.log = self.review_dir / DECISIONS
@@ -79,15 +65,19 @@ class LabelStore:
 
     def decisions(self) -> list[dict]:
         """Every decision logged for this data set, oldest first (a torn last line of a killed writer is skipped)."""
-        if not self.log.is_file():
-            return []
         records = []
-        for line in self.log.read_text(encoding="utf-8").splitlines():
+        for line in self.log.read_text(encoding="utf-8").splitlines() if self.log.is_file() else []:
             with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("data") == str(self.backend.source):
+                if (record := json.loads(line)).get("data") == str(self.backend.source):
                     records.append(record)
         return records
+
+    def _open(self, action: str | None = None, by: str | None = None) -> list[dict]:
+        """The decisions not undone (and not undos), of `action` and of `by` when given, oldest first."""
+        records = self.decisions()
+        undone = {record["undoes"] for record in records if record["action"] == "undo"}
+        return [r for r in records if r["action"] != "undo" and r["n"] not in undone
+                and action in (None, r["action"]) and by in (None, r.get("by"))]
 
     # --- deciding --------------------------------------------------------------------------------------
 
@@ -124,9 +114,8 @@ class LabelStore:
         self._check_class(label)
         photo = Path(os.path.abspath(photo))
         with self._locked():
-            added = self._added(photo)
-            if added is not None:
-                current = self.label(added["file"])
+            if added := [r for r in self._open("add") if r.get("photo") == str(photo)]:
+                current = self.label(added[-1]["file"])
                 raise Conflict(f"{photo.name}: someone added it meanwhile, as {_shown(current)}", current)
             self._back_up()
             document = self.backend.load()
@@ -144,11 +133,7 @@ class LabelStore:
 
         An entry that changed after that decision is a Conflict: undoing it would overwrite the later change."""
         with self._locked():
-            records = self.decisions()
-            undone = {record["undoes"] for record in records if record["action"] == "undo"}
-            candidates = [r for r in records if r["action"] != "undo" and r["n"] not in undone
-                          and (by is None or r.get("by") == by)]
-            if not candidates:
+            if not (candidates := self._open(by=by)):
                 raise DataError("nothing to undo")
             record = candidates[-1]
             if record["before"] == record["after"]:  # a keep, a skipped new photo, a label set to itself
@@ -173,12 +158,6 @@ class LabelStore:
         if label not in self.class_names:
             raise DataError(f"unknown class {label!r}: the classes are {', '.join(self.class_names)}")
 
-    def _added(self, photo: Path) -> dict | None:
-        records = self.decisions()
-        undone = {record["undoes"] for record in records if record["action"] == "undo"}
-        return next((r for r in reversed(records) if r["action"] == "add" and r.get("photo") == str(photo)
-                     and r["n"] not in undone), None)
-
     @contextlib.contextmanager
     def _locked(self):
         # One open file description per call: flock then also excludes other threads of this process.
@@ -197,16 +176,11 @@ class LabelStore:
 
     def _back_up(self) -> None:
         if self.backup is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            folder = self.review_dir / "backups"
-            # the name the backup is written under (class folders are backed up as a CSV of their labels)
+            stamp, folder = time.strftime("%Y%m%d-%H%M%S"), self.review_dir / "backups"
+            # class folders are backed up as a CSV of their labels
             original = self.backend.source.name + self.backend.backup_suffix
-            name = f"{stamp}-{original}"
-            for n in range(1, 1000):
-                if not (folder / name).exists():
-                    break
-                name = f"{stamp}-{n}-{original}"
-            self.backup = self.backend.back_up(folder / name)
+            names = (f"{stamp}-{original}", *(f"{stamp}-{n}-{original}" for n in range(1, 1000)))
+            self.backup = self.backend.back_up(folder / next(name for name in names if not (folder / name).exists()))
 
     def _append(self, key, action, before, after, restore, by, **extra) -> dict:
         records = self.decisions()

@@ -1,11 +1,10 @@
 """Export a checkpoint's whole classifier to ONNX or TorchScript, checked against PyTorch before it is kept.
 
 The exported graph is backbone + head + softmax: a preprocessed float32 batch (N, 3, size, size), any N, in;
-class probabilities (N, C) out. The file carries what a deployment needs besides pixels, the class names
-and the preprocessing, as metadata (ONNX: metadata_props, each value a JSON string; TorchScript: the extra
-file `stopsign.json`). Each export is written under a temporary name, run on real images (up to 16 of the
-run's validation files, else generated ones) and compared with the PyTorch classifier; only a file that
-agrees is renamed into place.
+class probabilities (N, C) out. The class names and the preprocessing travel as metadata (ONNX: metadata_props,
+each value a JSON string; TorchScript: the extra file `stopsign.json`). Each export is written under a temporary
+name, run on real images (the run's validation files, else generated ones) and compared with the PyTorch
+classifier; only a file that agrees is renamed into place.
 """
 
 from __future__ import annotations
@@ -26,14 +25,15 @@ from .. import __version__
 from ..data.images import read_image
 from ..errors import CheckpointError, ImageError, StopsignError
 from ..files import read_json
-from ..inference.exported import EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPUT_NAME, OUTPUT_NAME, parse_onnx_properties
+from ..cache import UPLOADS
+from ..checkpoint import load_checkpoint
+from ..inference.exported import (EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPUT_NAME, OUTPUT_NAME,
+                                  parse_onnx_properties)
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
 from ..model.pooling import FrozenBackboneClassifier, combine_tiles, pooled
 from ..model.transforms import decode_size, tile_count
-from ..cache import UPLOADS
-from ..checkpoint import load_checkpoint
 from ..storage import is_url, join, mirror_dir, upload_file
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,8 @@ OPSET = 17
 
 def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None) -> tuple[Path, dict]:
     """Export `checkpoint` to `out` (default: next to it, best.onnx or best.torchscript); return (path, report).
-
-    Raises StopsignError, leaving no file, when the export's probabilities differ from PyTorch's by
-    TOLERANCE or more or when any predicted class differs.
-    """
+    Raises StopsignError, leaving no file, when a probability differs from PyTorch's by TOLERANCE or more or a
+    predicted class differs."""
     if format not in FORMATS:
         raise StopsignError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     given = str(checkpoint)
@@ -83,16 +81,15 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 
 def export_module(classifier: CheckpointClassifier) -> nn.Module:
     """images → probabilities: the classifier's own frozen backbone, pooling and head, and a softmax, in eval mode.
-    With tiles, the input holds each image's tiles (N, tiles, 3, size, size) and their features are combined by max
-    in the graph, as model.features does; the deployment cuts the tiles (model.transforms.tile_views, numpy)."""
+    With tiles, the input holds each image's tiles (N, tiles, 3, size, size), which the deployment cuts
+    (model.transforms.tile_views, numpy)."""
     frozen = FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head, classifier.pooling)
     model = nn.Sequential(_TiledClassifier(frozen) if classifier.tiles > 1 else frozen, nn.Softmax(dim=1))
     return model.eval()
 
 
 class _TiledClassifier(nn.Module):
-    """(N, T, 3, S, S) tiles → the head's logits on each image's tile features combined (their max, or for
-    regions side by side), as model.features does."""
+    """(N, T, 3, S, S) tiles → the head's logits on each image's tile features combined as model.features does."""
 
     def __init__(self, frozen: FrozenBackboneClassifier):
         super().__init__()
@@ -108,7 +105,7 @@ class _TiledClassifier(nn.Module):
 
 
 def example_input(preprocessing: dict, tiles: int) -> torch.Tensor:
-    """A batch of 2 the graph is traced with: images, or with tiles each image's tiles."""
+    """The batch of 2 the graph is traced with: images, or each image's tiles."""
     size = preprocessing["size"]
     return torch.zeros(2, tile_count(tiles), 3, size, size) if tiles > 1 else torch.zeros(2, 3, size, size)
 
@@ -119,7 +116,7 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
             "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
             "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
             "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
-            "pooling": classifier.pooling, "tiles": classifier.tiles,
+            "pooling": classifier.pooling, "tiles": classifier.tiles, "threshold": classifier.threshold,
             "input": f"{INPUT_NAME}: float32 (N, "
                      + (f"{tile_count(classifier.tiles)} tiles, " if classifier.tiles > 1 else "")
                      + f"3, {classifier.preprocessing['size']}, {classifier.preprocessing['size']}), preprocessed",
@@ -129,8 +126,7 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
 def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
     import onnx
 
-    # The TorchScript-based exporter: this static CNN needs nothing of the torch.export-based one, which
-    # would add the onnxscript dependency; compare() below catches any divergence either way.
+    # The TorchScript-based exporter: the torch.export-based one would add the onnxscript dependency.
     with quiet_torch():
         torch.onnx.export(model, (example_input(preprocessing, metadata["tiles"]),), str(path), dynamo=False,
                           opset_version=OPSET,
@@ -167,7 +163,6 @@ def read_metadata(path: str | Path) -> dict:
 
 def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple[list[Image.Image], str]:
     """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
-    size = preprocessing["size"]
     images = []
     data_file = checkpoint.parent / "data.json"
     if data_file.is_file():
@@ -181,7 +176,7 @@ def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple
                     images.append(read_image(file, draft=(decode_size(preprocessing, tiles),) * 2))
     if images:
         return images, f"{len(images)} validation images of the run"
-    # No data at hand: seeded colour grids of assorted shapes, blurred by the resize into smooth scenes.
+    # No data at hand: seeded colour grids of assorted shapes, smoothed by the resize.
     rng = np.random.default_rng(0)
     for width, height in [(320, 240), (240, 320), (224, 224), (500, 180), (64, 64), (800, 600), (150, 400), (96, 128)]:
         grid = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)

@@ -1,36 +1,32 @@
 """The review page's HTTP service: a FastAPI app over one Review (training/review.py) and its LabelStore.
 
-Routes: GET / (static/review.html, offline), GET /api/suspects (the list, each item's state and the progress),
-GET /api/photo/{id} and /api/photo/{id}/neighbour/{k} (image bytes, only of files of the data set or the
---add folder, looked up by number: no route takes a path), POST /api/decision {id, action, label, against,
-client} and POST /api/undo {client}. A decision made against a label that is no longer the entry's is 409,
-an unknown class or action 422, a body over 16 KiB 413. Decisions go straight to the data set's files
+Photos are sent only from the data set or the --add folder, looked up by number: no route takes a path. A
+decision made against a label that is no longer the entry's is 409. Decisions go straight to the data set's files
 (data/labels.py); the items' states here are this process's view, refreshed from the files on each decision.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from .. import __version__
 from ..data.labels import Conflict, LabelStore
 from ..errors import DataError
 from ..files import relative
 from ..training.review import Review
-from .serve import BodyLimit
-
-log = logging.getLogger(__name__)
+from .serve import page_app
 
 MAX_BODY_BYTES = 16 * 1024  # a decision is a few dozen bytes
+
+
+def too_large(size: int) -> str:
+    return f"request too large: {size} bytes; a decision is at most {MAX_BODY_BYTES} bytes"
 
 
 class DecisionBody(BaseModel):
@@ -50,12 +46,9 @@ class ReviewSession:
     data/labels.py), the label store that decisions go to, and the files the app may send."""
 
     def __init__(self, review: Review, store: LabelStore):
-        self.review, self.store, self.names, self.root = review, store, store.class_names, review.data.root
-        self.items = []
-        for number, suspect in enumerate(review.suspects):
-            self.items.append({"id": number, "suspect": suspect, "photo": suspect.path, "new": suspect.new,
-                               "key": None if suspect.new else store.key(suspect.path), "label": suspect.given,
-                               "decisions": []})
+        self.store, self.names, self.root = store, store.class_names, review.data.root
+        self.items = [{"id": number, "suspect": s, "photo": s.path, "new": s.new, "label": s.given, "decisions": [],
+                       "key": None if s.new else store.key(s.path)} for number, s in enumerate(review.suspects)]
         # Every file the app may send, with its real path now: a file swapped for a link afterwards is refused.
         self.allowed = {str(path): os.path.realpath(path) for path in
                         [s.path for s in review.data.samples] + [s.path for s in review.suspects]}
@@ -71,7 +64,11 @@ class ReviewSession:
                                for p, label, similarity in s.neighbours]}
 
     def progress(self) -> dict:
-        return {"reviewed": sum(bool(item["decisions"]) for item in self.items), "total": len(self.items)}
+        """How many items have a decision, and how many new photos each class has received (the labelling loop's
+        balance)."""
+        added = {name: sum(item["new"] and item["label"] == name for item in self.items) for name in self.names}
+        return {"reviewed": sum(bool(item["decisions"]) for item in self.items), "total": len(self.items),
+                "added": added}
 
     def item_of(self, number: int) -> dict:
         if not 0 <= number < len(self.items):
@@ -122,10 +119,9 @@ class ReviewSession:
         item = next((i for i in self.items if i["key"] == record["file"] or str(i["photo"]) == record["file"]
                      or str(i["photo"]) == record.get("photo")), None)
         if item is not None:
-            if record["action"] == "add":
+            if record["action"] == "add":  # the photo is new again: no entry, no label
                 item["key"], item["photo"] = None, item["suspect"].path
-            else:
-                self.refresh(item)
+            self.refresh(item)
             if item["decisions"]:
                 item["decisions"].pop()
         return {"undone": {k: record[k] for k in ("file", "action", "before", "after")},
@@ -145,21 +141,10 @@ class ReviewSession:
 
 def create_review_app(review: Review, out: str | os.PathLike = "review") -> FastAPI:
     """The review app over `review`'s suspects; decisions are written to review.data_path, logged in `out`."""
-    store = LabelStore(review.data_path, out)
-    page = resources.files("stopsign.deploy").joinpath("static/review.html").read_text(encoding="utf-8")
-    session = ReviewSession(review, store)
+    session = ReviewSession(review, LabelStore(review.data_path, out))
     names = session.names
-
-    app = FastAPI(title="stopsign review", version=__version__,
-                  description=f"Review the labels of {review.data_path} ({', '.join(names)}).")
-    app.add_middleware(BodyLimit, default=MAX_BODY_BYTES, image_limit=MAX_BODY_BYTES, limits={},
-                       describe=lambda size: f"request too large: {size} bytes; a decision is at most "
-                                             f"{MAX_BODY_BYTES} bytes")
-    app.state.store = store
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page)
+    app = page_app("stopsign review", f"Review the labels of {review.data_path} ({', '.join(names)}).",
+                   "review.html", default=MAX_BODY_BYTES, describe=too_large)
 
     @app.get("/api/suspects")
     def suspects() -> dict:

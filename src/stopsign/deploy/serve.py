@@ -1,15 +1,10 @@
-"""The HTTP service: a FastAPI app over one classifier (a .pt checkpoint or an exported .onnx file).
+"""The HTTP service: a FastAPI app over one classifier (a .pt checkpoint, or an exported .onnx or .torchscript).
 
-Routes: POST /predict (one image: multipart field `file`, or the raw body), POST /predict/batch (multipart
-field `files`), GET /health, GET /model, GET / (static/index.html, a page that works offline) and FastAPI's
-/docs. The model is loaded once, when the app is created, and only read afterwards, so one request cannot
-change what another sees. Uploads are decoded by images.decode_image (bombs, truncation, modes); a body
-over the limit gets 413 before it is read whole, and what is not a decodable image gets 415.
-
-Decoding and predicting run on a fixed pool of worker threads behind a bounded queue (InferencePool): however
-many clients send at once, at most `workers` images are decoded and classified together, which bounds the
-server's memory and keeps the forward passes from competing for the cores; a request that finds the queue full
-gets 503 with Retry-After at once instead of waiting without end.
+The model is loaded once, when the app is created, and only read afterwards, so one request cannot change what
+another sees. A body over the limit gets 413 before it is read whole, and what is not a decodable image 415.
+Decoding and predicting run on a fixed pool of worker threads behind a bounded queue (InferencePool), which bounds
+the server's memory and keeps the forward passes from competing for the cores; a request that finds the queue
+full gets 503 with Retry-After at once instead of waiting without end. The review page's app shares `page_app`.
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..config import available_cores
 from ..data.images import decode_image
-from ..decision import POSITIVE, decide
+from ..decision import POSITIVE, check_threshold, decide
 from ..errors import ImageError, StopsignError
 from ..inference.load import load_classifier, resolve_model_path
 from ..model.transforms import decode_size
@@ -53,26 +48,12 @@ METRIC_KEYS = {"metrics.json": ("n", "accuracy", "accuracy_ci95", "balanced_accu
                "summary.json": ("best_val_acc", "best_epoch", "started", "completed")}
 
 
-def _upload_body(description: str, field: str, many: bool) -> dict:
-    """The OpenAPI request body of a route that reads its upload by hand, so /docs offers a file picker."""
-    binary = {"type": "string", "format": "binary"}
-    part = {"type": "array", "items": binary} if many else binary
-    content = {"multipart/form-data": {"schema": {"type": "object", "properties": {field: part},
-                                                  "required": [field]}}}
-    if not many:
-        content["application/octet-stream"] = {"schema": binary}
-    return {"requestBody": {"description": description, "required": True, "content": content}}
-
-
 class BodyLimit:
-    """ASGI middleware: a request body over its route's limit gets 413 as soon as it is known to be too big.
+    """ASGI middleware: a request body over its route's limit (`limits`, else `default`) gets 413, worded by
+    `describe(size)`, as soon as it is known to be too big: from its declared length, or as a chunked body arrives."""
 
-    A route's limit holds room for multipart framing; the message names the limit per image (`image_limit`),
-    the figure /model shows and --max-upload-mb sets; `describe(size)`, where given, words it instead."""
-
-    def __init__(self, app, limits: dict[str, int], default: int, image_limit: int, describe=None):
-        self.app, self.limits, self.default, self.image_limit = app, limits, default, image_limit
-        self.describe = describe or (lambda size: too_large(size, image_limit))
+    def __init__(self, app, default: int, describe, limits: dict[str, int] | None = None):
+        self.app, self.default, self.describe, self.limits = app, default, describe, limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -80,11 +61,10 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": self.describe(int(declared))}, status_code=413)
-            return await response(scope, receive, send)
+            return await JSONResponse({"detail": self.describe(int(declared))}, status_code=413)(scope, receive, send)
         received = 0
 
-        async def counted_receive():  # a chunked body declares no length: count what arrives
+        async def counted_receive():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -95,13 +75,22 @@ class BodyLimit:
         return await self.app(scope, counted_receive, send)
 
 
+def page_app(title: str, description: str, page: str, **body_limit) -> FastAPI:
+    """A FastAPI app that serves static/`page` at / and holds request bodies to `body_limit` (BodyLimit's
+    arguments): what the prediction service and the review page share."""
+    app = FastAPI(title=title, version=__version__, description=description)
+    app.add_middleware(BodyLimit, **body_limit)
+    html = resources.files("stopsign.deploy").joinpath("static", page).read_text(encoding="utf-8")
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(lambda: HTMLResponse(html))
+    return app
+
+
 class InferencePool:
     """A fixed number of worker threads for the CPU work of requests (decode and predict), and a bounded queue.
 
-    `submit` answers 503 with Retry-After when `workers` jobs run and `queue` more wait; `refuse_if_full` says so
-    before an upload is read. A slot is given back when its job ends, not when its request does, so a client
-    that hangs up cannot let more work in than the bound. Each worker gives the network its share of the cores
-    (`threads`) instead of every thread using all of them."""
+    `submit` answers 503 when `workers` jobs run and `queue` more wait; `refuse_if_full` says so before an upload
+    is read. A slot is given back when its job ends, not when its request does, so a client that hangs up cannot
+    let more work in than the bound. Each worker gives the network its share of the cores (`threads`)."""
 
     def __init__(self, workers: int = DEFAULT_WORKERS, queue: int = DEFAULT_QUEUE):
         if workers < 1 or queue < 0:
@@ -113,19 +102,15 @@ class InferencePool:
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="stopsign-inference",
                                            initializer=limit_torch_threads, initargs=(self.threads,))
 
-    def busy(self) -> HTTPException:
-        return HTTPException(503, f"the server is busy: {self.workers} images are being classified and "
-                                  f"{self.queue} more wait; retry in {RETRY_AFTER_S} s",
-                             headers={"Retry-After": str(RETRY_AFTER_S)})
-
     def refuse_if_full(self) -> None:
         if self.taken >= self.workers + self.queue:
-            raise self.busy()
+            raise HTTPException(503, f"the server is busy: {self.workers} images are being classified and "
+                                     f"{self.queue} more wait; retry in {RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def submit(self, function, *args):
         with self.lock:
-            if self.taken >= self.workers + self.queue:
-                raise self.busy()
+            self.refuse_if_full()
             self.taken += 1
         try:
             future = self.executor.submit(function, *args)
@@ -141,10 +126,9 @@ class InferencePool:
 
 
 def limit_torch_threads(threads: int) -> None:
-    """PyTorch's intra-op threads, where a .pt or .torchscript model loaded torch: by default each calling thread
-    runs a team as large as the machine, so two workers would run twice as many threads as cores. Called on a
-    worker, it sets that thread's team and the default of threads started later, not the main thread's. An
-    .onnx server never imports torch, and onnxruntime's session keeps one pool however many threads call it."""
+    """PyTorch's intra-op threads on this worker thread, where a .pt or .torchscript model loaded torch: by
+    default each calling thread runs a team as large as the machine, so two workers would run twice as many
+    threads as cores. An .onnx server never imports torch, and onnxruntime's session keeps one pool."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -193,7 +177,7 @@ class UploadClassifier:
         return {"label": self.names[int(decide(row[None], self.threshold)[0])],
                 "probabilities": {n: float(p) for n, p in zip(self.names, row)}, "threshold": self.threshold}
 
-    def one(self, data: bytes, name: str) -> dict:
+    def one(self, name: str, data: bytes) -> dict:
         return self.answer(self.classifier.image_probabilities([self.decode(data, name)])[0])
 
     def many(self, uploads: list[tuple[str, bytes]]) -> list[dict]:
@@ -205,45 +189,64 @@ class UploadClassifier:
             except HTTPException as error:  # one bad file in a batch costs its own row only
                 rows.append({"filename": name, "label": None, "error": error.detail, "status": error.status_code})
         good = [row for row in rows if "error" not in row]
-        if images:
-            for row, probs in zip(good, self.classifier.image_probabilities(images)):
-                row |= self.answer(probs)
+        for row, probs in zip(good, self.classifier.image_probabilities(images) if images else []):
+            row |= self.answer(probs)
         return rows
+
+
+def upload_body(description: str, field: str, many: bool) -> dict:
+    """The OpenAPI request body of a route that reads its upload by hand, so /docs offers a file picker."""
+    binary = {"type": "string", "format": "binary"}
+    part = {"type": "array", "items": binary} if many else binary
+    content = {"multipart/form-data": {"schema": {"type": "object", "properties": {field: part},
+                                                  "required": [field]}}}
+    if not many:
+        content["application/octet-stream"] = {"schema": binary}
+    return {"requestBody": {"description": description, "required": True, "content": content}}
+
+
+def is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def form_uploads(request: Request, field: str, most: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files in multipart field `field`, at most `most`."""
+    form = await request.form(max_files=most)
+    return [(upload.filename or ("file" if most == 1 else f"file {i}"), await upload.read())
+            for i, upload in enumerate(form.getlist(field)) if isinstance(upload, UploadFile)]
 
 
 def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                threshold: float | None = None, device: str | None = "auto", workers: int = DEFAULT_WORKERS,
                queue: int = DEFAULT_QUEUE) -> FastAPI:
     """The app serving the classifier at `model_path` (.pt, .onnx, .torchscript or a run folder), loaded once,
-    here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does.
+    here. `threshold` (two classes): answer the second class when its probability is >= it, as `predict` does
+    (None: the model's own, argmax for a model without one).
     `workers` images are decoded and classified at once, `queue` more requests wait, and the next gets 503."""
     model_path = resolve_model_path(model_path)
     classifier = load_classifier(model_path, device=device)
-    decide(np.full((1, len(classifier.class_names)), 1 / len(classifier.class_names)), threshold)  # refuse a bad one now
-    size = classifier.preprocessing["size"]
-    decoded = decode_size(classifier.preprocessing, classifier.tiles)  # tiles are cut from a larger decode
     names = classifier.class_names
+    threshold_from = "--threshold" if threshold is not None else "the model's, chosen out of fold in training"
+    threshold = classifier.threshold if threshold is None else threshold
+    if threshold is not None:
+        check_threshold(threshold, len(names))  # refuse a bad threshold now
     pool = InferencePool(workers, queue)
     info = model_info(classifier, model_path) | {
         "max_upload_bytes": max_upload_bytes, "max_batch_files": MAX_BATCH_FILES, "threshold": threshold,
+        "threshold_from": threshold_from if threshold is not None else None,
         "positive": names[POSITIVE] if threshold is not None else None, "workers": workers, "queue": queue}
     # One prediction now loads a checkpoint's backbone (it loads lazily) and warms the kernels, so the
     # first request is as fast as the rest; on a worker, so that it runs with the threads the workers use.
+    size = classifier.preprocessing["size"]
     pool.executor.submit(classifier.image_probabilities, [Image.new("RGB", (size, size))]).result()
-    page = resources.files("stopsign.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
+    classify = UploadClassifier(classifier, threshold, max_upload_bytes,
+                                decode_size(classifier.preprocessing, classifier.tiles))  # tiles: a larger decode
 
-    app = FastAPI(title="stopsign", version=__version__,
-                  description=f"Image classification with {model_path.name} ({', '.join(names)}).")
-    app.add_middleware(BodyLimit, default=MULTIPART_SLACK, image_limit=max_upload_bytes,
-                       limits={"/predict": max_upload_bytes + MULTIPART_SLACK,
-                               "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
-    app.state.classifier, app.state.pool = classifier, pool
-
-    classify = UploadClassifier(classifier, threshold, max_upload_bytes, decoded)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page)
+    app = page_app("stopsign", f"Image classification with {model_path.name} ({', '.join(names)}).", "index.html",
+                   default=MULTIPART_SLACK, describe=lambda size: too_large(size, max_upload_bytes),
+                   limits={"/predict": max_upload_bytes + MULTIPART_SLACK,
+                           "/predict/batch": MAX_BATCH_FILES * (max_upload_bytes + MULTIPART_SLACK)})
+    app.state.classifier = classifier
 
     @app.get("/health")
     def health() -> dict:
@@ -253,30 +256,23 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     def model() -> dict:
         return info
 
-    @app.post("/predict", openapi_extra=_upload_body("one image file", "file", many=False))
+    @app.post("/predict", openapi_extra=upload_body("one image file", "file", many=False))
     async def predict(request: Request) -> dict:
         started = time.perf_counter()
         pool.refuse_if_full()  # before the upload is read and parsed
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=1)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(422, "send the image in the multipart field 'file', or as the raw body")
-            name, data = upload.filename or "file", await upload.read()
-        else:
-            name, data = "body", await request.body()
-        result = await pool.submit(classify.one, data, name)
+        uploads = await form_uploads(request, "file", 1) if is_form(request) else [("body", await request.body())]
+        if not uploads:
+            raise HTTPException(422, "send the image in the multipart field 'file', or as the raw body")
+        result = await pool.submit(classify.one, *uploads[0])
         return result | {"latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
-    @app.post("/predict/batch", openapi_extra=_upload_body("image files", "files", many=True))
+    @app.post("/predict/batch", openapi_extra=upload_body("image files", "files", many=True))
     async def predict_batch(request: Request) -> dict:
         started = time.perf_counter()
         pool.refuse_if_full()
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not is_form(request):
             raise HTTPException(422, "send the images as multipart/form-data in the field 'files'")
-        form = await request.form(max_files=MAX_BATCH_FILES)
-        uploads = [(u.filename or f"file {i}", await u.read())
-                   for i, u in enumerate(form.getlist("files")) if isinstance(u, UploadFile)]
+        uploads = await form_uploads(request, "files", MAX_BATCH_FILES)
         if not uploads:
             raise HTTPException(422, "send one or more images in the multipart field 'files'")
         results = await pool.submit(classify.many, uploads)
@@ -301,18 +297,9 @@ def model_info(classifier, model_path: Path) -> dict:
 
 
 def run_app(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve an app from create_app() with uvicorn until interrupted; a port that cannot be bound is a
-    StopsignError naming it and the fix."""
+    """Serve an app from create_app() or create_review_app() with uvicorn until interrupted; a port that cannot
+    be bound is a StopsignError naming it and the fix."""
     import uvicorn
 
     check_port(host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
-
-
-def serve(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, threshold: float | None = None,
-          log_level: str = "info") -> None:
-    """Load the model and serve it with uvicorn until interrupted."""
-    check_port(host, port)  # before the model loads: a port in use fails in a moment, not after it
-    run_app(create_app(model_path, max_upload_bytes=max_upload_bytes, threshold=threshold), host=host, port=port,
-            log_level=log_level)

@@ -15,19 +15,24 @@ import glob
 import io
 import json
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
-from ..decision import decide
+from ..decision import check_threshold, decide
 from ..errors import StopsignError
 from ..storage import fetch, is_url, join
 from ..model.transforms import decode_size, preprocess, tile_views
 
 log = logging.getLogger(__name__)
+# files predicted at once by predict_iter: large enough for full batches and the cache's bulk reads, small
+# enough that a folder of thousands streams
+PREDICT_CHUNK = 256
 
 
 @dataclass
@@ -42,27 +47,33 @@ class Prediction:
         return data | ({"error": self.error} if self.error else {})
 
 
-def prediction_lines(rows: list[Prediction], class_names: list[str], format: str = "table",
-                     threshold: float | None = None) -> list[str]:
-    """The rows as `stopsign predict` shows them: "json"; "csv", the columns of a run's predictions.csv (one
-    probability per class); or a "table" of each label and its probability (with a threshold, the positive
-    class's: the one the label follows)."""
+def prediction_lines(rows: Iterable[Prediction], class_names: list[str], format: str = "table",
+                     threshold: float | None = None) -> Iterator[str]:
+    """The rows as `stopsign predict` shows them, each line as soon as its row comes (a table waits for every
+    row, to size its columns): "json", one array; "csv", the columns of a run's predictions.csv (one probability
+    per class); or a "table" of each label and its probability (with a threshold, the positive class's: the one
+    the label follows)."""
     if format == "json":
-        return [json.dumps([row.to_dict() for row in rows], indent=2)]
+        previous = None  # json.dumps(rows, indent=2), a row at a time: each row's comma once the next comes
+        for r in rows:
+            yield "[" if previous is None else previous + ","
+            previous = textwrap.indent(json.dumps(r.to_dict(), indent=2), "  ")
+        yield "[]" if previous is None else previous + "\n]"
+        return
     if format == "csv":
-        lines = [csv_line(["path", "label", *(f"p_{name}" for name in class_names), "error"])]
+        yield csv_line(["path", "label", *(f"p_{name}" for name in class_names), "error"])
         for r in rows:
             probabilities = [f"{r.probabilities[name]:.4f}" if r.label else "" for name in class_names]
-            lines.append(csv_line([r.path, r.label or "", *probabilities, r.error or ""]))
-        return lines
+            yield csv_line([r.path, r.label or "", *probabilities, r.error or ""])
+        return
+    rows = list(rows)
     shown = class_names[1] if threshold is not None else None
     width, label_width = max([len(r.path) for r in rows] + [4]), max([len(name) for name in class_names] + [5])
-    lines = [f"{'path':<{width}}  {'label':<{label_width}} {f'p({shown})' if shown else 'probability'}"]
+    yield f"{'path':<{width}}  {'label':<{label_width}} {f'p({shown})' if shown else 'probability'}"
     for r in rows:
         value = (f"{r.label:<{label_width}} {r.probabilities[shown or r.label]:.3f}" if r.label
                  else f"{'-':<{label_width}} error: {r.error}")
-        lines.append(f"{r.path:<{width}}  {value}")
-    return lines
+        yield f"{r.path:<{width}}  {value}"
 
 
 def csv_line(values: list) -> str:
@@ -118,6 +129,7 @@ class Classifier(abc.ABC):
     backbone_name: str
     preprocessing: dict
     tiles: int = 1  # > 1: each image is seen whole and as a tiles×tiles grid of crops (model.transforms)
+    threshold: float | None = None  # the model's own decision threshold (training/threshold.py); None: argmax
 
     @abc.abstractmethod
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
@@ -136,26 +148,45 @@ class Classifier(abc.ABC):
 
     def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
         """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
-        a row with its error instead of a label. `threshold` (two classes): the second class when p >= it."""
+        a row with its error instead of a label. `threshold` (two classes): the second class when p >= it (None:
+        the model's own, chosen when it was trained; argmax for a model that has none)."""
+        return list(self.predict_iter(images, threshold=threshold, progress=progress))
+
+    def predict_iter(self, images, *, threshold: float | None = None, progress: bool = False,
+                     chunk: int = PREDICT_CHUNK) -> Iterator[Prediction]:
+        """predict()'s rows as they come, `chunk` files at a time: a folder of any size in bounded memory, its
+        first rows out before its last files are read. threshold None: the model's own (self.threshold). No image
+        found, or a threshold out of range, raises here, before any row is asked for (and any header printed)."""
         inputs = images if isinstance(images, (list, tuple)) else [images]
         names: dict[str, str] = {}  # local copy → the URL it came from, as the rows name it
         paths = expand_inputs(inputs, names)
         if not paths:
             raise StopsignError(f"no image found in {', '.join(map(str, inputs)) or 'no input'}: give image files, "
                                 "folders holding images, or glob patterns that match some")
-        readable, probs, skipped = self.probabilities(paths, progress=progress)
-        labels = decide(probs, threshold) if len(probs) else []
-        by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}
-        results = []
-        for path in paths:
-            shown = names.get(str(path), str(path))
-            if str(path) not in by_path:
-                results.append(Prediction(shown, None, {}, skipped.get(str(path), "cannot be read")))
-                continue
-            row, label = by_path[str(path)]
-            results.append(Prediction(shown, self.class_names[int(label)],
-                                      {name: float(p) for name, p in zip(self.class_names, row)}))
-        return results
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is not None:
+            check_threshold(threshold, len(self.class_names))  # before any work
+        return self._predict_chunks(paths, names, threshold, progress, chunk)
+
+    def _predict_chunks(self, paths: list[Path], names: dict[str, str], threshold: float | None, progress: bool,
+                        chunk: int) -> Iterator[Prediction]:
+        """predict_iter's rows, `chunk` files at a time, each named as its input was (`names`: a URL's)."""
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress or len(paths) <= chunk)
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            readable, probs, skipped = self.probabilities(part, progress=progress and len(paths) <= chunk)
+            labels = decide(probs, threshold) if len(probs) else []
+            by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}
+            for path in part:
+                shown = names.get(str(path), str(path))
+                if str(path) not in by_path:
+                    yield Prediction(shown, None, {}, skipped.get(str(path), "cannot be read"))
+                    continue
+                row, label = by_path[str(path)]
+                yield Prediction(shown, self.class_names[int(label)],
+                                 {name: float(p) for name, p in zip(self.class_names, row)})
+            bar.update(len(part))
+        bar.close()
 
 
 class BatchClassifier(Classifier):

@@ -17,7 +17,8 @@ from .load import load_classifier
 
 def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "runs", name: str | None = None,
              threshold: float | None = None, progress: bool = True, **options) -> tuple[Path, dict]:
-    """Score a model on labelled data in any layout; return the evaluation folder and its metrics. The model, the
+    """Score a model on labelled data in any layout, at `threshold` (None: the model's own); return the evaluation
+    folder and its metrics. The model, the
     data and `out` may be URLs (s3://...). `options` go to load_classifier: a .pt model reads its backbone features
     from training's feature cache, so evaluating the same images again makes no backbone pass (cache=False: none)."""
     classifier = load_classifier(checkpoint, **options)
@@ -33,7 +34,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, out: str | Path = "run
     run_info = {"checkpoint": str(checkpoint), "data": {"source": str(labelled.root), "layout": labelled.layout,
                                                         "counts": labelled.class_counts()},
                 "skipped files": skipped or "none", "backbone": classifier.backbone_name}
-    metrics = write_report(out_dir, predictions, run_info=run_info, threshold=threshold,
+    metrics = write_report(out_dir, predictions, run_info=run_info,
+                           threshold=classifier.threshold if threshold is None else threshold,
                            title=f"stopsign evaluation of {checkpoint}")
     upload = run_upload(out, out_dir)  # --out s3://...: the evaluation folder goes to the bucket too
     if upload:

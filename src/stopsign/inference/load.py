@@ -1,14 +1,17 @@
 """load_classifier(): a model file to the classifier that runs it, chosen by the file's suffix (as
 Ultralytics' AutoBackend does). Each backend is imported only when asked for, so an .onnx deployment never
-imports torch and a .pt one never imports onnxruntime."""
+imports torch and a .pt one never imports onnxruntime. predict() and describe_model() are `stopsign predict`'s and
+`stopsign info`'s calls."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import StopsignError
 from ..storage import fetch_model, is_url
-from .base import Classifier
+from .base import Classifier, Prediction
 
 RUN_MODEL = "best.pt"  # what a run folder given as a model means
 EXPORT_SUFFIXES = (".onnx", ".torchscript")
@@ -49,6 +52,22 @@ def load_classifier(path: str | Path, **options) -> Classifier:
     from .pytorch import CheckpointClassifier
 
     return CheckpointClassifier(load_checkpoint(path), source=str(path), **options)
+
+
+def predict(path: str | Path, images, *, threshold: float | None = None, progress: bool = False,
+            device: str = "auto", **options) -> tuple[Classifier, Iterable[Prediction] | None]:
+    """`stopsign predict`: the classifier and its rows as they come (Classifier.predict_iter). Under torchrun each
+    rank predicts every WORLD_SIZE-th file on its own device, and rank 0 gets every rank's rows in input order; the
+    other ranks get None."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        classifier = load_classifier(path, device=device, **options)
+        return classifier, classifier.predict_iter(images, threshold=threshold, progress=progress)
+    from ..model.ranks import rank_device
+    from .distributed import predict_sharded
+
+    device = rank_device(device)
+    classifier = load_classifier(path, device=str(device), **options)
+    return classifier, predict_sharded(classifier, images, device, threshold=threshold, progress=progress)
 
 
 def describe_model(path: str | Path) -> list[str]:

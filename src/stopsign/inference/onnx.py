@@ -33,6 +33,7 @@ class OnnxClassifier(BatchClassifier):
         self.backbone_name: str = self.metadata["backbone"]
         self.preprocessing: dict = dict(self.metadata["preprocessing"])
         self.tiles: int = int(self.metadata.get("tiles", 1))
+        self.threshold = self.metadata.get("threshold")  # exports before thresholds were chosen: argmax
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

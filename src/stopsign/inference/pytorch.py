@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..checkpoint import model_arguments, stored_threshold
 from ..errors import CheckpointError
 from ..model.pooling import make_head
 from ..model.features import FeatureExtractor, default_cache_dir
@@ -33,10 +33,9 @@ class CheckpointClassifier(Classifier):
         self.checkpoint = checkpoint
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.backbone_name: str = checkpoint["backbone"]
-        config = checkpoint.get("config") or {}
-        weights = weights or config.get("weights")
-        # checkpoints before 0.2 have average pooling, one tile and the backbone's native size
-        self.pooling, self.tiles = config.get("pooling", "avg"), config.get("tiles", 1)
+        model = model_arguments(checkpoint)  # what a checkpoint before 0.2 lacks has the seed's values
+        weights = weights or model["weights"]
+        self.pooling, self.tiles = model["pooling"], model["tiles"]
         store = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=store, num_workers=num_workers,
                                           image_size=checkpoint["preprocessing"]["size"], device=device)
@@ -47,16 +46,19 @@ class CheckpointClassifier(Classifier):
                 f"{self.extractor.weights_sha256[:12]}…; pass the original file with --weights")
         if self.extractor.preprocessing["size"] != checkpoint["preprocessing"]["size"]:
             raise CheckpointError(f"{source}: preprocessing does not match the {self.backbone_name} backbone")
-        # The backbone's own width, not the checkpoint's claim: a head of another backbone must not load.
-        positive = TrainConfig(positive=config.get("positive")).positive_index(self.class_names)
-        self.head = make_head(self.extractor.feature_size, len(self.class_names), self.pooling, positive)
         try:
+            # The backbone's own width, not the checkpoint's claim: a head of another backbone must not load.
+            if model["num_features"] != self.extractor.feature_size:
+                raise ValueError(f"{model['num_features']} features, the backbone has {self.extractor.feature_size}")
+            self.head = make_head(model["num_features"], model["num_classes"], model["pooling"],
+                                  model["positive_index"])
             self.head.load_state_dict(checkpoint["head"])
-        except (RuntimeError, TypeError, AttributeError) as error:
+        except (ValueError, RuntimeError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{source}: the head's weights do not fit {self.backbone_name} "
                                   f"with {len(self.class_names)} classes ({error})") from error
         self.head.eval()
         self.trained_on: dict | None = checkpoint.get("trained_on")  # checkpoints before 0.2 have none
+        self.threshold = stored_threshold(checkpoint)
 
     @property
     def preprocessing(self) -> dict:

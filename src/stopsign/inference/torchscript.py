@@ -51,6 +51,7 @@ class TorchScriptClassifier(BatchClassifier):
         self.backbone_name: str = self.metadata["backbone"]
         self.preprocessing: dict = dict(self.metadata["preprocessing"])
         self.tiles: int = int(self.metadata.get("tiles", 1))
+        self.threshold = self.metadata.get("threshold")  # exports before thresholds were chosen: argmax
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -36,12 +36,8 @@ LONGEST_NAME = 30  # characters of a class name on the confusion matrix's axes; 
 
 
 def new_figure(width: float, height: float, margins: tuple[float, float, float, float] | None = None) -> Figure:
-    """A figure of width x height inches on the Agg canvas.
-
-    margins: (left, bottom, right, top) around the axes in inches, for figures whose labels are known in
-    advance. Fixed margins cost nothing; matplotlib's constrained layout measures every tick label and took
-    most of a warm run's seconds. Without margins the layout is constrained (labels of unknown length).
-    """
+    """A figure of width x height inches on the Agg canvas. margins: (left, bottom, right, top) around the axes in
+    inches, for labels known in advance; without them the layout is constrained (labels of unknown length)."""
     figure = Figure(figsize=(width, height), dpi=80, layout=None if margins else "constrained")
     FigureCanvasAgg(figure)
     if margins:
@@ -65,14 +61,21 @@ def log_ticks(axis, low: float, high: float, most: int = 5) -> None:
     """At most `most` (about) short labels (1e-6, 0.02) on a log axis shown from low to high, no minor ticks.
 
     Whole decades when the range spans two or more (LogLocator thins them to `most`), 1 and 3 per decade over
-    one to two, 1, 2 and 5 below one, so that even a narrow range has labelled ticks. Plain text, no mathtext:
-    its parser takes a quarter of a second to build in every new process, and 10^{-6} labels collide.
+    one to two, 1, 2 and 5 below one, so that even a narrow range has labelled ticks. Plain text (plain_log_scale).
     """
     decades = math.log10(high / low)
     subs = (1.0,) if decades >= 2 else (1.0, 3.0) if decades >= 1 else (1.0, 2.0, 5.0)
     axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=most))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda value, _: short_number(value)))
+
+
+def plain_log_scale(axis, ticks) -> None:
+    """A log scale on `ticks` (axis.xaxis or axis.yaxis) labelled in plain text ("1e-06"), without minor ticks:
+    mathtext's parser is slow to build in every new process, and each minor tick is a costly artist."""
+    (axis.set_xscale if ticks is axis.xaxis else axis.set_yscale)("log")
+    ticks.set_minor_locator(NullLocator())
+    ticks.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def save_figure(figure: Figure, path) -> Path:
@@ -89,43 +92,35 @@ def plot_curves(history: list[dict], path) -> Path:
         return [np.nan if row.get(key) is None else float(row[key]) for row in history]
 
     figure = new_figure(13, 3.6, margins=CURVE_MARGINS)
-    loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    loss_axis, accuracy_axis, lr_axis = axes = figure.subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        _title(axis, title)
     for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "acc")):
         for split in ("train", "val"):
             values = column(f"{split}_{metric}")
             if not all(math.isnan(v) for v in values):
                 axis.plot(epochs, values, marker="o", markersize=3, label=split)
-        axis.set_xlabel("epoch")
         axis.legend(loc="upper right" if metric == "loss" else "lower right")  # where the curves are not
-        axis.grid(alpha=0.3)
-    _title(loss_axis, "loss")
-    _title(accuracy_axis, "accuracy")
     accuracy_axis.set_ylim(-0.02, 1.02)
     rates = column("lr")
     lr_axis.plot(epochs, rates, marker="o", markersize=3, color="tab:gray")
     positive = [r for r in rates if r > 0]
     if positive and max(positive) / min(positive) > 100:
-        lr_axis.set_yscale("log")
-        lr_axis.yaxis.set_minor_locator(NullLocator())  # dozens of unlabelled minor ticks, each a costly artist
-        lr_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # "1e-06": no mathtext,
-        # whose parser takes a quarter of a second to build in every new process
-    _title(lr_axis, "learning rate")
-    lr_axis.set_xlabel("epoch")
-    lr_axis.grid(alpha=0.3)
+        plain_log_scale(lr_axis, lr_axis.yaxis)
     return save_figure(figure, path)
 
 
 def plot_c_choice(row: dict, path) -> Path:
     """The logistic head's one fit: each C's mean held-out log-loss (grouped K-fold on the training split), the
-    chosen C marked. What a curve per epoch would show for an SGD head, a head fit in one step has here."""
+    chosen C marked: what a head fit in one step has instead of a curve per epoch."""
     values, losses = zip(*row["C_scores"])
     figure = new_figure(6.5, 3.6, margins=CURVE_MARGINS)
     axis = figure.subplots()
     axis.plot(values, losses, marker="o", markersize=3, color="tab:blue", label="held-out log-loss")
     axis.axvline(row["C"], color="tab:green", linestyle="--", label=f"chosen C = {row['C']:g}")
-    axis.set_xscale("log")
-    axis.xaxis.set_minor_locator(NullLocator())
-    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    plain_log_scale(axis, axis.xaxis)
     axis.set_xlabel("C (inverse regularisation)")
     axis.legend(loc="upper right")
     axis.grid(alpha=0.3)
@@ -213,12 +208,9 @@ def plot_calibration(metrics: dict, path) -> Path:
     accuracy = [b["accuracy"] for b in filled]
     reliability.bar([(b["lo"] + b["hi"]) / 2 for b in filled], accuracy, width=width * 0.9, alpha=0.7, label="accuracy in bin")
     reliability.plot([b["confidence"] for b in filled], accuracy, "o", color="black", markersize=4, label="at mean confidence")
-    reliability.set_ylabel("accuracy")
-    reliability.set_ylim(0, 1.02)
+    reliability.set(ylabel="accuracy", ylim=(0, 1.02))
     _title(reliability, f"calibration (ECE {metrics['calibration']['ece']:.3f})")
     reliability.legend(loc="upper left")
     counts.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="tab:gray")
-    counts.set_xlabel("top-class probability")
-    counts.set_ylabel("images")
-    counts.set_xlim(0, 1)
+    counts.set(xlabel="top-class probability", ylabel="images", xlim=(0, 1))
     return save_figure(figure, path)

@@ -1,7 +1,7 @@
-"""The HTML of report.html: one self-contained page (inline CSS, images as data URIs) from plain dicts.
+"""The HTML of the reports: self-contained pages (inline CSS, images as data URIs) from plain dicts.
 
-The markup lives in templates/ (Jinja2, autoescaped: callers pass raw strings and numbers); this module computes
-what the templates show (rows, counts, which notes apply) and formats the numbers.
+The markup lives in templates/ (Jinja2, autoescaped: callers pass raw strings and numbers); this module formats
+the numbers and computes the rows the templates cannot simply copy from the metrics.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
 
 from ..config import relevant_settings
 from .metrics import accuracy_interval, headline
@@ -19,8 +18,6 @@ SMALL_N = 100  # below this many images the report says in words how little the 
 LONG_TABLE = 25  # operating-point tables longer than this fold into a <details> element
 HEADLINE_CLASSES = 6  # the headline names every class's recall up to this many classes, else the lowest three
 NOT_DEFINED = "n/a"  # a precision of a class never predicted, a recall of a class with no image: 0/0
-
-Section = tuple[str, str, Markup]  # (anchor, heading, rendered body)
 
 
 def short_number(value: float) -> str:
@@ -82,124 +79,46 @@ def recall_sentence(metrics: dict) -> str:
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("stopsign.reporting"), autoescape=True,
                                trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 TEMPLATES.filters.update(number=number, records=records, capitalised=capitalised, recall_sentence=recall_sentence,
-                         accuracy_interval=accuracy_interval, filename=lambda path: Path(path).name)
+                         accuracy_interval=accuracy_interval, headline=headline, filename=lambda path: Path(path).name,
+                         labelled=lambda matrix, names: [[name, *row] for name, row in zip(names, matrix)])
 TEMPLATES.tests.update(list=lambda value: isinstance(value, list),
                        records=lambda values: all(isinstance(value, dict) for value in values),
                        numeric=lambda value: isinstance(value, (int, float, Shown)) and not isinstance(value, bool))
 TEMPLATES.globals.update(small_n=SMALL_N, long_table=LONG_TABLE, not_defined=NOT_DEFINED)
 
 
-def macros(template: str):
-    """A template's macros, to call from Python: each returns its markup."""
-    return TEMPLATES.get_template(template).module
-
-
-def _per_class_rows(metrics: dict) -> list[list]:
+def per_class_rows(metrics: dict) -> list[list]:
     """class, precision, recall, F1, support; a ratio over nothing (0/0) is n/a, not 0."""
     predicted = [sum(column) for column in zip(*metrics["confusion"])]  # column sums: how often each was predicted
     rows = []
     for k, (name, m) in enumerate(metrics["per_class"].items()):
         never_predicted, no_support = predicted[k] == 0, m["support"] == 0
-        rows.append([
-            name,
-            Shown(NOT_DEFINED) if never_predicted else m["precision"],
-            Shown(NOT_DEFINED) if no_support else m["recall"],
-            Shown(NOT_DEFINED) if never_predicted and no_support else m["f1"],  # 2TP / (2TP + FP + FN) = 0/0
-            m["support"],
-        ])
+        rows.append([name, Shown(NOT_DEFINED) if never_predicted else m["precision"],
+                     Shown(NOT_DEFINED) if no_support else m["recall"],
+                     Shown(NOT_DEFINED) if never_predicted and no_support else m["f1"],  # 2TP / (2TP + FP + FN) = 0/0
+                     m["support"]])
     return rows
 
 
-def _confusion_rows(class_names: list[str], matrix: list[list[int]]) -> list[list]:
-    return [[name, *row] for name, row in zip(class_names, matrix)]
-
-
-def _metrics_section(metrics: dict, images: dict[str, str], checks: dict | None = None) -> Section:
-    per_class = _per_class_rows(metrics)
-    calibration = [[f"{b['lo']:.1f}–{b['hi']:.1f}", b["count"], b["confidence"], b["accuracy"]]
-                   for b in metrics["calibration"]["bins"] if b["count"]]
-    body = macros("report.html.j2").metrics(
-        metrics, capitalised(headline(metrics)), per_class,
-        undefined=any(isinstance(value, Shown) for row in per_class for value in row),
-        problems=len((checks or {}).get("warnings") or []),  # the data checks come late: pointed to up front
-        confusion=_confusion_rows(metrics["class_names"], metrics["confusion"]), calibration=calibration,
-        images=images)
-    return ("metrics", "Metrics", body)
-
-
-def _threshold_section(metrics: dict) -> Section | None:
-    table, best = metrics.get("thresholds"), metrics.get("best_f1_threshold")
-    if not table:
-        return None
-    rows = [[r["threshold"], r["precision"], r["recall"], r["fpr"]] for r in table]
-    marks = ["best" if r["threshold"] == best["threshold"] else "" for r in table]
-    return ("threshold", "Threshold", macros("report.html.j2").threshold(metrics, rows, marks))
-
-
-def _cv_section(cv: dict | None, class_names: list[str]) -> Section | None:
-    if not cv:
-        return None
-    keys = [k for k, v in cv.get("mean", {}).items() if isinstance(v, (int, float))]
-    folds = cv.get("per_fold", [])
-    header = ["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))]
-    rows = [[k, cv["mean"][k], cv.get("std", {}).get(k)] + [fold.get(k) for fold in folds] for k in keys]
-    confusion = _confusion_rows(class_names, cv["oof_confusion"]) if cv.get("oof_confusion") else None
-    body = macros("report.html.j2").cv(cv.get("folds", len(folds)), header, rows, class_names, confusion)
-    return ("cv", "Cross-validation", body)
-
-
-def _checks_section(checks: dict | None, thumbnails: dict[str, str]) -> Section | None:
-    if not checks:
-        return None
-    counts = checks.get("class_counts", {})
-    if counts:
-        names = list(next(iter(counts.values())))
-        counts = (["split", *names], [[split] + [c[name] for name in names] for split, c in counts.items()])
-    return ("checks", "Data checks", macros("report.html.j2").checks(checks, counts, thumbnails))
-
-
-def _run_section(run_info: dict | None) -> Section | None:
-    """The run's record; of its settings, those its head reads (no epochs or learning rate for a logistic head)."""
-    if not run_info:
-        return None
-    if isinstance(run_info.get("settings"), dict):
+def render_report(title: str, metrics: dict, *, images: dict[str, str], run_info: dict | None = None,
+                  checks: dict | None = None, thumbnails: dict[str, str] | None = None, cv: dict | None = None) -> str:
+    """The whole page (templates/report.html.j2). `images` maps a plot name (samples, errors, curves, ...) to its
+    data URI; of the run's settings, it shows those its head reads (no epochs or learning rate for a logistic head)."""
+    cv, checks = cv or {}, checks or {}
+    folds, counts = cv.get("per_fold", []), checks.get("class_counts") or {}
+    classes = list(next(iter(counts.values()), {}))
+    best = (metrics.get("best_f1_threshold") or {}).get("threshold")
+    if run_info and isinstance(run_info.get("settings"), dict):
         run_info = run_info | {"settings": relevant_settings(run_info["settings"])}
-    return ("run", "Run", macros("tables.html.j2").mapping_table(run_info))
-
-
-def render_report(
-    title: str,
-    metrics: dict,
-    *,
-    images: dict[str, str],
-    run_info: dict | None = None,
-    checks: dict | None = None,
-    thumbnails: dict[str, str] | None = None,
-    cv: dict | None = None,
-) -> str:
-    """The whole page. `images` maps a plot name (samples, errors, curves, ...) to its data URI.
-
-    The results first (the headline under the title: accuracy, its interval, n, each class's recall; then the
-    metrics), how the run went after them, and the long parts (photos, duplicate groups, settings) last.
-    """
-    report = macros("report.html.j2")
-    wrong = metrics["n"] - sum(row[k] for k, row in enumerate(metrics["confusion"]))
-    sections = [
-        _metrics_section(metrics, images, checks),
-        _threshold_section(metrics),
-        _cv_section(cv, metrics["class_names"]),
-        ("curves", "Curves", report.curves(images)) if "curves" in images else None,
-        ("images", "Images", report.images(metrics, wrong, images)),
-        _checks_section(checks, thumbnails or {}),
-        _run_section(run_info),
-    ]
-    return render_page(title, f"{capitalised(headline(metrics))}; {recall_sentence(metrics)}", sections,
-                       alerts=metrics.get("warnings", []))
-
-
-def render_page(title: str, headline: str, sections: list[Section | None], alerts: list[str] = ()) -> str:
-    """A page: the title, what is wrong (alerts, in red), a one-line headline, links to the sections, then the
-    sections (None ones left out)."""
-    sections = [s for s in sections if s]
-    return TEMPLATES.get_template("page.html.j2").render(title=title, headline=headline, sections=sections,
-                                                         alerts=alerts)
+    per_class = per_class_rows(metrics)
+    return TEMPLATES.get_template("report.html.j2").render(
+        title=title, m=metrics, images=images, run_info=run_info, checks=checks, thumbnails=thumbnails or {}, cv=cv,
+        per_class=per_class, undefined=any(isinstance(value, Shown) for row in per_class for value in row),
+        wrong=metrics["n"] - sum(row[k] for k, row in enumerate(metrics["confusion"])),
+        calibration=[[f"{b['lo']:.1f}–{b['hi']:.1f}", b["count"], b["confidence"], b["accuracy"]]
+                     for b in metrics["calibration"]["bins"] if b["count"]],
+        marks=["best" if row["threshold"] == best else "" for row in metrics.get("thresholds") or []],
+        cv_header=["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))],
+        cv_rows=[[key, value, cv.get("std", {}).get(key)] + [fold.get(key) for fold in folds]
+                 for key, value in cv.get("mean", {}).items() if isinstance(value, (int, float))],
+        counts=(["split", *classes], [[split] + [c[name] for name in classes] for split, c in counts.items()]))

@@ -1,10 +1,9 @@
 """Every number of an evaluation: accuracy and its interval, per class, ROC/PR, calibration, thresholds.
 
-`compute_metrics()` turns `Predictions` into one JSON-ready dict (plain floats, ints, lists, None).
-Each number scikit-learn defines is taken from scikit-learn, so the report can be checked against it;
-the Wilson interval is scipy's; only what neither has (the binned calibration table and its ECE, the
-operating-point table) is computed here. `evaluation_lines()` and `training_lines()` word the figures, beside their
-baselines and warnings, for the command line.
+`compute_metrics()` turns `Predictions` into one JSON-ready dict. Each number scikit-learn defines is
+scikit-learn's, so the report can be checked against it, and the Wilson interval is scipy's; only the binned
+calibration table, its ECE and the operating-point table are computed here. `evaluation_lines()` and
+`training_lines()` word the figures, beside their baselines and warnings, for the command line.
 """
 
 from __future__ import annotations
@@ -54,10 +53,8 @@ class Predictions:
         self.class_names = list(self.class_names)
         num_classes = len(self.class_names)
         if self.probs.shape != (len(self.y_true), num_classes):
-            raise ValueError(
-                f"probs has shape {self.probs.shape}; expected one row per label and one column per class "
-                f"({len(self.y_true)}, {num_classes})"
-            )
+            raise ValueError(f"probs has shape {self.probs.shape}; expected one row per label and one column per "
+                             f"class ({len(self.y_true)}, {num_classes})")
         if len(self.paths) != len(self.y_true):
             raise ValueError(f"{len(self.paths)} paths but {len(self.y_true)} labels")
         if self.copies is not None and len(self.copies) != len(self.paths):
@@ -84,17 +81,9 @@ class Predictions:
         return self.probs[np.arange(len(self.y_true)), self.y_pred]
 
     def log_loss(self) -> float:
-        """scikit-learn's log-loss. The rows are renormalised for it alone (float32 softmax rows sum to 1 ± 1e-7
-        and it wants them exact); decisions use the probabilities as given, as every classifier does."""
+        """scikit-learn's log-loss, on rows renormalised for it alone: float32 softmax rows sum to 1 ± 1e-7."""
         probs = self.probs / self.probs.sum(axis=1, keepdims=True)
         return float(log_loss(self.y_true, probs, labels=list(range(self.num_classes))))
-
-    def subset(self, keep: np.ndarray) -> "Predictions":
-        """The predictions of the images where `keep` (a boolean mask) is true."""
-        keep = np.asarray(keep, dtype=bool)
-        return Predictions([p for p, k in zip(self.paths, keep) if k], self.y_true[keep], self.probs[keep],
-                           self.class_names, self.threshold,
-                           None if self.copies is None else [c for c, k in zip(self.copies, keep) if k])
 
     def with_threshold(self, threshold: float | None) -> "Predictions":
         return dataclasses.replace(self, threshold=threshold)
@@ -103,10 +92,6 @@ class Predictions:
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval for a proportion successes / n (scipy's binomtest): unlike the normal
     approximation it stays inside [0, 1] and is honest at n = 20 and at 20/20."""
-    if n <= 0:
-        raise ValueError(f"a proportion needs n >= 1, got n={n}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes must lie in 0..{n}, got {successes}")
     interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(interval.low), float(interval.high)
 
@@ -120,23 +105,15 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
         raise DataError("there are no predictions to score: the evaluation set is empty; add images to it")
     labels = list(range(pred.num_classes))
     y_true, y_pred = pred.y_true, pred.y_pred
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    correct = int((y_true == y_pred).sum())
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     result = {
-        "n": n,
-        "class_names": pred.class_names,
-        "threshold": pred.threshold,
+        "n": n, "class_names": pred.class_names, "threshold": pred.threshold,
         "accuracy": accuracy_score(y_true, y_pred),
-        "accuracy_ci95": list(wilson_interval(correct, n)),
+        "accuracy_ci95": list(wilson_interval(int((y_true == y_pred).sum()), n)),
         "balanced_accuracy": balanced_accuracy_score(y_true, y_pred) if len(np.unique(y_true)) > 1 else None,
-        "log_loss": pred.log_loss(),
-        "baseline": baseline(y_true, pred.class_names),
-        "per_class": {
-            name: {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
-            for k, name in enumerate(pred.class_names)
-        },
+        "log_loss": pred.log_loss(), "baseline": baseline(y_true, pred.class_names),
+        "per_class": {name: {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
+                      for k, name in enumerate(pred.class_names)},
         "macro_f1": f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
         "confusion": confusion_matrix(y_true, y_pred, labels=labels),
         "confusion_normalized": confusion_matrix(y_true, y_pred, labels=labels, normalize="true"),
@@ -144,10 +121,7 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
     result["verdict"] = verdict(result)
     if pred.copies is not None:
         result["training_copies"] = training_copies(pred)
-    if pred.num_classes == 2:
-        result.update(_binary_curves(y_true, pred.probs[:, POSITIVE]))
-    else:
-        result.update(_one_vs_rest_auc(pred))
+    result |= binary_curves(y_true, pred.probs[:, POSITIVE]) if pred.num_classes == 2 else one_vs_rest_auc(pred)
     result["calibration"] = calibration_table(pred)
     return json_ready(result)
 
@@ -160,12 +134,11 @@ def baseline(y_true: np.ndarray, class_names: list[str]) -> dict:
     (accuracy; balanced accuracy 1/K) and always answering the class shares (the prior's log-loss). A figure
     means something only beside these."""
     counts = np.bincount(y_true, minlength=len(class_names))
-    shares = counts / counts.sum()
-    majority = int(counts.argmax())
     present = counts[counts > 0]
-    return {"majority_class": class_names[majority], "accuracy": float(shares[majority]),
-            "balanced_accuracy": 1.0 / len(present), "log_loss": float(-(shares[counts > 0] * np.log(
-                shares[counts > 0])).sum()), "imbalance": float(present.max() / present.min())}
+    shares = present / counts.sum()
+    return {"majority_class": class_names[int(counts.argmax())], "accuracy": float(shares.max()),
+            "balanced_accuracy": 1.0 / len(present), "log_loss": float(-(shares * np.log(shares)).sum()),
+            "imbalance": float(present.max() / present.min())}
 
 
 def verdict(result: dict) -> dict:
@@ -223,7 +196,6 @@ def copies_sentence(metrics: dict) -> str | None:
 
 
 def warning_lines(metrics: dict) -> list[str]:
-    """What the run found wrong (a head no better than the class prior, a model no better than its baseline)."""
     return [f"warning: {warning}" for warning in metrics.get("warnings", [])]
 
 
@@ -273,20 +245,19 @@ def training_lines(metrics: dict, epochs: int, best_epoch: int) -> list[str]:
 def training_copies(pred: Predictions) -> dict:
     """How many evaluated images the model was trained on (exact copies, near copies), and the scores on the
     others: the figure to quote, since accuracy on copies of training photos measures memory."""
-    exact = sum(c == "exact" for c in pred.copies)
-    near = sum(c == "near" for c in pred.copies)
-    new = pred.subset(np.array([c is None for c in pred.copies]))
-    result = {"exact": exact, "near": near, "new": len(new.paths), "new_images": None}
-    if len(new.paths):
-        hits = int((new.y_pred == new.y_true).sum())
-        recall = {name: (float((new.y_pred[new.y_true == k] == k).mean()) if (new.y_true == k).any() else None)
-                  for k, name in enumerate(new.class_names)}
-        result["new_images"] = {"n": len(new.paths), "accuracy": hits / len(new.paths),
-                                "accuracy_ci95": list(wilson_interval(hits, len(new.paths))), "recall": recall}
+    new = np.array([c is None for c in pred.copies], dtype=bool)
+    y_true, y_pred, n = pred.y_true[new], pred.y_pred[new], int(new.sum())
+    result = {"exact": pred.copies.count("exact"), "near": pred.copies.count("near"), "new": n, "new_images": None}
+    if n:
+        hits = int((y_pred == y_true).sum())
+        recall = {name: (float((y_pred[y_true == k] == k).mean()) if (y_true == k).any() else None)
+                  for k, name in enumerate(pred.class_names)}
+        result["new_images"] = {"n": n, "accuracy": hits / n, "accuracy_ci95": list(wilson_interval(hits, n)),
+                                "recall": recall}
     return result
 
 
-def _binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:
+def binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:
     present = np.unique(y_true)
     if len(present) < 2:
         reason = f"undefined: only class index {int(present[0])} occurs in the true labels"
@@ -295,35 +266,27 @@ def _binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:
     fpr, tpr, roc_thresholds = roc_curve(y_true, scores)
     precision, recall, _ = precision_recall_curve(y_true, scores)
     table = operating_points(y_true, scores)
-    return {
-        "roc_auc": roc_auc_score(y_true, scores),
-        "roc": {"fpr": fpr, "tpr": tpr, "thresholds": roc_thresholds},
-        "pr_auc": average_precision_score(y_true, scores),
-        "pr": {"precision": precision, "recall": recall},
-        "thresholds": table,
-        "best_f1_threshold": _best_f1(table),
-    }
+    return {"roc_auc": roc_auc_score(y_true, scores), "roc": {"fpr": fpr, "tpr": tpr, "thresholds": roc_thresholds},
+            "pr_auc": average_precision_score(y_true, scores), "pr": {"precision": precision, "recall": recall},
+            "thresholds": table, "best_f1_threshold": best_f1(table)}
 
 
 def operating_points(y_true: np.ndarray, scores: np.ndarray) -> list[dict]:
-    """Precision, recall and false-positive rate of "positive when score >= t", for each distinct score t.
-
-    The counts come from scikit-learn's full ROC curve (every distinct score kept), highest threshold first.
-    """
+    """Precision, recall and false-positive rate of "positive when score >= t", for each distinct score t, highest
+    first: the counts of scikit-learn's full ROC curve (every distinct score kept)."""
     positives = int((y_true == POSITIVE).sum())
     negatives = len(y_true) - positives
     fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
     rows = []
     for false_rate, true_rate, t in zip(fpr[1:], tpr[1:], thresholds[1:]):  # [0] is the "predict none" point
-        true_positives = round(true_rate * positives)
-        false_positives = round(false_rate * negatives)
+        true_positives, false_positives = round(true_rate * positives), round(false_rate * negatives)
         predicted = true_positives + false_positives
-        precision = true_positives / predicted if predicted else 0.0
-        rows.append({"threshold": float(t), "precision": precision, "recall": float(true_rate), "fpr": float(false_rate)})
+        rows.append({"threshold": float(t), "precision": true_positives / predicted if predicted else 0.0,
+                     "recall": float(true_rate), "fpr": float(false_rate)})
     return rows
 
 
-def _best_f1(table: list[dict]) -> dict:
+def best_f1(table: list[dict]) -> dict:
     def f1(row):
         total = row["precision"] + row["recall"]
         return 2 * row["precision"] * row["recall"] / total if total else 0.0
@@ -332,7 +295,7 @@ def _best_f1(table: list[dict]) -> dict:
     return {"threshold": best["threshold"], "f1": f1(best), "precision": best["precision"], "recall": best["recall"]}
 
 
-def _one_vs_rest_auc(pred: Predictions) -> dict:
+def one_vs_rest_auc(pred: Predictions) -> dict:
     per_class, reasons = {}, {}
     for k, name in enumerate(pred.class_names):
         is_k = pred.y_true == k
@@ -341,22 +304,16 @@ def _one_vs_rest_auc(pred: Predictions) -> dict:
             reasons[name] = "undefined: every image is of this class" if is_k.all() else "undefined: no image of this class"
         else:
             per_class[name] = roc_auc_score(is_k, pred.probs[:, k])
-    result = {"roc_auc_per_class": per_class}
     if reasons:
-        result["roc_auc"] = None
-        result["roc_auc_reason"] = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-    else:
-        labels = list(range(pred.num_classes))
-        result["roc_auc"] = roc_auc_score(pred.y_true, pred.probs, multi_class="ovr", average="macro", labels=labels)
-    return result
+        return {"roc_auc_per_class": per_class, "roc_auc": None,
+                "roc_auc_reason": "; ".join(f"{name}: {why}" for name, why in reasons.items())}
+    return {"roc_auc_per_class": per_class, "roc_auc": roc_auc_score(
+        pred.y_true, pred.probs, multi_class="ovr", average="macro", labels=list(range(pred.num_classes)))}
 
 
 def calibration_table(pred: Predictions, bins: int = CALIBRATION_BINS) -> dict:
-    """Reliability table on the top-class probability, and the expected calibration error.
-
-    The bins are right-closed like sklearn.calibration.calibration_curve's (0.1 falls in the first bin);
-    scikit-learn has no multi-class reliability table or ECE, so this is written here.
-    """
+    """Reliability table on the top-class probability, and the expected calibration error: scikit-learn has
+    neither for many classes. The bins are right-closed like calibration_curve's (0.1 falls in the first)."""
     top = pred.probs.max(axis=1)
     hit = pred.probs.argmax(axis=1) == pred.y_true
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -369,9 +326,8 @@ def calibration_table(pred: Predictions, bins: int = CALIBRATION_BINS) -> dict:
         accuracy = float(hit[inside].mean()) if count else None
         if count:
             ece += count / len(top) * abs(accuracy - confidence)
-        rows.append(
-            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": confidence, "accuracy": accuracy}
-        )
+        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": confidence,
+                     "accuracy": accuracy})
     return {"bins": rows, "ece": ece}
 
 

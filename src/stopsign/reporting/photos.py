@@ -1,7 +1,6 @@
 """The report's photos: thumbnails kept by content, the sample and error grids, duplicate-group thumbnails.
 
-Grids are pasted with PIL and saved as JPEG: laying out one matplotlib axis per photo, or encoding photos as
-PNG, took many times longer.
+Grids are pasted with PIL and saved as JPEG: one matplotlib axis per photo, or photos in PNG, are many times slower.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..cache import THUMBNAILS, store_dir
 from ..data.images import file_digest, read_image
 from ..errors import ImageError, StopsignError
 from ..files import atomic_write_bytes
@@ -31,19 +29,13 @@ WRONG = "#c0392b"
 JPEG_END = b"\xff\xd9"  # the end-of-image marker: a stored thumbnail without it is damaged
 
 
-def default_thumbnail_dir() -> Path:
-    return store_dir(THUMBNAILS)
-
-
 class Thumbnails:
-    """Upright RGB thumbnails for one report: each file is decoded once, at the largest size asked first.
+    """Upright RGB thumbnails for one report: each file is decoded once, at `side` pixels.
 
-    Each thumbnail is also kept as a small JPEG in `store`, named by the sha256 of the file's bytes, so the
-    next report of the same photos reads a 10 KB file instead of decoding the photo (4 ms for a 1500-pixel
-    JPEG on the development machine; a report shows up to 16 samples, 100 mistakes and 100 duplicate groups).
-    A thumbnail is always the stored JPEG's pixels, so a report is the same whether the store was warm. The
-    store is a cache: a damaged entry is decoded again, and one that cannot be written costs speed, never the
-    report.
+    Each thumbnail is also kept as a small JPEG in `store`, named by the sha256 of the file's bytes, so the next
+    report of the same photos reads a small file instead of decoding each photo. A thumbnail is always the stored
+    JPEG's pixels, so a report is the same whether the store was warm. The store is a cache: a damaged entry is
+    decoded again, and one that cannot be written costs speed, never the report.
     """
 
     def __init__(self, side: int = GRID_IMAGE_SIDE, store: Path | None = None):
@@ -82,21 +74,22 @@ class Thumbnails:
             return None
         if stored is None:
             return image
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95)
+        data = jpeg(image, quality=95)
         try:
-            atomic_write_bytes(stored, buffer.getvalue(), durable=False)
+            atomic_write_bytes(stored, data, durable=False)
         except StopsignError as error:
             logger.debug("thumbnail not stored: %s", error)
-        with Image.open(buffer) as image:  # the stored pixels
+        with Image.open(io.BytesIO(data)) as image:  # the stored pixels
             return image.convert("RGB")
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     """The text, cut with an ellipsis where it is wider than width pixels."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -109,16 +102,14 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
                  thumbnails: Thumbnails | None = None) -> Path:
     """A grid of images titled "predicted p=0.93 / truth", mistakes in red with a thick red frame.
 
-    wrong_only=True shows every misclassified image (up to MAX_ERROR_IMAGES), most confident first,
-    and ignores max_images; otherwise the first max_images images in evaluation order. Drawn with PIL,
-    not matplotlib subplots: pasting thumbnails is many times faster than laying out one axis per image.
+    wrong_only=True shows every misclassified image (up to MAX_ERROR_IMAGES), most confident first, and ignores
+    max_images; otherwise the first max_images images in evaluation order.
     """
     thumbnails = thumbnails or Thumbnails()
     y_pred, confidence = pred.y_pred, pred.confidence
     wrong = y_pred != pred.y_true
     if wrong_only:
-        order = [i for i in np.argsort(-confidence, kind="stable") if wrong[i]]
-        shown = order[:MAX_ERROR_IMAGES]
+        shown = [i for i in np.argsort(-confidence, kind="stable") if wrong[i]][:MAX_ERROR_IMAGES]
     else:
         shown = list(range(min(max_images, len(pred.y_true))))
     columns = max(1, min(5, len(shown)))
@@ -130,7 +121,7 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
         total = int(wrong.sum())
         heading = f"{total} misclassified, most confident first" + (f" (first {len(shown)})" if total > len(shown) else "")
     top = 28 if heading else 0
-    title_font, heading_font = _font(13), _font(16)
+    title_font, heading_font = ImageFont.load_default(size=13), ImageFont.load_default(size=16)
     width = max(columns * cell_width, math.ceil(heading_font.getlength(heading)) + 2 * pad)  # one photo, whole heading
     left = (width - columns * cell_width) // 2
     grid = Image.new("RGB", (width, top + rows * cell_height), "white")
@@ -140,13 +131,12 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
     if not shown:
         draw.text((grid.width / 2, grid.height / 2), "no misclassified images" if wrong_only else "no images to show",
                   fill="black", font=heading_font, anchor="mm")
-        return _save_image(grid, path)
     for slot, i in enumerate(shown):
         x = left + (slot % columns) * cell_width
         y = top + (slot // columns) * cell_height
         color = WRONG if wrong[i] else "black"
         title = f"{pred.class_names[y_pred[i]]} p={confidence[i]:.2f} / {pred.class_names[pred.y_true[i]]}"
-        draw.text((x + cell_width / 2, y + pad + title_height / 2), _fit_text(draw, title, title_font, cell_width - 4),
+        draw.text((x + cell_width / 2, y + pad + title_height / 2), fit_text(draw, title, title_font, cell_width - 4),
                   fill=color, font=title_font, anchor="mm")
         box = (x + pad, y + pad + title_height, x + pad + side, y + pad + title_height + side)
         image = thumbnails.get(pred.paths[i], side)
@@ -158,19 +148,17 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
         frame = 3 if wrong[i] else 1
         draw.rectangle((box[0] - frame, box[1] - frame, box[2] + frame - 1, box[3] + frame - 1),
                        outline=color if wrong[i] else "#999999", width=frame)
-    return _save_image(grid, path)
-
-
-def _save_image(image: Image.Image, path) -> Path:
-    """A grid of photos as JPEG: a quarter of the PNG's bytes, encoded 40 times faster (0.003 s against 0.12 s)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, jpeg(grid, quality=90))
 
 
 def data_uri(data: bytes, kind: str) -> str:
     """An image's bytes as a data: URI, for a page that must hold its images itself."""
     return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
+def file_data_uri(path: Path) -> str:
+    """A written plot as a data: URI (JPEG or PNG by its suffix)."""
+    return data_uri(Path(path).read_bytes(), "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
 
 
 def duplicate_thumbnails(checks: dict | None, thumbnails: Thumbnails | None = None) -> dict[str, str]:
@@ -185,7 +173,5 @@ def duplicate_thumbnails(checks: dict | None, thumbnails: Thumbnails | None = No
             continue
         image = thumbnails.get(file["path"], THUMBNAIL_SIDE)
         if image is not None:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-            uris[file["path"]] = data_uri(buffer.getvalue(), "jpeg")
+            uris[file["path"]] = data_uri(jpeg(image, quality=80), "jpeg")
     return uris

@@ -1,8 +1,8 @@
 """report.html and the files beside it: predictions (and optionally history, run info, checks,
 cross-validation) in; predictions.csv, metrics.json, plots/ and one self-contained page out.
 
-The charts are `charts`', the photo grids `photos`', the HTML `html`'s; this module runs them
-side by side (the charts here, the photos in a thread) and writes what they make.
+The charts are `charts`', the photo grids `photos`', the HTML `html`'s; this module runs the charts and the
+photos side by side and writes what they make.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from .charts import plot_c_choice, plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
 from .metrics import Predictions, compute_metrics, json_ready
-from .photos import Thumbnails, data_uri, default_thumbnail_dir, duplicate_thumbnails, plot_samples
-from ..files import atomic_write_text
 from .html import render_report
+from .photos import Thumbnails, duplicate_thumbnails, file_data_uri, plot_samples
+from ..cache import THUMBNAILS, store_dir
+from ..files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,33 +47,18 @@ def selection_note(epochs: int, n: int) -> dict:
     return {"epochs": epochs, "n": n, "warning": warning}
 
 
-def file_data_uri(path: Path) -> str:
-    """A written plot as a data: URI (JPEG or PNG by its suffix)."""
-    return data_uri(Path(path).read_bytes(), "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
-
-
 def _photo_images(pred: Predictions, checks: dict | None, plots: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """The sample and error grids, and the duplicate thumbnails; each file is decoded once for all three."""
-    thumbnails, grids = Thumbnails(store=default_thumbnail_dir()), {}
+    thumbnails, grids = Thumbnails(store=store_dir(THUMBNAILS)), {}
     grids["samples"] = plot_samples(pred, plots / "samples.jpg", thumbnails=thumbnails)
     if (pred.y_pred != pred.y_true).any():
         grids["errors"] = plot_samples(pred, plots / "errors.jpg", wrong_only=True, thumbnails=thumbnails)
     return grids, duplicate_thumbnails(checks, thumbnails)
 
 
-def write_report(
-    out_dir,
-    pred: Predictions,
-    *,
-    history: list[dict] | None = None,
-    run_info: dict | None = None,
-    checks: dict | None = None,
-    cv: dict | None = None,
-    test: Predictions | None = None,
-    threshold: float | None = None,
-    title: str = "stopsign report",
-    warnings: list[str] = (),
-) -> dict:
+def write_report(out_dir, pred: Predictions, *, history: list[dict] | None = None, run_info: dict | None = None,
+                 checks: dict | None = None, cv: dict | None = None, test: Predictions | None = None,
+                 threshold: float | None = None, title: str = "stopsign report", warnings: list[str] = ()) -> dict:
     """Write predictions.csv, metrics.json, plots/ (charts .png, photo grids .jpg) and report.html; return the metrics.
 
     test: the layout's test split, scored once with the kept model (metrics["test"]); history: the epochs, whose
@@ -82,8 +68,7 @@ def write_report(
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    if threshold is not None:
-        pred = pred.with_threshold(threshold)
+    pred = pred.with_threshold(threshold) if threshold is not None else pred
     metrics = compute_metrics(pred)
     metrics["warnings"] = list(warnings) + [m for m in [metrics["verdict"]["message"]] if m]
     if cv is not None:
@@ -111,15 +96,8 @@ def write_report(
         images = {name: draw(data, path) for name, (draw, data, path) in charts.items()}
         grids, thumbnail_uris = photo_work.result()
 
-    page = render_report(
-        title,
-        metrics,
-        images={name: file_data_uri(path) for name, path in (images | grids).items()},
-        run_info=run_info,
-        checks=checks,
-        thumbnails=thumbnail_uris,
-        cv=cv,
-    )
+    page = render_report(title, metrics, images={name: file_data_uri(path) for name, path in (images | grids).items()},
+                         run_info=run_info, checks=checks, thumbnails=thumbnail_uris, cv=cv)
     atomic_write_text(out_dir / "report.html", page)
     logger.debug("wrote the report to %s", out_dir / "report.html")
     return metrics

@@ -1,9 +1,9 @@
 """The tune folder's plots and report.html: trial rows in, files out.
 
-Drawn from the rows of trials.csv on report.py's figures (matplotlib's object API, no pyplot) rather than with
+Drawn from the rows of trials.csv on charts.py's figures (matplotlib's object API) rather than with
 optuna.visualization.matplotlib, which draws through pyplot's global state; the page is
-templates/tune_report.html.j2's. Files
-are written atomically (report.py's writes): processes that share a study rewrite them as they finish.
+templates/tune_report.html.j2's. Files are written atomically: processes that share a study rewrite them as they
+finish.
 
 A setting the trial's head never reads (the SGD head's epochs and learning rates, for a logistic head:
 config.relevant_settings) is left out of its tables and slices, and a plot with fewer than two trials is not drawn.
@@ -20,8 +20,8 @@ from optuna.distributions import CategoricalDistribution
 from .charts import integer_ticks, log_ticks, new_figure, save_figure
 from ..config import relevant_settings
 from ..files import atomic_write_text
-from .html import macros, render_page
-from .report import file_data_uri
+from .html import TEMPLATES
+from .photos import file_data_uri
 
 TOP_TRIALS = 10  # rows of the best-trials table
 MIN_POINTS = 2  # trials a plot needs to show anything a table does not
@@ -55,10 +55,8 @@ def plot_history(rows: list[dict], start_accuracy: float, path, start_name: str 
     if baseline:
         axis.axhline(baseline["accuracy"], linestyle=":", color="tab:gray", linewidth=1,
                      label=f"always {baseline['majority_class']}")
-    axis.set_xlabel("trial")
+    axis.set(xlabel="trial", ylabel="mean fold accuracy", title="optimisation history")
     integer_ticks(axis.xaxis)  # no trial 2.5
-    axis.set_ylabel("mean fold accuracy")
-    axis.set_title("optimisation history")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
     return save_figure(figure, path)
@@ -69,8 +67,7 @@ def plot_importances(importances: dict, path) -> Path:
     axis = figure.subplots()
     names = list(importances)[::-1]  # the most important on top
     axis.barh(names, [importances[name] for name in names], color="tab:blue")
-    axis.set_xlabel("importance (share of the objective's variation)")
-    axis.set_title("parameter importances")
+    axis.set(xlabel="importance (share of the objective's variation)", title="parameter importances")
     return save_figure(figure, path)
 
 
@@ -98,8 +95,7 @@ def plot_slice(rows: list[dict], name: str, space, path) -> Path:
     points = axis.scatter(x, [r["accuracy"] for r in done], c=[r["number"] for r in done], cmap="viridis", s=14)
     colour_bar = figure.colorbar(points, ax=axis, label="trial")
     integer_ticks(colour_bar.ax.yaxis)
-    axis.set_xlabel(name)
-    axis.set_ylabel("mean fold accuracy")
+    axis.set(xlabel=name, ylabel="mean fold accuracy")
     axis.grid(alpha=0.3)
     return save_figure(figure, path)
 
@@ -130,21 +126,12 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
     shown = [name for name in search_space if any(uses(r, name) for r in done)]
     columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"]
     trials = [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown] for r in done]
-    unread = any(not uses(r, c) for r in done for c in shown)
-    page = macros("tune_report.html.j2")
-    sections = [("best", "Best settings", page.best_settings(best, *best_settings(best, search_space))),
-                ("trials", "Trials", page.trials(best["trials"], columns + shown, trials, unread)),
-                ("history", "History", page.history(uris)),
-                ("importances", "Importances", page.importances(uris, importances)),
-                ("slices", "Slices", page.slices(uris, [name for name in search_space if f"slice_{name}" in uris]))]
-    headline = (f"Best {best['folds']}-fold CV accuracy {best['accuracy']:.3f} ± {best['accuracy_std']:.3f} "
-                f"(trial {best['trial']}); {start['name']} {start['accuracy']:.3f}; always "
-                f"{trivial['majority_class']} {trivial['accuracy']:.3f}")
-    if best["verdict"]["lead"] == "balanced_accuracy":
-        headline += (f"; balanced accuracy {best['balanced_accuracy']:.3f} against "
-                     f"{trivial['balanced_accuracy']:.3f}")
-    alerts = [best["verdict"]["message"]] if best["verdict"]["message"] else []
-    return atomic_write_text(run_dir / "report.html", render_page(title, headline, sections, alerts=alerts))
+    scores, settings = best_settings(best, search_space)
+    page = TEMPLATES.get_template("tune_report.html.j2").render(
+        title=title, best=best, scores=scores, settings=settings, columns=columns + shown, trials=trials,
+        unread=any(not uses(r, c) for r in done for c in shown), images=uris, importances=importances,
+        slices=[name for name in search_space if f"slice_{name}" in uris])
+    return atomic_write_text(run_dir / "report.html", page)
 
 
 def best_settings(best: dict, search_space: dict) -> tuple[tuple[list, list], tuple[list, list]]:

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..reporting.metrics import Predictions, compute_metrics
 from .fitting import fit
@@ -21,22 +21,23 @@ SUMMARISED = ("accuracy", "log_loss", "macro_f1", "roc_auc", "ece")
 
 
 def held_out_predictions(source, samples: list[Sample], class_names: list[str], num_features: int,
-                         config: TrainConfig, groups: dict[str, int] | None = None,
+                         model: ModelConfig, recipe: TrainConfig, groups: dict[str, int] | None = None,
                          extra_train: list[Sample] = (), progress: bool = False) -> Iterator[Predictions]:
-    """The K-fold loop (K = config.folds): for each fold, a head fit on the others (its last epoch kept) and
+    """The K-fold loop (K = recipe.folds): for each fold, a head fit on the others (its last epoch kept) and
     its predictions on the held-out fold. `source` is CachedFeatures or LiveImages over all samples; `groups`
     (duplicate groups) stay within one fold; `extra_train` (rendered images) joins every fold's training part
     and is never held out. progress: a bar over the folds (a fold's own epochs show none)."""
-    folds = kfold_samples(samples, config.folds, config.seed, class_names=class_names, groups=groups)
+    folds = kfold_samples(samples, recipe.folds, recipe.seed, class_names=class_names, groups=groups)
     for train_samples, val_samples in tqdm(folds, desc="folds", unit="fold", disable=not progress, leave=False):
-        result = fit(source, num_features, len(class_names), train_samples + list(extra_train), val_samples, config,
-                     keep="last", groups=groups, positive=config.positive_index(class_names))
+        result = fit(source, num_features, len(class_names), train_samples + list(extra_train), val_samples, model,
+                     recipe, keep="last", groups=groups, positive=model.positive_index(class_names))
         yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
                           result.val_probs, class_names)
 
 
 def cross_validate(source, samples: list[Sample], class_names: list[str], num_features: int,
-                   config: TrainConfig, groups: dict[str, int] | None = None, extra_train: list[Sample] = (),
+                   model: ModelConfig, recipe: TrainConfig, groups: dict[str, int] | None = None,
+                   extra_train: list[Sample] = (),
                    progress: bool = False) -> dict:
     """Every metric of each fold, their mean and spread, and the out-of-fold predictions (progress: a bar over
     the folds).
@@ -44,7 +45,7 @@ def cross_validate(source, samples: list[Sample], class_names: list[str], num_fe
     Returns {"folds", "per_fold": [metrics], "mean", "std", "oof_confusion", "oof": Predictions}.
     """
     per_fold, paths, truth, probs = [], [], [], []
-    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups, extra_train,
+    for fold in held_out_predictions(source, samples, class_names, num_features, model, recipe, groups, extra_train,
                                      progress):
         per_fold.append(_summary(compute_metrics(fold)))
         paths += fold.paths
@@ -53,7 +54,7 @@ def cross_validate(source, samples: list[Sample], class_names: list[str], num_fe
     oof = Predictions(paths, np.array(truth), np.concatenate(probs), class_names)
     keys = [k for k in SUMMARISED if all(f.get(k) is not None for f in per_fold)]
     return {
-        "folds": config.folds,
+        "folds": recipe.folds,
         "per_fold": per_fold,
         "mean": {k: float(np.mean([f[k] for f in per_fold])) for k in keys},
         "std": {k: float(np.std([f[k] for f in per_fold], ddof=1)) if len(per_fold) > 1 else 0.0 for k in keys},

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import SCHEDULER_NAMES, TrainConfig
+from ..config import SCHEDULER_NAMES, ModelConfig, TrainConfig
 from ..data.datasets import Sample
 from ..errors import StopsignError
 from ..model.pooling import make_head
@@ -26,7 +26,8 @@ from .results import FitResult
 log = logging.getLogger(__name__)
 
 
-def learned_nothing(result: FitResult, train_samples: list[Sample], config: TrainConfig) -> str | None:
+def learned_nothing(result: FitResult, train_samples: list[Sample], model: ModelConfig, recipe: TrainConfig
+                    ) -> str | None:
     """Why the head is no better than the class prior, or None: its training log-loss (and, for the logistic
     head, the held-out log-loss of its chosen C) not below the prior's. A head stuck at the prior answers every
     photo with the class shares, and its accuracy is the majority class's; this says so instead of "converged".
@@ -34,7 +35,7 @@ def learned_nothing(result: FitResult, train_samples: list[Sample], config: Trai
     With --class-weight balanced the SGD loss is weighted, and the weighted prior is uniform: log K."""
     counts = np.bincount([s.label for s in train_samples])
     shares = counts[counts > 0] / counts.sum()
-    weighted = config.head == "sgd" and config.class_weight == "balanced"
+    weighted = model.head == "sgd" and recipe.class_weight == "balanced"
     prior = float(np.log(len(shares)) if weighted else -(shares * np.log(shares)).sum())
     held_out = min((loss for _, loss in result.best.get("C_scores") or []), default=None)
     fix = ("Fix: check the labels; try --pooling max (a convex fit) or --class-weight balanced; with --head sgd, "
@@ -61,22 +62,22 @@ SCHEDULERS: dict[str, Callable] = {
 }
 
 
-def rising_epochs(config: TrainConfig) -> int:
+def rising_epochs(recipe: TrainConfig) -> int:
     """Epochs of the cycle's rising half: cycle_epochs, shortened to fit when training is shorter than one whole
     cycle (rise and fall), so that the learning rate reaches lr_max and comes back down. The seed recipe (10 epochs,
     5 up and 5 down) is unchanged; 3 epochs rise over 1 instead of ending at a third of the way up."""
-    return max(1, min(config.cycle_epochs, config.epochs // 2))
+    return max(1, min(recipe.cycle_epochs, recipe.epochs // 2))
 
 
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "config.SCHEDULER_NAMES must list fitting.SCHEDULERS"
 
 
-def make_optimizer(head: nn.Module, config: TrainConfig):
-    if config.scheduler not in SCHEDULERS:
-        raise StopsignError(f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    optimizer = torch.optim.SGD(head.parameters(), lr=config.lr_max, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    return optimizer, SCHEDULERS[config.scheduler](optimizer, config)
+def make_optimizer(head: nn.Module, recipe: TrainConfig):
+    if recipe.scheduler not in SCHEDULERS:
+        raise StopsignError(f"unknown scheduler {recipe.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr_max, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    return optimizer, SCHEDULERS[recipe.scheduler](optimizer, recipe)
 
 
 def train_one_epoch(model: nn.Module, batches, criterion, optimizer) -> tuple[float, float]:
@@ -125,63 +126,65 @@ def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def make_criterion(config: TrainConfig, train_samples: list[Sample], num_classes: int) -> nn.CrossEntropyLoss:
-    """The training loss: cross-entropy, weighted by class when config.class_weight is "balanced"."""
-    if config.class_weight == "balanced":
+def make_criterion(recipe: TrainConfig, train_samples: list[Sample], num_classes: int) -> nn.CrossEntropyLoss:
+    """The training loss: cross-entropy, weighted by class when recipe.class_weight is "balanced"."""
+    if recipe.class_weight == "balanced":
         return nn.CrossEntropyLoss(weight=class_weights(train_samples, num_classes),
-                                   label_smoothing=config.label_smoothing)
-    if config.class_weight != "none":
-        raise StopsignError(f"unknown class weight {config.class_weight!r}; choose none or balanced")
-    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+                                   label_smoothing=recipe.label_smoothing)
+    if recipe.class_weight != "none":
+        raise StopsignError(f"unknown class weight {recipe.class_weight!r}; choose none or balanced")
+    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
 def fit(source, num_features: int, num_classes: int, train_samples: list[Sample], val_samples: list[Sample],
-        config: TrainConfig, *, keep: str = "best", state: dict | None = None, on_epoch: Callable | None = None,
-        progress: bool = False, groups: dict[str, int] | None = None, positive: int | None = None) -> FitResult:
-    """Train a new head for config.epochs epochs and keep its best epoch, or its last (`keep="last"`, and
+        model: ModelConfig, recipe: TrainConfig, *, keep: str = "best", state: dict | None = None,
+        on_epoch: Callable | None = None, progress: bool = False, groups: dict[str, int] | None = None,
+        positive: int | None = None) -> FitResult:
+    """Train a new head for recipe.epochs epochs and keep its best epoch, or its last (`keep="last"`, and
     always without validation images): cross-validation must not choose epochs on its held-out fold.
 
     `state` resumes from a checkpoint's head/optimizer/scheduler/history; `on_epoch(row, state)` is called
     after each epoch with everything needed to resume. Each epoch's randomness comes from (seed, epoch),
     so a resumed run draws exactly what an uninterrupted one would.
 
-    config.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
+    model.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
     K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side; the SGD
-    recipe ignores groups. With config.class_weight == "balanced" the training loss weighs each class by
+    recipe ignores groups. With recipe.class_weight == "balanced" the training loss weighs each class by
     n / (classes * count); the validation loss stays unweighted, comparable across runs. `positive`: the
-    positive class of two-class data (config.positive_index), which a --pooling regions head scores regions by.
+    positive class of two-class data (model.positive_index), which a --pooling regions head scores regions by.
     """
-    if config.head == "logistic":
+    if model.head == "logistic":
         from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for
 
-        return fit_logistic(source, num_features, num_classes, train_samples, val_samples, config,
+        return fit_logistic(source, num_features, num_classes, train_samples, val_samples, model, recipe,
                             on_epoch=on_epoch, groups=groups, positive=positive)  # one fit: nothing to keep or resume
-    if config.head != "sgd":
-        raise StopsignError(f"unknown head {config.head!r}; choose sgd or logistic")
+    if model.head != "sgd":
+        raise StopsignError(f"unknown head {model.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):
-        torch.manual_seed(config.seed)
-        head = make_head(num_features, num_classes, config.pooling, positive)  # drawn on the CPU: one start anywhere
+        torch.manual_seed(recipe.seed)
+        head = make_head(num_features, num_classes, model.pooling, positive)  # drawn on the CPU: one start anywhere
         device = getattr(source, "device", torch.device("cpu"))
         head.to(device)
-        model = source.model(head)
-        criterion = make_criterion(config, train_samples, num_classes).to(device)
-        scorer = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing) if criterion.weight is not None \
+        network = source.model(head)
+        criterion = make_criterion(recipe, train_samples, num_classes).to(device)
+        scorer = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing) if criterion.weight is not None \
             else criterion  # how validation is scored: unweighted
-        optimizer, scheduler = make_optimizer(head, config)
+        optimizer, scheduler = make_optimizer(head, recipe)
         history, best, best_head = [], None, None
         if state:
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history, best, best_head = list(state["history"]), state["best"], state["best_head"]
-        bar = tqdm(range(len(history), config.epochs), desc="epochs", unit="epoch", disable=not progress,
-                   initial=len(history), total=config.epochs)
+        bar = tqdm(range(len(history), recipe.epochs), desc="epochs", unit="epoch", disable=not progress,
+                   initial=len(history), total=recipe.epochs)
         for epoch in bar:
             tick = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = train_one_epoch(model, source.train_batches(train_samples, epoch,
-                                                    np.random.default_rng([config.seed, epoch])), criterion, optimizer)
-            val_loss, val_acc, _ = evaluate(model, source.val_batches(val_samples), scorer) if val_samples else (None,) * 3
+            train_loss, train_acc = train_one_epoch(network, source.train_batches(train_samples, epoch,
+                                                    np.random.default_rng([recipe.seed, epoch])), criterion, optimizer)
+            val_loss, val_acc, _ = (evaluate(network, source.val_batches(val_samples), scorer) if val_samples
+                                    else (None,) * 3)
             scheduler.step()
             row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                        val_acc=val_acc, seconds=round(time.perf_counter() - tick, 4))
@@ -196,7 +199,7 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
                                        "best_head": best_head}))
         head.load_state_dict(best_head)
         kept = source.readable(val_samples) if val_samples else []
-        probs = evaluate(model, source.val_batches(val_samples), scorer)[2] if val_samples else None
+        probs = evaluate(network, source.val_batches(val_samples), scorer)[2] if val_samples else None
         return FitResult(history, best, head.cpu(), kept, probs)
 
 

@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
 from ..model.backbones import get_spec
@@ -46,9 +46,10 @@ REGIONS_MAX_C = 1.0
 
 
 def fit_logistic(source, num_features: int, num_classes: int, train_samples: list[Sample],
-                 val_samples: list[Sample], config: TrainConfig, *, groups: dict[str, int] | None = None,
+                 val_samples: list[Sample], model: ModelConfig, recipe: TrainConfig, *,
+                 groups: dict[str, int] | None = None,
                  on_epoch: Callable | None = None, positive: int | None = None) -> FitResult:
-    """fit() for config.head == "logistic": the same FitResult, with one history row (epoch 1, lr None) that
+    """fit() for model.head == "logistic": the same FitResult, with one history row (epoch 1, lr None) that
     also records the chosen C ("C") and each grid value's mean held-out log-loss ("C_scores": [[C, loss]]).
 
     Every cached view of every readable training image is one row. C is chosen by K-fold over the training
@@ -70,9 +71,9 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
                                 f"training images ({len(readable)}) have {len(present)}. Fix: add images of the "
                                 "other classes, or check why they could not be read")
         features, labels = training_rows(source, readable)
-        chosen, scores = choose_c(source, readable, config, groups, positive)
-        model = fit_model(features, labels, chosen, config, positive=positive)
-        head = folded_head(model["scaler"], model["classifier"], num_features, num_classes)
+        chosen, scores = choose_c(source, readable, model, recipe, groups, positive)
+        pipeline = fit_model(features, labels, chosen, model, recipe, positive=positive)
+        head = folded_head(pipeline["scaler"], pipeline["classifier"], num_features, num_classes)
 
         train_logits = logits(head, features)
         train_loss, train_acc = scores_of(train_logits, labels)
@@ -104,7 +105,7 @@ def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.nda
     return block.reshape(len(samples) * views, block.shape[2]), np.repeat([s.label for s in samples], views)
 
 
-def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
+def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, recipe: TrainConfig,
              groups: dict[str, int] | None, positive: int | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The grid's C with the lowest mean held-out log-loss over a grouped stratified K-fold of `samples` (ties to
     the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1.
@@ -123,14 +124,14 @@ def choose_c(source: CachedFeatures, samples: list[Sample], config: TrainConfig,
         log.warning("a class has a single training image, too few to choose C by cross-validation: "
                     "the logistic head uses C = 1")
         return 1.0, []
-    folds = kfold_samples(samples, min(MAX_FOLDS, smallest), config.seed, groups=groups)
-    regions = config.pooling == "regions"
+    folds = kfold_samples(samples, min(MAX_FOLDS, smallest), recipe.seed, groups=groups)
+    regions = model.pooling == "regions"
     grid = [c for c in C_GRID if c <= REGIONS_MAX_C] if regions else C_GRID  # no larger C is fit: none is scored
     losses = np.zeros((len(grid), len(folds)))
-    proxy = config.replace(pooling="max") if regions else config
+    proxy = model.replace(pooling="max") if regions else model
     for fold, (fit_on, held_out) in enumerate(folds):
-        (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), config) for part in (fit_on, held_out))
-        scaler, classifier = make_model(proxy, grid[0], positive, warm_start=True).steps
+        (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), model) for part in (fit_on, held_out))
+        scaler, classifier = make_model(proxy, recipe, grid[0], positive, warm_start=True).steps
         x, x_held = scaler[1].fit_transform(x), scaler[1].transform(x_held)
         for i, c in enumerate(grid):
             fit_quietly(classifier[1].set_params(C=c), x, y)
@@ -147,26 +148,27 @@ def held_out_log_loss(classifier, x: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(y)), y], EPSILON, 1)).mean())
 
 
-def pooled_rows(rows: tuple[np.ndarray, np.ndarray], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def pooled_rows(rows: tuple[np.ndarray, np.ndarray], model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Rows of --pooling regions as --pooling max would have them (the max over the regions, which tile the
     feature map: the map's max, of every tile); other rows as they are."""
     features, labels = rows
-    if config.pooling != "regions":
+    if model.pooling != "regions":
         return features, labels
-    width = get_spec(config.backbone).feature_size
+    width = get_spec(model.backbone).feature_size
     return features.reshape(len(features), -1, width).max(axis=1), labels
 
 
-def make_model(config: TrainConfig, c: float, positive: int | None = None, warm_start: bool = False) -> Pipeline:
+def make_model(model: ModelConfig, recipe: TrainConfig, c: float, positive: int | None = None,
+               warm_start: bool = False) -> Pipeline:
     """The logistic head as a scikit-learn pipeline (scaler, classifier): StandardScaler and LogisticRegression
     (lbfgs, multinomial for more than two classes), or with --pooling regions RegionScaler and RegionLogistic, the
     same objective with an image scored by its best region (`positive`: see RegionHead)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    class_weight = "balanced" if config.class_weight == "balanced" else None
-    if config.pooling == "regions":
-        width = get_spec(config.backbone).feature_size
+    class_weight = "balanced" if recipe.class_weight == "balanced" else None
+    if model.pooling == "regions":
+        width = get_spec(model.backbone).feature_size
         return Pipeline([("scaler", RegionScaler(width)),
                          ("classifier", RegionLogistic(c, width, class_weight, positive, warm_start))])
     return Pipeline([("scaler", StandardScaler()), ("classifier", LogisticRegression(
@@ -185,14 +187,14 @@ def fit_quietly(model, features: np.ndarray, labels: np.ndarray) -> bool:
     return getattr(classifier, "converged_", not any(issubclass(w.category, ConvergenceWarning) for w in caught))
 
 
-def fit_model(features: np.ndarray, labels: np.ndarray, c: float, config: TrainConfig, *,
+def fit_model(features: np.ndarray, labels: np.ndarray, c: float, model: ModelConfig, recipe: TrainConfig, *,
               positive: int | None = None) -> Pipeline:
     """The logistic head fit on the rows at this C, with a warning when its solver did not converge."""
-    model = make_model(config, c, positive)
-    if not fit_quietly(model, features, labels):
+    pipeline = make_model(model, recipe, c, positive)
+    if not fit_quietly(pipeline, features, labels):
         log.warning("the logistic head's solver did not converge at C=%g (%d iterations at most, or it never left "
                     "its start); its weights are the last iterate", c, MAX_ITER)
-    return model
+    return pipeline
 
 
 class RegionScaler(TransformerMixin, BaseEstimator):
@@ -230,9 +232,9 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
     converged_ is true only when the solver moved from that start and met its tolerance."""
 
     def __init__(self, C: float = 1.0, width: int = 1, class_weight: str | None = None, positive: int | None = None,
-                 warm_start: bool = False):
-        self.C, self.width, self.class_weight, self.positive, self.warm_start = C, width, class_weight, positive, \
-            warm_start
+                 warm_start: bool = False, tol: float = 1e-4):
+        self.C, self.width, self.class_weight, self.positive, self.warm_start, self.tol = C, width, class_weight, \
+            positive, warm_start, tol
 
     def _regions(self, features) -> torch.Tensor:
         return torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(len(features), -1, self.width)
@@ -297,7 +299,8 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
         weighted training loss, without the penalty."""
         weight, bias = (torch.tensor(np.ascontiguousarray(value, dtype=np.float32), requires_grad=True)
                         for value in start)
-        solver = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, tolerance_grad=1e-4, tolerance_change=1e-7,
+        solver = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, tolerance_grad=self.tol,
+                                   tolerance_change=self.tol / 1000,
                                    history_size=20, line_search_fn="strong_wolfe")
         penalty = 1.0 / (2 * self.C * len(truth))  # sklearn's objective divided by C · n
         binary = truth.dtype == torch.float32

@@ -1,7 +1,7 @@
 """The plan of a run, made once for train(), tune(), review and their torchrun path: which images it reads, how
 they are drawn, and which of their features it needs.
 
-prepare(data, config) finds the duplicate groups (copies of one photo stay on one side of a split, in one fold),
+prepare(data, settings) finds the duplicate groups (copies of one photo stay on one side of a split, in one fold),
 draws the split (or keeps a resumed run's) and renders the synthetic negatives; Plan.requests() says which views
 of which images the run reads, and extract(requests) is the one backbone pass ahead of fitting (store or compute).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..cache import SYNTHETIC, store_dir
-from ..config import TrainConfig
+from ..config import ModelConfig, RunOptions, Settings, TrainConfig
 from ..data.checks import duplicate_groups
 from ..data.datasets import LabelledData, Sample, kfold_samples, load_data, split_samples
 from ..errors import DataError, StopsignError
@@ -53,20 +53,21 @@ class Request:
     readable_only: bool = False
 
 
-def source_requests(train: list[Sample], held_out: list[Sample], config: TrainConfig) -> dict[str, Request]:
+def source_requests(train: list[Sample], held_out: list[Sample], model: ModelConfig, recipe: TrainConfig
+                    ) -> dict[str, Request]:
     """What a head is fit from (sources.CachedFeatures): each training image's augmented views (its plain one
     without augmentation), and each held-out image's plain view."""
-    views = list(range(1, config.views + 1)) if config.augment and config.views > 0 else [0]
-    return {"train": Request([s.path for s in train], views, config.tiles, config.pooling, config.seed,
-                             config.rotation),
-            "held out": Request([s.path for s in held_out], [0], config.tiles, config.pooling)}
+    views = list(range(1, recipe.views + 1)) if recipe.augment and recipe.views > 0 else [0]
+    return {"train": Request([s.path for s in train], views, model.tiles, model.pooling, recipe.seed,
+                             recipe.rotation),
+            "held out": Request([s.path for s in held_out], [0], model.tiles, model.pooling)}
 
 
 @dataclass
 class Plan:
     """What a run reads (prepare() makes it): the images drawn, their groups and folds, and the views it needs."""
     data: LabelledData
-    config: TrainConfig
+    settings: Settings
     train: list[Sample]  # drawn from the data for training (with folds: every image cross-validation draws from)
     val: list[Sample]  # validation (none with folds)
     groups: dict[str, int]  # each image with a copy → its duplicate group (checks.duplicate_groups)
@@ -78,7 +79,7 @@ class Plan:
 
     @property
     def held_out(self) -> list[Sample]:  # with folds, every training image (by the fold that holds it out)
-        return self.training if self.config.folds > 1 else self.val
+        return self.training if self.settings.recipe.folds > 1 else self.val
 
     @property
     def test(self) -> list[Sample]:
@@ -88,38 +89,41 @@ class Plan:
     def folds(self) -> dict[str, int]:
         """With folds, each training image's fold (1..K, the folds crossval draws); else nothing. Drawn when first
         read: review settles its K only once it knows which images can be read."""
-        if self.config.folds < 2:
+        recipe = self.settings.recipe
+        if recipe.folds < 2:
             return {}
-        pairs = kfold_samples(self.train, self.config.folds, self.config.seed, class_names=self.data.class_names,
+        pairs = kfold_samples(self.train, recipe.folds, recipe.seed, class_names=self.data.class_names,
                               groups=self.groups)
         return {str(s.path): k for k, (_, held_out) in enumerate(pairs, start=1) for s in held_out}
 
-    def requests(self, config: TrainConfig | None = None) -> dict[str, Request]:
-        """Every view a training run reads, in order (`config`: another tiling's, as a study searches): what its head
+    def requests(self, model: ModelConfig | None = None) -> dict[str, Request]:
+        """Every view a training run reads, in order (`model`: another tiling's, as a study searches): what its head
         is fit from (cache=False: the live path reads those itself), the plain views that tell copies of trained
         images, and the test split's, as the head scores it and plain."""
-        config = config or self.config
+        model = model or self.settings.model
         plain = {"views": [0], "readable_only": True}
-        return (source_requests(self.training, self.held_out, config) if config.cache else {}) | {
+        cached = self.settings.run.cache
+        return (source_requests(self.training, self.held_out, model, self.settings.recipe) if cached else {}) | {
             "trained": Request([s.path for s in self.training], **plain),
             "validated": Request([s.path for s in self.val], **plain),
-            "test": Request([s.path for s in self.test], [0], config.tiles, config.pooling),
+            "test": Request([s.path for s in self.test], [0], model.tiles, model.pooling),
             "test plain": Request([s.path for s in self.test], **plain)}
 
 
-def prepare(data: LabelledData, config: TrainConfig, *, val: str | Path | None = None, recorded: dict | None = None,
+def prepare(data: LabelledData, settings: Settings, *, val: str | Path | None = None, recorded: dict | None = None,
             shard: tuple[int, int] = (0, 1), progress: bool = False) -> Plan:
     """The plan of a run on `data` (see the module). val: a separate validation set; recorded: a resumed run's
     data.json, whose split is kept; shard: this process's (rank, world) under torchrun (ranks())."""
     rank, world = shard
     groups = duplicate_groups((s.path for s in data.samples), progress=progress) if rank == 0 else None
     groups = broadcast(groups, rank) if world > 1 else groups
-    train, validation = choose_split(data, config, val, recorded, groups)
-    synthetic = synthetic_training_images(data, config, progress) if rank == 0 else []
-    if world > 1 and config.synthetic_negatives:  # rendered once, into the shared cache, before the others read them
+    model, recipe = settings.model, settings.recipe
+    train, validation = choose_split(data, recipe, val, recorded, groups)
+    synthetic = synthetic_training_images(data, model, recipe, progress) if rank == 0 else []
+    if world > 1 and recipe.synthetic_negatives:  # rendered once, into the shared cache, before the others read them
         dist.barrier()
-        synthetic = synthetic or synthetic_training_images(data, config, False)
-    return Plan(data, config, train, validation, groups, synthetic)
+        synthetic = synthetic or synthetic_training_images(data, model, recipe, False)
+    return Plan(data, settings, train, validation, groups, synthetic)
 
 
 def extract(requests: dict[str, Request], extractor: FeatureExtractor, *, shard: tuple[int, int] = (0, 1),
@@ -149,10 +153,11 @@ def share(plan: Plan, shard: tuple[int, int], progress: bool = False, search: di
     a study searches, for its trials and its final model); nothing in a plain process."""
     if shard[1] == 1:
         return
-    for backbone in (search or {}).get("backbone") or [plan.config.backbone]:
-        extractor = make_extractor(plan.config.replace(backbone=backbone))
-        for tiles in (search or {}).get("tiles") or [plan.config.tiles]:
-            extract(plan.requests(plan.config.replace(tiles=tiles)), extractor, shard=shard, progress=progress)
+    model = plan.settings.model
+    for backbone in (search or {}).get("backbone") or [model.backbone]:
+        extractor = make_extractor(model.replace(backbone=backbone), plan.settings.run)
+        for tiles in (search or {}).get("tiles") or [model.tiles]:
+            extract(plan.requests(model.replace(tiles=tiles)), extractor, shard=shard, progress=progress)
 
 
 @contextmanager
@@ -180,14 +185,15 @@ def owner(path: Path, world: int) -> int:
     return int.from_bytes(hashlib.sha256(size.to_bytes(8, "little") + start).digest()[:8], "little") % world
 
 
-def make_extractor(config: TrainConfig) -> FeatureExtractor:
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return FeatureExtractor(config.backbone, config.weights, cache_dir=cache_dir if config.cache else None,
-                            num_workers=config.num_workers, batch_size=config.batch_size, bf16=config.bf16,
-                            image_size=config.image_size, device=config.device)
+def make_extractor(model: ModelConfig, run: RunOptions) -> FeatureExtractor:
+    """The backbone pass of `model` (its backbone, weights and input size), where and how `run` says."""
+    cache_dir = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
+    return FeatureExtractor(model.backbone, model.weights, cache_dir=cache_dir if run.cache else None,
+                            num_workers=run.num_workers, bf16=run.bf16, image_size=model.image_size,
+                            device=run.device)
 
 
-def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None, recorded: dict | None,
+def choose_split(data: LabelledData, recipe: TrainConfig, val: str | Path | None, recorded: dict | None,
                  groups: dict[str, int] | None = None) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) samples: as a resumed run recorded them, a given validation set, the layout's own
     split, everything (cross-validation scores the final model), or a seeded stratified split that keeps each
@@ -199,10 +205,10 @@ def choose_split(data: LabelledData, config: TrainConfig, val: str | Path | None
     elif data.splits:
         train_samples, val_samples = data.splits["train"], data.splits["val"]
     else:
-        return ((data.samples, []) if config.folds > 1 else
-                split_samples(data.samples, config.val_fraction, config.seed, class_names=data.class_names,
+        return ((data.samples, []) if recipe.folds > 1 else
+                split_samples(data.samples, recipe.val_fraction, recipe.seed, class_names=data.class_names,
                               groups=groups))
-    return (train_samples + val_samples, []) if config.folds > 1 else (train_samples, val_samples)
+    return (train_samples + val_samples, []) if recipe.folds > 1 else (train_samples, val_samples)
 
 
 def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list[Sample]]:
@@ -220,21 +226,22 @@ def recorded_split(data: LabelledData, record: dict) -> tuple[list[Sample], list
     return splits["train"], splits["val"]
 
 
-def synthetic_training_images(data: LabelledData, config: TrainConfig, progress: bool) -> list[Sample]:
-    """config.synthetic_negatives rendered negatives (data/demo.py), labelled with the negative class of two-class
-    data: the positive class is config.positive, else the class called stop."""
-    if not config.synthetic_negatives:
+def synthetic_training_images(data: LabelledData, model: ModelConfig, recipe: TrainConfig, progress: bool
+                              ) -> list[Sample]:
+    """recipe.synthetic_negatives rendered negatives (data/demo.py), labelled with the negative class of two-class
+    data: the positive class is model.positive, else the class called stop."""
+    if not recipe.synthetic_negatives:
         return []
     from ..data.demo import synthetic_negatives  # the scene renderer: off the training path unless asked for
 
     names = data.class_names
-    positive = config.positive_index(names)
+    positive = model.positive_index(names)
     if positive is None:
         raise StopsignError(f"--synthetic-negatives adds images of the negative class of two-class data with a "
                             f"positive class; these data have classes {names}" + ("" if len(names) != 2 else
                             " and none is called stop. Fix: name the positive class with --positive"))
     negative = 1 - positive
-    paths = synthetic_negatives(store_dir(SYNTHETIC), config.synthetic_negatives, seed=config.seed, progress=progress)
+    paths = synthetic_negatives(store_dir(SYNTHETIC), recipe.synthetic_negatives, seed=recipe.seed, progress=progress)
     log.info("adding %d rendered %s scenes (other signs, red things) to the training split only",
              len(paths), names[negative])
     return [Sample(path, negative) for path in paths]

@@ -3,7 +3,7 @@ training/heads.py): its own module, so that both fitters import it and neither i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -18,3 +18,4 @@ class FitResult:
     head: nn.Linear  # with the kept epoch's weights
     val_samples: list[Sample]  # the validation images that could be read, in the order of val_probs
     val_probs: np.ndarray  # (len(val_samples), C) from the kept head
+    threshold: dict | None = field(default=None)  # two classes: the decision threshold chosen out of fold

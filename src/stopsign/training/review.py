@@ -5,7 +5,9 @@
   find_label_issues by self-confidence, the held-out probability of the given label (lowest first).
 - Duplicate groups (data/checks.py) whose copies carry different labels: one of them is wrong.
 - Images that could not be used (not a file, not decodable): the data checks skip them from training.
-- With `add`: the photos of that folder, labelled by a head trained on every labelled image, least certain first.
+- With `add`: the photos of that folder, labelled by a head trained on every labelled image, in the order to label
+  them (training/choose.py: uncertain, unlike what is labelled and each other, taken in turn from each predicted
+  class, so any first K cover both sides of the boundary).
 
 Each suspect comes with its nearest labelled images by cosine similarity of the backbone's features, and
 review/label_issues.csv lists them all: path, given_label, suggested_label, score, reason.
@@ -23,12 +25,13 @@ import numpy as np
 import torch
 
 from ..cache import REMOTE, store_dir
-from ..config import TrainConfig
+from ..config import ModelConfig, RunOptions, Settings, TrainConfig, given_settings
 from ..data.datasets import LabelledData, Sample, load_data
 from ..data.images import list_images
 from ..errors import StopsignError
 from ..files import relative, write_csv
 from ..storage import is_url
+from .choose import choose, normalised
 from .crossval import held_out_predictions
 from .fitting import fit
 from .sources import CachedFeatures
@@ -78,12 +81,14 @@ class Review:
                 f"{self.issues_file}")
 
 
-def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None, folds: int = 5,
+def find_suspects(data: str | os.PathLike, *, model: ModelConfig | None = None, recipe: TrainConfig | None = None,
+                  run: RunOptions | None = None, folds: int = 5,
                   add: str | os.PathLike | None = None, out: str | os.PathLike = "review", progress: bool = False,
                   neighbours: int = NEIGHBOURS, **overrides) -> Review:
     """Rank the data set's suspected label errors and write out/label_issues.csv (see the module).
 
-    config and overrides: the backbone and head settings (TrainConfig fields; augment is off unless asked);
+    model, recipe, run and the flat overrides: the backbone and head settings, as train() takes them (augment is
+    off unless asked);
     folds: K of the out-of-fold probabilities (fewer when a class has fewer images).
     """
     try:
@@ -99,7 +104,7 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
         raise StopsignError(f"{data}: review writes its decisions back to the data set's own files, so it needs "
                             f"them on this machine. {fix}")
     started = time.perf_counter()
-    config = (config or TrainConfig(**REVIEW_DEFAULTS)).replace(**overrides)
+    config = Settings().replace(**REVIEW_DEFAULTS | given_settings(model, recipe, run, overrides))
     data_path = Path(os.path.abspath(data))
     if data_path.is_relative_to(os.path.abspath(store_dir(REMOTE))):
         raise StopsignError(f"{data_path} is stopsign's local copy of data at a URL, a cache that the next fetch "
@@ -113,8 +118,8 @@ def find_suspects(data: str | os.PathLike, *, config: TrainConfig | None = None,
     # every image alike, whatever split the layout puts it in; K is settled once the readable images are known
     plan = prepare(replace(labelled, splits=None), config.replace(folds=folds), progress=progress)
     samples, groups = plan.train, plan.groups
-    extractor = make_extractor(config)
-    source = CachedFeatures(extractor, samples, samples, config, progress)
+    extractor = make_extractor(config.model, config.run)
+    source = CachedFeatures(extractor, samples, samples, config.model, config.recipe, progress)
     readable = source.readable(samples)
     k = fold_count(readable, names, folds, data_path)
 
@@ -184,12 +189,13 @@ def suspects_of(readable: list[Sample], probs: np.ndarray, ranked, features: np.
 
 
 def out_of_fold(source: CachedFeatures, samples: list[Sample], class_names: list[str], num_features: int,
-                config: TrainConfig, groups: dict[str, int], progress: bool = False) -> np.ndarray:
+                config: Settings, groups: dict[str, int], progress: bool = False) -> np.ndarray:
     """(len(samples), C) held-out probabilities, in the order of `samples` (crossval's folds and heads;
     progress: its bar over the folds)."""
     at = {str(s.path): i for i, s in enumerate(samples)}
     probs = np.full((len(samples), len(class_names)), np.nan)
-    for fold in held_out_predictions(source, samples, class_names, num_features, config, groups, progress=progress):
+    for fold in held_out_predictions(source, samples, class_names, num_features, config.model, config.recipe, groups,
+                                     progress=progress):
         probs[[at[p] for p in fold.paths]] = fold.probs
     assert not np.isnan(probs).any(), "every readable image is held out exactly once"
     return probs
@@ -205,42 +211,36 @@ def disagreeing_groups(samples: list[Sample], groups: dict[str, int]) -> list[li
 
 
 def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, samples: list[Sample],
-                          features: np.ndarray, class_names: list[str], config: TrainConfig, neighbours: int,
+                          features: np.ndarray, class_names: list[str], config: Settings, neighbours: int,
                           progress: bool = False) -> list[Suspect]:
-    """The images directly in `folder`, each with the label of a head trained on every labelled image,
-    least certain first (progress: a bar over the photos' backbone pass)."""
+    """The images directly in `folder`, each with the label of a head trained on every labelled image, in
+    choose()'s order (progress: a bar over the photos' backbone pass)."""
     if not folder.is_dir():
         raise StopsignError(f"--add {folder}: not a folder of photos")
     photos = list_images(folder)
     if not photos:
         log.warning("--add %s: no images in that folder", folder)
         return []
-    new = {"new": Request(photos, [0], config.tiles, config.pooling)}  # plain, as the head sees them
+    new = {"new": Request(photos, [0], config.model.tiles, config.model.pooling)}  # plain, as the head sees them
     extracted = extract(new, extractor, progress=progress)["new"]
     # one fit, as long as one fold: no bar to show, so say what the wait is for
     log.info("labelling %d new photo(s): a head trained on all %d labelled images", len(photos), len(samples))
-    head = fit(source, extractor.feature_size, len(class_names), samples, [], config,
-               positive=config.positive_index(class_names)).head
+    head = fit(source, extractor.feature_size, len(class_names), samples, [], config.model, config.recipe,
+               positive=config.model.positive_index(class_names)).head
     with torch.no_grad():
         probs = head(torch.from_numpy(np.ascontiguousarray(extracted.features[:, 0]))).softmax(1).numpy()
     mine = normalised(extracted.features[:, 0])
     found = []
-    for path, row, vector in zip(extracted.paths, probs, mine):
-        similar = features @ vector
+    for i in choose(probs, mine, features):
+        path, row, similar = extracted.paths[i], probs[i], features @ mine[i]
         nearest = [(samples[j].path, class_names[samples[j].label], float(similar[j]))
                    for j in np.argsort(-similar)[:neighbours]]
         best = int(row.argmax())
         found.append(Suspect(Path(path), None, class_names[best], float(row[best]), ["unlabelled (--add)"],
                              {n: float(p) for n, p in zip(class_names, row)}, nearest, new=True))
-    found.sort(key=lambda s: s.score)
     found += [Suspect(Path(p), None, None, None, [f"unlabelled (--add), could not be read: {why}"], new=True)
               for p, why in extracted.skipped.items()]
     return found
-
-
-def normalised(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float64)
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
 def row(suspect: Suspect, root: Path) -> dict:

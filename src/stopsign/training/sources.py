@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ModelConfig, RunOptions, TrainConfig
 from ..data.datasets import Sample
 from ..data.images import file_digest, read_image
 from ..errors import StopsignError
@@ -35,34 +35,34 @@ class CachedFeatures:
     # saves, and on a busy machine far more (measured on 2 shared cores: 35 ms a step with 2 threads, 0.3 ms with 1).
     threads = 1
 
-    def __init__(self, extractor: FeatureExtractor, train: list[Sample], val: list[Sample], config: TrainConfig,
-                 progress: bool = False, *, features: dict[str, FeatureSet] | None = None):
-        """features: those of plan.source_requests(train, val, config), when extracted already (train())."""
-        features = features or extract(source_requests(train, val, config), extractor, progress=progress)
+    def __init__(self, extractor: FeatureExtractor, train: list[Sample], val: list[Sample], model: ModelConfig,
+                 recipe: TrainConfig, progress: bool = False, *, features: dict[str, FeatureSet] | None = None):
+        """features: those of plan.source_requests(train, val, model, recipe), when extracted already (train())."""
+        features = features or extract(source_requests(train, val, model, recipe), extractor, progress=progress)
         augmented, plain = features["train"], features["held out"]
         self.train_rows = {p: row for row, p in enumerate(augmented.paths)}
         self.val_rows = {p: row for row, p in enumerate(plain.paths)}
         self.train_features, self.val_features = augmented.features, plain.features[:, 0]
         self.skipped = augmented.skipped | plain.skipped
-        self.batch_size = config.batch_size
+        self.batch_size = recipe.batch_size
         self.device = extractor.device  # an SGD head trains where the backbone ran; on the CPU .to() is a no-op
         # what the augmented views were drawn with, and which features they are
-        self.drawn = (config.augment, config.seed, config.rotation, config.pooling, config.tiles)
+        self.drawn = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles)
         self._last: dict[int, tuple] = {}  # see _indexed
 
-    def for_config(self, config: TrainConfig) -> "CachedFeatures":
-        """These features under another recipe: its batch size, and only its first config.views augmented views.
+    def for_config(self, model: ModelConfig, recipe: TrainConfig) -> "CachedFeatures":
+        """These features under another recipe: its batch size, and only its first recipe.views augmented views.
 
         View k of an image is drawn from (seed, image, k), so the first v views of a larger set are exactly the
         views a CachedFeatures built with views=v computes: tuning extracts the most views once, then narrows.
         """
-        views = config.views if config.augment and config.views > 0 else 1
-        asked = (config.augment, config.seed, config.rotation, config.pooling, config.tiles)
+        views = recipe.views if recipe.augment and recipe.views > 0 else 1
+        asked = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles)
         if asked != self.drawn or views > self.train_features.shape[1]:
             raise ValueError(f"these features hold {self.train_features.shape[1]} views drawn with (augment, seed, "
                              f"rotation, pooling, tiles) = {self.drawn}; cannot serve {views} views with {asked}")
         narrowed = copy.copy(self)
-        narrowed.train_features, narrowed.batch_size = self.train_features[:, :views], config.batch_size
+        narrowed.train_features, narrowed.batch_size = self.train_features[:, :views], recipe.batch_size
         narrowed._last = {}
         return narrowed
 
@@ -103,11 +103,13 @@ class CachedFeatures:
 class LiveImages:
     """The slow path: decode and augment every image and run the backbone over it, every epoch."""
 
-    def __init__(self, extractor: FeatureExtractor, samples: list[Sample], config: TrainConfig):
-        if config.tiles > 1:
+    def __init__(self, extractor: FeatureExtractor, samples: list[Sample], model: ModelConfig, recipe: TrainConfig,
+                 run: RunOptions):
+        if model.tiles > 1:
             raise StopsignError("--tiles needs cached features: the live path (--no-cache) sees each image whole. "
                                 "Fix: drop --no-cache, or --tiles")
-        self.backbone, self.preprocessing, self.config = extractor.backbone.model, extractor.preprocessing, config
+        self.backbone, self.preprocessing = extractor.backbone.model, extractor.preprocessing
+        self.pooling, self.recipe, self.num_workers = model.pooling, recipe, run.num_workers
         self.device = extractor.device  # backbone and head train there, in float32 (no autocast on this path)
         # Every image is read once up front, as the cached path's extraction does, so the files that cannot be
         # used are known (and recorded) before the first epoch; the digests seed each image's augmentation.
@@ -123,11 +125,11 @@ class LiveImages:
         self.threads = None  # the backbone runs here: keep torch's thread count
 
     def model(self, head: nn.Linear) -> nn.Module:
-        return FrozenBackboneClassifier(self.backbone, head, self.config.pooling).to(self.device)
+        return FrozenBackboneClassifier(self.backbone, head, self.pooling).to(self.device)
 
     def _batches(self, samples: list[Sample], order, draws):
         dataset = ViewsDataset([samples[i].path for i in order], draws, self.preprocessing)
-        for batch in view_loader(dataset, self.config.batch_size, self.config.num_workers):
+        for batch in view_loader(dataset, self.recipe.batch_size, self.num_workers):
             good = [(i, tensor) for i, tensor, error in batch if error is None]
             self.skipped.update({str(samples[order[i]].path): error for i, _, error in batch if error})
             if good:
@@ -137,8 +139,8 @@ class LiveImages:
     def train_batches(self, samples: list[Sample], epoch: int, rng: np.random.Generator):
         samples = self.readable(samples)
         order = rng.permutation(len(samples))
-        view = epoch + 1 if self.config.augment else 0
-        draws = [[view_params(self.digests[str(samples[i].path)], view, self.config.seed, self.config.rotation)]
+        view = epoch + 1 if self.recipe.augment else 0
+        draws = [[view_params(self.digests[str(samples[i].path)], view, self.recipe.seed, self.recipe.rotation)]
                  for i in order]
         return self._batches(samples, order, draws)
 

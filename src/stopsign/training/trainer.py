@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RUNTIME, TrainConfig
+from ..config import ModelConfig, RunOptions, Settings, TrainConfig, given_settings, names
 from ..checkpoint import make_checkpoint, save_checkpoint
 from ..data.checks import check_data
 from ..data.datasets import LabelledData, Sample, load_data
@@ -32,8 +32,9 @@ from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
 from .plan import Plan, extract, make_extractor, prepare, ranks, share
 from ..storage import check_writable, exists, is_url, join
 from ..runs import create_run_dir, local_run, remove_partial_files, run_upload
-from .runs import METRIC_COLUMNS, data_record, resume_state, summary, versions
+from .records import METRIC_COLUMNS, data_record, resume_state, summary, versions
 from .sources import CachedFeatures, LiveImages
+from .threshold import out_of_fold_threshold
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +49,34 @@ class RunResult:
     url: str | None = None  # where the run was uploaded, when --out was a URL
 
 
-def train(data: str | Path | LabelledData | None = None, *, val: str | Path | None = None, config: TrainConfig | None = None,
+def train(data: str | Path | LabelledData | None = None, *, val: str | Path | None = None,
+          model: ModelConfig | None = None, recipe: TrainConfig | None = None, run: RunOptions | None = None,
           resume: str | Path | None = None, progress: bool = True, distributed: bool | None = None,
           **overrides) -> RunResult | None:
-    """Train a linear head on a frozen backbone and write a run folder. Overrides are TrainConfig fields.
-
-    resume: a run folder of an interrupted run; its own config.json and data.json split are used, and its data
-    folder when `data` is None. Overrides that differ from what it recorded are an error, never ignored. data,
-    resume and config.out may be URLs (s3://...): data is fetched into a local mirror, and the run is written
-    locally and uploaded as it grows, summary.json last (storage.py). Under torchrun (distributed=None: when
-    launched by it) every rank computes its share of the features, then rank 0 trains as a single process would
-    and returns the RunResult; the other ranks return None (plan.py).
-    """
+    """Train a linear head on a frozen backbone and write a run folder. model, recipe, run: the settings (defaults
+    where left out), then flat `overrides` of any of their fields (`train(data, epochs=5)`). resume: an interrupted
+    run's folder, whose own settings, split and (data None) data are used; settings given that differ from its own
+    are an error, run options excepted. data, resume and run.out may be URLs (fetched; the run uploaded as it grows:
+    storage.py). Under torchrun (distributed=None: when launched by it) every rank computes its share of the
+    features, then rank 0 trains and returns the RunResult; the others return None (plan.py)."""
     phases, clock, started = {}, time.perf_counter(), now()
-    config, run_dir, resume, resume_url = resolve_run(config, overrides, resume)
-    check_recipe(config, val)
+    settings, run_dir, resume, resume_url = resolve_run(given_settings(model, recipe, run, overrides), resume)
+    check_recipe(settings, val)
     recorded = read_json(run_dir / "data.json") if resume and (run_dir / "data.json").is_file() else None
-    with ranks(config.device, distributed) as (shard, device):
-        config, progress = config.replace(device=device), progress and shard[0] == 0
-        data, location = resolve_data(data, config, run_dir, resume, progress)
-        plan = prepare(data, config, val=val, recorded=recorded, shard=shard, progress=progress)
+    with ranks(settings.run.device, distributed) as (shard, device):
+        settings, progress = settings.replace(device=device), progress and shard[0] == 0
+        data, location = resolve_data(data, settings.model, run_dir, resume, progress)
+        plan = prepare(data, settings, val=val, recorded=recorded, shard=shard, progress=progress)
         share(plan, shard, progress)  # under torchrun: this rank's share of the features, into the shared store
     if shard[0] != 0:
         return None  # rank 0 trains on what every rank computed
-    run_dir = run_dir or create_run_dir(config.out, config.name, config.backbone)  # data proved usable: no empty folder
-    upload = run_upload(config.out, run_dir, resume_url)
-    sync = upload.sync if upload else lambda: None
+    model, recipe, run = settings.model, settings.recipe, settings.run
+    run_dir = run_dir or create_run_dir(run.out, run.name, model.backbone)  # data proved usable: no empty folder
+    sync = upload.sync if (upload := run_upload(run.out, run_dir, resume_url)) else lambda: None
     with discarded_unless_trained(run_dir, keep=bool(resume)):
         checks = check_drawn(plan)
-        extractor = make_extractor(config)
-        record = run_record(config, location or str(data.root), extractor)
+        extractor = make_extractor(model, run)
+        record = run_record(settings, location or str(data.root), extractor)
         if not resume:
             write_json(run_dir / "config.json", record)
         phases["load and check data"] = time.perf_counter() - clock
@@ -95,33 +94,35 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
 
         signature, val_copies = describe_training(features)
         cv = None
-        if config.folds > 1:
+        if recipe.folds > 1:
             clock = time.perf_counter()
-            cv = cross_validate(source, plan.train, data.class_names, extractor.feature_size, config, plan.groups,
-                                plan.synthetic, progress=progress)
+            cv = cross_validate(source, plan.train, data.class_names, extractor.feature_size, model, recipe,
+                                plan.groups, plan.synthetic, progress=progress)
             phases["cross-validation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, config, record,
-                              state=resume_state(run_dir) if resume else None, progress=progress, resume_hint=hint,
-                              trained_on=signature, groups=plan.groups, after_save=sync)
+        result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, settings, record,
+                              state=resume_state(run_dir) if resume else None, progress=progress, cv=cv,
+                              resume_hint=hint, trained_on=signature, groups=plan.groups, synthetic=plan.synthetic,
+                              after_save=sync)
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
-        if stuck := learned_nothing(result, plan.training, config):
+        if stuck := learned_nothing(result, plan.training, model, recipe):
             log.error("%s", stuck)
 
-        clock = time.perf_counter()
-        test = score_test(plan, features, result.head, signature)
-        completed = now()
+        clock, completed = time.perf_counter(), now()
         predictions = cv.pop("oof") if cv else validation_predictions(result, data.class_names, val_copies)
-        info = run_info(data, kept, skipped, config, extractor, plan.synthetic, cv=cv,
+        info = run_info(data, kept, skipped, settings, extractor, plan.synthetic, cv=cv,
                         times={"started": started, "completed": completed, "phases": phases})
         metrics = write_report(run_dir, predictions, history=result.history, run_info=info, checks=checks, cv=cv,
-                               test=test, title=f"stopsign run {run_dir.name}", warnings=[stuck] if stuck else [])
+                               test=score_test(plan, features, result.head, signature),
+                               threshold=reported_threshold(result, cv), title=f"stopsign run {run_dir.name}",
+                               warnings=[stuck] if stuck else [])
         share_trained = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
         write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
                    summary(record, result.history, result.best, started, completed, share_trained=share_trained,
-                           cv_accuracy=cv["mean"]["accuracy"] if cv else None, metrics=metrics))
+                           cv_accuracy=cv["mean"]["accuracy"] if cv else None, metrics=metrics,
+                           threshold=result.threshold))
         if upload:
             upload.finish()  # the report, then summary.json
         phases["report"] = time.perf_counter() - clock
@@ -130,32 +131,33 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
                          upload.url if upload else None)
 
 
-def resolve_run(config: TrainConfig | None, overrides: dict, resume: str | Path | None
-                ) -> tuple[TrainConfig, Path | None, str | Path | None, str | None]:
+def resolve_run(given: dict, resume: str | Path | None) -> tuple[Settings, Path | None, str | Path | None, str | None]:
     """The settings, the run folder when resuming, the run to resume (the local copy of one at a URL) and its URL.
     Where a URL will be written to, its credentials and bucket are checked first, before anything is fetched."""
     resume_url = str(resume) if resume and is_url(str(resume)) else None
     if resume_url:
         check_writable(resume_url)  # credentials and bucket, before the data is fetched or anything trained
     resume = local_run(resume_url) if resume_url else resume
-    config, run_dir = resolve_config(config, overrides, resume, url=resume_url)
-    if is_url(config.out) and not resume:
-        check_writable(config.out)
-    return config, run_dir, resume, resume_url
+    settings, run_dir = resolve_settings(given, resume, url=resume_url)
+    if is_url(settings.run.out) and not resume:
+        check_writable(settings.run.out)
+    return settings, run_dir, resume, resume_url
 
 
-def check_recipe(config: TrainConfig, val: str | Path | None) -> None:
+def check_recipe(settings: Settings, val: str | Path | None) -> None:
     """A warning when training is shorter than one learning-rate cycle; an error for --val with --folds."""
-    if config.head == "sgd" and config.scheduler == "triangular2" and rising_epochs(config) < config.cycle_epochs:
+    recipe = settings.recipe
+    cycled = settings.model.head == "sgd" and recipe.scheduler == "triangular2"
+    if cycled and rising_epochs(recipe) < recipe.cycle_epochs:
         log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
-                    "epoch(s) instead, so the rate reaches --lr-max", config.epochs, config.cycle_epochs,
-                    config.cycle_epochs, rising_epochs(config))
-    if val is not None and config.folds > 1:
+                    "epoch(s) instead, so the rate reaches --lr-max", recipe.epochs, recipe.cycle_epochs,
+                    recipe.cycle_epochs, rising_epochs(recipe))
+    if val is not None and recipe.folds > 1:
         raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
                             "fold, and a separate validation set would be merged into it. Fix: use one of them")
 
 
-def resolve_data(data: str | Path | LabelledData | None, config: TrainConfig, run_dir: Path | None,
+def resolve_data(data: str | Path | LabelledData | None, model: ModelConfig, run_dir: Path | None,
                  resume: str | Path | None, progress: bool) -> tuple[LabelledData, str | None]:
     """The labelled data (DATA, else the resumed run's own), checked against --positive, and the URL config.json
     records for it (None when it is not one)."""
@@ -168,26 +170,27 @@ def resolve_data(data: str | Path | LabelledData | None, config: TrainConfig, ru
     location = str(data) if is_url(str(data)) else None  # what config.json records: the URL, not its mirror
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     # an error, not a silent fallback: the regions head and the synthetic negatives would do without a positive
-    if config.positive is not None and config.positive_index(data.class_names) is None:
-        raise StopsignError(f"--positive {config.positive}: the positive class must be one of two classes; these "
+    if model.positive is not None and model.positive_index(data.class_names) is None:
+        raise StopsignError(f"--positive {model.positive}: the positive class must be one of two classes; these "
                             f"data have {data.class_names}. Fix: name one of them, or drop --positive")
     return data, location
 
 
 def check_drawn(plan: Plan) -> dict:
     """The data checks of what was drawn (each fold with --folds, else train and validation), warnings logged."""
+    folds = plan.settings.recipe.folds
     drawn = ({f"fold {k}": [s for s in plan.train if plan.folds[str(s.path)] == k]
-              for k in range(1, plan.config.folds + 1)} if plan.folds else {"train": plan.train, "val": plan.val})
+              for k in range(1, folds + 1)} if plan.folds else {"train": plan.train, "val": plan.val})
     checks = check_data(drawn, plan.data.class_names)  # the crossing count is of what was drawn, folds included
     for warning in checks.get("warnings", []):
         log.warning("%s", warning)
     return checks
 
 
-def run_record(config: TrainConfig, data_location: str, extractor: FeatureExtractor) -> dict:
-    """What config.json records: the settings, the data's location, the backbone's weights and preprocessing, and
-    the versions of the libraries."""
-    return config.to_dict() | {"data": data_location, "backbone_weights_sha256": extractor.weights_sha256,
+def run_record(settings: Settings, data_location: str, extractor: FeatureExtractor) -> dict:
+    """What config.json records: the settings (flat), the data's location, the backbone's weights and
+    preprocessing, and the versions of the libraries."""
+    return settings.to_dict() | {"data": data_location, "backbone_weights_sha256": extractor.weights_sha256,
                                "preprocessing": extractor.preprocessing, "versions": versions()}
 
 
@@ -196,13 +199,19 @@ def without_skipped(skipped: dict[str, str], **samples: list[Sample]) -> dict[st
     return {name: [s for s in part if str(s.path) not in skipped] for name, part in samples.items()}
 
 
+def reported_threshold(result, cv: dict | None) -> float | None:
+    """The threshold the report scores the validation and test images at: the one the model will predict with;
+    but cross-validation's out-of-fold predictions at 0.5, since the threshold was chosen on them."""
+    return result.threshold["value"] if result.threshold and not cv else None
+
+
 def validation_predictions(result, class_names: list[str], val_copies: dict) -> Predictions:
     """The kept head's predictions of the validation images it could read, each marked if a training image's copy."""
     return Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
                        result.val_probs, class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
 
 
-def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[str, str], config: TrainConfig,
+def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[str, str], settings: Settings,
              extractor: FeatureExtractor, synthetic: list[Sample], *, cv: dict | None, times: dict) -> dict:
     """The report's account of the run: data, skipped files, backbone, settings, times (started, completed and
     the seconds of each phase)."""
@@ -210,13 +219,13 @@ def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[st
         "data": {"source": str(data.root), "layout": data.layout, "classes": list(data.class_names),
                  "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
         "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
-        "backbone": {"name": config.backbone, "weights sha256": extractor.weights_sha256,
-                     "features": "cached" if config.cache else "recomputed every epoch"},
+        "backbone": {"name": settings.model.backbone, "weights sha256": extractor.weights_sha256,
+                     "features": "cached" if settings.run.cache else "recomputed every epoch"},
         "synthetic negatives": (f"{len(synthetic)} rendered scenes with other signs and red things, in the "
                                 "training split only" if synthetic else "none"),
-        "evaluated on": f"out-of-fold predictions of {config.folds}-fold cross-validation" if cv
+        "evaluated on": f"out-of-fold predictions of {settings.recipe.folds}-fold cross-validation" if cv
                         else "the validation split",
-        "settings": config.to_dict(), "started": times["started"], "completed": times["completed"],
+        "settings": settings.to_dict(), "started": times["started"], "completed": times["completed"],
         "seconds per phase": {k: round(v, 3) for k, v in times["phases"].items()},
     }
 
@@ -232,14 +241,14 @@ def describe_data(plan: Plan, kept: dict[str, list[Sample]], val: str | Path | N
 
     kept: the readable images trained and validated on (rendered ones are left out here); unreadable: the paths
     that could not be decoded, of any set."""
-    data, config, groups, unreadable = plan.data, plan.config, plan.groups, unreadable or {}
+    data, recipe, groups, unreadable = plan.data, plan.settings.recipe, plan.groups, unreadable or {}
     rendered = {s.path for s in plan.synthetic}
     train_samples, val_samples = [s for s in kept["train"] if s.path not in rendered], kept["val"]
     readable = [s for s in data.samples if str(s.path) not in unreadable]
     counts = " / ".join(f"{name} {count}" for name, count in data.class_counts(readable).items())
     grouping = f", grouped by {len(set(groups.values()))} duplicate groups" if groups else ""
-    if config.folds > 1:
-        how = f"{config.folds}-fold cross-validation over {len(train_samples)} images{grouping}, then all of them"
+    if recipe.folds > 1:
+        how = f"{recipe.folds}-fold cross-validation over {len(train_samples)} images{grouping}, then all of them"
     elif val is not None:
         how = f"validation: {len(val_samples)} images of {val}"
     elif data.splits:
@@ -274,12 +283,13 @@ def discarded_unless_trained(run_dir: Path, *, keep: bool):
         raise
 
 
-def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Path | None, *, url: str | None = None
-                   ) -> tuple[TrainConfig, Path | None]:
-    """The settings of this run, and the run folder when resuming (its own config.json wins). A finished run is
-    refused; one at a URL (resume is then its local copy) has finished once the bucket holds its summary.json."""
+def resolve_settings(given: dict, resume: str | Path | None, *, url: str | None = None
+                     ) -> tuple[Settings, Path | None]:
+    """The settings of this run (`given`: flat, as given_settings() says), and the run folder when resuming: its
+    own config.json wins, and only run options may differ from it. A finished run is refused; one at a URL
+    (resume is then its local copy) has finished once the bucket holds its summary.json."""
     if not resume:
-        return (config or TrainConfig()).replace(**overrides), None
+        return Settings().replace(**given), None
     run_dir = Path(resume)
     if not run_dir.is_dir():
         what = ("it is a file, not a run folder" if run_dir.exists()
@@ -295,25 +305,26 @@ def resolve_config(config: TrainConfig | None, overrides: dict, resume: str | Pa
     if not (run_dir / "config.json").is_file():  # written before training: a run that began has it
         raise StopsignError(f"cannot resume {run_dir}: it has no config.json, so it is not a run folder or "
                             "was stopped before training began. Fix: start a new run without --resume")
-    recorded = TrainConfig.from_dict(read_json(run_dir / "config.json"))
-    conflicts = recorded.conflicts(overrides)
+    recorded = Settings.from_dict(read_json(run_dir / "config.json"))
+    conflicts = recorded.conflicts(given)
     if conflicts:
         raise StopsignError(f"cannot resume {run_dir} with other settings than it recorded ({'; '.join(conflicts)}). "
                             "Fix: resume without them, or start a new run with them")
     remove_partial_files(run_dir)
-    return recorded.replace(**{name: value for name, value in overrides.items() if name in RUNTIME}), run_dir
+    return recorded.replace(**{name: value for name, value in given.items() if name in names(RunOptions)}), run_dir
 
 
 def make_source(extractor: FeatureExtractor, plan: Plan, progress: bool, resume_hint: str
                 ) -> tuple[CachedFeatures | LiveImages, dict[str, FeatureSet]]:
     """Where fit() gets its batches: cached features (each view computed once) or, with cache=False, live images;
     and the features of every request of the plan (with cache=False, of those the live path does not read)."""
-    live = None if plan.config.cache else LiveImages(extractor, plan.training + plan.val, plan.config)
+    model, recipe, run = plan.settings.model, plan.settings.recipe, plan.settings.run
+    live = None if run.cache else LiveImages(extractor, plan.training + plan.val, model, recipe, run)
     try:
         features = extract(plan.requests(), extractor, skipped=live.skipped if live else None, progress=progress)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped while computing features; those computed are cached. {resume_hint}") from None
-    return live or CachedFeatures(extractor, plan.training, plan.held_out, plan.config, features=features), features
+    return live or CachedFeatures(extractor, plan.training, plan.held_out, model, recipe, features=features), features
 
 
 def describe_training(features: dict[str, FeatureSet]) -> tuple[dict, dict[str, str | None]]:
@@ -326,32 +337,46 @@ def describe_training(features: dict[str, FeatureSet]) -> tuple[dict, dict[str, 
 
 
 def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
-                 train_samples: list[Sample], val_samples: list[Sample], config: TrainConfig, record: dict, *,
+                 train_samples: list[Sample], val_samples: list[Sample], settings: Settings, record: dict, *,
                  state: dict | None, progress: bool, resume_hint: str, trained_on: dict,
-                 groups: dict[str, int] | None = None, after_save=lambda: None):
+                 groups: dict[str, int] | None = None, synthetic: list[Sample] = (), cv: dict | None = None,
+                 after_save=lambda: None):
     """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
-    after the current epoch's files are written."""
+    after the current epoch's files are written. The checkpoints hold the flat settings (`record`) and the model's
+    own arguments, its head's included."""
+    model, recipe = settings.model, settings.recipe
     backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
                 "feature_size": extractor.feature_size, "preprocessing": extractor.preprocessing}
+    arguments = model.to_dict() | model.head_arguments(extractor.feature_size, class_names)
 
     def save_epoch(row: dict, epoch_state: dict) -> None:
         write_csv(run_dir / "metrics.csv", epoch_state["history"], METRIC_COLUMNS)
         validated = "" if row["val_acc"] is None else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
         rate = "" if row["lr"] is None else f"  lr {row['lr']:.2g}"  # a logistic head has no learning rate
-        total = 1 if config.head == "logistic" else config.epochs  # a logistic head is fit in one step
+        total = 1 if model.head == "logistic" else recipe.epochs  # a logistic head is fit in one step
         log.info("epoch %d/%d%s  train loss %.4f acc %.3f%s", row["epoch"], total, rate, row["train_loss"],
                  row["train_acc"], validated)
-        save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record,
-                                                             row, resume=epoch_state, trained_on=trained_on))
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record, row,
+                                                             model=arguments, resume=epoch_state,
+                                                             trained_on=trained_on))
         after_save()  # with --out URL: this epoch's files to the bucket
         if stop.is_set():
-            raise Interrupted(f"stopped after epoch {row['epoch']} of {config.epochs}; its files are written. "
+            raise Interrupted(f"stopped after epoch {row['epoch']} of {recipe.epochs}; its files are written. "
                               f"{resume_hint}")
 
     with stop_after_epoch() as stop:
-        result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, config,
+        result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, model, recipe,
                      state=state, on_epoch=save_epoch, progress=progress, groups=groups,
-                     keep="last" if config.folds > 1 else "best", positive=config.positive_index(class_names))
+                     keep="last" if recipe.folds > 1 else "best", positive=arguments["positive_index"])
+    real = [s for s in train_samples if s not in set(synthetic)]
+    result.threshold = out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe,
+                                             result.best, groups=groups, extra_train=synthetic,
+                                             oof=cv["oof"] if cv else None)
+    if result.threshold:
+        log.info("decision threshold: p(%s) >= %.3f (%s: %.3f, against %.3f at 0.5)", class_names[1],
+                 result.threshold["value"], result.threshold["rule"], result.threshold["oof_balanced_accuracy"],
+                 result.threshold["oof_at_0.5_balanced_accuracy"])
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
-                                                         result.best, trained_on=trained_on))
+                                                         result.best, model=arguments, trained_on=trained_on,
+                                                         threshold=result.threshold))
     return result

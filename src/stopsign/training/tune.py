@@ -32,14 +32,15 @@ try:
 except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
-from ..config import CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, TrainConfig
+from ..config import (CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, ModelConfig, RunOptions, Settings, TrainConfig,
+                      given_settings, names)
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import now, read_json, relative, write_csv, write_json
 from ..reporting.metrics import baseline, verdict
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
 from ..runs import create_run_dir, run_upload
-from .runs import versions
+from .records import versions
 from .sources import CachedFeatures
 from ..model.backbones import get_spec
 from .plan import Plan, make_extractor, prepare, ranks, share
@@ -51,7 +52,7 @@ LOG_LOSS_WEIGHT = 1e-3
 OBJECTIVE = "mean fold accuracy − 0.001 × mean fold log-loss (log-loss only breaks accuracy ties)"
 MAX_VIEWS = 8  # augmented views extracted once per image; a trial trains on its first `views` of them
 
-# TrainConfig fields and their ranges. Every range holds the seed recipe's value, except weight decay's 0,
+# Settings (ModelConfig and TrainConfig fields) and their ranges. Every range holds the seed recipe's value, except weight decay's 0,
 # which a log scale cannot hold (1e-6 is as good as none).
 SEARCH_SPACE = {
     "lr_max": FloatDistribution(1e-4, 1.0, log=True),
@@ -84,7 +85,7 @@ def search_space(search: dict[str, list] | None = None) -> dict:
 @dataclass
 class TuneResult:
     run_dir: Path
-    best_params: dict  # TrainConfig overrides: train(data, **best_params) rebuilds the best trial's recipe
+    best_params: dict  # flat settings: train(data, **best_params) rebuilds the best trial's recipe
     best_value: float  # the objective (see OBJECTIVE)
     best_accuracy: float  # the best trial's mean fold accuracy
     final_run: RunResult | None  # the model trained on all data with best_params (None: final=False)
@@ -96,8 +97,8 @@ class TuneResult:
 
 
 def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
-    """A trial's draw from `space` (SEARCH_SPACE, or search_space() of a study's feature choices), as TrainConfig
-    overrides."""
+    """A trial's draw from `space` (SEARCH_SPACE, or search_space() of a study's feature choices), as flat
+    settings."""
     values = {}
     for name, space in space.items():
         if isinstance(space, CategoricalDistribution):
@@ -110,17 +111,17 @@ def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
 
 
 def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
-                          config: TrainConfig, on_fold: Callable[[int, dict], None] | None = None,
+                          model: ModelConfig, recipe: TrainConfig, on_fold: Callable[[int, dict], None] | None = None,
                           groups: dict[str, int] | None = None, progress: bool = False) -> dict:
-    """K-fold scores of `config` (K = config.folds; the folds of train(folds=K) and cross_validate()).
+    """K-fold scores of a model and recipe (K = recipe.folds; the folds of train(folds=K) and cross_validate()).
 
     Each fold keeps its last epoch. `on_fold(index, scores so far)` runs after each fold and may raise
     optuna.TrialPruned. Only accuracy, balanced accuracy and log-loss, not crossval's full metrics, which would
     double a trial's time. progress: a bar over the folds.
     """
     accuracies, balanced, losses = [], [], []
-    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, config, groups,
-                                                      progress=progress)):
+    for index, fold in enumerate(held_out_predictions(source, samples, class_names, num_features, model, recipe,
+                                                      groups, progress=progress)):
         accuracies.append(float((fold.y_pred == fold.y_true).mean()))
         balanced.append(float(balanced_accuracy_score(fold.y_true, fold.y_pred)))
         losses.append(fold.log_loss())
@@ -150,18 +151,17 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
 
 
 def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None = None, timeout: float | None = None,
-         config: TrainConfig | None = None, resume: str | Path | None = None, progress: bool = True,
-         final: bool = True, search: dict[str, list] | None = None, **overrides) -> TuneResult | None:
+         model: ModelConfig | None = None, recipe: TrainConfig | None = None, run: RunOptions | None = None,
+         resume: str | Path | None = None, progress: bool = True, final: bool = True,
+         search: dict[str, list] | None = None, **overrides) -> TuneResult | None:
     """Search SEARCH_SPACE for `trials` more trials (or `timeout` seconds) and train the best recipe on all data.
 
-    Overrides are TrainConfig fields fixed for the whole study (backbone, seed, rotation, out, name, ...); folds
-    defaults to 5. search: feature choices searched too, e.g. {"backbone": ["efficientnet_lite0",
-    "efficientnet_lite1"], "tiles": [1, 2]} (FEATURE_CHOICES); the fixed values are the starting recipe's, which
-    every trial is compared with (recipe_name: the defaults, or the seed recipe with config=TrainConfig.seed_recipe()).
-    resume: a tune folder; its own settings are used and its study grows (another process may be adding
-    trials to it at the same time). final=False skips the final model (e.g. for extra worker processes).
-    Under torchrun every rank computes its share of the features the study reads, then rank 0 tunes and returns
-    the TuneResult; the other ranks return None (plan.py).
+    model, recipe, run and flat overrides, as train() takes them: the settings fixed for the study, whose recipe
+    every trial is compared with (recipe_name); folds defaults to 5. search: feature choices searched too, e.g.
+    {"backbone": ["efficientnet_lite0", "efficientnet_lite1"], "tiles": [1, 2]} (FEATURE_CHOICES). resume: a tune
+    folder, whose own settings are used and whose study grows (other processes may add trials at the same time).
+    final=False skips the final model (e.g. for extra worker processes). Under torchrun every rank computes its
+    share of the features the study reads, then rank 0 tunes and returns the TuneResult; the others return None.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.logging.disable_default_handler()  # optuna's messages go through logging, which the CLI configures
@@ -169,10 +169,11 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     data = data if isinstance(data, LabelledData) else load_data(data, progress=progress)
     studied = (replace(data, samples=data.splits["train"] + data.splits["val"], splits=None) if data.splits
                else data)  # never a test split
-    config, search = study_settings(studied, config, resume, folds, checked_search(search), overrides)
-    with ranks(config.device) as (shard, device):
+    given = given_settings(model, recipe, run, overrides)
+    config, search = study_settings(studied, given, resume, folds, checked_search(search))
+    with ranks(config.run.device) as (shard, device):
         config, progress = config.replace(device=device), progress and shard[0] == 0
-        plan = prepare(studied, config.replace(views=max(MAX_VIEWS, config.views), synthetic_negatives=0),
+        plan = prepare(studied, config.replace(views=max(MAX_VIEWS, config.recipe.views), synthetic_negatives=0),
                        shard=shard, progress=progress)  # the most views a trial reads; no rendered ones: final only
         share(plan, shard, progress, search)  # under torchrun: this rank's share, into the shared store
     if shard[0] != 0:
@@ -194,10 +195,10 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
 
     storage = sqlite_storage(run_dir / "study.db")
     try:
-        study = open_study(storage, config.seed, space)
+        study = open_study(storage, config.recipe.seed, space)
         start = {"name": recipe_name(config, space)}  # the recipe as given, on the same folds
-        log.info("scoring the %s on the %d folds every trial is scored on", start["name"], config.folds)
-        start |= score(config) | {"params": {name: getattr(config, name) for name in space}}
+        log.info("scoring the %s on the %d folds every trial is scored on", start["name"], config.recipe.folds)
+        start |= score(config) | {"params": {name: config.to_dict()[name] for name in space}}
         trivial = baseline(np.array([s.label for s in plan.train if str(s.path) not in skipped]), data.class_names)
         bar = tqdm(total=trials, desc="trials", unit="trial", disable=not progress)
 
@@ -218,69 +219,71 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         best = write_outputs(study, run_dir, start, trivial, None, space)
         final_run = None
         if best and final:
-            final_run = train(data, config=config.replace(**best["params"], out=str(run_dir), name="final"),
+            final_run = train(data, **config.replace(**best["params"], out=str(run_dir), name="final").to_dict(),
                               progress=progress, distributed=False)  # under torchrun the other ranks are done
             best = write_outputs(study, run_dir, start, trivial, final_run.run_dir, space)
     finally:
         storage.engine.dispose()  # its last connection closed, SQLite folds study.db-wal into study.db, deletes -shm
-    upload = run_upload(config.out, run_dir) if best and not resume else None  # --out s3://...: at the end
+    upload = run_upload(config.run.out, run_dir) if best and not resume else None  # --out s3://...: at the end
     if upload:
         upload.finish()
     found = (best["params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
-    return TuneResult(run_dir, *found, final_run, config.folds, start["accuracy"], start["name"], trivial,
+    return TuneResult(run_dir, *found, final_run, config.recipe.folds, start["accuracy"], start["name"], trivial,
                       best["verdict"] if best else None)
 
 
-def study_settings(data: LabelledData, config: TrainConfig | None, resume: str | Path | None, folds: int | None,
-                   search: dict[str, list], overrides: dict) -> tuple[TrainConfig, dict]:
+def study_settings(data: LabelledData, given: dict, resume: str | Path | None, folds: int | None,
+                   search: dict[str, list]) -> tuple[Settings, dict]:
     """The study's settings and its search of features: a resumed tune folder's own (another search or settings
-    asked of it are an error: its trials would not compare), or a new study's, folds 5 by default."""
+    asked of it are an error: its trials would not compare; its run options may change), or a new study's, folds 5
+    by default. given: the flat settings asked for (given_settings())."""
     if not resume:
-        config = (config or TrainConfig()).replace(folds=folds or 5, **overrides)
-        if config.folds < 2:
-            raise StopsignError(f"tuning needs folds >= 2, got {config.folds}: it never scores on a single split")
+        config = Settings().replace(**given | {"folds": folds or given.get("folds") or 5})
+        if config.recipe.folds < 2:
+            raise StopsignError(f"tuning needs folds >= 2, got {config.recipe.folds}: it never scores on a single "
+                                "split")
         return config, search
     run_dir, config = reopen_tune_folder(Path(resume), data, data.samples)
     recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
     if search and search != recorded:
         raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
                             f"study's ({recorded or 'none'}). Fix: resume without it, or tune in a new folder")
-    asked = overrides | ({"folds": folds} if folds is not None else {})
+    asked = given | ({"folds": folds} if folds is not None else {})
     conflicts = config.conflicts(asked)
     if conflicts:
         raise StopsignError(f"cannot add trials to {run_dir} with other settings than its study "
                             f"({'; '.join(conflicts)}): its trials would not compare. Fix: resume without "
                             "them, or tune in a new folder")
-    return config, recorded
+    return config.replace(**{name: value for name, value in given.items() if name in names(RunOptions)}), recorded
 
 
 def scorer(plan: Plan, progress: bool) -> tuple[Callable[..., dict], dict[str, str]]:
     """score(trial_config, on_fold=None): cross_validated_score of a trial's recipe on its features, each
     (backbone, tiles, pooling) extracted (or read from the cache) once; and the images the study's own features
-    skipped (path: reason), which no trial scores. plan.config: the study's settings, with the most views."""
+    skipped (path: reason), which no trial scores. plan.settings: the study's, with the most views."""
     extractors = {}  # per backbone
-    samples, config = plan.train, plan.config
+    samples, config = plan.train, plan.settings
     sources: dict[tuple, CachedFeatures] = {}  # per (backbone, tiles, pooling); poolings share the cached passes
 
-    def features(trial_config: TrainConfig) -> CachedFeatures:
-        key = (trial_config.backbone, trial_config.tiles, trial_config.pooling)
+    def features(trial: ModelConfig) -> CachedFeatures:
+        key = (trial.backbone, trial.tiles, trial.pooling)
         if key not in sources:
-            if trial_config.backbone not in extractors:
-                extractors[trial_config.backbone] = make_extractor(config.replace(backbone=trial_config.backbone))
+            if trial.backbone not in extractors:
+                extractors[trial.backbone] = make_extractor(config.model.replace(backbone=trial.backbone), config.run)
             new_passes = not any(k[:2] == key[:2] for k in sources)  # another pooling of passes cached already
-            sources[key] = CachedFeatures(extractors[trial_config.backbone], samples, samples, config.replace(
-                backbone=trial_config.backbone, tiles=trial_config.tiles, pooling=trial_config.pooling),
+            sources[key] = CachedFeatures(extractors[trial.backbone], samples, samples, config.model.replace(
+                backbone=trial.backbone, tiles=trial.tiles, pooling=trial.pooling), config.recipe,
                 progress=progress and new_passes)
             for path, reason in sources[key].skipped.items():
                 log.warning("skipped %s: %s", path, reason)
         return sources[key]
 
-    def score(trial_config: TrainConfig, on_fold=None) -> dict:
-        return cross_validated_score(features(trial_config).for_config(trial_config), samples,
-                                     extractors[trial_config.backbone].feature_size, plan.data.class_names,
-                                     trial_config, on_fold, plan.groups, progress)
+    def score(trial: Settings, on_fold=None) -> dict:
+        return cross_validated_score(features(trial.model).for_config(trial.model, trial.recipe), samples,
+                                     extractors[trial.model.backbone].feature_size, plan.data.class_names,
+                                     trial.model, trial.recipe, on_fold, plan.groups, progress)
 
-    return score, features(config).skipped
+    return score, features(config.model).skipped
 
 
 def open_study(storage: optuna.storages.RDBStorage, seed: int, space: dict) -> optuna.Study:
@@ -297,13 +300,13 @@ def open_study(storage: optuna.storages.RDBStorage, seed: int, space: dict) -> o
     return study
 
 
-def recipe_name(config: TrainConfig, space: dict) -> str:
-    """What the recipe the study starts from (and is compared with) is: "seed recipe" (TrainConfig.seed_recipe(),
-    `--recipe seed`), "defaults" (TrainConfig()), or "given settings" (either, changed), by its searched
+def recipe_name(settings: Settings, space: dict) -> str:
+    """What the recipe the study starts from (and is compared with) is: "seed recipe" (Settings.seed_recipe(),
+    `--recipe seed`), "defaults" (Settings()), or "given settings" (either, changed), by its searched
     settings and the seed recipe's."""
-    names = set(space) | set(SEED_RECIPE)
-    for name, reference in (("defaults", TrainConfig()), ("seed recipe", TrainConfig.seed_recipe())):
-        if all(getattr(config, field) == getattr(reference, field) for field in names):
+    names, given = set(space) | set(SEED_RECIPE), settings.to_dict()
+    for name, reference in (("defaults", Settings()), ("seed recipe", Settings.seed_recipe())):
+        if all(given[field] == reference.to_dict()[field] for field in names):
             return name
     return "given settings"
 
@@ -338,21 +341,21 @@ def checked_search(search: dict[str, list] | None) -> dict[str, list]:
     return search
 
 
-def create_tune_folder(config: TrainConfig, data: LabelledData, samples: list[Sample], search: dict | None = None
+def create_tune_folder(config: Settings, data: LabelledData, samples: list[Sample], search: dict | None = None
                        ) -> Path:
     """A new folder with config.json: the settings fixed for the study, what fixes its folds, the search."""
-    run_dir = create_run_dir(config.out, config.name, f"tune-{config.backbone}")
+    run_dir = create_run_dir(config.run.out, config.run.name, f"tune-{config.model.backbone}")
     write_json(run_dir / "config.json", config.to_dict() | {
         "data": {"root": str(data.root), "images": len(samples), "digest": samples_digest(data, samples)},
         "tune": {"objective": OBJECTIVE, "search_space": {k: repr(v) for k, v in search_space(search).items()},
                  "search": search or {},
-                 "sampler": f"TPE seeded per trial from seed {config.seed}",
+                 "sampler": f"TPE seeded per trial from seed {config.recipe.seed}",
                  "pruner": "median of the running mean fold accuracy, from the second fold on"},
         "started": now(), "versions": versions()})
     return run_dir
 
 
-def reopen_tune_folder(run_dir: Path, data: LabelledData, samples: list[Sample]) -> tuple[Path, TrainConfig]:
+def reopen_tune_folder(run_dir: Path, data: LabelledData, samples: list[Sample]) -> tuple[Path, Settings]:
     """A tune folder to add trials to, and its own settings; refused for other data (the folds would differ)."""
     if not (run_dir / "study.db").is_file() or not (run_dir / "config.json").is_file():
         raise StopsignError(f"{run_dir} has no study.db and config.json: it is not a tune folder")
@@ -361,7 +364,7 @@ def reopen_tune_folder(run_dir: Path, data: LabelledData, samples: list[Sample])
         raise DataError(f"{data.root} holds other images or labels than the study in {run_dir} was started with "
                         f"({record['data']['images']} images from {record['data']['root']}); its folds would "
                         "differ. Tune these data in a new folder instead")
-    return run_dir, TrainConfig.from_dict(record)
+    return run_dir, Settings.from_dict(record)
 
 
 def record_scores(trial: optuna.Trial, scores: dict) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stopsign.cli import build_parser, main
+from stopsign.arguments import build_parser
+from stopsign.cli import main
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def test_numbers_and_names_are_checked_before_any_data_is_read(tmp_path, capsys)
 
 
 def test_a_recipe_fills_only_the_settings_not_written_and_a_written_default_counts():
-    from stopsign.cli import TRAIN_FIELDS, given
+    from stopsign.arguments import TRAIN_FIELDS, given
     from stopsign.config import recipe_settings
 
     args = build_parser().parse_args(["train", "data", "--recipe", "seed", "--tiles", "2", "--epochs", "10"])
@@ -223,10 +224,10 @@ def test_a_separate_validation_set_and_folds_do_not_combine(tmp_path, data, tiny
 
 
 def test_max_pixels_sets_the_decoding_limit(tmp_path, data, tiny_backbone, capsys):
-    from stopsign import cli
+    from stopsign import arguments
     from stopsign.data import images
 
-    assert cli.DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS  # the flag's default is the module's
+    assert arguments.DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS  # the flag's default is the module's
     train_cli(tmp_path, data)
     checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")
     capsys.readouterr()

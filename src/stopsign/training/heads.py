@@ -117,7 +117,8 @@ def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, 
     cross-validation, on photos of another source and at 1:4 and 1:9 imbalance, at a fraction of the fits.
 
     Hand-written rather than GridSearchCV: each fold walks the grid from the smallest C with warm starts, and a
-    class a fold's part lacks gets probability 0 in the log-loss."""
+    class a fold's part lacks gets probability 0 in the log-loss. GridSearchCV over the same folds refits every C
+    from scratch and chose the same C, at more than the 1.5× the time that would have justified it."""
     present = sorted({s.label for s in samples})
     smallest = int(min(np.bincount([s.label for s in samples])[present]))
     if smallest < 2:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
@@ -70,12 +71,12 @@ def scores_at(y_true: np.ndarray, p: np.ndarray, threshold: float, prefix: str) 
 def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str], num_features: int,
                           model: ModelConfig, recipe: TrainConfig, fitted: dict, *,
                           groups: dict[str, int] | None = None, extra_train: list[Sample] = (),
-                          oof=None) -> dict | None:
+                          oof=None, progress: bool = False) -> dict | None:
     """choose_threshold() on out-of-fold probabilities of the training split: `oof` (Predictions of --folds'
     cross-validation) when given, else grouped folds fit here on cached features with the final head's
     hyperparameters (`fitted`: its history row, whose "C" a logistic head chose). None for other than two
     classes, a class with a single image (nothing to hold out), or --no-cache (every fold would rerun the
-    backbone)."""
+    backbone). progress: a bar over the folds."""
     if len(class_names) != 2:
         return None
     if oof is not None:
@@ -92,7 +93,7 @@ def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str],
     positive, truth, probs = model.positive_index(class_names), [], []
     folds = kfold_samples(samples, int(min(MAX_FOLDS, counts.min())), recipe.seed, groups=groups)
     with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):  # as fit_logistic's fits
-        for fit_on, held_out in folds:
+        for fit_on, held_out in tqdm(folds, desc="threshold folds", unit="fold", disable=not progress, leave=False):
             if model.head == "logistic":
                 features, labels = training_rows(source, fit_on + [s for s in extra_train
                                                                    if s.path in source.train_rows])

@@ -371,7 +371,7 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
     real = [s for s in train_samples if s not in set(synthetic)]
     result.threshold = out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe,
                                              result.best, groups=groups, extra_train=synthetic,
-                                             oof=cv["oof"] if cv else None)
+                                             oof=cv["oof"] if cv else None, progress=progress)
     if result.threshold:
         log.info("decision threshold: p(%s) >= %.3f (%s: %.3f, against %.3f at 0.5)", class_names[1],
                  result.threshold["value"], result.threshold["rule"], result.threshold["oof_balanced_accuracy"],

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from stopsign.cli import main
 from stopsign.model.backbones import BACKBONES
+from stopsign.model.devices import torch_threads
 from stopsign.training.plan import Plan, owner
 
 TESTS = Path(__file__).resolve().parent
@@ -78,6 +80,12 @@ def stopsign(launcher: Path, weights: Path, args: list[str], *, processes: int =
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
+def in_this_process(args: list[str]) -> int:
+    """The CLI as one process, here: one thread, as each rank runs, and the tiny_backbone fixture's own cache."""
+    with torch_threads(1):
+        return main(args)
+
+
 def computed(counts: Path, name: str) -> int:
     path = counts / name
     return sum(int(line) for line in path.read_text().split()) if path.exists() else 0
@@ -94,8 +102,7 @@ def test_two_ranks_train_as_one_process_and_a_killed_rank_is_resumed_from_the_st
     data = make_images(tmp_path / "data", {"stop": 12, "not_stop": 12}, layout="folders")
     (data / "stop" / "broken.png").write_bytes(b"not an image")  # reported once, by rank 0's train()
     args = ["-q", "train", str(data), "--backbone", "tiny", "--workers", "0", "--out", str(tmp_path / "runs")]
-    single = stopsign(launcher, BACKBONES["tiny"].weights_file(None), args + ["--name", "one"], cache=tmp_path / "cache1")
-    assert single.returncode == 0, single.stderr
+    assert in_this_process(args + ["--name", "one"]) == 0
     counts = tmp_path / "counts"
     counts.mkdir()
     double = stopsign(launcher, BACKBONES["tiny"].weights_file(None), args + ["--name", "two"], processes=2, cache=tmp_path / "cache2",
@@ -168,8 +175,7 @@ def test_tune_under_torchrun_scores_the_trials_a_single_process_scores(tmp_path,
     weights = BACKBONES["tiny"].weights_file(None)
     args = ["-q", "tune", str(data), "--backbone", "tiny", "--trials", "2", "--folds", "2", "--no-final",
             "--workers", "0", "--out", str(tmp_path / "studies")]
-    single = stopsign(launcher, weights, args + ["--name", "one"], cache=tmp_path / "cache1")
-    assert single.returncode == 0, single.stderr
+    assert in_this_process(args + ["--name", "one"]) == 0
     counts = tmp_path / "counts"
     counts.mkdir()
     double = stopsign(launcher, weights, args + ["--name", "two"], processes=2, cache=tmp_path / "cache2",

@@ -422,13 +422,15 @@ def reference_run(launcher: Path, weights: Path, data: Path, out: Path, epochs: 
 
 @pytest.mark.slow
 def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, make_images, tiny_backbone):
-    """5 cycles here; bench/kill_resume.py runs the same loop for 20 or more."""
+    """3 cycles here, seed 31's draws: killed in the cold start-up (extraction included), in an epoch, then in a
+    resume's start-up. bench/kill_resume.py runs the same loop for 20 or more."""
     data = make_images(tmp_path / "data", {"stop": 20, "not_stop": 20}, layout="folders")
     launcher, out = write_launcher(tmp_path), tmp_path / "runs"
     reference = reference_run(launcher, tiny_weights(), data, out, epochs=30, epoch_delay=0.05)
-    log = kill_and_resume(launcher, tiny_weights(), data, out, cycles=5, seed=0, epochs=30, timing=reference,
+    log = kill_and_resume(launcher, tiny_weights(), data, out, cycles=3, seed=31, epochs=30, timing=reference,
                           epoch_delay=0.05)
-    assert sum(row["ended"] == "killed" for row in log) >= 3, log  # not a loop of runs that simply finished
+    assert [row["kill"].split()[0] for row in log[:3]] == ["start-up", "epoch", "start-up"], log
+    assert sum(row["ended"] == "killed" for row in log) == 3, log  # not a loop of runs that simply finished
     assert log[-1]["ended"] in ("exit 0", "refused") and log[-1]["epochs_after"] == 30  # refused: it finished before
     assert_same_outcome(out / "loop", reference["run_dir"])
 

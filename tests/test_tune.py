@@ -40,12 +40,12 @@ def read_trials(run_dir: Path) -> list[dict]:
 
 
 def test_same_seed_same_trials_other_seed_other_trials(tmp_path, data, tiny_backbone):
-    first = tune(data, trials=4, out=str(tmp_path / "runs"), **SETTINGS)
-    second = tune(data, trials=4, out=str(tmp_path / "runs"), **SETTINGS)
-    other = tune(data, trials=4, out=str(tmp_path / "runs"), seed=1, **SETTINGS)
+    first = tune(data, trials=3, out=str(tmp_path / "runs"), **SETTINGS)
+    second = tune(data, trials=3, out=str(tmp_path / "runs"), **SETTINGS)
+    other = tune(data, trials=3, out=str(tmp_path / "runs"), seed=1, **SETTINGS)
     assert first.run_dir != second.run_dir
     assert read_trials(first.run_dir) == read_trials(second.run_dir)
-    assert len(read_trials(first.run_dir)) == 4
+    assert len(read_trials(first.run_dir)) == 3
     params = lambda result: [{k: row[k] for k in SEARCH_SPACE} for row in read_trials(result.run_dir)]
     assert params(first) != params(other)
     assert first.best_params == second.best_params and first.best_value == second.best_value

@@ -6,6 +6,7 @@ checkpoints in it are checkpoint.py's.
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from pathlib import Path
 
 import numpy
@@ -92,7 +93,6 @@ def parameters(config: dict, best: dict, share_trained: float) -> dict:
 
 
 def versions() -> dict:
-    import torchvision  # imported only when a backbone needs it (model/backbones.py), so here too
-
-    return {"stopsign": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    # torchvision's from its metadata: importing it (only a backbone needs it, model/backbones.py) costs seconds
+    return {"stopsign": __version__, "torch": str(torch.__version__), "torchvision": metadata.version("torchvision"),
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}

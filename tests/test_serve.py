@@ -244,7 +244,7 @@ def test_the_page_shows_the_threshold_and_a_label_its_bars_agree_with(chromium, 
             page.screenshot(path=str(tmp_path / "serve_threshold.png"), full_page=True)
         finally:
             browser.close()
-    assert f"threshold {threshold:.2f}: stop when p(stop) ≥ {threshold:.2f}" in header
+    assert f"threshold {threshold:.2f} (--threshold): stop when p(stop) ≥ {threshold:.2f}" in header
     assert label == f"stop (p(stop)={p_stop:.2f} ≥ threshold {threshold:.2f})"
     assert first == ("stop", "bar top") and ticks == 1  # the decided class's bar leads, the threshold marked on it
 

@@ -368,7 +368,8 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
         result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, model, recipe,
                      state=state, on_epoch=save_epoch, progress=progress, groups=groups,
                      keep="last" if recipe.folds > 1 else "best", positive=arguments["positive_index"])
-    real = [s for s in train_samples if s not in set(synthetic)]
+    rendered = set(synthetic)
+    real = [s for s in train_samples if s not in rendered]
     result.threshold = out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe,
                                              result.best, groups=groups, extra_train=synthetic,
                                              oof=cv["oof"] if cv else None, progress=progress)

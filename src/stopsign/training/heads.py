@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.special import expit, log_expit, logsumexp, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
@@ -237,14 +238,10 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
         self.C, self.width, self.class_weight, self.positive, self.warm_start, self.tol = C, width, class_weight, \
             positive, warm_start, tol
 
-    def _regions(self, features) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(len(features), -1, self.width)
+    def _regions(self, features) -> np.ndarray:
+        return np.asarray(features, dtype=np.float32).reshape(len(features), -1, self.width)
 
-    def _logits(self, regions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(N, K) per-class logits, or with a positive class (N,) log-odds of it: RegionHead's forward."""
-        return region_logits(regions, weight, bias, self.positive_ is not None)
-
-    def _starts(self, regions: torch.Tensor, targets: np.ndarray, two: bool):
+    def _starts(self, regions: np.ndarray, targets: np.ndarray, two: bool):
         """The weights to start from, best first: the last fit's (warm_start), then two convex problems'
         solutions: every region labelled as its image (at C / regions: the same total weight), and the regions'
         max-pooled features, whose max breaks a symmetry the first cannot (regions whose average says nothing)."""
@@ -253,8 +250,8 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
         if self.warm_start and getattr(self, "_weight", np.zeros(0)).shape[0] == (1 if two else len(self.classes_)):
             yield self._weight, self._bias
         count = regions.shape[1]
-        problems = [(self.C / count, regions.reshape(-1, self.width).numpy(), np.repeat(targets, count)),
-                    (self.C, regions.amax(dim=1).numpy(), targets)]
+        problems = [(self.C / count, regions.reshape(-1, self.width), np.repeat(targets, count)),
+                    (self.C, regions.max(axis=1), targets)]
         for c, features, labels in problems:
             convex = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=self.class_weight)
             with warnings.catch_warnings():
@@ -272,19 +269,19 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
             self.__dict__.pop("_weight", None)  # another problem: nothing to warm-start from
         self.classes_, self.positive_ = classes, (self.positive if two else None)
         targets = np.searchsorted(self.classes_, labels)
-        is_positive = (np.asarray(labels) == self.positive).astype(np.int64) if two else None
         counts = np.bincount(targets, minlength=len(self.classes_))
-        sample_weight = torch.from_numpy((len(targets) / (len(counts) * counts))[targets] if self.class_weight ==
-                                         "balanced" else np.ones(len(targets))).float()
+        sample_weight = (len(targets) / (len(counts) * counts))[targets] if self.class_weight == "balanced" \
+            else np.ones(len(targets))
         regions = self._regions(features)
-        truth = torch.from_numpy(is_positive).float() if two else torch.from_numpy(targets)
-        shares = np.bincount(targets, weights=sample_weight.numpy()) / float(sample_weight.sum())
-        prior = float(-(sample_weight.numpy() * np.log(shares[targets])).mean())  # the best constant's loss
-        for start in self._starts(regions, is_positive if two else targets, two):
-            weight, bias, self.n_iter_, moved, loss = self._solve(regions, truth, sample_weight, start)
-            # stuck: no step from the start lowered the loss (n_iter_ 0: the start met the tolerance already), or
-            # a stationary point no better than the prior, as where every region ties: then the next start
-            stuck = (not moved and self.n_iter_ > 0) or loss >= prior - 1e-6
+        truth = (np.asarray(labels) == self.positive).astype(np.float64) if two else targets
+        shares = np.bincount(targets, weights=sample_weight) / sample_weight.sum()
+        prior = float(-(sample_weight * np.log(shares[targets])).mean())  # the best constant's loss
+        for start in self._starts(regions, truth.astype(np.int64) if two else targets, two):
+            weight, bias, self.n_iter_, solved, loss = self._solve(regions, truth, sample_weight, start, two)
+            # stuck: a stationary point no better than the prior (as where every region ties), or a solver that
+            # stopped where it began without meeting its tolerance: then the next start
+            moved = not np.array_equal(weight, np.asarray(start[0], dtype=np.float64))
+            stuck = (not moved and not solved) or loss >= prior - 1e-6
             self.converged_ = not stuck and self.n_iter_ < MAX_ITER
             if not stuck:
                 break
@@ -293,43 +290,59 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
         self.coef_, self.intercept_ = sign * self._weight, sign * self._bias
         return self
 
-    def _solve(self, regions: torch.Tensor, truth: torch.Tensor, sample_weight: torch.Tensor, start: tuple
+    def _solve(self, regions: np.ndarray, truth: np.ndarray, sample_weight: np.ndarray, start: tuple, two: bool
                ) -> tuple[np.ndarray, np.ndarray, int, bool, float]:
-        """L-BFGS on the objective from `start`: the weights, the bias, the iterations, whether it moved (it also
-        stops when a line search finds no lower point, as at a tie of the max, before moving at all) and the
-        weighted training loss, without the penalty."""
-        weight, bias = (torch.tensor(np.ascontiguousarray(value, dtype=np.float32), requires_grad=True)
-                        for value in start)
-        solver = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, tolerance_grad=self.tol,
-                                   tolerance_change=self.tol / 1000,
-                                   history_size=20, line_search_fn="strong_wolfe")
+        """scipy's L-BFGS-B on the objective from `start`: the weights, the bias, the iterations, whether it met
+        its tolerance, and the weighted training loss without the penalty."""
+        from scipy.optimize import minimize
+
+        weight, bias = (np.asarray(value, dtype=np.float64) for value in start)
+        classes = len(bias)
         penalty = 1.0 / (2 * self.C * len(truth))  # sklearn's objective divided by C · n
-        binary = truth.dtype == torch.float32
-
-        def objective():
-            solver.zero_grad()
-            logits = self._logits(regions, weight, bias)
-            losses = (nn.functional.binary_cross_entropy_with_logits(logits, truth, reduction="none") if binary
-                      else nn.functional.cross_entropy(logits, truth, reduction="none"))
-            loss = (losses * sample_weight).mean() + penalty * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            solver.step(objective)
-            loss = objective().item() - penalty * weight.detach().pow(2).sum().item()
-        moved = not np.array_equal(weight.detach().numpy(), np.asarray(start[0], dtype=np.float32))
-        return (weight.detach().double().numpy(), bias.detach().double().numpy(),
-                solver.state[weight].get("n_iter", 0), moved, loss)
+        flat = regions.reshape(-1, self.width)
+        result = minimize(region_objective, np.concatenate([weight.ravel(), bias]), jac=True, method="L-BFGS-B",
+                          args=(flat, len(truth), truth, sample_weight, penalty, classes, two),
+                          options=dict(maxiter=MAX_ITER, gtol=self.tol, ftol=self.tol / 1000, maxcor=20))
+        weight, bias = result.x[:-classes].reshape(classes, self.width), result.x[-classes:]
+        loss = region_objective(result.x, flat, len(truth), truth, sample_weight, 0.0, classes, two)[0]
+        return weight, bias, int(result.nit), bool(result.success), loss
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits = self._logits(self._regions(features), torch.from_numpy(self._weight).float(),
-                                  torch.from_numpy(self._bias).float()).double()
+            logits = region_logits(torch.from_numpy(self._regions(features)), torch.from_numpy(self._weight).float(),
+                                   torch.from_numpy(self._bias).float(), self.positive_ is not None).double()
         if self.positive_ is None:
             return logits.softmax(dim=1).numpy()
         odds = torch.sigmoid(logits).numpy()
         return np.stack([1 - odds, odds] if self.positive_ == self.classes_[1] else [odds, 1 - odds], axis=1)
+
+
+def region_objective(params: np.ndarray, flat: np.ndarray, count: int, truth: np.ndarray, sample_weight: np.ndarray,
+                     penalty: float, classes: int, binary: bool) -> tuple[float, np.ndarray]:
+    """RegionLogistic's objective and its gradient, as scipy's L-BFGS-B takes them: the weighted mean log-loss of
+    RegionHead's forward (model/pooling.region_logits: each class's logit its best region's score; `binary`, one
+    row of log-odds) plus penalty · ‖W‖². `params` is W (classes × width) then the biases; `flat` the regions
+    (count × R, width), an image's R adjacent. The gradient of a max is its winning region's: a tie takes the first.
+    One matrix-vector product per class, on one BLAS thread (fit_logistic sets it): the rows are few and wide."""
+    width = flat.shape[1]
+    weight, bias = params[:-classes].reshape(classes, width), params[-classes:]
+    scores = np.stack([flat @ row for row in weight.astype(np.float32)], axis=1).reshape(count, -1, classes)
+    winners = scores.argmax(axis=1)  # (count, classes)
+    logit = np.take_along_axis(scores, winners[:, None], axis=1)[:, 0] + bias
+    if binary:
+        logit = logit[:, 0]
+        losses = -(truth * log_expit(logit) + (1 - truth) * log_expit(-logit))
+        slope = ((expit(logit) - truth) * sample_weight / count)[:, None]
+    else:
+        rows = np.arange(count)
+        losses = logsumexp(logit, axis=1) - logit[rows, truth]
+        slope = softmax(logit, axis=1)
+        slope[rows, truth] -= 1
+        slope *= (sample_weight / count)[:, None]
+    rows = np.arange(count)[:, None] * (len(flat) // count) + winners  # each winner's row of `flat`
+    gradient = np.stack([slope[:, k].astype(np.float32) @ flat[rows[:, k]] for k in range(classes)])
+    loss = float((losses * sample_weight).mean() + penalty * np.square(weight).sum())
+    return loss, np.concatenate([(gradient + 2 * penalty * weight).ravel(), slope.sum(axis=0)])
 
 
 def folded_head(scaler, model, num_features: int, num_classes: int) -> nn.Linear:

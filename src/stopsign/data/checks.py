@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -123,13 +122,12 @@ def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, 
                     progress: bool = False) -> dict:
     """Groups of identical files (sha256 of the bytes) and of look-alike images (pHash within near_threshold).
 
-    Returns {"exact": [[path, ...]], "near": [{"paths": [...], "max_distance": d}], "unreadable": [...],
-    "seconds": s}. A near group lists every file of each look-alike content, exact copies included,
+    Returns {"exact": [[path, ...]], "near": [{"paths": [...], "max_distance": d}], "unreadable": [...]}.
+    A near group lists every file of each look-alike content, exact copies included,
     and is reported only when it holds at least two different contents. cache_dir: where HashCache keeps
     the hashes of files already seen (None: hash every file). progress: a bar over the files (a first run
     decodes every photo).
     """
-    start = time.perf_counter()
     cache = HashCache(cache_dir)
     by_digest: dict[str, list[str]] = defaultdict(list)
     hash_of: dict[str, int] = {}
@@ -137,8 +135,7 @@ def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, 
     for path in tqdm(list(map(str, paths)), desc="hashing", unit="img", disable=not progress, leave=False):
         try:
             info = os.stat(path)  # before reading: a later edit changes the mtime, so the entry misses
-            known = cache.get(path, info)
-            if known:
+            if known := cache.get(path, info):
                 digest, hash_of[digest] = known
             else:
                 data = Path(path).read_bytes()
@@ -158,25 +155,20 @@ def find_duplicates(paths: list[Path], *, near_threshold: int = NEAR_THRESHOLD, 
     near = [{"paths": sorted(p for m in members for p in by_digest[digests[m]]),
              "max_distance": int(_hamming_distances(hashes[members], slice(None)).max())}
             for members in _linked_groups(hashes, near_threshold)]
-    seconds = time.perf_counter() - start
-    logger.debug("hashed %d files in %.2f s: %d exact and %d near-duplicate groups", len(paths), seconds, len(exact),
-                 len(near))
-    return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable,
-            "seconds": seconds}
+    logger.debug("hashed %d files: %d exact and %d near-duplicate groups", len(paths), len(exact), len(near))
+    return {"exact": sorted(exact), "near": sorted(near, key=lambda g: g["paths"]), "unreadable": unreadable}
 
 
-def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list[list[int]]:
-    """Connected components (two or more members) of the graph "Hamming distance <= threshold"."""
+def _linked_groups(hashes: np.ndarray, threshold: int, block: int = 512) -> list[np.ndarray]:
+    """The connected components (two or more members, as index arrays) of the graph "Hamming distance <= threshold"."""
     if not len(hashes):
         return []
     pairs = [np.argwhere(_hamming_distances(hashes, slice(first, first + block)) <= threshold) + (first, 0)
              for first in range(0, len(hashes), block)]  # blocks of rows keep the distance matrix small
     rows, columns = np.concatenate(pairs).T
     graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(hashes), len(hashes)))
-    groups = defaultdict(list)
-    for i, component in enumerate(connected_components(graph, directed=False)[1]):
-        groups[component].append(i)
-    return [members for members in groups.values() if len(members) > 1]
+    components = connected_components(graph, directed=False)[1]
+    return [np.flatnonzero(components == c) for c in np.flatnonzero(np.bincount(components) > 1)]
 
 
 def duplicate_groups(paths, *, cache_dir: Path | None = None, progress: bool = False) -> dict[str, int]:
@@ -237,7 +229,7 @@ def check_data(splits: dict[str, list], class_names: list[str], *, cache_dir: Pa
     if disagree:
         warnings.append(f"Duplicate groups whose copies carry different labels: {disagree}. Fix the labels.")
     return {"class_counts": class_counts, "imbalance": imbalance, "exact_duplicates": exact, "near_duplicates": near,
-            "cross_split": cross_split, "duplicate_seconds": found["seconds"], "warnings": warnings}
+            "cross_split": cross_split, "warnings": warnings}
 
 
 def _imbalance(class_counts: dict[str, dict[str, int]], class_names: list[str]) -> dict:

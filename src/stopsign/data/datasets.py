@@ -240,8 +240,7 @@ def _load_folders(root: Path, subfolders: list[str], class_names: list[str] | No
     problems: list[str] = []
     folders = {None: root}  # split name -> folder of class folders
     if "train" in subfolders:
-        val_names = [name for name in VAL_FOLDERS if name in subfolders]
-        if not val_names:
+        if not (val_names := [name for name in VAL_FOLDERS if name in subfolders]):
             raise DataError(f"{root}: has train/ but no val/ (or valid/, validation/) beside it.\n{LAYOUT_HELP}")
         if len(val_names) > 1:
             problems.append(f"several validation folders ({', '.join(val_names)}): keep one")
@@ -267,8 +266,7 @@ def _class_folders(folder: Path, root: Path, classes: list[str], problems: list[
     set assembled from links into a photo library); broken links and loops go to `skipped`."""
     samples = []
     for name in _subfolders(folder):
-        index = class_index(name, classes)
-        if index is None:
+        if (index := class_index(name, classes)) is None:
             problems.append(f"{folder.relative_to(root) / name}/: {name!r} is not one of the classes {classes}")
         else:
             samples += [Sample(file, index) for file in list_images(folder / name, skipped)]
@@ -309,11 +307,9 @@ def _finish(root, layout, classes, own, samples, splits, problems, source, fix, 
 
 
 def locate(name: str, folders: list[Path], root: Path, reasons: list[str], *, confined: bool) -> Path | None:
-    """The file `name` in the first of `folders` holding it; appends why not to `reasons`.
-
-    confined (a CV Studio export's keys): a plain file name, and the file, links followed, inside `root`.
-    Not confined (the user's own CSV): a relative path, with subfolders, or with '..' (from `root`, the
-    CSV's folder, only), or an absolute path; links are followed wherever they lead.
+    """The file `name` in the first of `folders` holding it; appends why not to `reasons`. confined (an export's
+    keys): a plain file name, the file inside `root` with links followed; else (the user's own CSV) a relative path,
+    with subfolders, or with '..' (from `root`, the CSV's folder, only), or an absolute path, links followed anywhere.
     """
     parts = re.split(r"[\\/]", name)
     if not name:
@@ -377,8 +373,7 @@ def _subfolders(folder: Path) -> list[str]:
 def _warn_unlisted(folders: list[Path], listed: set[Path | None], source: Path) -> None:
     # A CSV may name a file of images/ as '../data/images/a.png': compare the files' real folders.
     listed = {_directory_resolved(file) for file in listed if file is not None}
-    unlisted = [file for folder in folders for file in list_images(folder) if _directory_resolved(file) not in listed]
-    if unlisted:
+    if unlisted := [f for folder in folders for f in list_images(folder) if _directory_resolved(f) not in listed]:
         logger.warning("%s: %d image(s) without a label were ignored, e.g. %s", source, len(unlisted), unlisted[0])
 
 
@@ -449,9 +444,7 @@ def _checked(samples: list[Sample], minimum: int, purpose: str, class_names: lis
     ordered = sorted(samples, key=_order)
     if not ordered:
         raise DataError(f"no images: at least {minimum} per class are needed {purpose}")
-    counts, first = Counter(sample.label for sample in ordered), {}
-    for sample in ordered:
-        first.setdefault(sample.label, sample.path)
+    counts, first = Counter(sample.label for sample in ordered), {s.label: s.path for s in reversed(ordered)}
     small = [f"class {class_names[label]!r}" if class_names else f"class {label} (e.g. {first[label]})"
              for label in sorted(counts) if counts[label] < minimum]
     if small:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..config import DEMO_PER_CLASS
 from ..errors import StopsignError
-from ..files import atomic_write_bytes, staging_folder
+from ..files import atomic_write, staging_folder
 from .datasets import ANNOTATIONS
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def make_demo_data(out_dir, *, per_class: int = DEMO_PER_CLASS, seed: int = 0, s
         export = {"version": "1.0", "type": "classification", "labels": CLASS_NAMES, "annotations": annotations}
         (staging / ANNOTATIONS).write_text(json.dumps(export, indent=1))
         (staging / PARAMETERS_FILE).write_text(json.dumps(parameters(per_class, seed, size)) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        staging.rename(out_dir)  # replaces an empty out_dir
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.debug("wrote %d demo images (%d per class) to %s", len(jobs), per_class, out_dir)
@@ -122,18 +120,15 @@ def synthetic_negatives(folder, count: int, *, seed: int = 0, size: int = 256, p
     paths = [folder / f"negative-{index:05d}.jpg" for index in range(count)]
     if all(path.is_file() for path in paths):
         return paths
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, count, 7])  # not the demo data's own stream: other scenes
     for path in tqdm(paths, desc="synthetic negatives", unit="image", disable=not progress):
-        scene = render_scene(rng, size, stop=False, confusers=draw_confusers(rng))
-        buffer = io.BytesIO()
-        scene.image.save(buffer, format="JPEG", quality=90)
-        atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a cache: training skips a damaged file, named
+        image = render_scene(rng, size, stop=False, confusers=draw_confusers(rng)).image
+        # a cache: training skips a damaged file, named
+        atomic_write(path, lambda file: image.save(file, format="JPEG", quality=90), durable=False)
     return paths
 
 
 def draw_confusers(rng: np.random.Generator) -> tuple[str, ...]:
-    """One to three different names from CONFUSERS."""
     return tuple(str(name) for name in rng.choice(CONFUSERS, rng.integers(1, 4), replace=False))
 
 
@@ -175,8 +170,6 @@ def render_scene(rng: np.random.Generator, size: int, *, stop: bool, confusers=(
 
 
 # --- the street --------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Street:
     """One-point perspective: everything on the ground converges on (vanish_x, horizon)."""
@@ -347,7 +340,6 @@ def draw_clutter(draw, street, rng):
 
 
 # --- signs -------------------------------------------------------------------------------------------------------
-
 PATCH = 200  # signs are drawn this big, then warped and shrunk to fit, which anti-aliases the small ones
 
 
@@ -491,8 +483,6 @@ def occlude(draw, box, kind, rng, size):
 
 
 # --- the camera --------------------------------------------------------------------------------------------------
-
-
 def apply_camera(image, rng):
     """Exposure, white balance, focus blur, sensor noise and an earlier JPEG save, each drawn at random."""
     pixels = np.asarray(image, dtype=np.float32)

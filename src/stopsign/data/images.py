@@ -10,6 +10,7 @@ short reason ("not an image file", "truncated or corrupt image data", ...), so c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -47,14 +48,10 @@ _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 def _initial_max_pixels() -> int:
-    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not text:
-        return DEFAULT_MAX_PIXELS
-    try:
-        if (value := int(text)) >= 1:
-            return value
-    except ValueError:
-        pass
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip() or str(DEFAULT_MAX_PIXELS)
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
     logger.warning("%s=%r is not a whole number of at least 1: the limit stays %d pixels",
                    MAX_PIXELS_ENV, text, DEFAULT_MAX_PIXELS)
     return DEFAULT_MAX_PIXELS
@@ -64,11 +61,8 @@ MAX_PIXELS = _initial_max_pixels()  # the limit read_image and decode_image appl
 
 
 def set_max_pixels(pixels: int) -> int:
-    """Set the largest width × height decoded (MAX_PIXELS) for this process; returns the previous limit.
-
-    Also sets the environment variable STOPSIGN_MAX_PIXELS, so worker processes started afterwards
-    (a DataLoader's, under the spawn or forkserver start methods) apply the same limit.
-    """
+    """Set MAX_PIXELS, the largest width × height decoded, for this process and (through STOPSIGN_MAX_PIXELS) the
+    worker processes it starts afterwards, a DataLoader's under spawn or forkserver; returns the previous limit."""
     global MAX_PIXELS
     if not hasattr(pixels, "__index__") or isinstance(pixels, bool) or operator.index(pixels) < 1:
         raise ValueError(f"the pixel limit must be a whole number of at least 1, got {pixels!r}")
@@ -199,8 +193,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(_to_uint8(np.asarray(image)))
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")  # always a new image, detached from the (closed) file
 
 

@@ -65,8 +65,7 @@ class _LabelFile:
     backup_suffix = ""
 
     def __init__(self, file: Path):
-        self.source, self.root = file, file.parent
-        self.lock_file = self.root / LOCK_NAME
+        self.source, self.root, self.lock_file = file, file.parent, file.parent / LOCK_NAME
 
     def back_up(self, target: Path) -> Path:
         return atomic_write_bytes(target, self.source.read_bytes())
@@ -98,8 +97,7 @@ class Annotations(_LabelFile):
         return path.name
 
     def entry(self, document: dict, key: str) -> tuple[str | None, list | None]:
-        raw = document.get("annotations", {}).get(key)
-        if raw is None:
+        if (raw := document.get("annotations", {}).get(key)) is None:
             return None, None
         return (None if is_excluded(raw) or not raw else raw[0].get("label")), copy.deepcopy(raw)
 
@@ -172,8 +170,7 @@ class Table(_LabelFile):
         return key
 
     def entry(self, document: dict, key: str) -> tuple[str | None, list | None]:
-        row = self._row(document, key)
-        if row is None:
+        if (row := self._row(document, key)) is None:
             return None, None
         excluded = self._column(document, EXCLUDED_COLUMN)
         if excluded is not None and len(row) > excluded and is_excluded(row[excluded]):
@@ -185,16 +182,14 @@ class Table(_LabelFile):
         return locate(key, csv_folders(self.root), self.root, [], confined=False)
 
     def _cell(self, document: dict, key: str, column: int, value: str) -> None:
-        row = self._row(document, key)
-        if row is None:
+        if (row := self._row(document, key)) is None:
             raise DataError(f"{self.source}: has no row for {key!r}")
         row.extend([""] * (column + 1 - len(row)))
         row[column] = value
 
     def set(self, document: dict, key: str, label: str) -> None:
         self._cell(document, key, self._column(document, "label"), label)
-        excluded = self._column(document, EXCLUDED_COLUMN)
-        row = self._row(document, key)
+        excluded, row = self._column(document, EXCLUDED_COLUMN), self._row(document, key)
         if excluded is not None and len(row) > excluded:
             row[excluded] = ""
 
@@ -207,7 +202,7 @@ class Table(_LabelFile):
         named = {os.path.normpath(base / name) for _, name in self._names(document)
                  for base in (self.root, self.root / "images")}
         target = _copy_in(photo, folder, taken=lambda name: os.path.normpath(folder / name) in named)
-        key = relative(target, self.root) if folder != self.root else target.name
+        key = relative(target, self.root)
         filename, label_column = self._column(document, "filename"), self._column(document, "label")
         row = [""] * (max(filename, label_column) + 1)
         row[filename], row[label_column] = key, label
@@ -238,8 +233,7 @@ class Folders:
 
     def __init__(self, root: Path, class_names: list[str], layout: str):
         self.source = self.root = root
-        self.class_names, self.layout = class_names, layout
-        self.lock_file = root / LOCK_NAME
+        self.class_names, self.layout, self.lock_file = class_names, layout, root / LOCK_NAME
 
     def load(self) -> None:
         return None  # the file system itself is the document

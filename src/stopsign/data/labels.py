@@ -160,7 +160,8 @@ class LabelStore:
 
     @contextlib.contextmanager
     def _locked(self):
-        # One open file description per call: flock then also excludes other threads of this process.
+        # One open file description per call: flock then also excludes other threads of this process, and closing
+        # it releases the lock.
         lock = self.backend.lock_file
         try:
             handle = open(lock, "a+b")
@@ -169,10 +170,7 @@ class LabelStore:
                                 "writable to change its labels") from None
         with handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            yield
 
     def _back_up(self) -> None:
         if self.backup is None:

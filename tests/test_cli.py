@@ -52,10 +52,10 @@ def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):
     capsys.readouterr()
     assert main(["-q", "predict", checkpoint, str(data / "images"), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 20 and set(rows[0]) == {"path", "label", "probabilities"}
+    assert len(rows) == 20 and set(rows[0]) == {"path", "label", "probabilities", "similarity", "unfamiliar"}
     assert main(["-q", "predict", checkpoint, str(data / "images" / "stop-0.png"), "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert list(table[0]) == ["path", "label", "p_not_stop", "p_stop", "error"]  # as the run's predictions.csv
+    assert list(table[0]) == ["path", "label", "p_not_stop", "p_stop", "error", "similarity", "unfamiliar"]
     assert table[0]["label"] in ("stop", "not_stop")
     assert abs(float(table[0]["p_stop"]) + float(table[0]["p_not_stop"]) - 1) < 1e-3
     # With a threshold the table shows the positive class's probability, the one the label follows.

@@ -231,7 +231,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
 def test_a_disk_filling_up_mid_run_stops_it_cleanly_and_resume_finishes(tmp_path, data, tiny_backbone, monkeypatch):
     reference = run(tmp_path, data, name="reference").run_dir
     with monkeypatch.context() as patch:
-        fill_disk(patch, after=2 + 2 * 3)  # config.json, data.json, then metrics.csv and last.pt of 3 epochs
+        fill_disk(patch, after=3 + 2 * 3)  # config.json, args.yaml, data.json, then metrics.csv and last.pt of 3 epochs
         with pytest.raises(StopsignError, match="disk is full") as caught:
             run(tmp_path, data, name="full")
     run_dir = tmp_path / "runs" / "full"

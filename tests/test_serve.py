@@ -207,6 +207,7 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
             labels = {name: page.locator(f".card[data-file='{name}'] .label").inner_text()
                       for name in (stop.name, other.name)}
             bars = page.locator(f".card[data-file='{stop.name}'] .bar").count()
+            outlined = page.locator(f".card[data-file='{stop.name}'] svg").get_attribute("data-box")
             page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
         finally:
             browser.close()
@@ -218,6 +219,8 @@ def test_the_page_in_a_real_browser(chromium, stop_model, tmp_path):
     if data_is_shared():
         assert labels == {stop.name: "stop", other.name: "not_stop"}
     assert bars == 2  # one probability bar per class
+    looked = load_classifier(checkpoint).predict([stop], explain=True)[0].explanation
+    assert outlined == ",".join(map(str, looked.box))  # the page outlines where the model looked
 
 
 @pytest.mark.slow

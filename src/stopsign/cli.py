@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from .arguments import REVIEW_FIELDS, TRAIN_FIELDS, TUNE_FIELDS, build_parser, given
-from .config import recipe_settings
+from .config import read_config, recipe_settings
 from .errors import Interrupted, StopsignError
 
 
@@ -31,12 +31,19 @@ def print_result(result) -> None:
     print(f"report {result.url + '/report.html' if result.url else result.run_dir / 'report.html'}")
 
 
+def asked_settings(args, fields: tuple[str, ...]) -> dict:
+    """The settings a train or tune command asks for: --recipe's, then --config FILE's, then the flags given. With
+    --resume, no recipe: the run's own settings, and any asked must agree with them (train() and tune() say which
+    do not)."""
+    asked = (read_config(args.config) if args.config else {}) | given(args, fields)
+    return asked if args.resume else recipe_settings(args.recipe, asked)
+
+
 def run_train(args) -> None:
     from .training.trainer import train
 
-    # --resume: the run's own settings, and any given must agree with them (train() says which do not)
-    settings = given(args, TRAIN_FIELDS) if args.resume else recipe_settings(args.recipe, given(args, TRAIN_FIELDS))
-    result = train(args.data, val=args.val, resume=args.resume, progress=not args.quiet, **settings)
+    result = train(args.data, val=args.val, resume=args.resume, progress=not args.quiet,
+                   **asked_settings(args, TRAIN_FIELDS))
     if result is not None:  # None: a torchrun rank other than 0, whose share of the features is written
         print_result(result)
 
@@ -45,8 +52,8 @@ def run_tune(args) -> None:
     from .reporting.tune_report import summary_lines
     from .training.tune import tune
 
-    # --resume: the study's own settings; a recipe is where a new study starts, and what it is compared with
-    settings = given(args, TUNE_FIELDS) if args.resume else recipe_settings(args.recipe, given(args, TUNE_FIELDS))
+    # a recipe is where a new study starts, and what it is compared with
+    settings = asked_settings(args, TUNE_FIELDS)
     search = {name: values for name, values in (("backbone", args.search_backbones), ("tiles", args.search_tiles))
               if values}
     result = tune(args.data, trials=args.trials, folds=args.folds, timeout=args.timeout, resume=args.resume,
@@ -60,13 +67,13 @@ def run_predict(args) -> int:
     from .inference.load import predict  # torch is imported only for a .pt or .torchscript model
 
     classifier, rows = predict(args.checkpoint, args.images, threshold=args.threshold, progress=not args.quiet,
-                               device=args.device, weights=args.weights, cache=args.cache)
+                               device=args.device, weights=args.weights, cache=args.cache, explain=args.explain)
     if rows is None:  # a torchrun rank other than 0: rank 0 prints every rank's rows
         return 0
     read = Counter()  # rows with a label (True) and without (False), counted as they stream past
     rows = (read.update([row.label is not None]) or row for row in rows)
     threshold = classifier.threshold if args.threshold is None else args.threshold
-    say(prediction_lines(rows, classifier.class_names, args.format, threshold))
+    say(prediction_lines(rows, classifier.class_names, args.format, threshold, explain=bool(args.explain)))
     if not read[True]:
         print(f"error: none of the {read[False]} files could be read (each row says why)", file=sys.stderr)
     return 1 if read[False] else 0
@@ -111,11 +118,18 @@ def run_cache(args) -> None:
 def run_export(args) -> None:
     from .deploy.export import export
 
-    path, report = export(args.checkpoint, format=args.format, out=args.out)
-    print(f"exported {report['path']} ({report['format']}, {report['bytes'] / 1e6:.1f} MB)")
-    print(f"checked against PyTorch on {report['image_source']}, batch sizes "
+    path, report = export(args.checkpoint, format=args.format, out=args.out, int8=args.int8)
+    int8 = report.get("int8")
+    print(f"exported {report['path']} ({report['format']}{' int8' if int8 else ''}, {report['bytes'] / 1e6:.1f} MB)")
+    print(f"{'its float graph ' if int8 else ''}checked against PyTorch on {report['image_source']}, batch sizes "
           f"{' and '.join(map(str, report['batch_sizes']))}: max |difference| of probabilities "
           f"{report['max_abs_diff']:.2g} (limit {report['tolerance']:g}), same predicted classes")
+    if int8:
+        accuracy = ("no labelled validation images" if int8["int8_accuracy"] is None else
+                    f"{int8['pytorch_accuracy']:.3f} -> {int8['int8_accuracy']:.3f} "
+                    f"({int8['int8_accuracy'] - int8['pytorch_accuracy']:+.3f})")
+        print(f"int8 ({int8['method']}) against PyTorch on {int8['image_source']}: |difference| of probabilities "
+              f"max {int8['max_abs_diff']:.3g}, mean {int8['mean_abs_diff']:.3g}; accuracy {accuracy}")
 
 
 def run_serve(args) -> None:

@@ -14,8 +14,11 @@ once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import StopsignError
 
@@ -50,7 +53,7 @@ RECIPES = ("stopsign", "seed")
 LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "val_fraction", "seed",
           "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs", "batch_size", "lr_base",
           "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler", "cycle_epochs", "cache", "cache_dir",
-          "num_workers", "bf16", "device", "folds", "target_recall", "out", "name")
+          "num_workers", "bf16", "device", "folds", "target_recall", "learning_curve", "out", "name")
 
 
 def available_cores() -> int:
@@ -175,6 +178,8 @@ class RunOptions(Part):
     device: str = setting("auto", DEVICE_HELP)  # checked by model/devices.py: cuda:N has no fixed choices
     out: str = setting("runs", "folder that holds run folders")
     name: str | None = setting(None, "run folder name (default: <backbone>-<time>; never overwrites)")
+    learning_curve: bool = setting(False, "refit the head on shares of the training split under grouped folds: the "
+                                          "score against images per class, extrapolated (an estimate), in the report")
 
 
 def setting_fields() -> list[dataclasses.Field]:
@@ -234,10 +239,13 @@ def known(settings: dict) -> None:
 
 def given_settings(model: ModelConfig | None, recipe: TrainConfig | None, run: RunOptions | None,
                    overrides: dict) -> dict:
-    """What an API call (train, tune, find_suspects) was given, flat: every field of the parts it passed, then its
-    flat overrides. Settings().replace(**given) are a new run's settings; a resumed run checks them against its own."""
-    return {name: value for part in (model, recipe, run) if part is not None
-            for name, value in part.to_dict().items()} | overrides
+    """What an API call (train, tune, find_suspects) was given, flat: the settings of the YAML file its `config=`
+    override names (read_config), then every field of the parts it passed, then its other flat overrides.
+    Settings().replace(**given) are a new run's settings; a resumed run checks them against its own."""
+    overrides = dict(overrides)
+    config = overrides.pop("config", None)
+    parts = {name: value for part in (model, recipe, run) if part is not None for name, value in part.to_dict().items()}
+    return (read_config(config) if config else {}) | parts | overrides
 
 
 def recipe_settings(recipe: str, given: dict) -> dict:
@@ -253,3 +261,114 @@ def relevant_settings(settings: dict) -> dict:
     (SGD_SETTINGS, unless the head is sgd); a dict that names no head has the default one."""
     head = settings.get("head", ModelConfig.head)
     return {name: value for name, value in settings.items() if head == "sgd" or name not in SGD_SETTINGS}
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """A setting's flag on the command line: its own (metadata), else --field-name."""
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def command_flags(values: dict) -> list[str]:
+    """The command line's flags that give flat `values`: one for each setting that differs from its default (a
+    switch as --NAME or --no-NAME), in the LISTED order."""
+    flags = []
+    for field in setting_fields():
+        value = values.get(field.name, field.default)
+        if value == field.default or value is None:
+            continue
+        if isinstance(field.default, bool):
+            flags.append(f"--no-{flag_name(field)[2:]}" if field.default else flag_name(field))
+        else:
+            flags += [flag_name(field), str(value)]
+    return flags
+
+
+def out_of_range(value: float, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> str | None:
+    """What a number outside [low, high] (open ends where asked) must be, e.g. "it must be >= 1 and <= 4"; None
+    for one within."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return None
+    lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    return f"it must be {' and '.join(filter(None, (lower, upper)))}"
+
+
+KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+         "str": ((str,), "text")}
+
+
+def checked_setting(field: dataclasses.Field, value):
+    """`value` of a setting as its flag would take it (type, choices, range), else a ValueError that says why."""
+    kind, optional = field.type.split(" ")[0], "None" in field.type
+    if value is None and optional:
+        return None
+    if kind == "float" and isinstance(value, str):
+        try:  # PyYAML reads 1e-6 as text (YAML 1.1 numbers need a dot: 1.0e-6); the command line takes both
+            value = float(value)
+        except ValueError:
+            pass
+    types, expected = KINDS[kind]
+    if (not isinstance(value, types) or isinstance(value, bool) != (kind == "bool")
+            or kind == "float" and math.isnan(value)):
+        raise ValueError(f"expected {expected}{' or null' if optional else ''}, got {value!r}")
+    meta = field.metadata
+    choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    if kind in ("int", "float") and (problem := out_of_range(value, meta["low"], meta["high"], meta["low_open"],
+                                                             meta["high_open"])):
+        raise ValueError(f"{value!r} is out of range: {problem}")
+    return float(value) if kind == "float" else value
+
+
+def unknown_setting(name) -> str:
+    """A name that is no setting, quoted, with the one it may be a typo of."""
+    close = difflib.get_close_matches(str(name), LISTED, n=1)
+    return repr(name) + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def read_config(path: str | Path) -> dict:
+    """The flat settings of a YAML file (`--config FILE`; every run's args.yaml is one): a `name: value` line per
+    setting, each checked as its flag would be. A name that is no setting, or a value of the wrong type, choice or
+    range, is a StopsignError naming the file, the key and the valid names or values."""
+    import yaml  # only a run given a settings file reads YAML
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise StopsignError(f"cannot read the settings file {path}: {error.strerror or error}. Fix: give the path "
+                            "of a YAML file, such as a run folder's args.yaml") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise StopsignError(f"{path} is not YAML: {where}{getattr(error, 'problem', None) or error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise StopsignError(f"{path} holds a {type(values).__name__}, not settings. Fix: write one `name: value` "
+                            "line per setting, as a run folder's args.yaml does")
+    unknown = [unknown_setting(name) for name in values if name not in LISTED]
+    if unknown:
+        what = "is no setting" if len(unknown) == 1 else "are no settings"
+        raise StopsignError(f"{path}: {', '.join(unknown)} {what}. The settings are: {', '.join(LISTED)}")
+    fields = {field.name: field for field in setting_fields()}
+    checked = {}
+    for name, value in values.items():
+        try:
+            checked[name] = checked_setting(fields[name], value)
+        except ValueError as error:
+            raise StopsignError(f"{path}: {name}: {error}") from None
+    return checked
+
+
+def settings_yaml(settings: dict, command: str) -> str:
+    """Flat settings as a YAML file that `stopsign COMMAND DATA --config FILE` (or `config=FILE` in the Python
+    API) reads back: args.yaml, as Ultralytics and timm save a run's."""
+    import yaml
+
+    return (f"# the settings of this run: `stopsign {command} DATA --config args.yaml` runs them again "
+            "(flags given win)\n" + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))

@@ -5,11 +5,17 @@ class probabilities (N, C) out. The class names and the preprocessing travel as 
 each value a JSON string; TorchScript: the extra file `stopsign.json`). Each export is written under a temporary
 name, run on real images (the run's validation files, else generated ones) and compared with the PyTorch
 classifier; only a file that agrees is renamed into place.
+
+An int8 export (`int8=True`, ONNX only) is that checked float file quantised by onnxruntime: statically, its
+activations' ranges calibrated on the run's training images. Its probabilities cannot match PyTorch's to
+TOLERANCE, so its agreement is measured and reported instead: the largest and mean difference of a probability
+(Δp) and the accuracy change on the run's validation images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -23,6 +29,7 @@ from torch import nn
 
 from .. import __version__
 from ..data.images import read_image
+from ..decision import decide
 from ..errors import CheckpointError, ImageError, StopsignError
 from ..files import read_json
 from ..cache import UPLOADS
@@ -39,25 +46,34 @@ from ..storage import is_url, join, mirror_dir, upload_file
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}  # format → default file suffix
+INT8_SUFFIX = ".int8.onnx"
 TOLERANCE = 1e-4  # largest absolute difference of a probability allowed between the export and PyTorch
 CHECK_IMAGES = 16
+CALIBRATION_IMAGES = 32  # the training images whose activations set the int8 ranges: a sample
 OPSET = 17
 
 
-def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None) -> tuple[Path, dict]:
-    """Export `checkpoint` to `out` (default: next to it, best.onnx or best.torchscript); return (path, report).
-    Raises StopsignError, leaving no file, when a probability differs from PyTorch's by TOLERANCE or more or a
-    predicted class differs."""
+def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None = None,
+           int8: bool = False) -> tuple[Path, dict]:
+    """Export `checkpoint` to `out` (default: next to it, best.onnx, best.torchscript or best.int8.onnx); return
+    (path, report). Raises StopsignError, leaving no file, when a probability differs from PyTorch's by TOLERANCE
+    or more or a predicted class differs. `int8`: quantise the checked ONNX file to int8, and report its agreement
+    with PyTorch in report["int8"] (see quantize)."""
     if format not in FORMATS:
         raise StopsignError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if int8:
+        if format != "onnx":
+            raise StopsignError(f"--int8 applies to --format onnx, not {format}: drop --int8 or export to onnx")
+        quantization()  # before any work
+    suffix = INT8_SUFFIX if int8 else FORMATS[format]
     given = str(checkpoint)
     checkpoint = resolve_model_path(checkpoint)
     classifier = CheckpointClassifier(load_checkpoint(checkpoint), source=str(checkpoint))
     if out is None and is_url(given):  # beside the checkpoint in the bucket, as beside a local one
-        out = (given[:-3] if given.endswith(".pt") else join(given, "best")) + FORMATS[format]
+        out = (given[:-3] if given.endswith(".pt") else join(given, "best")) + suffix
     remote = str(out) if out is not None and is_url(str(out)) else None
     out = mirror_dir(remote, UPLOADS) / Path(remote).name if remote else Path(out) if out else \
-        checkpoint.with_suffix(FORMATS[format])
+        checkpoint.with_suffix(suffix)
     metadata = export_metadata(classifier, checkpoint)
     started = time.perf_counter()
     temporary = out.with_name(f".{out.name}.tmp")
@@ -67,6 +83,8 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         (write_onnx if format == "onnx" else write_torchscript)(model, classifier.preprocessing, metadata, temporary)
         images, source = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
         report = compare(classifier, format, temporary, images)
+        if int8:
+            report["int8"] = quantize(classifier, checkpoint, temporary, metadata)
         os.replace(temporary, out)
     finally:
         with contextlib.suppress(OSError):
@@ -117,6 +135,9 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
             "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
             "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
             "pooling": classifier.pooling, "tiles": classifier.tiles, "threshold": classifier.threshold,
+            # the checkpoint's cut-off, for the record: the graph outputs no features, so an export cannot compare
+            # a photo with the training images, and its rows say so (similarity and unfamiliar None)
+            "unfamiliar_below": classifier.unfamiliar_below,
             "input": f"{INPUT_NAME}: float32 (N, "
                      + (f"{tile_count(classifier.tiles)} tiles, " if classifier.tiles > 1 else "")
                      + f"3, {classifier.preprocessing['size']}, {classifier.preprocessing['size']}), preprocessed",
@@ -132,7 +153,14 @@ def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path
                           opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    graph = onnx.load(str(path))
+    save_onnx(onnx.load(str(path)), metadata, path)
+
+
+def save_onnx(graph, metadata: dict, path: Path) -> None:
+    """Write the ONNX graph with `metadata` as its only metadata_props (each value a JSON string), checked."""
+    import onnx
+
+    del graph.metadata_props[:]  # onnxruntime's quantiser adds plain-text entries, which are not JSON
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(graph)
@@ -161,19 +189,28 @@ def read_metadata(path: str | Path) -> dict:
     return load_torchscript(path)[1]
 
 
-def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple[list[Image.Image], str]:
-    """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
-    images = []
+def run_images(checkpoint: Path, preprocessing: dict, tiles: int, split: str, limit: int | None = None
+               ) -> tuple[list[Image.Image], list[str]]:
+    """Up to `limit` of the images of the run's `split` (its data.json) that still exist, and their labels."""
+    images, labels = [], []
     data_file = checkpoint.parent / "data.json"
     if data_file.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             record = read_json(data_file)
-            files = [Path(record["source"]) / row["file"] for row in record["split"] if row["split"] == "val"]
-            for file in files:
-                if len(images) == CHECK_IMAGES:
+            rows = [row for row in record["split"] if row["split"] == split]
+            for row in rows:
+                if len(images) == limit:
                     break
                 with contextlib.suppress(ImageError):
-                    images.append(read_image(file, draft=(decode_size(preprocessing, tiles),) * 2))
+                    images.append(read_image(Path(record["source"]) / row["file"],
+                                             draft=(decode_size(preprocessing, tiles),) * 2))
+                    labels.append(row["label"])
+    return images, labels
+
+
+def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple[list[Image.Image], str]:
+    """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
+    images, _ = run_images(checkpoint, preprocessing, tiles, "val", CHECK_IMAGES)
     if images:
         return images, f"{len(images)} validation images of the run"
     # No data at hand: seeded colour grids of assorted shapes, smoothed by the resize.
@@ -204,4 +241,73 @@ def compare(classifier: CheckpointClassifier, format: str, path: Path, images: l
                             f"|difference| of probabilities {difference:.3g} (limit {TOLERANCE:g}), predicted "
                             f"classes {'identical' if same else 'differ'}; nothing was written. Try the other "
                             "--format, or report this with your torch and onnxruntime versions.")
+    return report
+
+
+def quantization():
+    """onnxruntime.quantization, or a StopsignError that says how to get it."""
+    try:
+        return importlib.import_module("onnxruntime.quantization")
+    except ImportError as error:
+        raise StopsignError(f"--int8 needs onnxruntime's quantisation, which cannot be imported here ({error}); "
+                            "install onnxruntime (`pip install onnxruntime`), or export without --int8") from error
+
+
+class _Batches:
+    """The calibration images as onnxruntime's CalibrationDataReader gives them (it accepts any object with
+    get_next): an input batch a call, then None."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = iter([{INPUT_NAME: batch} for batch in batches])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def quantize(classifier: CheckpointClassifier, checkpoint: Path, path: Path, metadata: dict) -> dict:
+    """Replace the float ONNX file at `path` by its int8 quantisation, with the same metadata; return its agreement
+    with the PyTorch classifier on the run's validation images (else the generated check images).
+
+    Static quantisation in QDQ form (per-channel int8 weights, uint8 activations whose ranges come from up to
+    CALIBRATION_IMAGES training images): dynamic quantisation computes activation ranges at run time and differs
+    more from PyTorch on these conv nets (bench/bench_int8.py measures both)."""
+    import onnx
+
+    from ..inference.onnx import OnnxClassifier
+
+    ort = quantization()
+    images, labels = run_images(checkpoint, classifier.preprocessing, classifier.tiles, "train", CALIBRATION_IMAGES)
+    if not images:
+        images, _ = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+    prepare = OnnxClassifier(path).prepare
+    batches = [np.stack([prepare(image) for image in images[start:start + 8]]) for start in range(0, len(images), 8)]
+    prepared, quantized = path.with_name(path.name + ".pre"), path.with_name(path.name + ".int8")
+    try:
+        ort.shape_inference.quant_pre_process(str(path), str(prepared))
+        ort.quantize_static(str(prepared), str(quantized), _Batches(batches), quant_format=ort.QuantFormat.QDQ,
+                            activation_type=ort.QuantType.QUInt8, weight_type=ort.QuantType.QInt8, per_channel=True)
+        method = f"static, calibrated on {len(images)} {'training' if labels else 'generated'} images"
+        save_onnx(onnx.load(str(quantized)), metadata | {"quantization": f"int8 ({method})"}, path)
+    finally:
+        for file in (prepared, quantized):
+            with contextlib.suppress(OSError):
+                file.unlink()
+    return agreement(classifier, OnnxClassifier(path), checkpoint) | {"method": method}
+
+
+def agreement(classifier: CheckpointClassifier, exported, checkpoint: Path) -> dict:
+    """How an exported classifier's probabilities and decisions differ from PyTorch's on the run's validation
+    images: the largest and mean |Δp|, and each one's accuracy (None without labelled validation images)."""
+    images, labels = run_images(checkpoint, classifier.preprocessing, classifier.tiles, "val")
+    source = f"{len(images)} validation images of the run"
+    if not images:
+        images, source = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+    expected, got = classifier.image_probabilities(images), exported.image_probabilities(images)
+    difference = np.abs(got - expected)
+    report = {"image_source": source, "max_abs_diff": float(difference.max()),
+              "mean_abs_diff": float(difference.mean()), "pytorch_accuracy": None, "int8_accuracy": None}
+    if labels:
+        truth = np.array([classifier.class_names.index(label) for label in labels])
+        report["pytorch_accuracy"], report["int8_accuracy"] = (
+            float((decide(probs, classifier.threshold) == truth).mean()) for probs in (expected, got))
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import json
 import logging
 import socket
@@ -21,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
@@ -32,6 +32,8 @@ from ..config import available_cores
 from ..data.images import decode_image
 from ..decision import POSITIVE, check_threshold, decide
 from ..errors import ImageError, StopsignError
+from ..inference.base import familiarity_marks
+from ..inference.explain import photo_size
 from ..inference.load import load_classifier, resolve_model_path
 from ..model.transforms import decode_size
 
@@ -166,31 +168,43 @@ class UploadClassifier:
         self.max_upload_bytes, self.decoded = max_upload_bytes, decoded
 
     def decode(self, data: bytes, name: str):
+        """The upload decoded (reduced to what the model's input needs) and the photo's upright size."""
         if len(data) > self.max_upload_bytes:
             raise HTTPException(413, f"{name}: {too_large(len(data), self.max_upload_bytes)}")
         try:
-            return decode_image(data, draft=(self.decoded, self.decoded))
+            return decode_image(data, draft=(self.decoded, self.decoded)), photo_size(io.BytesIO(data))
         except ImageError as error:
             raise HTTPException(415, f"{name}: {error}") from None
 
-    def answer(self, row: np.ndarray) -> dict:
-        return {"label": self.names[int(decide(row[None], self.threshold)[0])],
-                "probabilities": {n: float(p) for n, p in zip(self.names, row)}, "threshold": self.threshold}
+    def answers(self, decoded: list, explain: bool = False) -> list[dict]:
+        """Each decoded image's label, probabilities and threshold, and its similarity to the nearest training
+        photo and whether it is unlike them (None each where the model cannot tell: an exported file); with
+        `explain`, where the model looked: the box in the photo's pixels and the winning region's score."""
+        images = [image for image, _ in decoded]
+        similarity, unfamiliar = familiarity_marks(self.classifier.image_match(images), len(images))
+        if explain:
+            probabilities, looked = self.classifier.image_explanations(images, [size for _, size in decoded])
+        else:
+            probabilities, looked = self.classifier.image_probabilities(images), [None] * len(images)
+        return [{"label": self.names[int(decide(row[None], self.threshold)[0])],
+                 "probabilities": {n: float(p) for n, p in zip(self.names, row)}, "threshold": self.threshold,
+                 "similarity": nearest, "unfamiliar": unlike} | (explained.to_dict() if explained else {})
+                for row, nearest, unlike, explained in zip(probabilities, similarity, unfamiliar, looked)]
 
-    def one(self, name: str, data: bytes) -> dict:
-        return self.answer(self.classifier.image_probabilities([self.decode(data, name)])[0])
+    def one(self, name: str, data: bytes, explain: bool = False) -> dict:
+        return self.answers([self.decode(data, name)], explain)[0]
 
-    def many(self, uploads: list[tuple[str, bytes]]) -> list[dict]:
-        rows, images = [], []
+    def many(self, uploads: list[tuple[str, bytes]], explain: bool = False) -> list[dict]:
+        rows, decoded = [], []
         for name, data in uploads:
             try:
-                images.append(self.decode(data, name))
+                decoded.append(self.decode(data, name))
                 rows.append({"filename": name})
             except HTTPException as error:  # one bad file in a batch costs its own row only
                 rows.append({"filename": name, "label": None, "error": error.detail, "status": error.status_code})
         good = [row for row in rows if "error" not in row]
-        for row, probs in zip(good, self.classifier.image_probabilities(images) if images else []):
-            row |= self.answer(probs)
+        for row, answer in zip(good, self.answers(decoded, explain) if decoded else []):
+            row |= answer
         return rows
 
 
@@ -234,7 +248,8 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     info = model_info(classifier, model_path) | {
         "max_upload_bytes": max_upload_bytes, "max_batch_files": MAX_BATCH_FILES, "threshold": threshold,
         "threshold_from": threshold_from if threshold is not None else None,
-        "positive": names[POSITIVE] if threshold is not None else None, "workers": workers, "queue": queue}
+        "positive": names[POSITIVE] if threshold is not None else None, "workers": workers, "queue": queue,
+        "explains": classifier.explains}
     # One prediction now loads a checkpoint's backbone (it loads lazily) and warms the kernels, so the
     # first request is as fast as the rest; on a worker, so that it runs with the threads the workers use.
     size = classifier.preprocessing["size"]
@@ -256,26 +271,35 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     def model() -> dict:
         return info
 
+    def explaining(explain: bool) -> bool:
+        if explain and not classifier.explains:
+            raise HTTPException(422, f"{model_path.name} cannot explain: an exported model keeps no feature map; "
+                                     "serve the run's best.pt")
+        return explain
+
     @app.post("/predict", openapi_extra=upload_body("one image file", "file", many=False))
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request, explain: bool = False) -> dict:
+        """explain=true: the answer also says where the model looked (box, region_score)."""
         started = time.perf_counter()
         pool.refuse_if_full()  # before the upload is read and parsed
+        explaining(explain)
         uploads = await form_uploads(request, "file", 1) if is_form(request) else [("body", await request.body())]
         if not uploads:
             raise HTTPException(422, "send the image in the multipart field 'file', or as the raw body")
-        result = await pool.submit(classify.one, *uploads[0])
+        result = await pool.submit(classify.one, *uploads[0], explain)
         return result | {"latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     @app.post("/predict/batch", openapi_extra=upload_body("image files", "files", many=True))
-    async def predict_batch(request: Request) -> dict:
+    async def predict_batch(request: Request, explain: bool = False) -> dict:
         started = time.perf_counter()
         pool.refuse_if_full()
+        explaining(explain)
         if not is_form(request):
             raise HTTPException(422, "send the images as multipart/form-data in the field 'files'")
         uploads = await form_uploads(request, "files", MAX_BATCH_FILES)
         if not uploads:
             raise HTTPException(422, "send one or more images in the multipart field 'files'")
-        results = await pool.submit(classify.many, uploads)
+        results = await pool.submit(classify.many, uploads, explain)
         return {"results": results, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
 
     log.debug("serving %s (%s): %s", model_path, info["format"], ", ".join(names))
@@ -286,7 +310,8 @@ def model_info(classifier, model_path: Path) -> dict:
     """What /model shows: the classifier, and the headline metrics of its run when the run folder has them."""
     info = {"model": model_path.name, "format": {".onnx": "onnx", ".torchscript": "torchscript"}.get(model_path.suffix.lower(), "checkpoint"),
             "backbone": classifier.backbone_name, "class_names": classifier.class_names,
-            "preprocessing": classifier.preprocessing, "metrics": {}}
+            "preprocessing": classifier.preprocessing, "unfamiliar_below": classifier.unfamiliar_below,
+            "metrics": {}}
     for file_name, keys in METRIC_KEYS.items():
         try:
             saved = json.loads((model_path.parent / file_name).read_text())

@@ -18,7 +18,7 @@ import logging
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,6 +28,10 @@ from ..decision import check_threshold, decide
 from ..errors import StopsignError
 from ..storage import fetch, is_url, join
 from ..model.transforms import decode_size, preprocess, tile_views
+from .explain import Explanation, write_explanation
+
+if TYPE_CHECKING:  # model.signature imports torch, which an .onnx deployment lacks
+    from ..model.signature import TrainingMatch
 
 log = logging.getLogger(__name__)
 # files predicted at once by predict_iter: large enough for full batches and the cache's bulk reads, small
@@ -41,18 +45,25 @@ class Prediction:
     label: str | None  # None when the image could not be read
     probabilities: dict[str, float]
     error: str | None = None
+    # cosine similarity to the nearest training image, and whether it is below the model's cut-off (unlike the
+    # training photos); None where the model cannot tell (an exported file; an older checkpoint: unfamiliar only)
+    similarity: float | None = None
+    unfamiliar: bool | None = None
+    explanation: Explanation | None = None  # where the model looked, when asked (predict's explain)
 
     def to_dict(self) -> dict:
-        data = {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+        data = {"path": self.path, "label": self.label, "probabilities": self.probabilities,
+                "similarity": self.similarity, "unfamiliar": self.unfamiliar}
+        data |= self.explanation.to_dict() if self.explanation else {}
         return data | ({"error": self.error} if self.error else {})
 
 
 def prediction_lines(rows: Iterable[Prediction], class_names: list[str], format: str = "table",
-                     threshold: float | None = None) -> Iterator[str]:
+                     threshold: float | None = None, explain: bool = False) -> Iterator[str]:
     """The rows as `stopsign predict` shows them, each line as soon as its row comes (a table waits for every
     row, to size its columns): "json", one array; "csv", the columns of a run's predictions.csv (one probability
-    per class); or a "table" of each label and its probability (with a threshold, the positive class's: the one
-    the label follows)."""
+    per class; with `explain`, the box and the winning region's score too); or a "table" of each label and its
+    probability (with a threshold, the positive class's: the one the label follows)."""
     if format == "json":
         previous = None  # json.dumps(rows, indent=2), a row at a time: each row's comma once the next comes
         for r in rows:
@@ -61,10 +72,17 @@ def prediction_lines(rows: Iterable[Prediction], class_names: list[str], format:
         yield "[]" if previous is None else previous + "\n]"
         return
     if format == "csv":
-        yield csv_line(["path", "label", *(f"p_{name}" for name in class_names), "error"])
+        boxes = ["box_left", "box_top", "box_right", "box_bottom", "region_score"] if explain else []
+        yield csv_line(["path", "label", *(f"p_{name}" for name in class_names), "error", "similarity", "unfamiliar",
+                        *boxes])
         for r in rows:
             probabilities = [f"{r.probabilities[name]:.4f}" if r.label else "" for name in class_names]
-            yield csv_line([r.path, r.label or "", *probabilities, r.error or ""])
+            familiarity = ["" if r.similarity is None else f"{r.similarity:.4f}",
+                           "" if r.unfamiliar is None else str(r.unfamiliar).lower()]
+            looked = r.explanation
+            where = ([*looked.box, "" if looked.region_score is None else f"{looked.region_score:.4f}"] if looked
+                     else [""] * len(boxes))
+            yield csv_line([r.path, r.label or "", *probabilities, r.error or "", *familiarity, *where])
         return
     rows = list(rows)
     shown = class_names[1] if threshold is not None else None
@@ -74,6 +92,14 @@ def prediction_lines(rows: Iterable[Prediction], class_names: list[str], format:
         value = (f"{r.label:<{label_width}} {r.probabilities[shown or r.label]:.3f}" if r.label
                  else f"{'-':<{label_width}} error: {r.error}")
         yield f"{r.path:<{width}}  {value}"
+
+
+def familiarity_marks(match: TrainingMatch | None, count: int) -> tuple[list, list]:
+    """Each of `count` images' nearest-training similarity and unfamiliar mark (Classifier.training_match), None
+    where the model cannot tell."""
+    if match is None:
+        return [None] * count, [None] * count
+    return match.similarity, match.unfamiliar or [None] * count
 
 
 def csv_line(values: list) -> str:
@@ -130,6 +156,8 @@ class Classifier(abc.ABC):
     preprocessing: dict
     tiles: int = 1  # > 1: each image is seen whole and as a tiles×tiles grid of crops (model.transforms)
     threshold: float | None = None  # the model's own decision threshold (training/threshold.py); None: argmax
+    unfamiliar_below: float | None = None  # the similarity cut-off of unfamiliar photos (model.signature)
+    explains: bool = False  # whether explanations() can say where the model looked (a .pt checkpoint's backbone)
 
     @abc.abstractmethod
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
@@ -139,24 +167,52 @@ class Classifier(abc.ABC):
     def image_probabilities(self, images: list) -> np.ndarray:
         """Class probabilities (N, C) of decoded RGB images (uploads, say)."""
 
-    def score(self, paths: list[Path], progress: bool = False
-              ) -> tuple[list[Path], np.ndarray, dict, list[str | None] | None]:
-        """probabilities(), and for each readable image whether the model was trained on it ("exact", "near"
-        or None; see model.signature), or None where the model does not record what it was trained on."""
-        readable, probs, skipped = self.probabilities(paths, progress=progress)
-        return readable, probs, skipped, None
+    def training_match(self, paths: list[Path]) -> TrainingMatch | None:
+        """How readable image files compare with the model's training images (a model.signature.TrainingMatch:
+        copies, nearest similarity, unfamiliar marks), or None where the model keeps no record of them (an
+        exported file holds no features to compare)."""
+        return None
 
-    def predict(self, images, *, threshold: float | None = None, progress: bool = False) -> list[Prediction]:
+    def image_match(self, images: list) -> TrainingMatch | None:
+        """training_match() of decoded images (uploads); their bytes are unknown, so no exact copies."""
+        return None
+
+    def explanations(self, paths: list[Path]) -> list[Explanation]:
+        """Where the model looked in each readable image file (inference.explain.Explanation), in order."""
+        raise self._cannot_explain()
+
+    def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
+        """image_probabilities() of decoded images and where the model looked in each; `sizes`: the photos'
+        upright (width, height) before a reduced decode, the frame of the boxes (default: the images' own)."""
+        raise self._cannot_explain()
+
+    def _cannot_explain(self) -> StopsignError:
+        return StopsignError(f"{self.backbone_name}: an exported model keeps no feature map to explain; explain "
+                             "with the run's best.pt")
+
+    def score(self, paths: list[Path], progress: bool = False
+              ) -> tuple[list[Path], np.ndarray, dict, TrainingMatch | None]:
+        """probabilities(), and how the readable images compare with the training images (training_match)."""
+        readable, probs, skipped = self.probabilities(paths, progress=progress)
+        return readable, probs, skipped, self.training_match(readable)
+
+    def predict(self, images, *, threshold: float | None = None, progress: bool = False,
+                explain: bool | str | Path = False) -> list[Prediction]:
         """Predict files, folders and glob patterns: one row per input file, in order; an unreadable file gets
         a row with its error instead of a label. `threshold` (two classes): the second class when p >= it (None:
-        the model's own, chosen when it was trained; argmax for a model that has none)."""
-        return list(self.predict_iter(images, threshold=threshold, progress=progress))
+        the model's own, chosen when it was trained; argmax for a model that has none). `explain`: each row also
+        says where the model looked (row.explanation: the box, the winning region's score); a folder: each photo
+        is also written into it with its regions shaded by score and the box outlined."""
+        return list(self.predict_iter(images, threshold=threshold, progress=progress, explain=explain))
 
     def predict_iter(self, images, *, threshold: float | None = None, progress: bool = False,
-                     chunk: int = PREDICT_CHUNK) -> Iterator[Prediction]:
+                     chunk: int = PREDICT_CHUNK, explain: bool | str | Path = False) -> Iterator[Prediction]:
         """predict()'s rows as they come, `chunk` files at a time: a folder of any size in bounded memory, its
         first rows out before its last files are read. threshold None: the model's own (self.threshold). No image
-        found, or a threshold out of range, raises here, before any row is asked for (and any header printed)."""
+        found, a threshold out of range, or `explain` of a model that cannot, raises here, before any row is asked
+        for (and any header printed)."""
+        if explain and not self.explains:
+            raise self._cannot_explain()
         inputs = images if isinstance(images, (list, tuple)) else [images]
         names: dict[str, str] = {}  # local copy → the URL it came from, as the rows name it
         paths = expand_inputs(inputs, names)
@@ -166,25 +222,38 @@ class Classifier(abc.ABC):
         threshold = self.threshold if threshold is None else threshold
         if threshold is not None:
             check_threshold(threshold, len(self.class_names))  # before any work
-        return self._predict_chunks(paths, names, threshold, progress, chunk)
+        folder = Path(explain) if explain and explain is not True else None
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StopsignError(f"{folder}: cannot hold the explained photos ({error.strerror or error})") from None
+        return self._predict_chunks(paths, names, threshold, progress, chunk, bool(explain), folder)
 
     def _predict_chunks(self, paths: list[Path], names: dict[str, str], threshold: float | None, progress: bool,
-                        chunk: int) -> Iterator[Prediction]:
-        """predict_iter's rows, `chunk` files at a time, each named as its input was (`names`: a URL's)."""
+                        chunk: int, explain: bool = False, folder: Path | None = None) -> Iterator[Prediction]:
+        """predict_iter's rows, `chunk` files at a time, each named as its input was (`names`: a URL's); with
+        `explain`, where the model looked, each photo drawn so into `folder` when one is given."""
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress or len(paths) <= chunk)
+        taken: set[str] = set()  # the names written into `folder`
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            readable, probs, skipped = self.probabilities(part, progress=progress and len(paths) <= chunk)
+            readable, probs, skipped, match = self.score(part, progress=progress and len(paths) <= chunk)
             labels = decide(probs, threshold) if len(probs) else []
-            by_path = {str(p): (row, label) for p, row, label in zip(readable, probs, labels)}
+            similarity, unfamiliar = familiarity_marks(match, len(readable))
+            looked = self.explanations(readable) if explain and readable else [None] * len(readable)
+            by_path = {str(p): row for p, row in zip(readable, zip(probs, labels, similarity, unfamiliar, looked))}
             for path in part:
                 shown = names.get(str(path), str(path))
                 if str(path) not in by_path:
                     yield Prediction(shown, None, {}, skipped.get(str(path), "cannot be read"))
                     continue
-                row, label = by_path[str(path)]
+                row, label, nearest, unlike, explained = by_path[str(path)]
+                if folder is not None:
+                    write_explanation(path, explained, folder, taken)
                 yield Prediction(shown, self.class_names[int(label)],
-                                 {name: float(p) for name, p in zip(self.class_names, row)})
+                                 {name: float(p) for name, p in zip(self.class_names, row)},
+                                 similarity=nearest, unfamiliar=unlike, explanation=explained)
             bar.update(len(part))
         bar.close()
 

@@ -55,19 +55,21 @@ def load_classifier(path: str | Path, **options) -> Classifier:
 
 
 def predict(path: str | Path, images, *, threshold: float | None = None, progress: bool = False,
-            device: str = "auto", **options) -> tuple[Classifier, Iterable[Prediction] | None]:
-    """`stopsign predict`: the classifier and its rows as they come (Classifier.predict_iter). Under torchrun each
-    rank predicts every WORLD_SIZE-th file on its own device, and rank 0 gets every rank's rows in input order; the
-    other ranks get None."""
+            device: str = "auto", explain: bool | str | Path = False, **options
+            ) -> tuple[Classifier, Iterable[Prediction] | None]:
+    """`stopsign predict`: the classifier and its rows as they come (Classifier.predict_iter; `explain` as there).
+    Under torchrun each rank predicts every WORLD_SIZE-th file on its own device, and rank 0 gets every rank's rows
+    in input order; the other ranks get None."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         classifier = load_classifier(path, device=device, **options)
-        return classifier, classifier.predict_iter(images, threshold=threshold, progress=progress)
+        return classifier, classifier.predict_iter(images, threshold=threshold, progress=progress, explain=explain)
     from ..model.ranks import rank_device
     from .distributed import predict_sharded
 
     device = rank_device(device)
     classifier = load_classifier(path, device=str(device), **options)
-    return classifier, predict_sharded(classifier, images, device, threshold=threshold, progress=progress)
+    return classifier, predict_sharded(classifier, images, device, threshold=threshold, progress=progress,
+                                       explain=explain)
 
 
 def describe_model(path: str | Path) -> list[str]:

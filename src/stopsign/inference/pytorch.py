@@ -14,11 +14,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import model_arguments, stored_threshold
+from ..data.images import read_image
 from ..errors import CheckpointError
-from ..model.pooling import make_head
+from ..model.pooling import REGIONS, make_head, score_weights
 from ..model.features import FeatureExtractor, default_cache_dir
-from ..model.signature import match_training
+from ..model.signature import TrainingMatch, compare_with_training
+from ..model.transforms import decode_size, preprocess, tile_box
 from .base import Classifier
+from .explain import CAM_SCALE, Explanation, explanation, photo_size
 
 
 class CheckpointClassifier(Classifier):
@@ -26,6 +29,8 @@ class CheckpointClassifier(Classifier):
 
     cache: read and write the feature cache (in `cache_dir`, else training's default folder); False keeps the
     features of this classifier's images in memory only (nothing about them is left on disk)."""
+
+    explains = True  # the backbone's feature maps are at hand: explanations() (inference/explain.py)
 
     def __init__(self, checkpoint: dict, *, weights: str | None = None, cache: bool = True,
                  cache_dir: str | Path | None = None, num_workers: int = 2, source: str = "checkpoint",
@@ -35,7 +40,7 @@ class CheckpointClassifier(Classifier):
         self.backbone_name: str = checkpoint["backbone"]
         model = model_arguments(checkpoint)  # what a checkpoint before 0.2 lacks has the seed's values
         weights = weights or model["weights"]
-        self.pooling, self.tiles = model["pooling"], model["tiles"]
+        self.pooling, self.tiles, self.positive = model["pooling"], model["tiles"], model["positive_index"]
         store = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=store, num_workers=num_workers,
                                           image_size=checkpoint["preprocessing"]["size"], device=device)
@@ -58,6 +63,7 @@ class CheckpointClassifier(Classifier):
                                   f"with {len(self.class_names)} classes ({error})") from error
         self.head.eval()
         self.trained_on: dict | None = checkpoint.get("trained_on")  # checkpoints before 0.2 have none
+        self.unfamiliar_below = (self.trained_on or {}).get("unfamiliar_below")  # none before the cut-off was kept
         self.threshold = stored_threshold(checkpoint)
 
     @property
@@ -65,22 +71,62 @@ class CheckpointClassifier(Classifier):
         return self.extractor.preprocessing
 
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
-        return self.score(paths, progress)[:3]
+        features = self.extractor.extract([Path(p) for p in paths], pooling=self.pooling, tiles=self.tiles,
+                                          progress=progress)
+        return features.paths, self._head_probabilities(features.features[:, 0]), features.skipped
 
-    def score(self, paths: list[Path], progress: bool = False):
-        """The plain-view features serve both the head and the comparison with the training images."""
-        paths = [Path(p) for p in paths]
-        features = self.extractor.extract(paths, pooling=self.pooling, tiles=self.tiles, progress=progress)
-        probs = self._head_probabilities(features.features[:, 0])
-        copies = None
-        if self.trained_on:  # the signature is of plain average-pooled features: the same pass, kept in memory
-            plain = self.extractor.extract(features.paths)
-            copies = match_training(self.trained_on, plain.digests, plain.features[:, 0])
-        return features.paths, probs, features.skipped, copies
+    def training_match(self, paths: list[Path]) -> TrainingMatch | None:
+        """The signature is of plain average-pooled features: a pass probabilities() made and stored (every pooling
+        of a view is kept, and the whole image is a tiling's first view), read back, not computed again."""
+        if not self.trained_on:
+            return None
+        plain = self.extractor.extract([Path(p) for p in paths])
+        return compare_with_training(self.trained_on, plain.digests, plain.features[:, 0])
+
+    def image_match(self, images: list) -> TrainingMatch | None:
+        """One more backbone pass on each decoded image: its whole, plain view, which the signature holds."""
+        if not self.trained_on:
+            return None
+        return compare_with_training(self.trained_on, None, self.extractor.image_features(images))
 
     def image_probabilities(self, images: list) -> np.ndarray:
         """No files, no feature cache: decoded images straight through backbone and head."""
         return self._head_probabilities(self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles))
+
+    def explanations(self, paths: list[Path]) -> list[Explanation]:
+        """The head's features of each image come from the store probabilities() filled; the winning tile's feature
+        map takes one more backbone pass (the store keeps only poolings)."""
+        found = self.extractor.extract([Path(p) for p in paths], pooling=self.pooling, tiles=self.tiles)
+        side = decode_size(self.preprocessing, self.tiles)
+        return [self._explain(read_image(path, draft=(side, side)), row, photo_size(path))
+                for path, row in zip(found.paths, found.features[:, 0])]
+
+    def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
+        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
+        sizes = sizes or [image.size for image in images]
+        return (self._head_probabilities(features),
+                [self._explain(image, row, size) for image, row, size in zip(images, features, sizes)])
+
+    def _explain(self, image, features: np.ndarray, size: tuple[int, int]) -> Explanation:
+        """Where the head looked in a decoded image whose head features are `features`: every region's score
+        (regions pooling), and the class activation map of the winning region's tile (of the whole image for
+        other poolings: a linear head on pooled cells scores each cell the same way), seen CAM_SCALE times larger
+        for a finer map."""
+        with torch.no_grad():
+            row = torch.from_numpy(np.ascontiguousarray(features))
+            predicted = int(self.head(row[None]).argmax(1))
+            weight, bias = score_weights(self.head, self.positive, predicted)
+            regions, tile = None, 0
+            if self.pooling == "regions":
+                regions = (row.reshape(-1, weight.shape[0]) @ weight + bias).numpy()
+                tile = int(regions.argmax()) // REGIONS
+            crop = image.crop(tile_box(*image.size, self.tiles, tile)) if tile else image
+            larger = self.preprocessing | {"size": self.preprocessing["size"] * CAM_SCALE}
+            maps = self.extractor.backbone.model.trunk(torch.from_numpy(preprocess(crop, larger))[None])
+            maps = maps[:, :, None, None] if maps.dim() == 2 else maps  # a trunk that pools by itself: one cell
+            cam = torch.einsum("chw,c->hw", maps[0].float(), weight) + bias
+        cells = tuple(max(1, side // CAM_SCALE) for side in cam.shape)  # the map of the model's own input side
+        return explanation(image.size, size, self.tiles, regions, cam.numpy(), tile, cells)
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) of feature rows; no rows, no call (a regions head cannot shape an empty batch)."""

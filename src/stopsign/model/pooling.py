@@ -1,7 +1,7 @@
 """Pooling and the head's forward: every pooling of a backbone's last feature map in one pass (AllPoolings),
 one pooling of it (pooled), tiles combined into one row per image (combine_tiles), the regions head's forward
-(region_logits, RegionHead), a new head for a pooling (make_head), and a frozen backbone with its head as one
-model (FrozenBackboneClassifier).
+(region_logits, RegionHead), what a head scores each region or feature-map cell by (score_weights), a new head for
+a pooling (make_head), and a frozen backbone with its head as one model (FrozenBackboneClassifier).
 
 FrozenBackboneClassifier lives here, not with the registry: it is the forward from a backbone pass to logits
 (the pass's `pooled` slot into the head), needs any trunk but nothing of how one is found or loaded, and so
@@ -14,20 +14,13 @@ import torch
 from torch import nn
 
 from ..config import POOLINGS
+from .transforms import REGIONS, quarters
 
 GEM_POWER = 3.0  # generalised-mean pooling's p (Radenović et al.): between the average (1) and the max (∞)
-REGIONS = 4  # --pooling regions: the max over each of 2×2 overlapping quarters of the last feature map
 # Where each pooling sits in a backbone pass's output (N, STORED, C): regions is several rows.
 SLOTS = {"avg": 0, "max": 1, "gem": 2, "regions": slice(3, 3 + REGIONS)}
 STORED = 3 + REGIONS
 assert tuple(SLOTS) == POOLINGS, "config.POOLINGS must list the poolings a backbone pass computes"
-
-
-def quarters(length: int) -> tuple[slice, slice]:
-    """Two overlapping windows along a side of `length` cells, each just over half of it (7 cells: 0-3 and 3-6;
-    1 cell: that cell twice)."""
-    size = length // 2 + 1
-    return slice(0, size), slice(length - size, length)
 
 
 class AllPoolings(nn.Module):
@@ -94,6 +87,18 @@ class RegionHead(nn.Linear):
                              self.bias[self.positive] - self.bias[other], binary=True)
         half = odds[:, None] / 2
         return torch.cat([-half, half] if self.positive == 1 else [half, -half], dim=1)
+
+
+def score_weights(head: nn.Linear, positive: int | None, predicted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight vector (C,) and bias that score one region's, or one feature-map cell's, C features as the head
+    ranks them: the log-odds of the positive class for two classes with a positive class (RegionHead's ranking),
+    else the logit of the predicted class. Applied to every cell of a last feature map, this is a class activation
+    map (Zhou et al., 2016): exact for a linear head on average pooling, and for max-pooled regions it says which
+    cells the region's score came from."""
+    if positive is not None and head.out_features == 2:
+        other = 1 - positive
+        return head.weight[positive] - head.weight[other], head.bias[positive] - head.bias[other]
+    return head.weight[predicted], head.bias[predicted]
 
 
 def make_head(num_features: int, num_classes: int, pooling: str, positive: int | None = None) -> nn.Linear:

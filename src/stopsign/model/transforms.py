@@ -1,4 +1,5 @@
-"""What a backbone sees of an image: resize, normalise, and the augmentation draws (flip, rotation).
+"""What a backbone sees of an image: resize, normalise, the augmentation draws (flip, rotation), the tiles, and
+the pixels each region of a tile's feature map covers (region_box).
 
 Both training paths draw through `view_params`: the cached path's augmented view k and the live path's view
 at epoch e (k = e + 1) of the same image under the same seed are the same flip and angle. numpy and Pillow
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+REGIONS = 4  # --pooling regions: the max over each of 2×2 overlapping quarters of the last feature map
 
 
 def resize(image: Image.Image, size: int) -> Image.Image:
@@ -63,6 +66,32 @@ def tile_box(width: int, height: int, tiles: int, index: int) -> tuple[int, int,
     side = 2 / (tiles + 1)
     left, top = column * side / 2, row * side / 2
     return (round(left * width), round(top * height), round((left + side) * width), round((top + side) * height))
+
+
+def quarters(length: int) -> tuple[slice, slice]:
+    """Two overlapping windows along a side of `length` cells, each just over half of it (7 cells: 0-3 and 3-6;
+    1 cell: that cell twice)."""
+    size = length // 2 + 1
+    return slice(0, size), slice(length - size, length)
+
+
+def region_box(width: int, height: int, tiles: int, region: int, cells: tuple[int, int]) -> tuple[float, ...]:
+    """Pixel box (left, top, right, bottom) of region `region` of a regions head's input (tile after tile, each
+    tile's REGIONS quarters row by row, as model.pooling lays them out): its tile's box, then the quarter's cells
+    of that tile's (rows, columns) = `cells` feature map as the same fraction of it."""
+    tile, quarter = divmod(region, REGIONS)
+    left, top, right, bottom = tile_box(width, height, tiles, tile)
+    rows, columns = quarters(cells[0])[quarter // 2], quarters(cells[1])[quarter % 2]
+    return cell_box((left, top, right, bottom), cells, rows, columns)
+
+
+def cell_box(box: tuple[int, int, int, int], cells: tuple[int, int], rows: slice, columns: slice
+             ) -> tuple[float, ...]:
+    """Pixel box of the cells rows × columns of a (rows, columns) = `cells` feature map of the image part `box`:
+    each cell stands for an equal share of the part's side (the part is resized to a square input)."""
+    left, top, right, bottom = box
+    x, y = (right - left) / cells[1], (bottom - top) / cells[0]
+    return left + columns.start * x, top + rows.start * y, left + columns.stop * x, top + rows.stop * y
 
 
 def decode_size(preprocessing: dict, tiles: int) -> int:

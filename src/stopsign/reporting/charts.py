@@ -214,3 +214,28 @@ def plot_calibration(metrics: dict, path) -> Path:
     counts.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="tab:gray")
     counts.set(xlabel="top-class probability", ylabel="images", xlim=(0, 1))
     return save_figure(figure, path)
+
+
+def plot_learning_curve(curve: dict, path) -> Path:
+    """The learning curve (training/curve.py): the mean out-of-fold score with its 95% interval against the images
+    per class, the fitted power law dashed and its extrapolation hollow: an estimate, and titled so."""
+    points = curve["points"]
+    sizes = [p["images_per_class"] for p in points]
+    scores = np.array([p["score"] for p in points])
+    errors = np.array([[p["score"] - p["low"] for p in points], [p["high"] - p["score"] for p in points]])
+    figure = new_figure(6.5, 3.6, margins=CURVE_MARGINS)
+    axis = figure.subplots()
+    axis.errorbar(sizes, scores, yerr=errors, marker="o", markersize=4, capsize=3, color="tab:blue",
+                  label=f"out of fold ({curve['folds']} grouped folds), 95% interval")
+    if curve["law"]:
+        law, ahead = curve["law"], curve["extrapolated"]
+        grid = np.linspace(sizes[0], ahead[-1]["images_per_class"], 100)
+        axis.plot(grid, 1 - (law["a"] * grid ** -law["b"] + law["c"]), linestyle="--", color="tab:gray",
+                  label="power law fit")
+        axis.plot([p["images_per_class"] for p in ahead], [p["score"] for p in ahead], "o", markersize=6,
+                  markerfacecolor="none", color="tab:gray", label="extrapolated (estimate)")
+    axis.set(xlabel="training images per class", ylabel=curve["metric"], ylim=(max(0.0, scores.min() - 0.25), 1.02))
+    axis.legend(loc="lower right")
+    axis.grid(alpha=0.3)
+    _title(axis, "learning curve (an estimate)")
+    return save_figure(figure, path)

@@ -8,24 +8,14 @@ calibration table, its ECE and the operating-point table are computed here. `eva
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import binomtest
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_curve,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix,
+                             f1_score, log_loss, precision_recall_curve, precision_recall_fscore_support, recall_score,
+                             roc_auc_score, roc_curve)
 
 from ..decision import POSITIVE, decide
 from ..errors import DataError
@@ -45,6 +35,11 @@ class Predictions:
     # per image: "exact" or "near" when it is a copy of a training image of the model, None when new;
     # None for the whole list when unknown (model.signature.match_training)
     copies: list[str | None] | None = None
+    # per image: True when unlike the model's training images (model.signature), None when unknown
+    unfamiliar: list[bool | None] | None = None
+    # per image: where the model looked, a box (left, top, right, bottom) as fractions of the photo, None when not
+    # known (inference/explain.py; evaluate explains the mistakes the report shows)
+    boxes: list[tuple[float, ...] | None] | None = None
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
@@ -86,7 +81,7 @@ class Predictions:
         return float(log_loss(self.y_true, probs, labels=list(range(self.num_classes))))
 
     def with_threshold(self, threshold: float | None) -> "Predictions":
-        return dataclasses.replace(self, threshold=threshold)
+        return replace(self, threshold=threshold)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -121,6 +116,8 @@ def compute_metrics(pred: Predictions, threshold: float | None = None) -> dict:
     result["verdict"] = verdict(result)
     if pred.copies is not None:
         result["training_copies"] = training_copies(pred)
+    if pred.unfamiliar is not None and None not in pred.unfamiliar:
+        result["familiarity"] = familiarity(pred)
     result |= binary_curves(y_true, pred.probs[:, POSITIVE]) if pred.num_classes == 2 else one_vs_rest_auc(pred)
     result["calibration"] = calibration_table(pred)
     return json_ready(result)
@@ -212,12 +209,11 @@ def evaluation_lines(metrics: dict) -> list[str]:
                      f"support {row['support']}")
     corner = "truth / predicted"
     width = max(len(name) for name in names + [corner])
-    lines += ["confusion (rows: truth, columns: predicted)",
-              f"  {corner:<{width}} " + " ".join(f"{name:>{max(len(name), 5)}}" for name in names)]
-    lines += [f"  {name:<{width}} " + " ".join(f"{count:>{max(len(other), 5)}}" for other, count in zip(names, line))
-              for name, line in zip(names, confusion)]
-    copies = copies_sentence(metrics)
-    return lines + [copies] if copies else lines
+    lines += ["confusion (rows: truth, columns: predicted)"] + [  # the header row: the class names
+        f"  {row:<{width}} " + " ".join(f"{cell:>{max(len(name), 5)}}" for name, cell in zip(names, cells))
+        for row, cells in [(corner, names), *zip(names, confusion)]]
+    extra = [copies_sentence(metrics), familiarity_sentence(metrics)]
+    return lines + [line for line in extra if line]
 
 
 def training_lines(metrics: dict, epochs: int, best_epoch: int) -> list[str]:
@@ -250,10 +246,9 @@ def training_copies(pred: Predictions) -> dict:
     result = {"exact": pred.copies.count("exact"), "near": pred.copies.count("near"), "new": n, "new_images": None}
     if n:
         hits = int((y_pred == y_true).sum())
-        recall = {name: (float((y_pred[y_true == k] == k).mean()) if (y_true == k).any() else None)
-                  for k, name in enumerate(pred.class_names)}
+        recall = recall_score(y_true, y_pred, labels=range(pred.num_classes), average=None, zero_division=np.nan)
         result["new_images"] = {"n": n, "accuracy": hits / n, "accuracy_ci95": list(wilson_interval(hits, n)),
-                                "recall": recall}
+                                "recall": dict(zip(pred.class_names, recall))}  # NaN, no image of the class: None
     return result
 
 
@@ -264,46 +259,33 @@ def binary_curves(y_true: np.ndarray, scores: np.ndarray) -> dict:
         undefined = ("roc_auc", "roc", "pr_auc", "pr", "thresholds", "best_f1_threshold")
         return {**dict.fromkeys(undefined), "roc_auc_reason": reason}
     fpr, tpr, roc_thresholds = roc_curve(y_true, scores)
-    precision, recall, _ = precision_recall_curve(y_true, scores)
-    table = operating_points(y_true, scores)
+    precision, recall, thresholds = precision_recall_curve(y_true, scores)
     return {"roc_auc": roc_auc_score(y_true, scores), "roc": {"fpr": fpr, "tpr": tpr, "thresholds": roc_thresholds},
             "pr_auc": average_precision_score(y_true, scores), "pr": {"precision": precision, "recall": recall},
-            "thresholds": table, "best_f1_threshold": best_f1(table)}
+            **operating_points(precision, recall, thresholds, roc_curve(y_true, scores, drop_intermediate=False)[0])}
 
 
-def operating_points(y_true: np.ndarray, scores: np.ndarray) -> list[dict]:
-    """Precision, recall and false-positive rate of "positive when score >= t", for each distinct score t, highest
-    first: the counts of scikit-learn's full ROC curve (every distinct score kept)."""
-    positives = int((y_true == POSITIVE).sum())
-    negatives = len(y_true) - positives
-    fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
-    rows = []
-    for false_rate, true_rate, t in zip(fpr[1:], tpr[1:], thresholds[1:]):  # [0] is the "predict none" point
-        true_positives, false_positives = round(true_rate * positives), round(false_rate * negatives)
-        predicted = true_positives + false_positives
-        rows.append({"threshold": float(t), "precision": true_positives / predicted if predicted else 0.0,
-                     "recall": float(true_rate), "fpr": float(false_rate)})
-    return rows
+def operating_points(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray, fpr: np.ndarray) -> dict:
+    """The table of "positive when score >= t" for each distinct score t, highest first, and its row of best F1.
 
-
-def best_f1(table: list[dict]) -> dict:
-    def f1(row):
-        total = row["precision"] + row["recall"]
-        return 2 * row["precision"] * row["recall"] / total if total else 0.0
-
-    best = max(table, key=f1)  # ties keep the highest threshold (the table runs high to low)
-    return {"threshold": best["threshold"], "f1": f1(best), "precision": best["precision"], "recall": best["recall"]}
+    precision, recall, thresholds: scikit-learn's precision-recall curve (thresholds rising, one end point more);
+    fpr: its ROC curve with every distinct score kept (thresholds falling, the "predict none" point first)."""
+    precision, recall, thresholds = precision[-2::-1], recall[-2::-1], thresholds[::-1]
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=precision + recall > 0)
+    best = int(np.argmax(f1))  # ties keep the highest threshold
+    return {"thresholds": [{"threshold": t, "precision": p, "recall": r, "fpr": f}
+                           for t, p, r, f in zip(thresholds, precision, recall, fpr[1:])],
+            "best_f1_threshold": {"threshold": thresholds[best], "f1": f1[best], "precision": precision[best],
+                                  "recall": recall[best]}}
 
 
 def one_vs_rest_auc(pred: Predictions) -> dict:
-    per_class, reasons = {}, {}
-    for k, name in enumerate(pred.class_names):
-        is_k = pred.y_true == k
-        if is_k.all() or not is_k.any():
-            per_class[name] = None
-            reasons[name] = "undefined: every image is of this class" if is_k.all() else "undefined: no image of this class"
-        else:
-            per_class[name] = roc_auc_score(is_k, pred.probs[:, k])
+    counts, n = np.bincount(pred.y_true, minlength=pred.num_classes), len(pred.y_true)
+    reasons = {name: "undefined: every image is of this class" if count == n else "undefined: no image of this class"
+               for name, count in zip(pred.class_names, counts) if count in (0, n)}
+    per_class = {name: None if name in reasons else roc_auc_score(pred.y_true == k, pred.probs[:, k])
+                 for k, name in enumerate(pred.class_names)}
     if reasons:
         return {"roc_auc_per_class": per_class, "roc_auc": None,
                 "roc_auc_reason": "; ".join(f"{name}: {why}" for name, why in reasons.items())}
@@ -314,20 +296,16 @@ def one_vs_rest_auc(pred: Predictions) -> dict:
 def calibration_table(pred: Predictions, bins: int = CALIBRATION_BINS) -> dict:
     """Reliability table on the top-class probability, and the expected calibration error: scikit-learn has
     neither for many classes. The bins are right-closed like calibration_curve's (0.1 falls in the first)."""
-    top = pred.probs.max(axis=1)
-    hit = pred.probs.argmax(axis=1) == pred.y_true
+    top, hit = pred.probs.max(axis=1), pred.probs.argmax(axis=1) == pred.y_true
     edges = np.linspace(0.0, 1.0, bins + 1)
     bin_of = np.searchsorted(edges[1:-1], top)
-    rows, ece = [], 0.0
+    rows = []
     for b in range(bins):
         inside = bin_of == b
-        count = int(inside.sum())
-        confidence = float(top[inside].mean()) if count else None
-        accuracy = float(hit[inside].mean()) if count else None
-        if count:
-            ece += count / len(top) * abs(accuracy - confidence)
-        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": confidence,
-                     "accuracy": accuracy})
+        confidence, accuracy = (float(top[inside].mean()), float(hit[inside].mean())) if inside.any() else (None, None)
+        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(inside.sum()),
+                     "confidence": confidence, "accuracy": accuracy})
+    ece = sum((row["count"] / len(top) * abs(row["accuracy"] - row["confidence"]) for row in rows if row["count"]), 0.0)
     return {"bins": rows, "ece": ece}
 
 
@@ -344,3 +322,29 @@ def json_ready(value):
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value
+
+
+def familiarity(pred: Predictions) -> dict:
+    """The accuracy on the images like the model's training images and on those unlike them (below its cut-off,
+    model.signature), apart: a model is to be trusted on the kind of photo it learned from, not beyond."""
+    unfamiliar, hits = np.array(pred.unfamiliar, dtype=bool), pred.y_pred == pred.y_true
+
+    def scored(chosen: np.ndarray) -> dict:
+        n, correct = int(chosen.sum()), int(hits[chosen].sum())
+        return {"n": n, "accuracy": correct / n if n else None,
+                "accuracy_ci95": list(wilson_interval(correct, n)) if n else None}
+
+    return {"familiar": scored(~unfamiliar), "unfamiliar": scored(unfamiliar)}
+
+
+def familiarity_sentence(metrics: dict) -> str | None:
+    """How many evaluated images are unlike the training images, and the accuracy on each side."""
+    if not metrics.get("familiarity"):
+        return None
+    familiar, unfamiliar = metrics["familiarity"]["familiar"], metrics["familiarity"]["unfamiliar"]
+    if not unfamiliar["n"]:
+        return f"none of the {metrics['n']} images is unlike the training photos"
+    sides = [f"{name} accuracy {accuracy_interval(side)}" for name, side in
+             (("familiar", familiar), ("unfamiliar", unfamiliar)) if side["n"]]
+    return (f"{unfamiliar['n']} of the {metrics['n']} images are unlike the training photos (similarity below the "
+            f"model's cut-off): {'; '.join(sides)}")

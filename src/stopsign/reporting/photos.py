@@ -26,6 +26,7 @@ THUMBNAIL_SIDE = 96  # duplicate-group thumbnails in the HTML, in pixels
 GRID_IMAGE_SIDE = 192  # images of samples.jpg and errors.jpg, in pixels (the size the matplotlib grid showed)
 MAX_THUMBNAIL_GROUPS = 50  # duplicate groups shown with thumbnails; the rest are listed by name
 WRONG = "#c0392b"
+LOOKED = "#ffd600"  # the outline of where the model looked (inference/explain.py's box colour)
 JPEG_END = b"\xff\xd9"  # the end-of-image marker: a stored thumbnail without it is damaged
 
 
@@ -98,9 +99,16 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def shown_mistakes(pred: Predictions) -> list[int]:
+    """The misclassified images errors.jpg shows: most confident first, at most MAX_ERROR_IMAGES."""
+    wrong = pred.y_pred != pred.y_true
+    return [int(i) for i in np.argsort(-pred.confidence, kind="stable") if wrong[i]][:MAX_ERROR_IMAGES]
+
+
 def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: bool = False,
                  thumbnails: Thumbnails | None = None) -> Path:
-    """A grid of images titled "predicted p=0.93 / truth", mistakes in red with a thick red frame.
+    """A grid of images titled "predicted p=0.93 / truth", mistakes in red with a thick red frame, and where the
+    model looked outlined in yellow on each image whose prediction carries a box (pred.boxes).
 
     wrong_only=True shows every misclassified image (up to MAX_ERROR_IMAGES), most confident first, and ignores
     max_images; otherwise the first max_images images in evaluation order.
@@ -109,7 +117,7 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
     y_pred, confidence = pred.y_pred, pred.confidence
     wrong = y_pred != pred.y_true
     if wrong_only:
-        shown = [i for i in np.argsort(-confidence, kind="stable") if wrong[i]][:MAX_ERROR_IMAGES]
+        shown = shown_mistakes(pred)
     else:
         shown = list(range(min(max_images, len(pred.y_true))))
     columns = max(1, min(5, len(shown)))
@@ -144,7 +152,12 @@ def plot_samples(pred: Predictions, path, *, max_images: int = 16, wrong_only: b
             draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "unreadable", fill="black", font=title_font,
                       anchor="mm")
         else:  # centred in the square, as imshow would show it
-            grid.paste(image, (box[0] + (side - image.width) // 2, box[1] + (side - image.height) // 2))
+            corner = (box[0] + (side - image.width) // 2, box[1] + (side - image.height) // 2)
+            grid.paste(image, corner)
+            looked = pred.boxes[i] if pred.boxes else None
+            if looked:
+                draw.rectangle([corner[k % 2] + fraction * (image.width, image.height)[k % 2]
+                                for k, fraction in enumerate(looked)], outline=LOOKED, width=2)
         frame = 3 if wrong[i] else 1
         draw.rectangle((box[0] - frame, box[1] - frame, box[2] + frame - 1, box[3] + frame - 1),
                        outline=color if wrong[i] else "#999999", width=frame)

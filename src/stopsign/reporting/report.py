@@ -14,7 +14,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .charts import plot_c_choice, plot_calibration, plot_confusion, plot_curves, plot_pr, plot_roc, scored_classes
+from .charts import (plot_c_choice, plot_calibration, plot_confusion, plot_curves, plot_learning_curve, plot_pr,
+                     plot_roc, scored_classes)
 from .metrics import Predictions, compute_metrics, json_ready
 from .html import render_report
 from .photos import Thumbnails, duplicate_thumbnails, file_data_uri, plot_samples
@@ -58,12 +59,14 @@ def _photo_images(pred: Predictions, checks: dict | None, plots: Path) -> tuple[
 
 def write_report(out_dir, pred: Predictions, *, history: list[dict] | None = None, run_info: dict | None = None,
                  checks: dict | None = None, cv: dict | None = None, test: Predictions | None = None,
-                 threshold: float | None = None, title: str = "stopsign report", warnings: list[str] = ()) -> dict:
+                 threshold: float | None = None, title: str = "stopsign report", warnings: list[str] = (),
+                 learning_curve: dict | None = None) -> dict:
     """Write predictions.csv, metrics.json, plots/ (charts .png, photo grids .jpg) and report.html; return the metrics.
 
     test: the layout's test split, scored once with the kept model (metrics["test"]); history: the epochs, whose
     count and the validation size say how much choosing the best epoch flatters the headline (metrics["selection"]);
-    warnings: what training found wrong (a head no better than the prior), shown first with the verdict's own.
+    warnings: what training found wrong (a head no better than the prior), shown first with the verdict's own;
+    learning_curve: training/curve.py's, drawn and kept in metrics.json (metrics["learning_curve"]).
     """
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
@@ -75,6 +78,8 @@ def write_report(out_dir, pred: Predictions, *, history: list[dict] | None = Non
         metrics["cv"] = json_ready(cv)
     if test is not None:
         metrics["test"] = compute_metrics(test.with_threshold(threshold) if threshold is not None else test)
+    if learning_curve:
+        metrics["learning_curve"] = learning_curve
     if history and cv is None:
         metrics["selection"] = selection_note(len(history), metrics["n"])
     write_predictions_csv(pred, out_dir / "predictions.csv")
@@ -90,6 +95,8 @@ def write_report(out_dir, pred: Predictions, *, history: list[dict] | None = Non
         charts["roc"] = (plot_roc, pred, plots / "roc.png")
         charts["pr"] = (plot_pr, pred, plots / "pr.png")
     charts["calibration"] = (plot_calibration, metrics, plots / "calibration.png")
+    if learning_curve:
+        charts["learning_curve"] = (plot_learning_curve, learning_curve, plots / "learning_curve.png")
     # The photo work (decoding, resizing, JPEG) releases the GIL: a thread does it beside the charts.
     with ThreadPoolExecutor(1) as pool:
         photo_work = pool.submit(_photo_images, pred, checks, plots)

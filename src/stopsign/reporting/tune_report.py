@@ -11,10 +11,9 @@ config.relevant_settings) is left out of its tables and slices, and a plot with 
 
 from __future__ import annotations
 
-import math
+from itertools import accumulate
 from pathlib import Path
 
-import numpy as np
 from optuna.distributions import CategoricalDistribution
 
 from .charts import integer_ticks, log_ticks, new_figure, save_figure
@@ -40,17 +39,14 @@ def plot_history(rows: list[dict], start_accuracy: float, path, start_name: str 
     figure = new_figure(8, 4)
     axis = figure.subplots()
     done = [r for r in rows if r["state"] == "complete"]
-    pruned = [r for r in rows if r["state"] == "pruned" and r["fold1_accuracy"] is not None]
+    pruned = [r for r in rows if r["state"] == "pruned" and r["accuracy"] is not None]
     axis.scatter([r["number"] for r in done], [r["accuracy"] for r in done], s=14, label="complete")
-    axis.scatter([r["number"] for r in pruned], [running_accuracy(r) for r in pruned], s=14, marker="x",
+    axis.scatter([r["number"] for r in pruned], [r["accuracy"] for r in pruned], s=14, marker="x",
                  color="tab:gray", label="pruned (mean of its folds so far)")
-    best, steps = None, []
-    for row in done:
-        if best is None or row["value"] > best["value"]:
-            best = row
-        steps.append((row["number"], best["accuracy"]))
-    if steps:
-        axis.step(*zip(*steps), where="post", color="tab:green", label="best so far")
+    if done:
+        leaders = accumulate(done, lambda leader, row: row if row["value"] > leader["value"] else leader)
+        axis.step([r["number"] for r in done], [r["accuracy"] for r in leaders], where="post", color="tab:green",
+                  label="best so far")
     axis.axhline(start_accuracy, linestyle="--", color="tab:red", linewidth=1, label=start_name)
     if baseline:
         axis.axhline(baseline["accuracy"], linestyle=":", color="tab:gray", linewidth=1,
@@ -100,11 +96,6 @@ def plot_slice(rows: list[dict], name: str, space, path) -> Path:
     return save_figure(figure, path)
 
 
-def running_accuracy(row: dict) -> float:
-    folds = [v for k, v in row.items() if k.startswith("fold") and k.endswith("_accuracy") and v is not None]
-    return float(np.mean(folds)) if folds else math.nan
-
-
 def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict, importances: dict | str, *,
                       title: str) -> Path:
     """plots/history.png, plots/importances.png (when computable), plots/slice_<parameter>.png, report.html.
@@ -138,13 +129,12 @@ def best_settings(best: dict, search_space: dict) -> tuple[tuple[list, list], tu
     """(header, rows) of two tables: the best trial's scores against the starting recipe's and the majority
     class's; the settings either recipe's head reads, "not used" where one does not."""
     start, trivial, folds = best["starting_recipe"], best["baseline"], best["folds"]
-    scores = (["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"] + [f"fold {k + 1}" for k in range(folds)],
-              [[f"best (trial {best['trial']})", best["accuracy"], best["balanced_accuracy"], best["accuracy_std"],
-                best["log_loss"], *best["fold_accuracy"]],
-               [start["name"], start["accuracy"], start.get("balanced_accuracy"), start["accuracy_std"],
-                start["log_loss"], *start["fold_accuracy"]],
-               [f"always {trivial['majority_class']} (no model)", trivial["accuracy"], trivial["balanced_accuracy"],
-                None, trivial["log_loss"], *[None] * folds]])
+    figures = ("accuracy", "balanced_accuracy", "accuracy_std", "log_loss")  # balanced: none in older studies
+    header = ["", "mean fold accuracy", "balanced accuracy", "std", "log-loss"]
+    scores = (header + [f"fold {k + 1}" for k in range(folds)],
+              [[name, *(row.get(key) for key in figures), *row.get("fold_accuracy", [None] * folds)]
+               for name, row in ((f"best (trial {best['trial']})", best), (start["name"], start),
+                                 (f"always {trivial['majority_class']} (no model)", trivial))])
     params = [best["params"], start["params"]]
     settings = (["parameter", "best", start["name"]],
                 [[name, *(p.get(name) if uses(p, name) else NOT_USED for p in params)]

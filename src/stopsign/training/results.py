@@ -19,3 +19,4 @@ class FitResult:
     val_samples: list[Sample]  # the validation images that could be read, in the order of val_probs
     val_probs: np.ndarray  # (len(val_samples), C) from the kept head
     threshold: dict | None = field(default=None)  # two classes: the decision threshold chosen out of fold
+    learning_curve: dict | None = field(default=None)  # --learning-curve: training/curve.py's

@@ -92,21 +92,30 @@ def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str],
         return None
     positive, truth, probs = model.positive_index(class_names), [], []
     folds = kfold_samples(samples, int(min(MAX_FOLDS, counts.min())), recipe.seed, groups=groups)
+    extra = [s for s in extra_train if s.path in source.train_rows]
     with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):  # as fit_logistic's fits
         for fit_on, held_out in tqdm(folds, desc="threshold folds", unit="fold", disable=not progress, leave=False):
-            if model.head == "logistic":
-                features, labels = training_rows(source, fit_on + [s for s in extra_train
-                                                                   if s.path in source.train_rows])
-                pipeline = make_model(model, recipe, fitted["C"], positive)
-                if model.pooling == "regions":  # a looser tolerance: the threshold moved by < 0.005, in less time
-                    pipeline.set_params(classifier__tol=FOLD_TOLERANCE)
-                fit_quietly(pipeline, features, labels)
-                head = folded_head(pipeline["scaler"], pipeline["classifier"], num_features, 2)
-            else:
-                head = fit(source, num_features, 2, fit_on + list(extra_train), [], model, recipe, keep="last",
-                           positive=positive).head
-            rows = np.array([source.train_rows[s.path] for s in held_out], dtype=np.int64)
-            with torch.no_grad():
-                probs.append(logits(head, source.train_features[rows, 0]).softmax(1).numpy())  # the plain view
+            head = fold_head(source, fit_on + extra, num_features, 2, model, recipe, fitted, positive)
+            probs.append(held_out_probabilities(head, source, held_out))
             truth.append([s.label for s in held_out])
     return choose_threshold(np.concatenate(truth), np.concatenate(probs)[:, POSITIVE], recipe.target_recall)
+
+
+def fold_head(source: CachedFeatures, samples: list[Sample], num_features: int, num_classes: int,
+              model: ModelConfig, recipe: TrainConfig, fitted: dict, positive: int | None):
+    """A head fit on `samples` (readable ones) with the final head's hyperparameters (`fitted`: its history row, whose
+    "C" a logistic head chose): the out-of-fold fits of the threshold and the learning curve."""
+    if model.head != "logistic":
+        return fit(source, num_features, num_classes, samples, [], model, recipe, keep="last", positive=positive).head
+    pipeline = make_model(model, recipe, fitted["C"], positive)
+    if model.pooling == "regions":  # a looser tolerance: the threshold moved by < 0.005, in less time
+        pipeline.set_params(classifier__tol=FOLD_TOLERANCE)
+    fit_quietly(pipeline, *training_rows(source, samples))
+    return folded_head(pipeline["scaler"], pipeline["classifier"], num_features, num_classes)
+
+
+@torch.no_grad()
+def held_out_probabilities(head, source: CachedFeatures, samples: list[Sample]) -> np.ndarray:
+    """(N, K) probabilities of training-split images from their plain view (each cached image's view 0)."""
+    rows = np.array([source.train_rows[s.path] for s in samples], dtype=np.int64)
+    return logits(head, source.train_features[rows, 0]).softmax(1).numpy()

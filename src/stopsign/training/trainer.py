@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, RunOptions, Settings, TrainConfig, given_settings, names
+from ..config import ModelConfig, RunOptions, Settings, TrainConfig, given_settings, names, settings_yaml
 from ..checkpoint import make_checkpoint, save_checkpoint
 from ..data.checks import check_data
 from ..data.datasets import LabelledData, Sample, load_data
 from ..errors import Interrupted, StopsignError
-from ..files import now, read_json, write_csv, write_json
+from ..files import atomic_write_text, now, read_json, write_csv, write_json
 from ..model.features import FeatureExtractor, FeatureSet
-from ..model.signature import make_signature, match_training
+from ..model.signature import compare_with_training, make_signature
 from ..reporting.metrics import Predictions
+from ..reporting.card import write_card
 from ..reporting.report import write_report
 from .crossval import cross_validate
 from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
@@ -34,6 +35,7 @@ from ..storage import check_writable, exists, is_url, join
 from ..runs import create_run_dir, local_run, remove_partial_files, run_upload
 from .records import METRIC_COLUMNS, data_record, resume_state, summary, versions
 from .sources import CachedFeatures, LiveImages
+from .curve import learning_curve
 from .threshold import out_of_fold_threshold
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,12 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
           resume: str | Path | None = None, progress: bool = True, distributed: bool | None = None,
           **overrides) -> RunResult | None:
     """Train a linear head on a frozen backbone and write a run folder. model, recipe, run: the settings (defaults
-    where left out), then flat `overrides` of any of their fields (`train(data, epochs=5)`). resume: an interrupted
-    run's folder, whose own settings, split and (data None) data are used; settings given that differ from its own
-    are an error, run options excepted. data, resume and run.out may be URLs (fetched; the run uploaded as it grows:
-    storage.py). Under torchrun (distributed=None: when launched by it) every rank computes its share of the
-    features, then rank 0 trains and returns the RunResult; the others return None (plan.py)."""
+    where left out), then flat `overrides` of any of their fields (`train(data, epochs=5)`); `config="args.yaml"`
+    among them: a YAML file's settings, under all the others. resume: an interrupted run's folder, whose own
+    settings, split and (data None) data are used; settings given that differ from its own are an error, run options
+    excepted. data, resume and run.out may be URLs (fetched; the run uploaded as it grows: storage.py). Under
+    torchrun (distributed=None: when launched by it) every rank computes its share of the features, then rank 0
+    trains and returns the RunResult; the others return None (plan.py)."""
     phases, clock, started = {}, time.perf_counter(), now()
     settings, run_dir, resume, resume_url = resolve_run(given_settings(model, recipe, run, overrides), resume)
     check_recipe(settings, val)
@@ -78,7 +81,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         extractor = make_extractor(model, run)
         record = run_record(settings, location or str(data.root), extractor)
         if not resume:
-            write_json(run_dir / "config.json", record)
+            write_settings(run_dir, record, settings)
         phases["load and check data"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -92,7 +95,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
                                                           record, plan.groups, plan.folds, plan.synthetic))
         phases["features"] = time.perf_counter() - clock
 
-        signature, val_copies = describe_training(features)
+        signature, val_marks = describe_training(features, plan.groups)
         cv = None
         if recipe.folds > 1:
             clock = time.perf_counter()
@@ -111,18 +114,17 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
             log.error("%s", stuck)
 
         clock, completed = time.perf_counter(), now()
-        predictions = cv.pop("oof") if cv else validation_predictions(result, data.class_names, val_copies)
+        predictions = cv.pop("oof") if cv else validation_predictions(result, data.class_names, val_marks)
         info = run_info(data, kept, skipped, settings, extractor, plan.synthetic, cv=cv,
                         times={"started": started, "completed": completed, "phases": phases})
         metrics = write_report(run_dir, predictions, history=result.history, run_info=info, checks=checks, cv=cv,
                                test=score_test(plan, features, result.head, signature),
                                threshold=reported_threshold(result, cv), title=f"stopsign run {run_dir.name}",
-                               warnings=[stuck] if stuck else [])
+                               warnings=[stuck] if stuck else [], learning_curve=result.learning_curve)
         share_trained = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
-        write_json(run_dir / "summary.json",  # last: a reader who finds it knows the run is whole
-                   summary(record, result.history, result.best, started, completed, share_trained=share_trained,
-                           cv_accuracy=cv["mean"]["accuracy"] if cv else None, metrics=metrics,
-                           threshold=result.threshold))
+        write_summary(run_dir, summary(record, result.history, result.best, started, completed,
+                                       share_trained=share_trained, cv_accuracy=cv["mean"]["accuracy"] if cv else None,
+                                       metrics=metrics, threshold=result.threshold))
         if upload:
             upload.finish()  # the report, then summary.json
         phases["report"] = time.perf_counter() - clock
@@ -194,6 +196,18 @@ def run_record(settings: Settings, data_location: str, extractor: FeatureExtract
                                "preprocessing": extractor.preprocessing, "versions": versions()}
 
 
+def write_settings(run_dir: Path, record: dict, settings: Settings) -> None:
+    """config.json (run_record's) and args.yaml: the settings alone, which `--config` and `config=` read back."""
+    write_json(run_dir / "config.json", record)
+    atomic_write_text(run_dir / "args.yaml", settings_yaml(settings.to_dict(), "train"))
+
+
+def write_summary(run_dir: Path, run_summary: dict) -> None:
+    """The model card (README.md), then summary.json: last, so that a reader who finds it knows the run is whole."""
+    write_card(run_dir, run_summary)
+    write_json(run_dir / "summary.json", run_summary)
+
+
 def without_skipped(skipped: dict[str, str], **samples: list[Sample]) -> dict[str, list[Sample]]:
     """Each named list of samples without the files in `skipped` (those that could not be listed or decoded)."""
     return {name: [s for s in part if str(s.path) not in skipped] for name, part in samples.items()}
@@ -205,10 +219,13 @@ def reported_threshold(result, cv: dict | None) -> float | None:
     return result.threshold["value"] if result.threshold and not cv else None
 
 
-def validation_predictions(result, class_names: list[str], val_copies: dict) -> Predictions:
-    """The kept head's predictions of the validation images it could read, each marked if a training image's copy."""
+def validation_predictions(result, class_names: list[str], val_marks: dict) -> Predictions:
+    """The kept head's predictions of the validation images it could read, each marked if a training image's copy
+    and if unlike the training images (describe_training's marks)."""
+    marks = [val_marks.get(str(s.path), (None, None)) for s in result.val_samples]
     return Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
-                       result.val_probs, class_names, copies=[val_copies.get(str(s.path)) for s in result.val_samples])
+                       result.val_probs, class_names, copies=[copy for copy, _ in marks],
+                       unfamiliar=[unfamiliar for _, unfamiliar in marks])
 
 
 def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[str, str], settings: Settings,
@@ -267,8 +284,9 @@ def score_test(plan: Plan, features: dict[str, FeatureSet], head, signature: dic
     label_of = {s.path: s.label for s in plan.test}
     with torch.no_grad():
         probs = head(torch.from_numpy(scored.features[:, 0])).softmax(1).numpy()
+    found = compare_with_training(signature, plain.digests, plain.features[:, 0])
     return Predictions([str(p) for p in scored.paths], [label_of[p] for p in scored.paths], probs,
-                       plan.data.class_names, copies=match_training(signature, plain.digests, plain.features[:, 0]))
+                       plan.data.class_names, copies=found.copies, unfamiliar=found.unfamiliar)
 
 
 @contextmanager
@@ -327,13 +345,16 @@ def make_source(extractor: FeatureExtractor, plan: Plan, progress: bool, resume_
     return live or CachedFeatures(extractor, plan.training, plan.held_out, model, recipe, features=features), features
 
 
-def describe_training(features: dict[str, FeatureSet]) -> tuple[dict, dict[str, str | None]]:
+def describe_training(features: dict[str, FeatureSet], groups: dict[str, int]
+                      ) -> tuple[dict, dict[str, tuple[str | None, bool | None]]]:
     """The signature of the training images (plain views: one more backbone pass each on a cold cache, since
-    training itself needs only augmented views) and, for each validation image, whether it is a copy of one."""
+    training itself needs only augmented views), its unfamiliar cut-off calibrated with their duplicate `groups`,
+    and for each validation image whether it is a copy of one and whether it is unlike them."""
     trained, held = features["trained"], features["validated"]
-    signature = make_signature(trained.digests, trained.features[:, 0])
-    marks = match_training(signature, held.digests, held.features[:, 0])
-    return signature, {str(path): mark for path, mark in zip(held.paths, marks)}
+    signature = make_signature(trained.digests, trained.features[:, 0], [groups.get(str(p)) for p in trained.paths])
+    found = compare_with_training(signature, held.digests, held.features[:, 0])
+    unfamiliar = found.unfamiliar or [None] * len(held.paths)
+    return signature, {str(path): marks for path, marks in zip(held.paths, zip(found.copies, unfamiliar))}
 
 
 def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names: list[str],
@@ -377,6 +398,11 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
         log.info("decision threshold: p(%s) >= %.3f (%s: %.3f, against %.3f at 0.5)", class_names[1],
                  result.threshold["value"], result.threshold["rule"], result.threshold["oof_balanced_accuracy"],
                  result.threshold["oof_at_0.5_balanced_accuracy"])
+    if settings.run.learning_curve:
+        result.learning_curve = learning_curve(source, real, class_names, extractor.feature_size, model, recipe,
+                                               result.best, groups=groups, progress=progress)
+        if result.learning_curve:
+            log.info("learning curve: %s (plots/learning_curve.png: an estimate)", result.learning_curve["reading"])
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
                                                          result.best, model=arguments, trained_on=trained_on,
                                                          threshold=result.threshold))

@@ -1,9 +1,8 @@
 """tune(): a seeded Optuna search over the head's recipe, every trial scored by K-fold cross-validation.
 
 The backbone's features of every image are computed once, for the largest number of augmented views in the
-search space; a trial narrows them to its own views and trains K linear heads, so a trial takes about a
-second on a CPU. The study lives in `study.db` (SQLite) in the tune folder: `resume` adds trials to it,
-and several processes can add trials to one study at the same time.
+search space; a trial narrows them to its own views and trains K heads on them. The study lives in `study.db`
+(SQLite) in the tune folder: `resume` adds trials to it, and several processes can add trials to it at once.
 
 The objective is the mean fold accuracy minus 0.001 × the mean fold log-loss. The log-loss term (typically
 0.1–1) is worth a fraction of one image of accuracy (1/200 = 0.005 on 200 photos), so it only orders trials
@@ -33,9 +32,9 @@ except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
 from ..config import (CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, ModelConfig, RunOptions, Settings, TrainConfig,
-                      given_settings, names)
+                      given_settings, names, settings_yaml)
 from ..data.datasets import LabelledData, Sample, load_data
-from ..files import now, read_json, relative, write_csv, write_json
+from ..files import atomic_write_text, now, read_json, relative, write_csv, write_json
 from ..reporting.metrics import baseline, verdict
 from ..reporting.tune_report import write_tune_report
 from .crossval import held_out_predictions
@@ -52,8 +51,8 @@ LOG_LOSS_WEIGHT = 1e-3
 OBJECTIVE = "mean fold accuracy − 0.001 × mean fold log-loss (log-loss only breaks accuracy ties)"
 MAX_VIEWS = 8  # augmented views extracted once per image; a trial trains on its first `views` of them
 
-# Settings (ModelConfig and TrainConfig fields) and their ranges. Every range holds the seed recipe's value, except weight decay's 0,
-# which a log scale cannot hold (1e-6 is as good as none).
+# Settings (ModelConfig and TrainConfig fields) and their ranges. Every range holds the seed recipe's value,
+# except weight decay's 0, which a log scale cannot hold (1e-6 is as good as none).
 SEARCH_SPACE = {
     "lr_max": FloatDistribution(1e-4, 1.0, log=True),
     "lr_base": FloatDistribution(1e-7, 1e-4, log=True),  # always below lr_max's range: the cycle rises
@@ -97,17 +96,14 @@ class TuneResult:
 
 
 def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
-    """A trial's draw from `space` (SEARCH_SPACE, or search_space() of a study's feature choices), as flat
-    settings."""
-    values = {}
-    for name, space in space.items():
-        if isinstance(space, CategoricalDistribution):
-            values[name] = trial.suggest_categorical(name, space.choices)
-        elif isinstance(space, IntDistribution):
-            values[name] = trial.suggest_int(name, space.low, space.high, log=space.log)
-        else:
-            values[name] = trial.suggest_float(name, space.low, space.high, log=space.log)
-    return values
+    """A trial's draw from `space` (search_space()'s), as flat settings."""
+    def draw(name: str, drawn) -> object:
+        if isinstance(drawn, CategoricalDistribution):
+            return trial.suggest_categorical(name, drawn.choices)
+        number = trial.suggest_int if isinstance(drawn, IntDistribution) else trial.suggest_float
+        return number(name, drawn.low, drawn.high, log=drawn.log)
+
+    return {name: draw(name, drawn) for name, drawn in space.items()}
 
 
 def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
@@ -186,11 +182,11 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         def on_fold(index: int, scores: dict) -> None:
             trial.report(scores["accuracy"], index)
             if trial.should_prune():
-                record_scores(trial, scores)
+                trial.set_user_attr("scores", scores)  # one attribute: one commit
                 raise optuna.TrialPruned()
 
         scores = score(config.replace(**suggest(trial, space)), on_fold)
-        record_scores(trial, scores)
+        trial.set_user_attr("scores", scores)
         return scores["value"]
 
     storage = sqlite_storage(run_dir / "study.db")
@@ -224,8 +220,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
             best = write_outputs(study, run_dir, start, trivial, final_run.run_dir, space)
     finally:
         storage.engine.dispose()  # its last connection closed, SQLite folds study.db-wal into study.db, deletes -shm
-    upload = run_upload(config.run.out, run_dir) if best and not resume else None  # --out s3://...: at the end
-    if upload:
+    if best and not resume and (upload := run_upload(config.run.out, run_dir)):  # --out s3://...: at the end
         upload.finish()
     found = (best["params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
     return TuneResult(run_dir, *found, final_run, config.recipe.folds, start["accuracy"], start["name"], trivial,
@@ -234,17 +229,24 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
 
 def study_settings(data: LabelledData, given: dict, resume: str | Path | None, folds: int | None,
                    search: dict[str, list]) -> tuple[Settings, dict]:
-    """The study's settings and its search of features: a resumed tune folder's own (another search or settings
-    asked of it are an error: its trials would not compare; its run options may change), or a new study's, folds 5
-    by default. given: the flat settings asked for (given_settings())."""
+    """The study's settings and its search of features: a resumed tune folder's own (refused for other data, whose
+    folds would differ; another search or settings asked of it are an error: its trials would not compare; its run
+    options may change), or a new study's, folds 5 by default. given: the flat settings asked for (given_settings())."""
     if not resume:
         config = Settings().replace(**given | {"folds": folds or given.get("folds") or 5})
         if config.recipe.folds < 2:
             raise StopsignError(f"tuning needs folds >= 2, got {config.recipe.folds}: it never scores on a single "
                                 "split")
         return config, search
-    run_dir, config = reopen_tune_folder(Path(resume), data, data.samples)
-    recorded = read_json(run_dir / "config.json")["tune"].get("search", {})
+    run_dir = Path(resume)
+    if not (run_dir / "study.db").is_file() or not (run_dir / "config.json").is_file():
+        raise StopsignError(f"{run_dir} has no study.db and config.json: it is not a tune folder")
+    record = read_json(run_dir / "config.json")
+    if record["data"]["digest"] != samples_digest(data, data.samples):
+        raise DataError(f"{data.root} holds other images or labels than the study in {run_dir} was started with "
+                        f"({record['data']['images']} images from {record['data']['root']}); its folds would "
+                        "differ. Tune these data in a new folder instead")
+    config, recorded = Settings.from_dict(record), record["tune"].get("search", {})
     if search and search != recorded:
         raise StopsignError(f"cannot add trials to {run_dir} with another search of features ({search}) than its "
                             f"study's ({recorded or 'none'}). Fix: resume without it, or tune in a new folder")
@@ -312,9 +314,9 @@ def recipe_name(settings: Settings, space: dict) -> str:
 
 
 def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
-    """The study in SQLite, in WAL mode without a disk sync per commit: a trial commits some twenty times, and
-    synced commits (7 ms each here) took a third of a trial's time. A killed process loses nothing; a power cut
-    may lose the last trials. The 60 s busy timeout lets processes that share the study wait for each other."""
+    """The study in SQLite, in WAL mode without a disk sync per commit (a trial commits some twenty times): a
+    killed process loses nothing; a power cut may lose the last trials. The 60 s busy timeout lets processes that
+    share the study wait for each other."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}",
                                          engine_kwargs={"connect_args": {"timeout": 60}})
 
@@ -343,7 +345,8 @@ def checked_search(search: dict[str, list] | None) -> dict[str, list]:
 
 def create_tune_folder(config: Settings, data: LabelledData, samples: list[Sample], search: dict | None = None
                        ) -> Path:
-    """A new folder with config.json: the settings fixed for the study, what fixes its folds, the search."""
+    """A new folder with config.json (the settings fixed for the study, what fixes its folds, the search) and
+    args.yaml (the settings alone, for --config)."""
     run_dir = create_run_dir(config.run.out, config.run.name, f"tune-{config.model.backbone}")
     write_json(run_dir / "config.json", config.to_dict() | {
         "data": {"root": str(data.root), "images": len(samples), "digest": samples_digest(data, samples)},
@@ -352,23 +355,8 @@ def create_tune_folder(config: Settings, data: LabelledData, samples: list[Sampl
                  "sampler": f"TPE seeded per trial from seed {config.recipe.seed}",
                  "pruner": "median of the running mean fold accuracy, from the second fold on"},
         "started": now(), "versions": versions()})
+    atomic_write_text(run_dir / "args.yaml", settings_yaml(config.to_dict(), "tune"))
     return run_dir
-
-
-def reopen_tune_folder(run_dir: Path, data: LabelledData, samples: list[Sample]) -> tuple[Path, Settings]:
-    """A tune folder to add trials to, and its own settings; refused for other data (the folds would differ)."""
-    if not (run_dir / "study.db").is_file() or not (run_dir / "config.json").is_file():
-        raise StopsignError(f"{run_dir} has no study.db and config.json: it is not a tune folder")
-    record = read_json(run_dir / "config.json")
-    if record["data"]["digest"] != samples_digest(data, samples):
-        raise DataError(f"{data.root} holds other images or labels than the study in {run_dir} was started with "
-                        f"({record['data']['images']} images from {record['data']['root']}); its folds would "
-                        "differ. Tune these data in a new folder instead")
-    return run_dir, Settings.from_dict(record)
-
-
-def record_scores(trial: optuna.Trial, scores: dict) -> None:
-    trial.set_user_attr("scores", scores)  # one attribute: one commit
 
 
 def completed_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

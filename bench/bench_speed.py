@@ -82,11 +82,13 @@ def run_seed(workdir: Path) -> dict:
                                 transforms.Normalize(pre["mean"], pre["std"])])
     train_loader = DataLoader(PhotoDataset(train_samples, augment), batch_size=32, shuffle=True)
     val_loader = DataLoader(PhotoDataset(val_samples, plain), batch_size=1)
-    model = nn.Sequential(backbone.model, nn.Linear(backbone.feature_size, len(data.class_names)))
+    # the trunk, average-pooled (what the notebook's ResNet-18 does before its fc), then the new linear layer
+    model = nn.Sequential(backbone.model.trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(backbone.feature_size, len(data.class_names)))
     for parameter in model[0].parameters():
         parameter.requires_grad = False
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model[1].parameters(), lr=1e-2, momentum=0.9)
+    optimizer = torch.optim.SGD(model[-1].parameters(), lr=1e-2, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=1e-6, max_lr=1e-2, step_size_up=5,
                                                   mode="triangular2")
     best = 0.0

@@ -234,7 +234,7 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
     converged_ is true only when the solver moved from that start and met its tolerance."""
 
     def __init__(self, C: float = 1.0, width: int = 1, class_weight: str | None = None, positive: int | None = None,
-                 warm_start: bool = False, tol: float = 1e-4):
+                 warm_start: bool = False, tol: float = 1e-5):
         self.C, self.width, self.class_weight, self.positive, self.warm_start, self.tol = C, width, class_weight, \
             positive, warm_start, tol
 

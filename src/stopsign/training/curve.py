@@ -25,7 +25,7 @@ from ..data.datasets import Sample, kfold_samples
 from ..model.devices import torch_threads
 from .heads import MAX_FOLDS
 from .sources import CachedFeatures
-from .threshold import fold_head, held_out_probabilities
+from .threshold import fold_head, held_out_probabilities, in_parallel
 
 log = logging.getLogger(__name__)
 SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)  # of each fold's training part
@@ -49,16 +49,21 @@ def learning_curve(source, samples: list[Sample], class_names: list[str], num_fe
         return None
     folds = kfold_samples(samples, int(min(MAX_FOLDS, counts.min())), recipe.seed, groups=groups)
     positive = model.positive_index(class_names)
-    scores, sizes = np.zeros((len(SHARES), len(folds))), np.zeros((len(SHARES), len(folds)))
+
+    def score(fold: int) -> list[tuple[float, float]]:
+        """(images per class, balanced accuracy) of each share of fold `fold`'s training part."""
+        fit_on, held_out = folds[fold]
+        truth, found = [s.label for s in held_out], []
+        for part in nested_shares(fit_on, groups, recipe.seed + fold):
+            head = fold_head(source, part, num_features, len(class_names), model, recipe, fitted, positive)
+            predicted = held_out_probabilities(head, source, held_out).argmax(1)
+            found.append((len(part) / len(class_names), balanced_accuracy_score(truth, predicted)))
+        return found
+
     with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
-        for j, (fit_on, held_out) in enumerate(tqdm(folds, desc="learning curve", unit="fold", disable=not progress,
-                                                    leave=False)):
-            truth = [s.label for s in held_out]
-            for i, part in enumerate(nested_shares(fit_on, groups, recipe.seed + j)):
-                head = fold_head(source, part, num_features, len(class_names), model, recipe, fitted, positive)
-                predicted = held_out_probabilities(head, source, held_out).argmax(1)
-                scores[i, j] = balanced_accuracy_score(truth, predicted)
-                sizes[i, j] = len(part) / len(class_names)
+        scored = list(tqdm(in_parallel(score, list(range(len(folds))), model.head), total=len(folds),
+                           desc="learning curve", unit="fold", disable=not progress, leave=False))
+    sizes, scores = np.transpose(np.array(scored), (2, 1, 0))  # each (shares, folds)
     points = [{"images_per_class": float(n), "score": float(mean), "low": float(low), "high": float(high)}
               for n, mean, (low, high) in zip(sizes.mean(1), scores.mean(1), map(interval, scores))]
     law = power_law(sizes.mean(1), 1 - scores.mean(1))

@@ -12,6 +12,7 @@ otherwise. Photos of a new source added to the training split move it: it is cho
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, available_cores
 from ..data.datasets import Sample, kfold_samples
 from ..decision import POSITIVE
 from ..model.devices import torch_threads
@@ -90,15 +91,30 @@ def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str],
     if counts.min() < 2:
         log.warning("a class has a single training image: the decision threshold stays 0.5")
         return None
-    positive, truth, probs = model.positive_index(class_names), [], []
+    positive = model.positive_index(class_names)
     folds = kfold_samples(samples, int(min(MAX_FOLDS, counts.min())), recipe.seed, groups=groups)
     extra = [s for s in extra_train if s.path in source.train_rows]
+
+    def score(fold):
+        head = fold_head(source, fold[0] + extra, num_features, 2, model, recipe, fitted, positive)
+        return held_out_probabilities(head, source, fold[1]), [s.label for s in fold[1]]
+
     with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):  # as fit_logistic's fits
-        for fit_on, held_out in tqdm(folds, desc="threshold folds", unit="fold", disable=not progress, leave=False):
-            head = fold_head(source, fit_on + extra, num_features, 2, model, recipe, fitted, positive)
-            probs.append(held_out_probabilities(head, source, held_out))
-            truth.append([s.label for s in held_out])
-    return choose_threshold(np.concatenate(truth), np.concatenate(probs)[:, POSITIVE], recipe.target_recall)
+        scored = list(tqdm(in_parallel(score, folds, model.head), total=len(folds), desc="threshold folds",
+                           unit="fold", disable=not progress, leave=False))
+    probs, truth = (np.concatenate(part) for part in zip(*scored))
+    return choose_threshold(truth, probs[:, POSITIVE], recipe.target_recall)
+
+
+def in_parallel(function, items: list, head: str):
+    """map(function, items), the logistic head's folds on a thread per core: their fits spend their time in numpy
+    and scipy, which release the GIL, and only read the cached features (bench/bench_speed.py, warm). An SGD head's
+    fits share the source's batch state: one at a time."""
+    if head != "logistic" or len(items) < 2:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(min(len(items), available_cores())) as pool:
+        yield from pool.map(function, items)
 
 
 def fold_head(source: CachedFeatures, samples: list[Sample], num_features: int, num_classes: int,

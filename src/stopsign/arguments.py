@@ -12,7 +12,7 @@ from .config import (DEMO_PER_CLASS, DEVICE_HELP, LISTED, RECIPES, TrainConfig, 
 
 # settings fixed for a whole study; the recipe itself is what tune searches
 TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "synthetic_negatives", "positive", "seed", "rotation",
-               "cache_dir", "num_workers", "device", "out", "name")
+               "cache_dir", "num_workers", "device", "log", "out", "name")
 # the feature and head settings `review` scores images out of fold with
 REVIEW_FIELDS = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "seed", "cache_dir",
                  "num_workers", "bf16", "device")

@@ -53,7 +53,7 @@ RECIPES = ("stopsign", "seed")
 LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "val_fraction", "seed",
           "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs", "batch_size", "lr_base",
           "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler", "cycle_epochs", "cache", "cache_dir",
-          "num_workers", "bf16", "device", "folds", "target_recall", "learning_curve", "out", "name")
+          "num_workers", "bf16", "device", "folds", "target_recall", "learning_curve", "log", "out", "name")
 
 
 def available_cores() -> int:
@@ -180,6 +180,10 @@ class RunOptions(Part):
     name: str | None = setting(None, "run folder name (default: <backbone>-<time>; never overwrites)")
     learning_curve: bool = setting(False, "refit the head on shares of the training split under grouped folds: the "
                                           "score against images per class, extrapolated (an estimate), in the report")
+    log: str | None = setting(None, "also log the settings, each epoch's metrics, the final figures and the "
+                                    "report's card and charts to RUN/tensorboard/ (`tensorboard --logdir RUN`; needs "
+                                    "pip install 'stopsign[tensorboard]'); the only tracker offered (no mlflow yet)",
+                              choices=("tensorboard",))
 
 
 def setting_fields() -> list[dataclasses.Field]:

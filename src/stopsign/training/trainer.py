@@ -37,6 +37,7 @@ from .records import METRIC_COLUMNS, data_record, resume_state, summary, version
 from .sources import CachedFeatures, LiveImages
 from .curve import learning_curve
 from .threshold import out_of_fold_threshold
+from .tracking import check_tracking, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, settings, record,
                               state=resume_state(run_dir) if resume else None, progress=progress, cv=cv,
                               resume_hint=hint, trained_on=signature, groups=plan.groups, synthetic=plan.synthetic,
-                              after_save=sync)
+                              after_save=sync, tracker=(tracker := open_tracker(settings, run_dir)))
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
         if stuck := learned_nothing(result, plan.training, model, recipe):
@@ -124,7 +125,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         share_trained = len(kept["train"]) / (len(kept["train"]) + (0 if val is not None else len(kept["val"])))
         write_summary(run_dir, summary(record, result.history, result.best, started, completed,
                                        share_trained=share_trained, cv_accuracy=cv["mean"]["accuracy"] if cv else None,
-                                       metrics=metrics, threshold=result.threshold))
+                                       metrics=metrics, threshold=result.threshold), tracker)
         if upload:
             upload.finish()  # the report, then summary.json
         phases["report"] = time.perf_counter() - clock
@@ -143,6 +144,7 @@ def resolve_run(given: dict, resume: str | Path | None) -> tuple[Settings, Path 
     settings, run_dir = resolve_settings(given, resume, url=resume_url)
     if is_url(settings.run.out) and not resume:
         check_writable(settings.run.out)
+    check_tracking(settings.run.log)  # the package --log needs, before anything is fetched
     return settings, run_dir, resume, resume_url
 
 
@@ -202,9 +204,12 @@ def write_settings(run_dir: Path, record: dict, settings: Settings) -> None:
     atomic_write_text(run_dir / "args.yaml", settings_yaml(settings.to_dict(), "train"))
 
 
-def write_summary(run_dir: Path, run_summary: dict) -> None:
-    """The model card (README.md), then summary.json: last, so that a reader who finds it knows the run is whole."""
+def write_summary(run_dir: Path, run_summary: dict, tracker=None) -> None:
+    """The model card (README.md), --log's final figures and charts (`tracker`'s), then summary.json: last, so that
+    a reader who finds it knows the run is whole."""
     write_card(run_dir, run_summary)
+    if tracker:
+        tracker.log_run(run_summary, run_dir)
     write_json(run_dir / "summary.json", run_summary)
 
 
@@ -361,10 +366,10 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
                  train_samples: list[Sample], val_samples: list[Sample], settings: Settings, record: dict, *,
                  state: dict | None, progress: bool, resume_hint: str, trained_on: dict,
                  groups: dict[str, int] | None = None, synthetic: list[Sample] = (), cv: dict | None = None,
-                 after_save=lambda: None):
-    """fit(), writing metrics.csv and last.pt after every epoch and best.pt at the end; the first Ctrl-C stops
-    after the current epoch's files are written. The checkpoints hold the flat settings (`record`) and the model's
-    own arguments, its head's included."""
+                 after_save=lambda: None, tracker=None):
+    """fit(), writing metrics.csv and last.pt after every epoch (its row to `tracker` too, --log's) and best.pt at
+    the end; the first Ctrl-C stops after the current epoch's files are written. The checkpoints hold the flat
+    settings (`record`) and the model's own arguments, its head's included."""
     model, recipe = settings.model, settings.recipe
     backbone = {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
                 "feature_size": extractor.feature_size, "preprocessing": extractor.preprocessing}
@@ -380,6 +385,8 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
         save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record, row,
                                                              model=arguments, resume=epoch_state,
                                                              trained_on=trained_on))
+        if tracker:
+            tracker.log_epoch(row)
         after_save()  # with --out URL: this epoch's files to the bucket
         if stop.is_set():
             raise Interrupted(f"stopped after epoch {row['epoch']} of {recipe.epochs}; its files are written. "

@@ -43,6 +43,7 @@ from .records import versions
 from .sources import CachedFeatures
 from ..model.backbones import get_spec
 from .plan import Plan, make_extractor, prepare, ranks, share
+from .tracking import check_tracking
 from .trainer import RunResult, train
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                else data)  # never a test split
     given = given_settings(model, recipe, run, overrides)
     config, search = study_settings(studied, given, resume, folds, checked_search(search))
+    check_tracking(config.run.log)  # the final run's --log: its package, before the study
     with ranks(config.run.device) as (shard, device):
         config, progress = config.replace(device=device), progress and shard[0] == 0
         plan = prepare(studied, config.replace(views=max(MAX_VIEWS, config.recipe.views), synthetic_negatives=0),

@@ -475,3 +475,38 @@ def test_tune_shows_each_trial_s_folds_as_they_go(tmp_path, data, tiny_backbone,
     err = capsys.readouterr().err
     assert "trials: 100%" in err
     assert err.count("folds:") >= 2 * 3  # the starting recipe's 3 folds and the trial's, each as it ends
+
+
+def test_when_no_trial_beats_the_starting_recipe_the_final_model_uses_it(tmp_path, data, tiny_backbone, monkeypatch,
+                                                                          caplog):
+    real = tune_module.scorer
+
+    def worse_trials(plan, progress):
+        score, skipped = real(plan, progress)
+
+        def scored(trial, on_fold=None):  # a trial (on_fold given) scores 0.3 below what it got
+            found = score(trial, on_fold)
+            return found if on_fold is None else found | {"value": found["value"] - 0.3,
+                                                          "accuracy": found["accuracy"] - 0.3}
+        return scored, skipped
+
+    monkeypatch.setattr(tune_module, "scorer", worse_trials)
+    result = tune(data, trials=2, out=str(tmp_path / "runs"), **(SETTINGS | {"final": True}))
+    best = json.loads((result.run_dir / "best.json").read_text())
+    start = best["starting_recipe"]
+    assert result.final_from == best["final_from"] == "the defaults" and best["value"] < start["value"]
+    assert result.best_params == best["final_params"] == start["params"]
+    trained = json.loads((result.final_run.run_dir / "config.json").read_text())
+    assert {name: trained[name] for name in start["params"]} == start["params"]  # the defaults, not the best trial
+    from stopsign.reporting.tune_report import summary_lines
+
+    said = "\n".join(summary_lines(result))
+    assert "no trial scored above the defaults" in said and "the final model uses the defaults" in said
+    assert "No trial scored above the" in (result.run_dir / "report.html").read_text()
+
+
+def test_a_backbone_that_cannot_load_leaves_no_tune_folder(tmp_path, data, tiny_backbone):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(StopsignError, match="missing.pt"):
+        tune(data, trials=1, out=str(tmp_path / "runs"), weights=str(missing), **SETTINGS)
+    assert not list((tmp_path / "runs").glob("tune-*"))

@@ -148,8 +148,13 @@ def summary_lines(result) -> list[str]:
     if not result.best_params:
         return [f"no completed trial yet; the study is in {result.run_dir}"]
     lines = []
+    if result.final_from != "the best trial":
+        lines.append(f"warning: no trial scored above the {result.start_name} ({result.best_accuracy:.3f} against "
+                     f"{result.start_accuracy:.3f}): the final model uses {result.final_from}; more --trials may "
+                     "find better")
     if result.final_run:
-        lines.append(f"final model (best settings, all data): {result.final_run.run_dir / 'best.pt'}")
+        lines.append(f"final model ({result.final_from}'s settings, all data): "
+                     f"{result.final_run.run_dir / 'best.pt'}")
     if result.verdict["message"]:
         lines.append(f"warning: {result.verdict['message']}")
     return lines + [f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} "

@@ -85,7 +85,8 @@ def search_space(search: dict[str, list] | None = None) -> dict:
 @dataclass
 class TuneResult:
     run_dir: Path
-    best_params: dict  # flat settings: train(data, **best_params) rebuilds the best trial's recipe
+    best_params: dict  # flat settings of the final model's recipe: the best trial's, or the starting recipe's where
+    # no trial scored above it (final_from); train(data, **best_params) rebuilds it
     best_value: float  # the objective (see OBJECTIVE)
     best_accuracy: float  # the best trial's mean fold accuracy
     final_run: RunResult | None  # the model trained on all data with best_params (None: final=False)
@@ -94,6 +95,7 @@ class TuneResult:
     start_name: str = "defaults"  # what the starting recipe is (recipe_name)
     baseline: dict | None = None  # what always answering the majority class scores (metrics.baseline)
     verdict: dict | None = None  # whether the best trial beats that baseline (metrics.verdict); None: no trial
+    final_from: str = "the best trial"  # whose recipe best_params is: the best trial's, or the starting recipe's
 
 
 def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
@@ -176,9 +178,9 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         share(plan, shard, progress, search)  # under torchrun: this rank's share, into the shared store
     if shard[0] != 0:
         return None  # rank 0 tunes on what every rank computed
+    score, skipped = scorer(plan, progress)  # the backbone loads (or says why not) before any folder is made
     run_dir = Path(resume) if resume else create_tune_folder(config, studied, plan.train, search)
     space = search_space(search)
-    score, skipped = scorer(plan, progress)
 
     def objective(trial: optuna.Trial) -> float:
         def on_fold(index: int, scores: dict) -> None:
@@ -217,16 +219,16 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
         best = write_outputs(study, run_dir, start, trivial, None, space)
         final_run = None
         if best and final:
-            final_run = train(data, **config.replace(**best["params"], out=str(run_dir), name="final").to_dict(),
+            final_run = train(data, **config.replace(**best["final_params"], out=str(run_dir), name="final").to_dict(),
                               progress=progress, distributed=False)  # under torchrun the other ranks are done
             best = write_outputs(study, run_dir, start, trivial, final_run.run_dir, space)
     finally:
         storage.engine.dispose()  # its last connection closed, SQLite folds study.db-wal into study.db, deletes -shm
     if best and not resume and (upload := run_upload(config.run.out, run_dir)):  # --out s3://...: at the end
         upload.finish()
-    found = (best["params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
+    found = (best["final_params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
     return TuneResult(run_dir, *found, final_run, config.recipe.folds, start["accuracy"], start["name"], trivial,
-                      best["verdict"] if best else None)
+                      best["verdict"] if best else None, best["final_from"] if best else "the best trial")
 
 
 def study_settings(data: LabelledData, given: dict, resume: str | Path | None, folds: int | None,
@@ -409,6 +411,9 @@ def write_outputs(study: optuna.Study, run_dir: Path, start: dict, trivial: dict
         "trial": trial.number, "value": trial.value, "objective": OBJECTIVE, "folds": folds, **figures,
         "baseline": trivial, "verdict": verdict(figures | {"baseline": trivial}),
         "params": trial.params,
+        # a search of few trials may find nothing better than where it started: the final model must not be worse
+        **({"final_from": "the best trial", "final_params": trial.params} if trial.value >= start["value"] else
+           {"final_from": f"the {start['name']}", "final_params": start["params"]}),
         "starting_recipe": start,
         "trials": {state: states.count(state) for state in sorted(set(states))},
         "final_run": str(final_dir) if final_dir else None,

@@ -279,6 +279,8 @@ def quantize(classifier: CheckpointClassifier, checkpoint: Path, path: Path, met
     images, labels = run_images(checkpoint, classifier.preprocessing, classifier.tiles, "train", CALIBRATION_IMAGES)
     if not images:
         images, _ = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+    log.info("quantising to int8: calibrating on %d images, then checking it on the run's validation images "
+             "(onnxruntime reports no progress; about a minute on a 2-core CPU)", len(images))
     prepare = OnnxClassifier(path).prepare
     batches = [np.stack([prepare(image) for image in images[start:start + 8]]) for start in range(0, len(images), 8)]
     prepared, quantized = path.with_name(path.name + ".pre"), path.with_name(path.name + ".int8")

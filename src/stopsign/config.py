@@ -13,6 +13,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -310,10 +311,8 @@ def checked_setting(field: dataclasses.Field, value):
     if value is None and optional:
         return None
     if kind == "float" and isinstance(value, str):
-        try:  # PyYAML reads 1e-6 as text (YAML 1.1 numbers need a dot: 1.0e-6); the command line takes both
+        with contextlib.suppress(ValueError):  # PyYAML reads 1e-6 as text (YAML 1.1 wants 1.0e-6); a flag takes both
             value = float(value)
-        except ValueError:
-            pass
     types, expected = KINDS[kind]
     if (not isinstance(value, types) or isinstance(value, bool) != (kind == "bool")
             or kind == "float" and math.isnan(value)):

@@ -33,7 +33,7 @@ class Predictions:
     class_names: list[str]
     threshold: float | None = None  # two classes only: predict class 1 when p1 >= threshold; None = argmax
     # per image: "exact" or "near" when it is a copy of a training image of the model, None when new;
-    # None for the whole list when unknown (model.signature.match_training)
+    # None for the whole list when unknown (model.signature.compare_with_training)
     copies: list[str | None] | None = None
     # per image: True when unlike the model's training images (model.signature), None when unknown
     unfamiliar: list[bool | None] | None = None

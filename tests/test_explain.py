@@ -2,6 +2,7 @@
 serve's box."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_the_planted_region_wins_and_the_box_is_the_hot_cells_around_the_best():
     scores[3 * REGIONS + 1] = 4.0  # tile 3 (bottom-left crop: x 0-200, y 80-240 of 300×240), its top-right quarter
     cam = np.zeros((7, 7))
     cam[5, 1], cam[5, 2], cam[0, 6] = 1.0, 0.9, 0.8  # (0, 6) is hot too, but not connected to the best cell
-    explained = explanation((300, 240), (600, 480), 2, scores, cam, cam_tile=3, cells=(7, 7))
+    explained = explanation((300, 240), (600, 480), 2, scores, (7, 7), cam, cam_tile=3)
     assert explained.region_score == 4.0 and len(explained.regions) == 5 * REGIONS
     expected = region_box(300, 240, 2, 3 * REGIONS + 1, (7, 7))
     assert explained.region_box == tuple(round(2 * value) for value in expected)  # in the photo's own pixels
@@ -113,13 +114,42 @@ def test_serve_answers_with_the_box_when_asked(sign_model):
     assert client.get("/model").json()["explains"] is True
 
 
-def test_an_exported_model_says_it_cannot_explain(sign_model, tmp_path):
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_an_exported_model_explains_with_its_region_scores(sign_model, tmp_path, format):
     from stopsign.deploy.export import export
 
-    checkpoint, new, _ = sign_model
-    exported, _ = export(checkpoint, "onnx", tmp_path / "model.onnx")
-    with pytest.raises(StopsignError, match="no feature map to explain"):
-        load_classifier(exported).predict([new], explain=True)
+    checkpoint, new, boxes = sign_model
+    exported, report = export(checkpoint, format, tmp_path / f"model.{format}")
+    assert report["region_scores_max_abs_diff"] < 1e-3  # the second output, checked against PyTorch
+    rows = load_classifier(exported).predict([new], explain=True)
+    expected = {Path(row.path).name: row.explanation for row in load_classifier(checkpoint).predict([new], explain=True)}
+    for row in rows:
+        looked, truth = row.explanation, expected[Path(row.path).name]
+        # no feature map in the file: the box is the winning region's, the one the checkpoint outlines in white
+        assert looked.box == looked.region_box == truth.region_box
+        assert looked.region_score == pytest.approx(truth.region_score, abs=1e-3)
+        assert [box for box, _ in looked.regions] == [box for box, _ in truth.regions]
+    hits = sum(iou(row.explanation.box, boxes[Path(row.path).name]) > 0 for row in rows)
+    assert hits >= 0.8 * len(rows)  # the winning region holds the sign
+    client = TestClient(create_app(exported))
+    asked = client.post("/predict?explain=true", content=(new / "0.png").read_bytes()).json()
+    assert asked["box"] == list(expected["0.png"].region_box) and client.get("/model").json()["explains"] is True
+
+
+def test_a_model_without_regions_exports_without_them_and_says_it_cannot_explain(tmp_path, make_images,
+                                                                                 tiny_backbone, capsys):
+    from stopsign.deploy.export import export
+
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, layout="folders", size=(40, 40))
+    result = train(data, backbone="tiny", pooling="avg", tiles=1, out=str(tmp_path / "runs"), progress=False,
+                   num_workers=0)
+    exported, report = export(result.run_dir / "best.pt", "onnx", tmp_path / "model.onnx")
+    assert "region_scores_max_abs_diff" not in report
+    with pytest.raises(StopsignError, match="no region scores to explain"):
+        load_classifier(exported).predict([data], explain=True)
+    capsys.readouterr()
+    assert main(["-q", "predict", str(exported), str(data), "--explain", str(tmp_path / "looked")]) == 2
+    assert "explain with the run's best.pt" in capsys.readouterr().err and not (tmp_path / "looked").exists()
 
 
 def test_the_reports_mistakes_are_outlined_where_the_model_looked(sign_model, tmp_path):

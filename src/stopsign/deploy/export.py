@@ -1,10 +1,11 @@
 """Export a checkpoint's whole classifier to ONNX or TorchScript, checked against PyTorch before it is kept.
 
 The exported graph is backbone + head + softmax: a preprocessed float32 batch (N, 3, size, size), any N, in;
-class probabilities (N, C) out. The class names and the preprocessing travel as metadata (ONNX: metadata_props,
-each value a JSON string; TorchScript: the extra file `stopsign.json`). Each export is written under a temporary
+class probabilities (N, C) out, and with a regions head each region's score (N, R), where the model looked. The
+class names and the preprocessing travel as metadata (ONNX: metadata_props, each value a JSON string;
+TorchScript: the extra file `stopsign.json`). Each export is written under a temporary
 name, run on real images (the run's validation files, else generated ones) and compared with the PyTorch
-classifier; only a file that agrees is renamed into place.
+classifier, both outputs; only a file that agrees is renamed into place.
 
 An int8 export (`int8=True`, ONNX only) is that checked float file quantised by onnxruntime: statically, its
 activations' ranges calibrated on the run's training images. Its probabilities cannot match PyTorch's to
@@ -35,12 +36,12 @@ from ..files import read_json
 from ..cache import UPLOADS
 from ..checkpoint import load_checkpoint
 from ..inference.exported import (EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPUT_NAME, OUTPUT_NAME,
-                                  parse_onnx_properties)
+                                  REGIONS_NAME, parse_onnx_properties)
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
-from ..model.pooling import FrozenBackboneClassifier, combine_tiles, pooled
-from ..model.transforms import decode_size, tile_count
+from ..model.pooling import combine_tiles, pooled
+from ..model.transforms import REGIONS, decode_size, tile_count
 from ..storage import is_url, join, mirror_dir, upload_file
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}  # format → default file suffix
 INT8_SUFFIX = ".int8.onnx"
 TOLERANCE = 1e-4  # largest absolute difference of a probability allowed between the export and PyTorch
+REGION_TOLERANCE = 1e-3  # ... and of a region's score (log-odds or a logit, so of a larger scale)
 CHECK_IMAGES = 16
 CALIBRATION_IMAGES = 32  # the training images whose activations set the int8 ranges: a sample
 OPSET = 17
@@ -98,28 +100,29 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
 
 
 def export_module(classifier: CheckpointClassifier) -> nn.Module:
-    """images → probabilities: the classifier's own frozen backbone, pooling and head, and a softmax, in eval mode.
-    With tiles, the input holds each image's tiles (N, tiles, 3, size, size), which the deployment cuts
-    (model.transforms.tile_views, numpy)."""
-    frozen = FrozenBackboneClassifier(classifier.extractor.backbone.model, classifier.head, classifier.pooling)
-    model = nn.Sequential(_TiledClassifier(frozen) if classifier.tiles > 1 else frozen, nn.Softmax(dim=1))
-    return model.eval()
+    """The classifier's own frozen backbone, pooling and head, and a softmax, in eval mode: see _Exported."""
+    return _Exported(classifier.extractor.backbone.model, classifier.head, classifier.pooling,
+                     classifier.tiles > 1).eval()
 
 
-class _TiledClassifier(nn.Module):
-    """(N, T, 3, S, S) tiles → the head's logits on each image's tile features combined as model.features does."""
+class _Exported(nn.Module):
+    """images (N, 3, S, S) → probabilities (N, C); with tiles, each image's tiles (N, T, 3, S, S), cut by the
+    deployment (model.transforms.tile_views, numpy), combined as model.features does. A regions head also gives
+    each region's score (N, R) as the head ranks them (RegionHead.region_scores): where the model looked."""
 
-    def __init__(self, frozen: FrozenBackboneClassifier):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str, tiled: bool):
         super().__init__()
-        self.frozen = frozen
+        self.backbone, self.head, self.pooling, self.tiled = backbone, head, pooling, tiled
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        count = tiles.shape[1]
-        flat = tiles.reshape(-1, tiles.shape[2], tiles.shape[3], tiles.shape[4])
-        with torch.no_grad():
-            features = pooled(self.frozen.backbone(flat.contiguous(memory_format=torch.channels_last)),
-                              self.frozen.pooling)
-        return self.frozen.head(combine_tiles(features.reshape(-1, count, features.shape[1]), self.frozen.pooling))
+    def forward(self, images: torch.Tensor):
+        flat = images.reshape(-1, *images.shape[2:]) if self.tiled else images
+        features = pooled(self.backbone(flat.contiguous(memory_format=torch.channels_last)), self.pooling)
+        if self.tiled:
+            features = combine_tiles(features.reshape(images.shape[0], -1, features.shape[1]), self.pooling)
+        probabilities = self.head(features).softmax(dim=1)
+        if self.pooling == "regions":
+            return probabilities, self.head.region_scores(features)
+        return probabilities
 
 
 def example_input(preprocessing: dict, tiles: int) -> torch.Tensor:
@@ -128,31 +131,47 @@ def example_input(preprocessing: dict, tiles: int) -> torch.Tensor:
     return torch.zeros(2, tile_count(tiles), 3, size, size) if tiles > 1 else torch.zeros(2, 3, size, size)
 
 
+def region_cells(classifier: CheckpointClassifier) -> list[int]:
+    """(rows, columns) of the backbone's last feature map at the model's input side: the cells its regions
+    quarter (model.transforms.region_box), which an exported model's explanation needs."""
+    size = classifier.preprocessing["size"]
+    with torch.no_grad():
+        maps = classifier.extractor.backbone.model.trunk(torch.zeros(1, 3, size, size))
+    return [1, 1] if maps.dim() == 2 else list(maps.shape[2:])
+
+
 def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
-    source = classifier.checkpoint
-    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "stopsign_version": __version__,
-            "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
-            "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
-            "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
-            "pooling": classifier.pooling, "tiles": classifier.tiles, "threshold": classifier.threshold,
-            # the checkpoint's cut-off, for the record: the graph outputs no features, so an export cannot compare
-            # a photo with the training images, and its rows say so (similarity and unfamiliar None)
-            "unfamiliar_below": classifier.unfamiliar_below,
-            "input": f"{INPUT_NAME}: float32 (N, "
-                     + (f"{tile_count(classifier.tiles)} tiles, " if classifier.tiles > 1 else "")
-                     + f"3, {classifier.preprocessing['size']}, {classifier.preprocessing['size']}), preprocessed",
-            "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"}
+    source, regions = classifier.checkpoint, classifier.pooling == "regions"
+    metadata = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "stopsign_version": __version__,
+                "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
+                "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
+                "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
+                "pooling": classifier.pooling, "tiles": classifier.tiles, "threshold": classifier.threshold,
+                # the checkpoint's cut-off, for the record: the graph outputs no features, so an export cannot compare
+                # a photo with the training images, and its rows say so (similarity and unfamiliar None)
+                "unfamiliar_below": classifier.unfamiliar_below,
+                "input": f"{INPUT_NAME}: float32 (N, "
+                         + (f"{tile_count(classifier.tiles)} tiles, " if classifier.tiles > 1 else "")
+                         + f"3, {classifier.preprocessing['size']}, {classifier.preprocessing['size']}), preprocessed",
+                "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"
+                          + (f"; {REGIONS_NAME}: float32 (N, {tile_count(classifier.tiles) * REGIONS}), each region's "
+                             "score (the positive class's log-odds, else the predicted class's logit), regions laid out "
+                             "as region_cells' quarters, tile after tile" if regions else "")}
+    if regions:
+        metadata["region_cells"] = region_cells(classifier)
+    return metadata
 
 
 def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
     import onnx
 
+    outputs = [OUTPUT_NAME, REGIONS_NAME] if "region_cells" in metadata else [OUTPUT_NAME]
     # The TorchScript-based exporter: the torch.export-based one would add the onnxscript dependency.
     with quiet_torch():
         torch.onnx.export(model, (example_input(preprocessing, metadata["tiles"]),), str(path), dynamo=False,
                           opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                          input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     save_onnx(onnx.load(str(path)), metadata, path)
 
 
@@ -236,11 +255,20 @@ def compare(classifier: CheckpointClassifier, format: str, path: Path, images: l
     same = bool((got.argmax(1) == expected.argmax(1)).all() and single.argmax(1)[0] == expected.argmax(1)[0])
     report = {"images": len(images), "batch_sizes": [len(images), 1], "max_abs_diff": difference,
               "tolerance": TOLERANCE, "same_predictions": same}
-    if not (difference < TOLERANCE and same):
-        raise StopsignError(f"the {format} export of {classifier.backbone_name} does not match PyTorch: max "
-                            f"|difference| of probabilities {difference:.3g} (limit {TOLERANCE:g}), predicted "
-                            f"classes {'identical' if same else 'differ'}; nothing was written. Try the other "
-                            "--format, or report this with your torch and onnxruntime versions.")
+    problems = [] if difference < TOLERANCE and same else [
+        f"max |difference| of probabilities {difference:.3g} (limit {TOLERANCE:g}), predicted classes "
+        f"{'identical' if same else 'differ'}"]
+    if exported.explains:  # the second output: each region's score, where the model looked
+        scores = exported.image_explanations(images)[1]
+        got_scores = np.array([[score for _, score in explained.regions] for explained in scores])
+        report["region_scores_max_abs_diff"] = float(np.abs(got_scores - classifier.image_region_scores(images)).max())
+        if not report["region_scores_max_abs_diff"] < REGION_TOLERANCE:
+            problems.append(f"max |difference| of region scores {report['region_scores_max_abs_diff']:.3g} "
+                            f"(limit {REGION_TOLERANCE:g})")
+    if problems:
+        raise StopsignError(f"the {format} export of {classifier.backbone_name} does not match PyTorch: "
+                            f"{'; '.join(problems)}; nothing was written. Try the other --format, or report this "
+                            "with your torch and onnxruntime versions.")
     return report
 
 

@@ -273,8 +273,8 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
 
     def explaining(explain: bool) -> bool:
         if explain and not classifier.explains:
-            raise HTTPException(422, f"{model_path.name} cannot explain: an exported model keeps no feature map; "
-                                     "serve the run's best.pt")
+            raise HTTPException(422, f"{model_path.name} cannot explain: it gives no region scores (its pooling "
+                                     "is not regions, or it was exported before they were); serve the run's best.pt")
         return explain
 
     @app.post("/predict", openapi_extra=upload_body("one image file", "file", many=False))

@@ -28,7 +28,7 @@ from ..decision import check_threshold, decide
 from ..errors import StopsignError
 from ..storage import fetch, is_url, join
 from ..model.transforms import decode_size, preprocess, tile_views
-from .explain import Explanation, write_explanation
+from .explain import Explanation, explanation, photo_size, write_explanation
 
 if TYPE_CHECKING:  # model.signature imports torch, which an .onnx deployment lacks
     from ..model.signature import TrainingMatch
@@ -187,8 +187,9 @@ class Classifier(abc.ABC):
         raise self._cannot_explain()
 
     def _cannot_explain(self) -> StopsignError:
-        return StopsignError(f"{self.backbone_name}: an exported model keeps no feature map to explain; explain "
-                             "with the run's best.pt")
+        return StopsignError(f"{self.backbone_name}: this exported model gives no region scores to explain (its "
+                             "pooling is not regions, or it was exported before they were); explain with the run's "
+                             "best.pt, or export it again")
 
     def score(self, paths: list[Path], progress: bool = False
               ) -> tuple[list[Path], np.ndarray, dict, TrainingMatch | None]:
@@ -260,20 +261,53 @@ class Classifier(abc.ABC):
 
 class BatchClassifier(Classifier):
     """A classifier over a whole exported network: preprocessed float32 batches (N, 3, size, size) in,
-    probabilities out (`run`). Files are decoded and preprocessed here, in bounded batches."""
+    probabilities out (`outputs`), and with a regions head each region's score, which its explanations() show
+    (the winning region's box: no feature map, so no finer box). Files are decoded and preprocessed here, in
+    bounded batches."""
 
     batch_size = 16
     tiles = 1  # > 1: the network takes each image's tiles (N, tile_count, 3, size, size), cut here
+    region_cells: list[int] | None = None  # a regions head's feature-map (rows, columns): region scores are output
 
     @abc.abstractmethod
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The network's outputs on a preprocessed float32 batch (N, 3, size, size), or on tiles (see `tiles`):
+        probabilities (N, C), then with region_cells each region's score (N, R)."""
+
+    def read_metadata(self, metadata: dict) -> None:
+        """What an exported file's metadata (inference/exported.py) sets."""
+        self.metadata = metadata
+        self.class_names: list[str] = list(metadata["class_names"])
+        self.backbone_name: str = metadata["backbone"]
+        self.preprocessing: dict = dict(metadata["preprocessing"])
+        self.tiles = int(metadata.get("tiles", 1))
+        self.threshold = metadata.get("threshold")  # exports before thresholds were chosen: argmax
+        self.region_cells = metadata.get("region_cells")
+        self.explains = self.region_cells is not None
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities (N, C) of a preprocessed float32 batch (N, 3, size, size), or of tiles (see `tiles`)."""
+        """Probabilities (N, C) of a preprocessed batch."""
+        return self.outputs(batch)[0]
 
     def prepare(self, image) -> np.ndarray:
         """A decoded image as the network's input: preprocessed, or cut into its tiles and each preprocessed."""
         if self.tiles > 1:
             return np.stack(tile_views(image, self.preprocessing, self.tiles))
         return preprocess(image, self.preprocessing)
+
+    def explanations(self, paths: list[Path]) -> list[Explanation]:
+        side = decode_size(self.preprocessing, self.tiles)
+        images = [read_image(path, draft=(side, side)) for path in paths]
+        return self.image_explanations(images, [photo_size(path) for path in paths])[1]
+
+    def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
+        if not self.explains:
+            raise self._cannot_explain()
+        parts = [self.outputs(np.stack([self.prepare(image) for image in images[start:start + self.batch_size]]))
+                 for start in range(0, len(images), self.batch_size)]
+        probs, scores = (np.concatenate([part[index] for part in parts]) for index in (0, 1))
+        return probs, [explanation(image.size, size, self.tiles, row, self.region_cells)
+                       for image, size, row in zip(images, sizes or [image.size for image in images], scores)]
 
     def image_probabilities(self, images: list) -> np.ndarray:
         return self.run(np.stack([self.prepare(image) for image in images]))

@@ -49,22 +49,23 @@ class Explanation:
 
 
 def explanation(decoded: tuple[int, int], size: tuple[int, int], tiles: int, region_scores: np.ndarray | None,
-                cam: np.ndarray, cam_tile: int, cells: tuple[int, int]) -> Explanation:
+                cells: tuple[int, int], cam: np.ndarray | None = None, cam_tile: int = 0) -> Explanation:
     """The Explanation of a photo decoded at `decoded` (width, height) whose upright size is `size`: scores of its
     regions (None: a pooling without regions) on the model's (rows, columns) = `cells` feature maps, and the CAM
-    (rows, columns, of any size) of tile `cam_tile` of the decode."""
+    (rows, columns, of any size) of tile `cam_tile` of the decode. Without a CAM (an exported model's
+    explanation), the box is the winning region's."""
     scale = (size[0] / decoded[0], size[1] / decoded[1])
 
     def pixels(box) -> tuple[int, ...]:
         return tuple(int(round(value * scale[index % 2])) for index, value in enumerate(box))
 
-    box = pixels(cam_box(cam, tile_box(*decoded, tiles, cam_tile)))
+    box = pixels(cam_box(cam, tile_box(*decoded, tiles, cam_tile))) if cam is not None else None
     if region_scores is None:
         return Explanation(tuple(size), box)
     regions = [(pixels(region_box(*decoded, tiles, region, cells)), float(score))
                for region, score in enumerate(region_scores)]
     winner = int(np.argmax(region_scores))
-    return Explanation(tuple(size), box, regions[winner][0], regions[winner][1], regions)
+    return Explanation(tuple(size), box or regions[winner][0], regions[winner][0], regions[winner][1], regions)
 
 
 def cam_box(cam: np.ndarray, part: tuple[int, int, int, int]) -> tuple[float, ...]:

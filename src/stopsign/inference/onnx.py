@@ -27,14 +27,9 @@ class OnnxClassifier(BatchClassifier):
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types for unreadable files
             raise CheckpointError(f"{path} is not a readable ONNX model ({str(error).splitlines()[0]})") from error
-        self.metadata = parse_onnx_properties(self.session.get_modelmeta().custom_metadata_map, path)
+        self.read_metadata(parse_onnx_properties(self.session.get_modelmeta().custom_metadata_map, path))
         self.path, self.batch_size = path, batch_size
-        self.class_names: list[str] = list(self.metadata["class_names"])
-        self.backbone_name: str = self.metadata["backbone"]
-        self.preprocessing: dict = dict(self.metadata["preprocessing"])
-        self.tiles: int = int(self.metadata.get("tiles", 1))
-        self.threshold = self.metadata.get("threshold")  # exports before thresholds were chosen: argmax
         self.input_name = self.session.get_inputs()[0].name
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})

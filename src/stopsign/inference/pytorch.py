@@ -118,7 +118,7 @@ class CheckpointClassifier(Classifier):
             weight, bias = score_weights(self.head, self.positive, predicted)
             regions, tile = None, 0
             if self.pooling == "regions":
-                regions = (row.reshape(-1, weight.shape[0]) @ weight + bias).numpy()
+                regions = self.head.region_scores(row[None])[0].numpy()
                 tile = int(regions.argmax()) // REGIONS
             crop = image.crop(tile_box(*image.size, self.tiles, tile)) if tile else image
             larger = self.preprocessing | {"size": self.preprocessing["size"] * CAM_SCALE}
@@ -126,7 +126,13 @@ class CheckpointClassifier(Classifier):
             maps = maps[:, :, None, None] if maps.dim() == 2 else maps  # a trunk that pools by itself: one cell
             cam = torch.einsum("chw,c->hw", maps[0].float(), weight) + bias
         cells = tuple(max(1, side // CAM_SCALE) for side in cam.shape)  # the map of the model's own input side
-        return explanation(image.size, size, self.tiles, regions, cam.numpy(), tile, cells)
+        return explanation(image.size, size, self.tiles, regions, cells, cam.numpy(), tile)
+
+    def image_region_scores(self, images: list) -> np.ndarray:
+        """Each region's score (N, R) of decoded images as the regions head ranks them: an export's second output."""
+        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
+        with torch.no_grad():
+            return self.head.region_scores(torch.from_numpy(features)).numpy()
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) of feature rows; no rows, no call (a regions head cannot shape an empty batch)."""

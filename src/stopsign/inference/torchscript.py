@@ -46,13 +46,10 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
 class TorchScriptClassifier(BatchClassifier):
     def __init__(self, path: str | Path, *, batch_size: int = 16):
         self.path, self.batch_size = Path(path), batch_size
-        self.module, self.metadata = load_torchscript(path)
-        self.class_names: list[str] = list(self.metadata["class_names"])
-        self.backbone_name: str = self.metadata["backbone"]
-        self.preprocessing: dict = dict(self.metadata["preprocessing"])
-        self.tiles: int = int(self.metadata.get("tiles", 1))
-        self.threshold = self.metadata.get("threshold")  # exports before thresholds were chosen: argmax
+        self.module, metadata = load_torchscript(path)
+        self.read_metadata(metadata)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+            result = self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        return [tensor.numpy() for tensor in (result if isinstance(result, tuple) else (result,))]

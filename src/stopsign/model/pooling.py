@@ -88,6 +88,16 @@ class RegionHead(nn.Linear):
         half = odds[:, None] / 2
         return torch.cat([-half, half] if self.positive == 1 else [half, -half], dim=1)
 
+    def region_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Each region's score (N, R) as the head ranks them (score_weights): the positive class's log-odds, else
+        the predicted class's logit. What an explanation shows, and an exported model's second output."""
+        regions = features.reshape(features.shape[0], -1, self.in_features)
+        if self.positive is not None:
+            weight, bias = score_weights(self, self.positive, 0)
+            return regions @ weight + bias
+        predicted = self(features).argmax(dim=1)
+        return (regions @ self.weight[predicted][:, :, None])[..., 0] + self.bias[predicted][:, None]
+
 
 def score_weights(head: nn.Linear, positive: int | None, predicted: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight vector (C,) and bias that score one region's, or one feature-map cell's, C features as the head

@@ -182,9 +182,11 @@ class RunOptions(Part):
     learning_curve: bool = setting(False, "refit the head on shares of the training split under grouped folds: the "
                                           "score against images per class, extrapolated (an estimate), in the report")
     log: str | None = setting(None, "also log the settings, each epoch's metrics, the final figures and the "
-                                    "report's card and charts to RUN/tensorboard/ (`tensorboard --logdir RUN`; needs "
-                                    "pip install 'stopsign[tensorboard]'); the only tracker offered (no mlflow yet)",
-                              choices=("tensorboard",))
+                                    "report to a tracker: tensorboard, event files in RUN/tensorboard/ (`tensorboard "
+                                    "--logdir RUN`; needs pip install 'stopsign[tensorboard]'), or mlflow, a run in "
+                                    "RUN/mlruns/ or the store MLFLOW_TRACKING_URI names, with the report, best.pt "
+                                    "and charts as artifacts (needs pip install 'stopsign[mlflow]')",
+                              choices=("tensorboard", "mlflow"))
 
 
 def setting_fields() -> list[dataclasses.Field]:

@@ -37,7 +37,7 @@ from .records import METRIC_COLUMNS, data_record, resume_state, summary, version
 from .sources import CachedFeatures, LiveImages
 from .curve import learning_curve
 from .threshold import out_of_fold_threshold
-from .tracking import check_tracking, open_tracker
+from .tracking import check_tracking, tracking
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
     model, recipe, run = settings.model, settings.recipe, settings.run
     run_dir = run_dir or create_run_dir(run.out, run.name, model.backbone)  # data proved usable: no empty folder
     sync = upload.sync if (upload := run_upload(run.out, run_dir, resume_url)) else lambda: None
-    with discarded_unless_trained(run_dir, keep=bool(resume)):
+    with discarded_unless_trained(run_dir, keep=bool(resume)), tracking(settings, run_dir) as tracker:
         checks = check_drawn(plan)
         extractor = make_extractor(model, run)
         record = run_record(settings, location or str(data.root), extractor)
@@ -108,7 +108,7 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
         result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, settings, record,
                               state=resume_state(run_dir) if resume else None, progress=progress, cv=cv,
                               resume_hint=hint, trained_on=signature, groups=plan.groups, synthetic=plan.synthetic,
-                              after_save=sync, tracker=(tracker := open_tracker(settings, run_dir)))
+                              after_save=sync, tracker=tracker)
         sync()  # best.pt
         phases["train head"] = time.perf_counter() - clock
         if stuck := learned_nothing(result, plan.training, model, recipe):

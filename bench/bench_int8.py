@@ -72,7 +72,7 @@ def main() -> None:
         quantize_dynamic(str(float_path), str(dynamic_path), weight_type=QuantType.QInt8)
 
         pytorch = stopsign.load_classifier(checkpoint)
-        images, labels = run_images(checkpoint, pytorch.preprocessing, pytorch.tiles, "val")
+        images, labels = run_images(checkpoint, pytorch.decode_side, "val")
         batch = np.stack([OnnxClassifier(float_path).prepare(image) for image in images]).astype(np.float32)
         expected = pytorch.image_probabilities(images)
         truth = np.array([pytorch.class_names.index(label) for label in labels])

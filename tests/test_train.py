@@ -355,8 +355,8 @@ def test_a_checkpoint_stores_its_model_and_one_written_before_loads_with_the_hea
     checkpoint, data = tiny_checkpoint
     state = load_checkpoint(checkpoint)
     assert state["model"] == {
-        "backbone": "tiny", "weights": None, "image_size": None, "pooling": "avg", "tiles": 1, "head": "sgd",
-        "positive": None, "num_features": 8, "num_classes": 2, "positive_index": 1}
+        "backbone": "tiny", "weights": None, "image_size": None, "pooling": "avg", "tiles": 1, "tile_pixels": 0,
+        "head": "sgd", "positive": None, "num_features": 8, "num_classes": 2, "positive_index": 1}
     assert state["config"]["pooling"] == "avg" and state["config"]["epochs"] == 6  # the flat settings, as before
     old = tmp_path / "old.pt"
     torch.save({key: value for key, value in state.items() if key != "model"} | {"config": {}}, old)

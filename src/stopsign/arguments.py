@@ -11,11 +11,11 @@ from .config import (DEMO_PER_CLASS, DEVICE_HELP, LISTED, RECIPES, TrainConfig, 
                      setting_fields)
 
 # settings fixed for a whole study; the recipe itself is what tune searches
-TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "synthetic_negatives", "positive", "seed", "rotation",
-               "cache_dir", "num_workers", "device", "log", "out", "name")
+TUNE_FIELDS = ("backbone", "weights", "image_size", "tiles", "tile_pixels", "synthetic_negatives", "positive", "seed",
+               "rotation", "cache_dir", "num_workers", "device", "log", "out", "name")
 # the feature and head settings `review` scores images out of fold with
-REVIEW_FIELDS = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "seed", "cache_dir",
-                 "num_workers", "bf16", "device")
+REVIEW_FIELDS = ("backbone", "weights", "image_size", "pooling", "tiles", "tile_pixels", "head", "class_weight",
+                 "seed", "cache_dir", "num_workers", "bf16", "device")
 # what `train` takes from the command line besides DATA, --val and --resume: every setting
 TRAIN_FIELDS = LISTED
 

@@ -51,10 +51,11 @@ DEMO_PER_CLASS = 300
 RECIPES = ("stopsign", "seed")
 # The order the command line lists the settings' flags, and config.json, `stopsign info` and the report list them
 # (that of the one settings class before the split, so that none of them changed).
-LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "head", "class_weight", "val_fraction", "seed",
-          "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs", "batch_size", "lr_base",
-          "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler", "cycle_epochs", "cache", "cache_dir",
-          "num_workers", "bf16", "device", "folds", "target_recall", "learning_curve", "log", "out", "name")
+LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "tile_pixels", "head", "class_weight",
+          "val_fraction", "seed", "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs",
+          "batch_size", "lr_base", "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler",
+          "cycle_epochs", "cache", "cache_dir", "num_workers", "bf16", "device", "folds", "target_recall",
+          "learning_curve", "log", "out", "name")
 
 
 def available_cores() -> int:
@@ -114,6 +115,10 @@ class ModelConfig(Part):
     tiles: int = setting(2, "K > 1: features of the whole image and of a K×K grid of overlapping crops, combined "
                             "by max (small, distant signs); K×K+1 backbone passes per view, each cached; 1: the "
                             "whole image only (the seed's)", low=1, high=4)
+    tile_pixels: int = setting(0, "P > 0: the crops are squares of P pixels of the photo (not a fraction of it), "
+                                  "as many as cover it, at most --tiles × --tiles (larger squares where more "
+                                  "would be needed), each resized to the input: a sign of s pixels is seen at "
+                                  "s × input / P (280 with a 224 input: 0.8), however large the frame", low=0)
     head: str = setting("logistic", "the head's fit: logistic (multinomial logistic regression on standardised "
                                     "features, C chosen by grouped K-fold on the training split) or sgd (the seed's "
                                     "recipe: the optimisation settings below)", choices=HEADS)

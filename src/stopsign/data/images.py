@@ -212,6 +212,13 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
+def photo_size(source) -> tuple[int, int]:
+    """The upright (width, height) of an image file or file object, from its header: the frame of its boxes."""
+    with Image.open(source) as image:
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        return (image.height, image.width) if turned else image.size
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """The sha256 of the file's bytes: equal for equal content, whatever the file is called."""
     try:

@@ -41,7 +41,7 @@ from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
 from ..model.pooling import combine_tiles, pooled
-from ..model.transforms import REGIONS, decode_size, tile_count
+from ..model.transforms import REGIONS, tile_count
 from ..storage import is_url, join, mirror_dir, upload_file
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         out.parent.mkdir(parents=True, exist_ok=True)
         model = export_module(classifier)
         (write_onnx if format == "onnx" else write_torchscript)(model, classifier.preprocessing, metadata, temporary)
-        images, source = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+        images, source = check_images(checkpoint, classifier.decode_side)
         report = compare(classifier, format, temporary, images)
         if int8:
             report["int8"] = quantize(classifier, checkpoint, temporary, metadata)
@@ -146,7 +146,8 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
                 "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
                 "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
                 "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
-                "pooling": classifier.pooling, "tiles": classifier.tiles, "threshold": classifier.threshold,
+                "pooling": classifier.pooling, "tiles": classifier.tiles, "tile_pixels": classifier.tile_pixels,
+                "threshold": classifier.threshold,
                 # the checkpoint's cut-off, for the record: the graph outputs no features, so an export cannot compare
                 # a photo with the training images, and its rows say so (similarity and unfamiliar None)
                 "unfamiliar_below": classifier.unfamiliar_below,
@@ -208,9 +209,9 @@ def read_metadata(path: str | Path) -> dict:
     return load_torchscript(path)[1]
 
 
-def run_images(checkpoint: Path, preprocessing: dict, tiles: int, split: str, limit: int | None = None
-               ) -> tuple[list[Image.Image], list[str]]:
-    """Up to `limit` of the images of the run's `split` (its data.json) that still exist, and their labels."""
+def run_images(checkpoint: Path, side: int, split: str, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
+    """Up to `limit` of the images of the run's `split` (its data.json) that still exist, decoded at `side` (the
+    classifier's decode_side), and their labels."""
     images, labels = [], []
     data_file = checkpoint.parent / "data.json"
     if data_file.is_file():
@@ -222,14 +223,14 @@ def run_images(checkpoint: Path, preprocessing: dict, tiles: int, split: str, li
                     break
                 with contextlib.suppress(ImageError):
                     images.append(read_image(Path(record["source"]) / row["file"],
-                                             draft=(decode_size(preprocessing, tiles),) * 2))
+                                             draft=(side, side)))
                     labels.append(row["label"])
     return images, labels
 
 
-def check_images(checkpoint: Path, preprocessing: dict, tiles: int = 1) -> tuple[list[Image.Image], str]:
+def check_images(checkpoint: Path, side: int) -> tuple[list[Image.Image], str]:
     """Up to CHECK_IMAGES of the run's validation images that still exist, else generated street-like images."""
-    images, _ = run_images(checkpoint, preprocessing, tiles, "val", CHECK_IMAGES)
+    images, _ = run_images(checkpoint, side, "val", CHECK_IMAGES)
     if images:
         return images, f"{len(images)} validation images of the run"
     # No data at hand: seeded colour grids of assorted shapes, smoothed by the resize.
@@ -304,9 +305,9 @@ def quantize(classifier: CheckpointClassifier, checkpoint: Path, path: Path, met
     from ..inference.onnx import OnnxClassifier
 
     ort = quantization()
-    images, labels = run_images(checkpoint, classifier.preprocessing, classifier.tiles, "train", CALIBRATION_IMAGES)
+    images, labels = run_images(checkpoint, classifier.decode_side, "train", CALIBRATION_IMAGES)
     if not images:
-        images, _ = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+        images, _ = check_images(checkpoint, classifier.decode_side)
     log.info("quantising to int8: calibrating on %d images, then checking it on the run's validation images "
              "(onnxruntime reports no progress; about a minute on a 2-core CPU)", len(images))
     prepare = OnnxClassifier(path).prepare
@@ -328,10 +329,10 @@ def quantize(classifier: CheckpointClassifier, checkpoint: Path, path: Path, met
 def agreement(classifier: CheckpointClassifier, exported, checkpoint: Path) -> dict:
     """How an exported classifier's probabilities and decisions differ from PyTorch's on the run's validation
     images: the largest and mean |Δp|, and each one's accuracy (None without labelled validation images)."""
-    images, labels = run_images(checkpoint, classifier.preprocessing, classifier.tiles, "val")
+    images, labels = run_images(checkpoint, classifier.decode_side, "val")
     source = f"{len(images)} validation images of the run"
     if not images:
-        images, source = check_images(checkpoint, classifier.preprocessing, classifier.tiles)
+        images, source = check_images(checkpoint, classifier.decode_side)
     expected, got = classifier.image_probabilities(images), exported.image_probabilities(images)
     difference = np.abs(got - expected)
     report = {"image_source": source, "max_abs_diff": float(difference.max()),

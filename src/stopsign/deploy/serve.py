@@ -29,13 +29,11 @@ from starlette.datastructures import UploadFile
 
 from .. import __version__
 from ..config import available_cores
-from ..data.images import decode_image
+from ..data.images import decode_image, photo_size
 from ..decision import POSITIVE, check_threshold, decide
 from ..errors import ImageError, StopsignError
 from ..inference.base import familiarity_marks
-from ..inference.explain import photo_size
 from ..inference.load import load_classifier, resolve_model_path
-from ..model.transforms import decode_size
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +252,7 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
     # first request is as fast as the rest; on a worker, so that it runs with the threads the workers use.
     size = classifier.preprocessing["size"]
     pool.executor.submit(classifier.image_probabilities, [Image.new("RGB", (size, size))]).result()
-    classify = UploadClassifier(classifier, threshold, max_upload_bytes,
-                                decode_size(classifier.preprocessing, classifier.tiles))  # tiles: a larger decode
+    classify = UploadClassifier(classifier, threshold, max_upload_bytes, classifier.decode_side)
 
     app = page_app("stopsign", f"Image classification with {model_path.name} ({', '.join(names)}).", "index.html",
                    default=MULTIPART_SLACK, describe=lambda size: too_large(size, max_upload_bytes),

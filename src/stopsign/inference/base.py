@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.images import IMAGE_EXTENSIONS, list_images, read_image
+from ..data.images import IMAGE_EXTENSIONS, list_images, photo_size, read_image
 from ..decision import check_threshold, decide
 from ..errors import StopsignError
 from ..storage import fetch, is_url, join
 from ..model.transforms import decode_size, preprocess, tile_views
-from .explain import Explanation, explanation, photo_size, write_explanation
+from .explain import Explanation, explanation, write_explanation
 
 if TYPE_CHECKING:  # model.signature imports torch, which an .onnx deployment lacks
     from ..model.signature import TrainingMatch
@@ -155,9 +155,15 @@ class Classifier(abc.ABC):
     backbone_name: str
     preprocessing: dict
     tiles: int = 1  # > 1: each image is seen whole and as a tiles×tiles grid of crops (model.transforms)
+    tile_pixels: int = 0  # > 0: the crops are squares of that many pixels of the photo (model.transforms.pixel_grid)
     threshold: float | None = None  # the model's own decision threshold (training/threshold.py); None: argmax
     unfamiliar_below: float | None = None  # the similarity cut-off of unfamiliar photos (model.signature)
     explains: bool = False  # whether explanations() can say where the model looked (a .pt checkpoint's backbone)
+
+    @property
+    def decode_side(self) -> int:
+        """The side to decode a photo at (a JPEG draft) so that each tile still has the model's input side."""
+        return decode_size(self.preprocessing, self.tiles, self.tile_pixels)
 
     @abc.abstractmethod
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
@@ -280,7 +286,7 @@ class BatchClassifier(Classifier):
         self.class_names: list[str] = list(metadata["class_names"])
         self.backbone_name: str = metadata["backbone"]
         self.preprocessing: dict = dict(metadata["preprocessing"])
-        self.tiles = int(metadata.get("tiles", 1))
+        self.tiles, self.tile_pixels = int(metadata.get("tiles", 1)), int(metadata.get("tile_pixels", 0))
         self.threshold = metadata.get("threshold")  # exports before thresholds were chosen: argmax
         self.region_cells = metadata.get("region_cells")
         self.explains = self.region_cells is not None
@@ -292,12 +298,11 @@ class BatchClassifier(Classifier):
     def prepare(self, image) -> np.ndarray:
         """A decoded image as the network's input: preprocessed, or cut into its tiles and each preprocessed."""
         if self.tiles > 1:
-            return np.stack(tile_views(image, self.preprocessing, self.tiles))
+            return np.stack(tile_views(image, self.preprocessing, self.tiles, pixels=self.tile_pixels))
         return preprocess(image, self.preprocessing)
 
     def explanations(self, paths: list[Path]) -> list[Explanation]:
-        side = decode_size(self.preprocessing, self.tiles)
-        images = [read_image(path, draft=(side, side)) for path in paths]
+        images = [read_image(path, draft=(self.decode_side,) * 2) for path in paths]
         return self.image_explanations(images, [photo_size(path) for path in paths])[1]
 
     def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
@@ -306,14 +311,14 @@ class BatchClassifier(Classifier):
         parts = [self.outputs(np.stack([self.prepare(image) for image in images[start:start + self.batch_size]]))
                  for start in range(0, len(images), self.batch_size)]
         probs, scores = (np.concatenate([part[index] for part in parts]) for index in (0, 1))
-        return probs, [explanation(image.size, size, self.tiles, row, self.region_cells)
+        return probs, [explanation(image.size, size, self.tiles, row, self.region_cells, pixels=self.tile_pixels)
                        for image, size, row in zip(images, sizes or [image.size for image in images], scores)]
 
     def image_probabilities(self, images: list) -> np.ndarray:
         return self.run(np.stack([self.prepare(image) for image in images]))
 
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
-        size = decode_size(self.preprocessing, self.tiles)
+        size = self.decode_side
         readable, skipped, chunks, pending = [], {}, [], []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         for path in paths:

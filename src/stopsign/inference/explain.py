@@ -49,20 +49,21 @@ class Explanation:
 
 
 def explanation(decoded: tuple[int, int], size: tuple[int, int], tiles: int, region_scores: np.ndarray | None,
-                cells: tuple[int, int], cam: np.ndarray | None = None, cam_tile: int = 0) -> Explanation:
+                cells: tuple[int, int], cam: np.ndarray | None = None, cam_tile: int = 0, pixels: int = 0
+                ) -> Explanation:
     """The Explanation of a photo decoded at `decoded` (width, height) whose upright size is `size`: scores of its
     regions (None: a pooling without regions) on the model's (rows, columns) = `cells` feature maps, and the CAM
     (rows, columns, of any size) of tile `cam_tile` of the decode. Without a CAM (an exported model's
-    explanation), the box is the winning region's."""
+    explanation), the box is the winning region's. pixels: the model's --tile-pixels."""
     scale = (size[0] / decoded[0], size[1] / decoded[1])
 
-    def pixels(box) -> tuple[int, ...]:
+    def scaled(box) -> tuple[int, ...]:
         return tuple(int(round(value * scale[index % 2])) for index, value in enumerate(box))
 
-    box = pixels(cam_box(cam, tile_box(*decoded, tiles, cam_tile))) if cam is not None else None
+    box = scaled(cam_box(cam, tile_box(*decoded, tiles, cam_tile, pixels))) if cam is not None else None
     if region_scores is None:
         return Explanation(tuple(size), box)
-    regions = [(pixels(region_box(*decoded, tiles, region, cells)), float(score))
+    regions = [(scaled(region_box(*decoded, tiles, region, cells, pixels)), float(score))
                for region, score in enumerate(region_scores)]
     winner = int(np.argmax(region_scores))
     return Explanation(tuple(size), box or regions[winner][0], regions[winner][0], regions[winner][1], regions)
@@ -79,13 +80,6 @@ def cam_box(cam: np.ndarray, part: tuple[int, int, int, int]) -> tuple[float, ..
     labels, _ = ndimage.label(cam >= low + CAM_LEVEL * (float(cam[best]) - low))
     rows, columns = np.nonzero(labels == labels[best])
     return cell_box(part, cam.shape, slice(rows.min(), rows.max() + 1), slice(columns.min(), columns.max() + 1))
-
-
-def photo_size(source) -> tuple[int, int]:
-    """The upright (width, height) of an image file or file object, from its header: the frame of its boxes."""
-    with Image.open(source) as image:
-        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-        return (image.height, image.width) if turned else image.size
 
 
 def draw_explanation(image: Image.Image, explained: Explanation) -> Image.Image:

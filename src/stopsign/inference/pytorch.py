@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import model_arguments, stored_threshold
-from ..data.images import read_image
+from ..data.images import photo_size, read_image
 from ..errors import CheckpointError
 from ..model.pooling import REGIONS, make_head, score_weights
 from ..model.features import FeatureExtractor, default_cache_dir
 from ..model.signature import TrainingMatch, compare_with_training
-from ..model.transforms import decode_size, preprocess, tile_box
+from ..model.transforms import preprocess, tile_box
 from .base import Classifier
-from .explain import CAM_SCALE, Explanation, explanation, photo_size
+from .explain import CAM_SCALE, Explanation, explanation
 
 
 class CheckpointClassifier(Classifier):
@@ -41,6 +41,7 @@ class CheckpointClassifier(Classifier):
         model = model_arguments(checkpoint)  # what a checkpoint before 0.2 lacks has the seed's values
         weights = weights or model["weights"]
         self.pooling, self.tiles, self.positive = model["pooling"], model["tiles"], model["positive_index"]
+        self.tile_pixels = model.get("tile_pixels", 0)  # none before --tile-pixels
         store = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=store, num_workers=num_workers,
                                           image_size=checkpoint["preprocessing"]["size"], device=device)
@@ -70,9 +71,13 @@ class CheckpointClassifier(Classifier):
     def preprocessing(self) -> dict:
         return self.extractor.preprocessing
 
+    @property
+    def _tiling(self) -> dict:
+        """How the extractor is to see an image for this model's head."""
+        return {"pooling": self.pooling, "tiles": self.tiles, "tile_pixels": self.tile_pixels}
+
     def probabilities(self, paths: list[Path], progress: bool = False) -> tuple[list[Path], np.ndarray, dict]:
-        features = self.extractor.extract([Path(p) for p in paths], pooling=self.pooling, tiles=self.tiles,
-                                          progress=progress)
+        features = self.extractor.extract([Path(p) for p in paths], progress=progress, **self._tiling)
         return features.paths, self._head_probabilities(features.features[:, 0]), features.skipped
 
     def training_match(self, paths: list[Path]) -> TrainingMatch | None:
@@ -91,18 +96,17 @@ class CheckpointClassifier(Classifier):
 
     def image_probabilities(self, images: list) -> np.ndarray:
         """No files, no feature cache: decoded images straight through backbone and head."""
-        return self._head_probabilities(self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles))
+        return self._head_probabilities(self.extractor.image_features(images, **self._tiling))
 
     def explanations(self, paths: list[Path]) -> list[Explanation]:
         """The head's features of each image come from the store probabilities() filled; the winning tile's feature
         map takes one more backbone pass (the store keeps only poolings)."""
-        found = self.extractor.extract([Path(p) for p in paths], pooling=self.pooling, tiles=self.tiles)
-        side = decode_size(self.preprocessing, self.tiles)
-        return [self._explain(read_image(path, draft=(side, side)), row, photo_size(path))
+        found = self.extractor.extract([Path(p) for p in paths], **self._tiling)
+        return [self._explain(read_image(path, draft=(self.decode_side,) * 2), row, photo_size(path))
                 for path, row in zip(found.paths, found.features[:, 0])]
 
     def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
-        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
+        features = self.extractor.image_features(images, **self._tiling)
         sizes = sizes or [image.size for image in images]
         return (self._head_probabilities(features),
                 [self._explain(image, row, size) for image, row, size in zip(images, features, sizes)])
@@ -120,17 +124,17 @@ class CheckpointClassifier(Classifier):
             if self.pooling == "regions":
                 regions = self.head.region_scores(row[None])[0].numpy()
                 tile = int(regions.argmax()) // REGIONS
-            crop = image.crop(tile_box(*image.size, self.tiles, tile)) if tile else image
+            crop = image.crop(tile_box(*image.size, self.tiles, tile, self.tile_pixels)) if tile else image
             larger = self.preprocessing | {"size": self.preprocessing["size"] * CAM_SCALE}
             maps = self.extractor.backbone.model.trunk(torch.from_numpy(preprocess(crop, larger))[None])
             maps = maps[:, :, None, None] if maps.dim() == 2 else maps  # a trunk that pools by itself: one cell
             cam = torch.einsum("chw,c->hw", maps[0].float(), weight) + bias
         cells = tuple(max(1, side // CAM_SCALE) for side in cam.shape)  # the map of the model's own input side
-        return explanation(image.size, size, self.tiles, regions, cells, cam.numpy(), tile)
+        return explanation(image.size, size, self.tiles, regions, cells, cam.numpy(), tile, self.tile_pixels)
 
     def image_region_scores(self, images: list) -> np.ndarray:
         """Each region's score (N, R) of decoded images as the regions head ranks them: an export's second output."""
-        features = self.extractor.image_features(images, pooling=self.pooling, tiles=self.tiles)
+        features = self.extractor.image_features(images, **self._tiling)
         with torch.no_grad():
             return self.head.region_scores(torch.from_numpy(features)).numpy()
 

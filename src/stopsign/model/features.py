@@ -23,14 +23,15 @@ from tqdm.auto import tqdm
 
 from ..config import available_cores
 from ..cache import FEATURES, store_dir
-from ..data.images import file_digest, read_image
+from ..data.images import file_digest, photo_size, read_image
 from ..errors import StopsignError
 from ..store import MemoryStore, ShardStore
 from .devices import autocast_dtype, cache_suffix, decode_workers, forward_chunk, resolve_device
 from .backbones import Backbone, get_spec, load_backbone, model_key, weights_sha256
 from .pooling import REGIONS, SLOTS, STORED, combine_tiles, pooled
 from .rewrites import inference_model
-from .transforms import decode_size, preprocess, tile_box, tile_count, tile_views, view_params, view_tag
+from .transforms import (decode_size, pixel_grid, preprocess, tile_box, tile_count, tile_views, view_params,
+                         view_tag)
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,22 @@ class ViewsDataset(Dataset):
     Decoding happens here, in DataLoader workers, so it overlaps with the backbone's forward pass.
     """
 
-    def __init__(self, paths: list[Path], views: list[list[tuple]], preprocessing: dict, tiles: int = 1):
-        self.paths, self.views, self.preprocessing, self.tiles = paths, views, preprocessing, tiles
+    def __init__(self, paths: list[Path], views: list[list[tuple]], preprocessing: dict, tiles: int = 1,
+                 pixels: int = 0):
+        self.paths, self.views, self.preprocessing, self.tiles, self.pixels = paths, views, preprocessing, tiles, pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        size = decode_size(self.preprocessing, self.tiles)
+        size = decode_size(self.preprocessing, self.tiles, self.pixels)
         try:
             image = read_image(self.paths[index], draft=(size, size))
         except StopsignError as error:
             return index, None, str(error)
         tensors = []
         for flip, angle, *tile in self.views[index]:
-            crop = image.crop(tile_box(*image.size, self.tiles, tile[0])) if tile and tile[0] else image
+            crop = image.crop(tile_box(*image.size, self.tiles, tile[0], self.pixels)) if tile and tile[0] else image
             tensors.append(torch.from_numpy(preprocess(crop, self.preprocessing, flip, angle)))
         return index, torch.stack(tensors), None
 
@@ -131,13 +133,14 @@ class FeatureExtractor:
         """Every pooling of a batch of preprocessed images: (N, STORED, feature_size)."""
         return _forward(self.inference_model, images, self.autocast, self.device)
 
-    def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1) -> np.ndarray:
+    def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1, tile_pixels: int = 0
+                       ) -> np.ndarray:
         """Features (N, width) of decoded RGB images (uploads, say), as extract() gives them: no files, no store."""
         if not images:
             return np.zeros((0, self.width(pooling, tiles)), dtype=np.float32)
         count = tile_count(tiles)
-        batch = torch.from_numpy(np.stack([array for image in images
-                                           for array in tile_views(image, self.preprocessing, tiles)]))
+        batch = torch.from_numpy(np.stack([array for image in images for array in
+                                           tile_views(image, self.preprocessing, tiles, pixels=tile_pixels)]))
         out = pooled(self.forward(batch), pooling).numpy()
         return combine_tiles(out.reshape(len(images), count, out.shape[1]), pooling)
 
@@ -148,12 +151,13 @@ class FeatureExtractor:
         return self.feature_size
 
     def extract(self, paths: list[Path], *, views: Sequence[int] = (0,), seed: int = 0, rotation: float = 5.0,
-                pooling: str = "avg", tiles: int = 1, progress: bool = False) -> FeatureSet:
+                pooling: str = "avg", tiles: int = 1, tile_pixels: int = 0, progress: bool = False) -> FeatureSet:
         """Features of the given views of each image (0 = plain, k >= 1 augmented), from the store or computed.
 
         Each (view, tile) is one backbone pass whose every pooling is stored; `pooling` picks one and the tiles
         of a view (tiles > 1: the whole image and a tiles×tiles grid of crops) are combined by max, or for
-        regions laid side by side (model.pooling.combine_tiles).
+        regions laid side by side (model.pooling.combine_tiles). tile_pixels > 0: crops of that many pixels
+        (model.transforms.pixel_grid); the slots of the K×K left over repeat the whole image, copied, not computed.
         """
         views = list(views)
         pool = SLOTS[pooling]
@@ -161,7 +165,8 @@ class FeatureExtractor:
         per_view = tile_count(tiles)
         columns = [(view, tile) for view in views for tile in range(per_view)]
         count = len(columns)
-        tags = [view_tag(view, seed, rotation) + (f"-k{tiles}t{tile}" if tile else "") for view, tile in columns]
+        tiling = f"-k{tiles}px{tile_pixels}" if tile_pixels else f"-k{tiles}"
+        tags = [view_tag(view, seed, rotation) + (f"{tiling}t{tile}" if tile else "") for view, tile in columns]
         shape = (STORED, self.feature_size)
         digests, skipped, readable = [], {}, []
         for path in paths:
@@ -178,21 +183,27 @@ class FeatureExtractor:
             flat[positions] = arrays.reshape(len(arrays), per_pass)
             found[positions] = True
         found = found.reshape(len(readable), count)
+        copies = self._left_over(readable, columns, tiles, tile_pixels) if tile_pixels and per_view > 1 else {}
+        for row, columns_copied in copies.items():
+            found[row, columns_copied] = True  # filled from the whole image's pass below
         missing = {row: np.flatnonzero(~found[row]).tolist() for row in np.flatnonzero(~found.all(axis=1))}
         rows = list(missing)
         computed = 0
         if rows:
             try:
                 computed = self._compute(readable, digests, rows, missing, columns, tags, features, skipped,
-                                         seed=seed, rotation=rotation, pool=pool, tiles=tiles, progress=progress)
+                                         seed=seed, rotation=rotation, pool=pool, tiles=tiles,
+                                         pixels=tile_pixels, progress=progress)
             finally:
                 self.store.flush()  # what was computed is committed, also on Ctrl-C
-            bad_rows = {row for row in rows if str(readable[row]) in skipped}
-            if bad_rows:
-                keep = [r for r in range(len(readable)) if r not in bad_rows]
-                features = features[keep]
-                readable = [readable[r] for r in keep]
-                digests = [digests[r] for r in keep]
+        for row, columns_copied in copies.items():  # column c's whole image is column c - its tile
+            features[row, columns_copied] = features[row, [c - columns[c][1] for c in columns_copied]]
+        bad_rows = {row for row in rows if str(readable[row]) in skipped}
+        if bad_rows:
+            keep = [r for r in range(len(readable)) if r not in bad_rows]
+            features = features[keep]
+            readable = [readable[r] for r in keep]
+            digests = [digests[r] for r in keep]
         for path, reason in skipped.items():
             log.warning("skipped %s: %s", path, reason)
         features = np.asarray(features)
@@ -203,8 +214,23 @@ class FeatureExtractor:
             features = combine_tiles(tiled, pooling).reshape(len(readable), len(views), self.width(pooling, tiles))
         return FeatureSet(readable, digests, features, skipped, computed)
 
+    @staticmethod
+    def _left_over(paths: list[Path], columns: list[tuple[int, int]], tiles: int, pixels: int) -> dict[int, list]:
+        """{row: its columns whose tile is a slot of the K×K that the image's pixel_grid leaves over}: those repeat
+        the whole image, so they are copied from its column rather than computed or stored."""
+        copies = {}
+        for row, path in enumerate(paths):
+            try:
+                grid_columns, grid_rows, _ = pixel_grid(*photo_size(path), tiles, pixels)
+            except Exception:  # Pillow raises many types on a bad header: the decode names the reason
+                continue
+            left = [c for c, (_, tile) in enumerate(columns) if tile > grid_columns * grid_rows]
+            if left:
+                copies[row] = left
+        return copies
+
     def _compute(self, readable, digests, rows, missing, columns, tags, features, skipped, *, seed, rotation, pool,
-                 tiles, progress) -> int:
+                 tiles, pixels, progress) -> int:
         """The backbone pass over the views `missing` names, row by row: each written into `features` and the
         store; an image that cannot be decoded lands in `skipped`. Returns the number of views computed."""
         count = len(columns)
@@ -212,7 +238,7 @@ class FeatureExtractor:
             [readable[r] for r in rows],
             [[(*view_params(digests[r], columns[c][0], seed, rotation), columns[c][1]) for c in missing[r]]
              for r in rows],
-            self.preprocessing, tiles,
+            self.preprocessing, tiles, pixels,
         )
         per_batch = max(1, forward_chunk(self.device, self.preprocessing["size"]) // count)
         workers = decode_workers(self.device, self.num_workers) if len(rows) > per_batch else 0

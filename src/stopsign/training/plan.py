@@ -51,6 +51,7 @@ class Request:
     seed: int = 0
     rotation: float = 5.0
     readable_only: bool = False
+    tile_pixels: int = 0
 
 
 def source_requests(train: list[Sample], held_out: list[Sample], model: ModelConfig, recipe: TrainConfig
@@ -59,8 +60,9 @@ def source_requests(train: list[Sample], held_out: list[Sample], model: ModelCon
     without augmentation), and each held-out image's plain view."""
     views = list(range(1, recipe.views + 1)) if recipe.augment and recipe.views > 0 else [0]
     return {"train": Request([s.path for s in train], views, model.tiles, model.pooling, recipe.seed,
-                             recipe.rotation),
-            "held out": Request([s.path for s in held_out], [0], model.tiles, model.pooling)}
+                             recipe.rotation, tile_pixels=model.tile_pixels),
+            "held out": Request([s.path for s in held_out], [0], model.tiles, model.pooling,
+                                tile_pixels=model.tile_pixels)}
 
 
 @dataclass
@@ -106,7 +108,8 @@ class Plan:
         return (source_requests(self.training, self.held_out, model, self.settings.recipe) if cached else {}) | {
             "trained": Request([s.path for s in self.training], **plain),
             "validated": Request([s.path for s in self.val], **plain),
-            "test": Request([s.path for s in self.test], [0], model.tiles, model.pooling),
+            "test": Request([s.path for s in self.test], [0], model.tiles, model.pooling,
+                            tile_pixels=model.tile_pixels),
             "test plain": Request([s.path for s in self.test], **plain)}
 
 
@@ -139,7 +142,8 @@ def extract(requests: dict[str, Request], extractor: FeatureExtractor, *, shard:
         paths = [p for p in request.paths if not (request.readable_only and str(p) in unreadable)
                  and (world == 1 or owners.setdefault(p, owner(p, world)) == rank)]
         found[name] = extractor.extract(paths, views=request.views, seed=request.seed, rotation=request.rotation,
-                                        pooling=request.pooling, tiles=request.tiles, progress=progress)
+                                        pooling=request.pooling, tiles=request.tiles,
+                                        tile_pixels=request.tile_pixels, progress=progress)
         unreadable |= found[name].skipped
     if world == 1:
         return found

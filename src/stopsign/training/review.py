@@ -221,7 +221,8 @@ def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, sampl
     if not photos:
         log.warning("--add %s: no images in that folder", folder)
         return []
-    new = {"new": Request(photos, [0], config.model.tiles, config.model.pooling)}  # plain, as the head sees them
+    new = {"new": Request(photos, [0], config.model.tiles, config.model.pooling,  # plain, as the head sees them
+                          tile_pixels=config.model.tile_pixels)}
     extracted = extract(new, extractor, progress=progress)["new"]
     # one fit, as long as one fold: no bar to show, so say what the wait is for
     log.info("labelling %d new photo(s): a head trained on all %d labelled images", len(photos), len(samples))

@@ -47,7 +47,7 @@ class CachedFeatures:
         self.batch_size = recipe.batch_size
         self.device = extractor.device  # an SGD head trains where the backbone ran; on the CPU .to() is a no-op
         # what the augmented views were drawn with, and which features they are
-        self.drawn = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles)
+        self.drawn = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles, model.tile_pixels)
         self._last: dict[int, tuple] = {}  # see _indexed
 
     def for_config(self, model: ModelConfig, recipe: TrainConfig) -> "CachedFeatures":
@@ -57,10 +57,10 @@ class CachedFeatures:
         views a CachedFeatures built with views=v computes: tuning extracts the most views once, then narrows.
         """
         views = recipe.views if recipe.augment and recipe.views > 0 else 1
-        asked = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles)
+        asked = (recipe.augment, recipe.seed, recipe.rotation, model.pooling, model.tiles, model.tile_pixels)
         if asked != self.drawn or views > self.train_features.shape[1]:
             raise ValueError(f"these features hold {self.train_features.shape[1]} views drawn with (augment, seed, "
-                             f"rotation, pooling, tiles) = {self.drawn}; cannot serve {views} views with {asked}")
+                             f"rotation, pooling, tiles, tile_pixels) = {self.drawn}; cannot serve {views} views with {asked}")
         narrowed = copy.copy(self)
         narrowed.train_features, narrowed.batch_size = self.train_features[:, :views], recipe.batch_size
         narrowed._last = {}

@@ -149,13 +149,17 @@ def resolve_run(given: dict, resume: str | Path | None) -> tuple[Settings, Path 
 
 
 def check_recipe(settings: Settings, val: str | Path | None) -> None:
-    """A warning when training is shorter than one learning-rate cycle; an error for --val with --folds."""
+    """A warning when training is shorter than one learning-rate cycle; an error for --val with --folds, and for
+    --tile-pixels without tiles."""
     recipe = settings.recipe
     cycled = settings.model.head == "sgd" and recipe.scheduler == "triangular2"
     if cycled and rising_epochs(recipe) < recipe.cycle_epochs:
         log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
                     "epoch(s) instead, so the rate reaches --lr-max", recipe.epochs, recipe.cycle_epochs,
                     recipe.cycle_epochs, rising_epochs(recipe))
+    if settings.model.tile_pixels and settings.model.tiles <= 1:
+        raise StopsignError("--tile-pixels sizes the crops of --tiles K, at most K×K of them, and --tiles is 1 (the "
+                            "whole image only). Fix: add --tiles 4 (up to 16 crops), or drop --tile-pixels")
     if val is not None and recipe.folds > 1:
         raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
                             "fold, and a separate validation set would be merged into it. Fix: use one of them")

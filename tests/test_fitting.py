@@ -207,8 +207,8 @@ class SpyViews(ViewsDataset):
 
     made: list[tuple[list[str], list[list[tuple[bool, float]]]]] = []
 
-    def __init__(self, paths, views, preprocessing, tiles=1):
-        super().__init__(paths, views, preprocessing, tiles)
+    def __init__(self, paths, views, preprocessing, tiles=1, pixels=0):
+        super().__init__(paths, views, preprocessing, tiles, pixels)
         SpyViews.made.append(([str(p) for p in paths], [list(v) for v in views]))
 
 

@@ -9,7 +9,7 @@ the test part). A model trained on the base data alone is scored on the test par
 add=pool) orders the pool as `review --add` would, and for each K a model is trained on the base plus the first K
 pool photos in that order, one on the K least certain (the order before training/choose.py) and one on K drawn
 at random, each photo labelled truthfully. Every model is the defaults (`train()`, its head and pooling) on
---backbone, scored by its argmax on the test part: balanced accuracy and the recall of each class (--groups: also
+--backbone, scored on the test part at its own decision threshold (re-chosen out of fold at every retraining): balanced accuracy and the recall of each class (--groups: also
 of each file-name prefix, the name less its trailing number, e.g. a source's crops apart from its street photos).
 One table, mean ± sd over seeds.
 Features are cached by content, so only the first run computes each photo's.
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from stopsign import find_suspects, load_classifier, train
+from stopsign.decision import decide
 from stopsign.data.datasets import LabelledData, Sample, load_data
 
 BASE = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
@@ -80,11 +81,12 @@ def bare(name: str) -> str:
 
 
 def scores(classifier, test: list[Sample], names: list[str], groups: bool) -> dict[str, float]:
-    """Balanced accuracy and the recall of each class (and of each file-name prefix) on `test`, by argmax."""
+    """Balanced accuracy and the recall of each class (and of each file-name prefix) on `test`, decided as predict
+    decides: at the model's own threshold, chosen out of fold on its whole training set at each retraining."""
     readable, probs, _ = classifier.probabilities([s.path for s in test])
     truth = {s.path: s.label for s in test}
     labels = np.array([truth[Path(p)] for p in readable])
-    right = probs.argmax(1) == labels
+    right = decide(probs, classifier.threshold) == labels
     found = {f"recall {name}": right[labels == i].mean() for i, name in enumerate(names) if (labels == i).any()}
     result = {"balanced accuracy": float(np.mean(list(found.values()))), **found}
     if groups:

@@ -115,10 +115,11 @@ class ModelConfig(Part):
     tiles: int = setting(2, "K > 1: features of the whole image and of a K×K grid of overlapping crops, combined "
                             "by max (small, distant signs); K×K+1 backbone passes per view, each cached; 1: the "
                             "whole image only (the seed's)", low=1, high=4)
-    tile_pixels: int = setting(0, "P > 0: the crops are squares of P pixels of the photo (not a fraction of it), "
-                                  "as many as cover it, at most --tiles × --tiles (larger squares where more "
-                                  "would be needed), each resized to the input: a sign of s pixels is seen at "
-                                  "s × input / P (280 with a 224 input: 0.8), however large the frame", low=0)
+    tile_pixels: int = setting(0, "P > 0: the crops are squares of P pixels of the photo (not a fraction of it; "
+                                  "at most 2/3 of its shorter side), as many as cover it, at most --tiles × --tiles "
+                                  "(larger squares where more would be needed), each resized to the input: a sign "
+                                  "of s pixels is seen at s × input / P (280 with a 224 input: 0.8), however large "
+                                  "the frame", low=0)
     head: str = setting("logistic", "the head's fit: logistic (multinomial logistic regression on standardised "
                                     "features, C chosen by grouped K-fold on the training split) or sgd (the seed's "
                                     "recipe: the optimisation settings below)", choices=HEADS)

@@ -4,6 +4,7 @@ the winning region's box and for the class activation map's box (the one rows ca
 a serve request (image_explanations against image_probabilities, the same decoded images).
 
     .venv/bin/python bench/explain.py --model runs/demo/best.pt [--scenes 100] [--seed 7]
+    .venv/bin/python bench/explain.py --model runs/demo/best.onnx     # an export: its cell scores' box
 
 The model: `stopsign demo`'s (efficientnet_lite0 trained on generated scenes), or any .pt trained on
 make_demo_data output. The scenes are drawn with another seed than the demo data's, so none was trained on.
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--size", type=int, default=256, help="the scenes' side (the demo data's: 256)")
     args = parser.parse_args()
-    classifier = load_classifier(args.model, cache=False)
+    classifier = load_classifier(args.model, **({"cache": False} if args.model.endswith(".pt") else {}))
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as folder:
         truth = {}

@@ -120,20 +120,22 @@ def test_an_exported_model_explains_with_its_region_scores(sign_model, tmp_path,
 
     checkpoint, new, boxes = sign_model
     exported, report = export(checkpoint, format, tmp_path / f"model.{format}")
-    assert report["region_scores_max_abs_diff"] < 1e-3  # the second output, checked against PyTorch
+    # the second and third outputs, checked against PyTorch
+    assert report["region_scores_max_abs_diff"] < 1e-3 and report["cell_scores_max_abs_diff"] < 1e-3
     rows = load_classifier(exported).predict([new], explain=True)
     expected = {Path(row.path).name: row.explanation for row in load_classifier(checkpoint).predict([new], explain=True)}
     for row in rows:
         looked, truth = row.explanation, expected[Path(row.path).name]
-        # no feature map in the file: the box is the winning region's, the one the checkpoint outlines in white
-        assert looked.box == looked.region_box == truth.region_box
+        assert looked.region_box == truth.region_box  # the winning region, the one the checkpoint outlines in white
         assert looked.region_score == pytest.approx(truth.region_score, abs=1e-3)
         assert [box for box, _ in looked.regions] == [box for box, _ in truth.regions]
-    hits = sum(iou(row.explanation.box, boxes[Path(row.path).name]) > 0 for row in rows)
-    assert hits >= 0.8 * len(rows)  # the winning region holds the sign
+    # the box: the winning tile's class activation map at the model's input side (the checkpoint's is at 3×)
+    hits = [iou(row.explanation.box, boxes[Path(row.path).name]) for row in rows]
+    assert np.mean(np.array(hits) >= 0.3) >= 0.8, hits
     client = TestClient(create_app(exported))
     asked = client.post("/predict?explain=true", content=(new / "0.png").read_bytes()).json()
-    assert asked["box"] == list(expected["0.png"].region_box) and client.get("/model").json()["explains"] is True
+    zero = next(row for row in rows if Path(row.path).name == "0.png")
+    assert asked["box"] == list(zero.explanation.box) and client.get("/model").json()["explains"] is True
 
 
 def test_a_model_without_regions_exports_without_them_and_says_it_cannot_explain(tmp_path, make_images,

@@ -124,8 +124,9 @@ def run_export(args) -> None:
     print(f"{'its float graph ' if int8 else ''}checked against PyTorch on {report['image_source']}, batch sizes "
           f"{' and '.join(map(str, report['batch_sizes']))}: max |difference| of probabilities "
           f"{report['max_abs_diff']:.2g} (limit {report['tolerance']:g}), same predicted classes"
-          + (f"; of region scores {report['region_scores_max_abs_diff']:.2g} (limit 0.001)"
-             if "region_scores_max_abs_diff" in report else ""))
+          + (f"; of region and cell scores {report['region_scores_max_abs_diff']:.2g} and "
+             f"{report['cell_scores_max_abs_diff']:.2g} (limit 0.001)" if "region_scores_max_abs_diff" in report
+             else ""))
     if int8:
         accuracy = ("no labelled validation images" if int8["int8_accuracy"] is None else
                     f"{int8['pytorch_accuracy']:.3f} -> {int8['int8_accuracy']:.3f} "

@@ -36,7 +36,7 @@ from ..files import read_json
 from ..cache import UPLOADS
 from ..checkpoint import load_checkpoint
 from ..inference.exported import (EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INPUT_NAME, OUTPUT_NAME,
-                                  REGIONS_NAME, parse_onnx_properties)
+                                  REGIONS_NAME, CELLS_NAME, parse_onnx_properties)
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}  # format → default file suffix
 INT8_SUFFIX = ".int8.onnx"
 TOLERANCE = 1e-4  # largest absolute difference of a probability allowed between the export and PyTorch
-REGION_TOLERANCE = 1e-3  # ... and of a region's score (log-odds or a logit, so of a larger scale)
+REGION_TOLERANCE = 1e-3  # ... and of a region's or a cell's score (log-odds or a logit, so of a larger scale)
 CHECK_IMAGES = 16
 CALIBRATION_IMAGES = 32  # the training images whose activations set the int8 ranges: a sample
 OPSET = 17
@@ -84,7 +84,7 @@ def export(checkpoint: str | Path, format: str = "onnx", out: str | Path | None 
         model = export_module(classifier)
         (write_onnx if format == "onnx" else write_torchscript)(model, classifier.preprocessing, metadata, temporary)
         images, source = check_images(checkpoint, classifier.decode_side)
-        report = compare(classifier, format, temporary, images)
+        report = compare(classifier, model, format, temporary, images)
         if int8:
             report["int8"] = quantize(classifier, checkpoint, temporary, metadata)
         os.replace(temporary, out)
@@ -108,7 +108,8 @@ def export_module(classifier: CheckpointClassifier) -> nn.Module:
 class _Exported(nn.Module):
     """images (N, 3, S, S) → probabilities (N, C); with tiles, each image's tiles (N, T, 3, S, S), cut by the
     deployment (model.transforms.tile_views, numpy), combined as model.features does. A regions head also gives
-    each region's score (N, R) as the head ranks them (RegionHead.region_scores): where the model looked."""
+    where the model looked: each region's score (N, R) as the head ranks them (RegionHead.region_scores), and each
+    cell's of every tile's last feature map (N, T, h, w; RegionHead.cell_scores)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str, tiled: bool):
         super().__init__()
@@ -116,12 +117,13 @@ class _Exported(nn.Module):
 
     def forward(self, images: torch.Tensor):
         flat = images.reshape(-1, *images.shape[2:]) if self.tiled else images
-        features = pooled(self.backbone(flat.contiguous(memory_format=torch.channels_last)), self.pooling)
+        maps = self.backbone.feature_maps(flat.contiguous(memory_format=torch.channels_last))
+        features = pooled(self.backbone.pool(maps), self.pooling)
         if self.tiled:
             features = combine_tiles(features.reshape(images.shape[0], -1, features.shape[1]), self.pooling)
         probabilities = self.head(features).softmax(dim=1)
         if self.pooling == "regions":
-            return probabilities, self.head.region_scores(features)
+            return probabilities, self.head.region_scores(features), self.head.cell_scores(maps, features)
         return probabilities
 
 
@@ -157,7 +159,9 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
                 "output": f"{OUTPUT_NAME}: float32 (N, {len(classifier.class_names)}), in class_names order"
                           + (f"; {REGIONS_NAME}: float32 (N, {tile_count(classifier.tiles) * REGIONS}), each region's "
                              "score (the positive class's log-odds, else the predicted class's logit), regions laid out "
-                             "as region_cells' quarters, tile after tile" if regions else "")}
+                             f"as region_cells' quarters, tile after tile; {CELLS_NAME}: float32 (N, "
+                             f"{tile_count(classifier.tiles)}, rows, columns), each cell's score of each tile's last "
+                             "feature map, alike" if regions else "")}
     if regions:
         metadata["region_cells"] = region_cells(classifier)
     return metadata
@@ -166,7 +170,7 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
 def write_onnx(model: nn.Module, preprocessing: dict, metadata: dict, path: Path) -> None:
     import onnx
 
-    outputs = [OUTPUT_NAME, REGIONS_NAME] if "region_cells" in metadata else [OUTPUT_NAME]
+    outputs = [OUTPUT_NAME, REGIONS_NAME, CELLS_NAME] if "region_cells" in metadata else [OUTPUT_NAME]
     # The TorchScript-based exporter: the torch.export-based one would add the onnxscript dependency.
     with quiet_torch():
         torch.onnx.export(model, (example_input(preprocessing, metadata["tiles"]),), str(path), dynamo=False,
@@ -241,8 +245,10 @@ def check_images(checkpoint: Path, side: int) -> tuple[list[Image.Image], str]:
     return images, f"{len(images)} generated images (no validation files found next to the checkpoint)"
 
 
-def compare(classifier: CheckpointClassifier, format: str, path: Path, images: list[Image.Image]) -> dict:
-    """Run the exported file on `images`, as one batch and the first alone, against the PyTorch classifier."""
+def compare(classifier: CheckpointClassifier, model: nn.Module, format: str, path: Path, images: list[Image.Image]
+            ) -> dict:
+    """Run the exported file on `images`, as one batch and the first alone, against the PyTorch classifier; its
+    other outputs (where the model looked) against `model`, the module it was made from, on the same batch."""
     expected = classifier.image_probabilities(images)
     # The deployed path end to end: the file's own metadata, numpy preprocessing, its own runtime.
     if format == "onnx":
@@ -259,13 +265,14 @@ def compare(classifier: CheckpointClassifier, format: str, path: Path, images: l
     problems = [] if difference < TOLERANCE and same else [
         f"max |difference| of probabilities {difference:.3g} (limit {TOLERANCE:g}), predicted classes "
         f"{'identical' if same else 'differ'}"]
-    if exported.explains:  # the second output: each region's score, where the model looked
-        scores = exported.image_explanations(images)[1]
-        got_scores = np.array([[score for _, score in explained.regions] for explained in scores])
-        report["region_scores_max_abs_diff"] = float(np.abs(got_scores - classifier.image_region_scores(images)).max())
-        if not report["region_scores_max_abs_diff"] < REGION_TOLERANCE:
-            problems.append(f"max |difference| of region scores {report['region_scores_max_abs_diff']:.3g} "
-                            f"(limit {REGION_TOLERANCE:g})")
+    if exported.explains:  # the region and cell scores: where the model looked
+        batch = np.stack([exported.prepare(image) for image in images])
+        with torch.no_grad():
+            expected_looked = [tensor.numpy() for tensor in model(torch.from_numpy(batch))[1:]]
+        for name, got_looked, wanted in zip(("region", "cell"), exported.outputs(batch)[1:], expected_looked):
+            report[f"{name}_scores_max_abs_diff"] = difference = float(np.abs(got_looked - wanted).max())
+            if not difference < REGION_TOLERANCE:
+                problems.append(f"max |difference| of {name} scores {difference:.3g} (limit {REGION_TOLERANCE:g})")
     if problems:
         raise StopsignError(f"the {format} export of {classifier.backbone_name} does not match PyTorch: "
                             f"{'; '.join(problems)}; nothing was written. Try the other --format, or report this "

@@ -27,7 +27,7 @@ from ..data.images import IMAGE_EXTENSIONS, list_images, photo_size, read_image
 from ..decision import check_threshold, decide
 from ..errors import StopsignError
 from ..storage import fetch, is_url, join
-from ..model.transforms import decode_size, preprocess, tile_views
+from ..model.transforms import REGIONS, decode_size, preprocess, tile_views
 from .explain import Explanation, explanation, write_explanation
 
 if TYPE_CHECKING:  # model.signature imports torch, which an .onnx deployment lacks
@@ -267,8 +267,8 @@ class Classifier(abc.ABC):
 
 class BatchClassifier(Classifier):
     """A classifier over a whole exported network: preprocessed float32 batches (N, 3, size, size) in,
-    probabilities out (`outputs`), and with a regions head each region's score, which its explanations() show
-    (the winning region's box: no feature map, so no finer box). Files are decoded and preprocessed here, in
+    probabilities out (`outputs`), and with a regions head each region's score and each tile's class activation
+    map at the model's input side, which its explanations() show. Files are decoded and preprocessed here, in
     bounded batches."""
 
     batch_size = 16
@@ -278,7 +278,7 @@ class BatchClassifier(Classifier):
     @abc.abstractmethod
     def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """The network's outputs on a preprocessed float32 batch (N, 3, size, size), or on tiles (see `tiles`):
-        probabilities (N, C), then with region_cells each region's score (N, R)."""
+        probabilities (N, C), then with region_cells each region's score (N, R) and each cell's (N, T, h, w)."""
 
     def read_metadata(self, metadata: dict) -> None:
         """What an exported file's metadata (inference/exported.py) sets."""
@@ -310,9 +310,14 @@ class BatchClassifier(Classifier):
             raise self._cannot_explain()
         parts = [self.outputs(np.stack([self.prepare(image) for image in images[start:start + self.batch_size]]))
                  for start in range(0, len(images), self.batch_size)]
-        probs, scores = (np.concatenate([part[index] for part in parts]) for index in (0, 1))
-        return probs, [explanation(image.size, size, self.tiles, row, self.region_cells, pixels=self.tile_pixels)
-                       for image, size, row in zip(images, sizes or [image.size for image in images], scores)]
+        probs, scores, *cells = (np.concatenate([part[index] for part in parts]) for index in range(len(parts[0])))
+        looked = []
+        for index, (image, size) in enumerate(zip(images, sizes or [image.size for image in images])):
+            tile = int(scores[index].argmax()) // REGIONS  # the winning region's tile: its map is the box
+            cam = cells[0][index, tile] if cells else None  # files exported before cell_scores: the region's box
+            looked.append(explanation(image.size, size, self.tiles, scores[index], self.region_cells, cam, tile,
+                                      self.tile_pixels))
+        return probs, looked
 
     def image_probabilities(self, images: list) -> np.ndarray:
         return self.run(np.stack([self.prepare(image) for image in images]))

@@ -53,8 +53,8 @@ def explanation(decoded: tuple[int, int], size: tuple[int, int], tiles: int, reg
                 ) -> Explanation:
     """The Explanation of a photo decoded at `decoded` (width, height) whose upright size is `size`: scores of its
     regions (None: a pooling without regions) on the model's (rows, columns) = `cells` feature maps, and the CAM
-    (rows, columns, of any size) of tile `cam_tile` of the decode. Without a CAM (an exported model's
-    explanation), the box is the winning region's. pixels: the model's --tile-pixels."""
+    (rows, columns, of any size) of tile `cam_tile` of the decode. Without a CAM (a model exported before its
+    cell scores were), the box is the winning region's. pixels: the model's --tile-pixels."""
     scale = (size[0] / decoded[0], size[1] / decoded[1])
 
     def scaled(box) -> tuple[int, ...]:

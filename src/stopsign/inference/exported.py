@@ -2,7 +2,8 @@
 
 An exported file holds the whole network (backbone, head, softmax): a preprocessed float32 batch `images`
 (N, 3, size, size) in, `probabilities` (N, C) out, and with a regions head `region_scores` (N, R), each region's
-score, whose boxes the metadata's `region_cells` gives (inference/explain.py). Beside it, as metadata, everything a deployment needs
+score, whose boxes the metadata's `region_cells` gives, and `cell_scores` (N, T, h, w), each cell's of every tile's
+last feature map (inference/explain.py). Beside it, as metadata, everything a deployment needs
 besides pixels: ONNX keeps each key in metadata_props as a JSON string; TorchScript keeps one JSON object in
 the extra file EXTRA_FILE. Plain JSON here: neither torch nor onnxruntime is imported.
 """
@@ -19,6 +20,7 @@ EXPORT_FORMAT = "stopsign-export"
 EXPORT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 REGIONS_NAME = "region_scores"  # a regions head's second output (N, R): where the model looked
+CELLS_NAME = "cell_scores"  # and its third (N, T, h, w): each tile's class activation map
 EXTRA_FILE = "stopsign.json"  # TorchScript: the extra file holding the metadata
 REQUIRED_KEYS = ("class_names", "preprocessing", "backbone")
 

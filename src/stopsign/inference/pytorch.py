@@ -132,12 +132,6 @@ class CheckpointClassifier(Classifier):
         cells = tuple(max(1, side // CAM_SCALE) for side in cam.shape)  # the map of the model's own input side
         return explanation(image.size, size, self.tiles, regions, cells, cam.numpy(), tile, self.tile_pixels)
 
-    def image_region_scores(self, images: list) -> np.ndarray:
-        """Each region's score (N, R) of decoded images as the regions head ranks them: an export's second output."""
-        features = self.extractor.image_features(images, **self._tiling)
-        with torch.no_grad():
-            return self.head.region_scores(torch.from_numpy(features)).numpy()
-
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) of feature rows; no rows, no call (a regions head cannot shape an empty batch)."""
         if not len(features):

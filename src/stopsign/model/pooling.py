@@ -32,9 +32,16 @@ class AllPoolings(nn.Module):
         self.trunk = trunk
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_maps(images))
+
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's last feature maps (N, C, h, w); a trunk that pools by itself gives 1×1 maps."""
         maps = self.trunk(images)
-        if maps.dim() == 2:  # a trunk that pools by itself: every pooling of a 1×1 map is the same
-            maps = maps[:, :, None, None]
+        return maps[:, :, None, None] if maps.dim() == 2 else maps
+
+    @staticmethod
+    def pool(maps: torch.Tensor) -> torch.Tensor:
+        """Every pooling of feature maps (N, C, h, w): (N, STORED, C)."""
         average = maps.mean(dim=(2, 3))
         largest = maps.amax(dim=(2, 3))
         gem = maps.clamp(min=1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1 / GEM_POWER)
@@ -91,12 +98,28 @@ class RegionHead(nn.Linear):
     def region_scores(self, features: torch.Tensor) -> torch.Tensor:
         """Each region's score (N, R) as the head ranks them (score_weights): the positive class's log-odds, else
         the predicted class's logit. What an explanation shows, and an exported model's second output."""
+        weight, bias = self._ranking(features)
         regions = features.reshape(features.shape[0], -1, self.in_features)
+        return (regions @ weight[:, :, None])[..., 0] + bias[:, None]
+
+    def cell_scores(self, maps: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Each cell's score (N, T, h, w) of the last feature maps (N × T, C, h, w) of each image's T tiles, as
+        region_scores scores a region: a class activation map per tile (Zhou et al., 2016), which an exported
+        model's explanation outlines."""
+        weight, bias = self._ranking(features)
+        count = maps.shape[0] // features.shape[0]
+        weight = weight[:, None].expand(-1, count, -1).reshape(-1, weight.shape[1])
+        bias = bias[:, None].expand(-1, count).reshape(-1)
+        cells = torch.einsum("nchw,nc->nhw", maps, weight) + bias[:, None, None]
+        return cells.reshape(features.shape[0], count, *cells.shape[1:])
+
+    def _ranking(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the weights (N, C) and bias (N,) a region or cell is scored by (score_weights)."""
         if self.positive is not None:
             weight, bias = score_weights(self, self.positive, 0)
-            return regions @ weight + bias
+            return weight[None].expand(features.shape[0], -1), bias.expand(features.shape[0])
         predicted = self(features).argmax(dim=1)
-        return (regions @ self.weight[predicted][:, :, None])[..., 0] + self.bias[predicted][:, None]
+        return self.weight[predicted], self.bias[predicted]
 
 
 def score_weights(head: nn.Linear, positive: int | None, predicted: int) -> tuple[torch.Tensor, torch.Tensor]:

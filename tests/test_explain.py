@@ -132,10 +132,17 @@ def test_an_exported_model_explains_with_its_region_scores(sign_model, tmp_path,
     # the box: the winning tile's class activation map at the model's input side (the checkpoint's is at 3×)
     hits = [iou(row.explanation.box, boxes[Path(row.path).name]) for row in rows]
     assert np.mean(np.array(hits) >= 0.3) >= 0.8, hits
+    (tmp_path / "broken.png").write_bytes(b"not an image")  # one pass gives both: an unreadable file is a row
+    good, bad = load_classifier(exported).predict([new / "0.png", tmp_path / "broken.png"], explain=True)
+    assert good.explanation.box == expected_boxes(rows, "0.png") and bad.label is None and bad.error
     client = TestClient(create_app(exported))
     asked = client.post("/predict?explain=true", content=(new / "0.png").read_bytes()).json()
     zero = next(row for row in rows if Path(row.path).name == "0.png")
     assert asked["box"] == list(zero.explanation.box) and client.get("/model").json()["explains"] is True
+
+
+def expected_boxes(rows, name: str) -> tuple:
+    return next(row.explanation.box for row in rows if Path(row.path).name == name)
 
 
 def test_a_model_without_regions_exports_without_them_and_says_it_cannot_explain(tmp_path, make_images,

@@ -197,6 +197,11 @@ class Classifier(abc.ABC):
                              "pooling is not regions, or it was exported before they were); explain with the run's "
                              "best.pt, or export it again")
 
+    def explained_probabilities(self, paths: list[Path]) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
+        """probabilities() of image files, and where the model looked in each readable one (explanations())."""
+        readable, probs, skipped = self.probabilities(paths)
+        return readable, probs, skipped, self.explanations(readable) if readable else []
+
     def score(self, paths: list[Path], progress: bool = False
               ) -> tuple[list[Path], np.ndarray, dict, TrainingMatch | None]:
         """probabilities(), and how the readable images compare with the training images (training_match)."""
@@ -245,10 +250,14 @@ class Classifier(abc.ABC):
         taken: set[str] = set()  # the names written into `folder`
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            readable, probs, skipped, match = self.score(part, progress=progress and len(paths) <= chunk)
+            if explain:
+                readable, probs, skipped, looked = self.explained_probabilities(part)
+                match = self.training_match(readable)
+            else:
+                readable, probs, skipped, match = self.score(part, progress=progress and len(paths) <= chunk)
+                looked = [None] * len(readable)
             labels = decide(probs, threshold) if len(probs) else []
             similarity, unfamiliar = familiarity_marks(match, len(readable))
-            looked = self.explanations(readable) if explain and readable else [None] * len(readable)
             by_path = {str(p): row for p, row in zip(readable, zip(probs, labels, similarity, unfamiliar, looked))}
             for path in part:
                 shown = names.get(str(path), str(path))
@@ -302,8 +311,22 @@ class BatchClassifier(Classifier):
         return preprocess(image, self.preprocessing)
 
     def explanations(self, paths: list[Path]) -> list[Explanation]:
-        images = [read_image(path, draft=(self.decode_side,) * 2) for path in paths]
-        return self.image_explanations(images, [photo_size(path) for path in paths])[1]
+        return self.explained_probabilities(paths)[3]
+
+    def explained_probabilities(self, paths: list[Path]) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
+        """One pass of the network gives both: the region and cell scores come with the probabilities."""
+        readable, images, skipped = [], [], {}
+        for path in paths:
+            try:
+                images.append(read_image(path, draft=(self.decode_side,) * 2))
+                readable.append(Path(path))
+            except StopsignError as error:
+                skipped[str(path)] = str(error)
+                log.warning("skipped %s: %s", path, error)
+        if not images:
+            return readable, np.zeros((0, len(self.class_names)), dtype=np.float32), skipped, []
+        probs, looked = self.image_explanations(images, [photo_size(path) for path in readable])
+        return readable, probs, skipped, looked
 
     def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:
         if not self.explains:

@@ -502,6 +502,7 @@ def test_when_no_trial_beats_the_starting_recipe_the_final_model_uses_it(tmp_pat
 
     said = "\n".join(summary_lines(result))
     assert "no trial scored above the defaults" in said and "the final model uses the defaults" in said
+    assert "final model (the defaults, all data)" in said
     assert "No trial scored above the" in (result.run_dir / "report.html").read_text()
 
 

@@ -153,8 +153,9 @@ def summary_lines(result) -> list[str]:
                      f"{result.start_accuracy:.3f}): the final model uses {result.final_from}; more --trials may "
                      "find better")
     if result.final_run:
-        lines.append(f"final model ({result.final_from}'s settings, all data): "
-                     f"{result.final_run.run_dir / 'best.pt'}")
+        # "the best trial's settings", "the seed recipe's settings"; "the defaults", "the given settings"
+        whose = result.final_from if result.final_from.endswith("s") else f"{result.final_from}'s settings"
+        lines.append(f"final model ({whose}, all data): {result.final_run.run_dir / 'best.pt'}")
     if result.verdict["message"]:
         lines.append(f"warning: {result.verdict['message']}")
     return lines + [f"best {result.folds}-fold cross-validated accuracy {result.best_accuracy:.3f} "

@@ -197,9 +197,10 @@ class Classifier(abc.ABC):
                              "pooling is not regions, or it was exported before they were); explain with the run's "
                              "best.pt, or export it again")
 
-    def explained_probabilities(self, paths: list[Path]) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
+    def explained_probabilities(self, paths: list[Path], progress: bool = False
+                                ) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
         """probabilities() of image files, and where the model looked in each readable one (explanations())."""
-        readable, probs, skipped = self.probabilities(paths)
+        readable, probs, skipped = self.probabilities(paths, progress=progress)
         return readable, probs, skipped, self.explanations(readable) if readable else []
 
     def score(self, paths: list[Path], progress: bool = False
@@ -251,7 +252,8 @@ class Classifier(abc.ABC):
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
             if explain:
-                readable, probs, skipped, looked = self.explained_probabilities(part)
+                readable, probs, skipped, looked = self.explained_probabilities(
+                    part, progress=progress and len(paths) <= chunk)
                 match = self.training_match(readable)
             else:
                 readable, probs, skipped, match = self.score(part, progress=progress and len(paths) <= chunk)
@@ -313,19 +315,27 @@ class BatchClassifier(Classifier):
     def explanations(self, paths: list[Path]) -> list[Explanation]:
         return self.explained_probabilities(paths)[3]
 
-    def explained_probabilities(self, paths: list[Path]) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
-        """One pass of the network gives both: the region and cell scores come with the probabilities."""
-        readable, images, skipped = [], [], {}
-        for path in paths:
-            try:
-                images.append(read_image(path, draft=(self.decode_side,) * 2))
-                readable.append(Path(path))
-            except StopsignError as error:
-                skipped[str(path)] = str(error)
-                log.warning("skipped %s: %s", path, error)
-        if not images:
-            return readable, np.zeros((0, len(self.class_names)), dtype=np.float32), skipped, []
-        probs, looked = self.image_explanations(images, [photo_size(path) for path in readable])
+    def explained_probabilities(self, paths: list[Path], progress: bool = False
+                                ) -> tuple[list[Path], np.ndarray, dict, list[Explanation]]:
+        """One pass of the network gives both: the region and cell scores come with the probabilities. Decoded
+        batch_size files at a time (bounded memory)."""
+        readable, skipped, chunks, looked = [], {}, [], []
+        for start in tqdm(range(0, len(paths), self.batch_size), desc="predict", unit="batch",
+                          disable=not progress, leave=False):
+            images, batch = [], []
+            for path in paths[start:start + self.batch_size]:
+                try:
+                    images.append(read_image(path, draft=(self.decode_side,) * 2))
+                    batch.append(Path(path))
+                except StopsignError as error:
+                    skipped[str(path)] = str(error)
+                    log.warning("skipped %s: %s", path, error)
+            if images:
+                probs, explained = self.image_explanations(images, [photo_size(path) for path in batch])
+                readable.extend(batch)
+                chunks.append(probs)
+                looked.extend(explained)
+        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)), dtype=np.float32)
         return readable, probs, skipped, looked
 
     def image_explanations(self, images: list, sizes: list | None = None) -> tuple[np.ndarray, list[Explanation]]:

@@ -136,6 +136,10 @@ class TinyNet(nn.Module):
     def forward(self, images):
         return torch.relu(self.norm(self.conv(images)))
 
+    def stages(self):
+        """The convolution, then BatchNorm and ReLU: what --finetune 1 or 2 trains (model/backbones.py)."""
+        return [self.conv, nn.Sequential(self.norm, nn.ReLU())]
+
 
 def tiny_spec(weights: Path) -> BackboneSpec:
     """The registry entry of backbone "tiny" (32×32 input, 8 features) with its weights in `weights`."""

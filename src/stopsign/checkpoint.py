@@ -25,7 +25,7 @@ REQUIRED_KEYS = ("format", "version", "backbone", "weights_sha256", "feature_siz
 
 def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], config: dict, row: dict, *,
                     model: dict | None = None, resume: dict | None = None, trained_on: dict | None = None,
-                    threshold: dict | None = None) -> dict:
+                    threshold: dict | None = None, tuned: dict | None = None) -> dict:
     """A self-describing checkpoint: everything load_classifier() needs, as tensors and plain data.
 
     backbone: {"name", "weights_sha256", "feature_size", "preprocessing"}; config: the run's settings, flat (what
@@ -33,7 +33,8 @@ def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], co
     history and best epoch, so `--resume` continues exactly (last.pt only); trained_on: the training images'
     digests and feature signature (model.signature), so an evaluation can tell copies of them from new photos;
     threshold: the two-class decision threshold chosen out of fold (training/threshold.py), which predict,
-    evaluate and serve apply unless told another.
+    evaluate and serve apply unless told another; tuned: the backbone's stages --finetune trained
+    (training/finetune.py), which the feature extractor puts in place of their ImageNet weights.
     """
     from . import __version__
 
@@ -52,6 +53,8 @@ def make_checkpoint(head_state: dict, backbone: dict, class_names: list[str], co
         checkpoint["trained_on"] = trained_on
     if threshold is not None:
         checkpoint["threshold"] = threshold
+    if tuned is not None:
+        checkpoint["tuned"] = tuned
     return checkpoint
 
 
@@ -153,6 +156,11 @@ def describe(checkpoint: dict, path: str | Path) -> list[tuple[str, str]]:
     if chosen := checkpoint.get("threshold"):
         lines.append(("threshold", f"p({checkpoint['class_names'][1]}) >= {chosen['value']:.3f}, chosen by "
                                    f"{chosen['rule']} on {chosen['images']} training images"))
+    if tuned := checkpoint.get("tuned"):
+        lines.append(("fine-tuned", f"the backbone's last {tuned['stages']} stage(s) "
+                                    f"({sum(t.numel() for t in tuned['state'].values()):,} parameters and statistics), "
+                                    f"kept epoch {tuned['best_epoch']} of {len(tuned['history'])}; state sha256 "
+                                    f"{tuned['sha256'][:16]}…"))
     if "resume" in checkpoint:
         lines.append(("resumable", f"yes: the training state after epoch {checkpoint['epoch']}"))
     return lines

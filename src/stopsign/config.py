@@ -54,7 +54,7 @@ RECIPES = ("stopsign", "seed")
 LISTED = ("backbone", "weights", "image_size", "pooling", "tiles", "tile_pixels", "head", "class_weight",
           "val_fraction", "seed", "augment", "rotation", "views", "synthetic_negatives", "positive", "epochs",
           "batch_size", "lr_base", "lr_max", "momentum", "weight_decay", "label_smoothing", "scheduler",
-          "cycle_epochs", "cache", "cache_dir", "num_workers", "bf16", "device", "folds", "target_recall",
+          "cycle_epochs", "finetune", "cache", "cache_dir", "num_workers", "bf16", "device", "folds", "target_recall",
           "learning_curve", "log", "out", "name")
 
 
@@ -164,6 +164,11 @@ class TrainConfig(Part):
     cycle_epochs: int = setting(5, "CyclicLR is stepped once per epoch: the LR rises linearly from --lr-base to "
                                    "--lr-max over this many epochs, falls back over as many, and each later "
                                    "cycle's height halves", low=1)
+    finetune: int = setting(0, "N > 0: once the head is fit, train it with the backbone's last N stages (residual "
+                               "or MBConv blocks; EfficientNet-Lite's last stage is its head convolution) on augmented "
+                               "views (random resized crop, colour jitter, flip, rotation; --no-augment: the plain "
+                               "view), stopping early on the validation split, then fit the head again on the tuned "
+                               "features; the frozen stages run once per view (README: Fine-tuning)", low=0)
     folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
                             "then the final model on all data", low=0)
     target_recall: float | None = setting(None, "two classes: the decision threshold is the largest whose "

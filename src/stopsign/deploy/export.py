@@ -147,6 +147,7 @@ def export_metadata(classifier: CheckpointClassifier, checkpoint: Path) -> dict:
     metadata = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "stopsign_version": __version__,
                 "class_names": classifier.class_names, "preprocessing": classifier.preprocessing,
                 "backbone": classifier.backbone_name, "weights_sha256": source["weights_sha256"],
+                "tuned_sha256": (source.get("tuned") or {}).get("sha256"),  # --finetune's stages, in the graph
                 "checkpoint": str(checkpoint), "epoch": source.get("epoch"), "val_acc": source.get("val_acc"),
                 "pooling": classifier.pooling, "tiles": classifier.tiles, "tile_pixels": classifier.tile_pixels,
                 "threshold": classifier.threshold,

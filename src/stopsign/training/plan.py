@@ -189,12 +189,13 @@ def owner(path: Path, world: int) -> int:
     return int.from_bytes(hashlib.sha256(size.to_bytes(8, "little") + start).digest()[:8], "little") % world
 
 
-def make_extractor(model: ModelConfig, run: RunOptions) -> FeatureExtractor:
-    """The backbone pass of `model` (its backbone, weights and input size), where and how `run` says."""
+def make_extractor(model: ModelConfig, run: RunOptions, tuned: dict | None = None) -> FeatureExtractor:
+    """The backbone pass of `model` (its backbone, weights and input size; `tuned`: --finetune's stages), where and
+    how `run` says."""
     cache_dir = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
     return FeatureExtractor(model.backbone, model.weights, cache_dir=cache_dir if run.cache else None,
                             num_workers=run.num_workers, bf16=run.bf16, image_size=model.image_size,
-                            device=run.device)
+                            device=run.device, tuned=tuned)
 
 
 def choose_split(data: LabelledData, recipe: TrainConfig, val: str | Path | None, recorded: dict | None,

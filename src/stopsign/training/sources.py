@@ -3,7 +3,7 @@
 - CachedFeatures (default) computes the frozen backbone's features of each image view once (cached on disk)
   and trains the linear head on them;
 - LiveImages (`cache=False`) runs the backbone over freshly augmented images every epoch, as the seed
-  notebook does; kept for comparison and for later fine-tuning of unfrozen layers.
+  notebook does; kept for comparison (--finetune trains unfrozen stages on its own path: training/finetune.py).
 
 Both draw augmentation through model.transforms.view_params: an image's view at epoch e on the live path is
 the cached path's view e + 1.

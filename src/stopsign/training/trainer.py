@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, RunOptions, Settings, TrainConfig, given_settings, names, settings_yaml
-from ..checkpoint import make_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from ..data.checks import check_data
 from ..data.datasets import LabelledData, Sample, load_data
 from ..errors import Interrupted, StopsignError
@@ -29,6 +29,7 @@ from ..reporting.metrics import Predictions
 from ..reporting.card import write_card
 from ..reporting.report import write_report
 from .crossval import cross_validate
+from .finetune import finetune
 from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
 from .plan import Plan, extract, make_extractor, prepare, ranks, share
 from ..storage import check_writable, exists, is_url, join
@@ -85,32 +86,32 @@ def train(data: str | Path | LabelledData | None = None, *, val: str | Path | No
             write_settings(run_dir, record, settings)
         phases["load and check data"] = time.perf_counter() - clock
 
-        clock = time.perf_counter()
         hint = f"Continue with: stopsign train {location or data.root} --resume {upload.url if upload else run_dir}"
-        source, features = make_source(extractor, plan, progress, hint)
-        skipped = data.skipped | source.skipped  # files the listing could not use, then those that did not decode
-        kept = without_skipped(skipped, train=plan.training, val=plan.val)
-        log.info("%s", describe_data(plan, kept, val, unreadable=source.skipped))  # once the counts are true
-        if recorded is None:
-            write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped,
-                                                          record, plan.groups, plan.folds, plan.synthetic))
-        phases["features"] = time.perf_counter() - clock
+        with timed(phases, "features"):
+            source, features = make_source(extractor, plan, progress, hint)
+            skipped = data.skipped | source.skipped  # files the listing could not use, then those not decoded
+            kept = without_skipped(skipped, train=plan.training, val=plan.val)
+            log.info("%s", describe_data(plan, kept, val, unreadable=source.skipped))  # once the counts are true
+            if recorded is None:
+                write_json(run_dir / "data.json", data_record(data.root, data.layout, data.class_names, kept, skipped,
+                                                              record, plan.groups, plan.folds, plan.synthetic))
+        if recipe.finetune:
+            with timed(phases, "fine-tune"):  # the backbone's last stages, then the tuned backbone's features
+                extractor, source, features = tune_backbone(run_dir, extractor, source, plan, progress, hint)
 
         signature, val_marks = describe_training(features, plan.groups)
         cv = None
         if recipe.folds > 1:
-            clock = time.perf_counter()
-            cv = cross_validate(source, plan.train, data.class_names, extractor.feature_size, model, recipe,
-                                plan.groups, plan.synthetic, progress=progress)
-            phases["cross-validation"] = time.perf_counter() - clock
+            with timed(phases, "cross-validation"):
+                cv = cross_validate(source, plan.train, data.class_names, extractor.feature_size, model, recipe,
+                                    plan.groups, plan.synthetic, progress=progress)
 
-        clock = time.perf_counter()
-        result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, settings, record,
-                              state=resume_state(run_dir) if resume else None, progress=progress, cv=cv,
-                              resume_hint=hint, trained_on=signature, groups=plan.groups, synthetic=plan.synthetic,
-                              after_save=sync, tracker=tracker)
-        sync()  # best.pt
-        phases["train head"] = time.perf_counter() - clock
+        with timed(phases, "train head"):
+            result = fit_and_save(run_dir, source, extractor, data.class_names, plan.training, plan.val, settings,
+                                  record, state=resume_state(run_dir) if resume else None, progress=progress, cv=cv,
+                                  resume_hint=hint, trained_on=signature, groups=plan.groups,
+                                  synthetic=plan.synthetic, after_save=sync, tracker=tracker)
+            sync()  # best.pt
         if stuck := learned_nothing(result, plan.training, model, recipe):
             log.error("%s", stuck)
 
@@ -149,8 +150,8 @@ def resolve_run(given: dict, resume: str | Path | None) -> tuple[Settings, Path 
 
 
 def check_recipe(settings: Settings, val: str | Path | None) -> None:
-    """A warning when training is shorter than one learning-rate cycle; an error for --val with --folds, and for
-    --tile-pixels without tiles."""
+    """A warning when training is shorter than one learning-rate cycle; an error for --val or --finetune with
+    --folds, and for --tile-pixels without tiles."""
     recipe = settings.recipe
     cycled = settings.model.head == "sgd" and recipe.scheduler == "triangular2"
     if cycled and rising_epochs(recipe) < recipe.cycle_epochs:
@@ -160,6 +161,9 @@ def check_recipe(settings: Settings, val: str | Path | None) -> None:
     if settings.model.tile_pixels and settings.model.tiles <= 1:
         raise StopsignError("--tile-pixels sizes the crops of --tiles K, at most K×K of them, and --tiles is 1 (the "
                             "whole image only). Fix: add --tiles 4 (up to 16 crops), or drop --tile-pixels")
+    if recipe.finetune and recipe.folds > 1:
+        raise StopsignError("--finetune stops early on the validation split, and --folds trains on every image with "
+                            "none held out. Fix: drop --folds (a validation split is drawn), or drop --finetune")
     if val is not None and recipe.folds > 1:
         raise StopsignError("--val and --folds do not combine: cross-validation scores every image of DATA out of "
                             "fold, and a separate validation set would be merged into it. Fix: use one of them")
@@ -246,7 +250,8 @@ def run_info(data: LabelledData, kept: dict[str, list[Sample]], skipped: dict[st
                  "train": data.class_counts(kept["train"]), "validation": data.class_counts(kept["val"])},
         "skipped files": [{"file": p, "reason": r} for p, r in sorted(skipped.items())] or "none",
         "backbone": {"name": settings.model.backbone, "weights sha256": extractor.weights_sha256,
-                     "features": "cached" if settings.run.cache else "recomputed every epoch"},
+                     "features": "cached" if settings.run.cache else "recomputed every epoch",
+                     **({"fine-tuned": describe_tuned(extractor.tuned)} if extractor.tuned else {})},
         "synthetic negatives": (f"{len(synthetic)} rendered scenes with other signs and red things, in the "
                                 "training split only" if synthetic else "none"),
         "evaluated on": f"out-of-fold predictions of {settings.recipe.folds}-fold cross-validation" if cv
@@ -296,6 +301,14 @@ def score_test(plan: Plan, features: dict[str, FeatureSet], head, signature: dic
     found = compare_with_training(signature, plain.digests, plain.features[:, 0])
     return Predictions([str(p) for p in scored.paths], [label_of[p] for p in scored.paths], probs,
                        plan.data.class_names, copies=found.copies, unfamiliar=found.unfamiliar)
+
+
+@contextmanager
+def timed(phases: dict[str, float], name: str):
+    """The block's wall seconds, as phases[name] (the report's seconds per phase)."""
+    clock = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - clock
 
 
 @contextmanager
@@ -354,6 +367,34 @@ def make_source(extractor: FeatureExtractor, plan: Plan, progress: bool, resume_
     return live or CachedFeatures(extractor, plan.training, plan.held_out, model, recipe, features=features), features
 
 
+def tune_backbone(run_dir: Path, extractor: FeatureExtractor, source, plan: Plan, progress: bool, resume_hint: str
+                  ) -> tuple[FeatureExtractor, CachedFeatures | LiveImages, dict[str, FeatureSet]]:
+    """--finetune: a head fit on the frozen features, then the backbone's last stages trained with it
+    (training/finetune.py); returns the tuned backbone's extractor, source and features of every request of the
+    plan, which the head is fit on again. A resumed run keeps the stages its last.pt holds."""
+    model, recipe = plan.settings.model, plan.settings.recipe
+    last = run_dir / "last.pt"
+    tuned = load_checkpoint(last).get("tuned") if last.is_file() else None
+    if tuned is None:
+        names = plan.data.class_names
+        first = fit(source, extractor.feature_size, len(names), plan.training, plan.val, model, recipe,
+                    groups=plan.groups, positive=model.positive_index(names))
+        try:
+            tuned = finetune(extractor, first.head, plan.training, plan.val, model, recipe, progress=progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped while fine-tuning; the frozen features are cached. {resume_hint}") from None
+    tuned_extractor = make_extractor(model, plan.settings.run, tuned=tuned)
+    return (tuned_extractor, *make_source(tuned_extractor, plan, progress, resume_hint))
+
+
+def describe_tuned(tuned: dict) -> str:
+    """The report's line on the fine-tuning: what was trained, for how long, and its cost."""
+    best = tuned["history"][tuned["best_epoch"] - 1]
+    return (f"the last {tuned['stages']} stage(s), {len(tuned['history'])} epoch(s), kept epoch {tuned['best_epoch']} "
+            f"(validation loss {best['val_loss']:.4f}, accuracy {best['val_acc']:.3f}); {tuned['passes']} passes of "
+            f"the frozen stages, {tuned['seconds']} s; state sha256 {tuned['sha256'][:16]}")
+
+
 def describe_training(features: dict[str, FeatureSet], groups: dict[str, int]
                       ) -> tuple[dict, dict[str, tuple[str | None, bool | None]]]:
     """The signature of the training images (plain views: one more backbone pass each on a cold cache, since
@@ -388,7 +429,7 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
                  row["train_acc"], validated)
         save_checkpoint(run_dir / "last.pt", make_checkpoint(epoch_state["head"], backbone, class_names, record, row,
                                                              model=arguments, resume=epoch_state,
-                                                             trained_on=trained_on))
+                                                             trained_on=trained_on, tuned=extractor.tuned))
         if tracker:
             tracker.log_epoch(row)
         after_save()  # with --out URL: this epoch's files to the bucket
@@ -416,5 +457,5 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
             log.info("learning curve: %s (plots/learning_curve.png: an estimate)", result.learning_curve["reading"])
     save_checkpoint(run_dir / "best.pt", make_checkpoint(result.head.state_dict(), backbone, class_names, record,
                                                          result.best, model=arguments, trained_on=trained_on,
-                                                         threshold=result.threshold))
+                                                         threshold=result.threshold, tuned=extractor.tuned))
     return result

@@ -2,14 +2,17 @@
 (`review --add`'s order, training/choose.py), least certain first, or at random.
 
     .venv/bin/python bench/loop.py --new ../shared/data/second-source [--base DIR] [--seeds 3] [--ks 25,50,100]
-                                   [--backbone efficientnet_lite0] [--groups]
+                                   [--backbone efficientnet_lite0] [--groups] [--how tool,least,random]
+                                   [--train finetune=1]
 
 For each seed the new source is split per class into a pool and a test part (--test-fraction of each class, to
 the test part). A model trained on the base data alone is scored on the test part; then find_suspects(base,
 add=pool) orders the pool as `review --add` would, and for each K a model is trained on the base plus the first K
 pool photos in that order, one on the K least certain (the order before training/choose.py) and one on K drawn
 at random, each photo labelled truthfully. Every model is the defaults (`train()`, its head and pooling) on
---backbone, scored on the test part at its own decision threshold (re-chosen out of fold at every retraining): balanced accuracy and the recall of each class (--groups: also
+--backbone and the --train settings (e.g. finetune=1: every model, the base's too, fine-tunes), scored on the test
+part at its own decision threshold (re-chosen out of fold at every retraining): balanced accuracy and the recall of
+each class (--groups: also
 of each file-name prefix, the name less its trailing number, e.g. a source's crops apart from its street photos).
 One table, mean ± sd over seeds.
 Features are cached by content, so only the first run computes each photo's.
@@ -32,9 +35,10 @@ from stopsign.data.datasets import LabelledData, Sample, load_data
 BASE = Path(__file__).resolve().parents[2] / "shared/data/cvstudio-stop-signs"
 
 
-def fit_and_load(data: LabelledData, out: Path, backbone: str):
-    """The one call that trains (train()'s defaults but the backbone) and the one that loads what it wrote."""
-    run = train(data, backbone=backbone, out=str(out), progress=False)
+def fit_and_load(data: LabelledData, out: Path, backbone: str, settings: dict):
+    """The one call that trains (train()'s defaults but the backbone and --train's) and the one that loads what it
+    wrote."""
+    run = train(data, backbone=backbone, out=str(out), progress=False, **settings)
     return load_classifier(run.run_dir)
 
 
@@ -104,11 +108,12 @@ def one_seed(base: LabelledData, new: LabelledData, seed: int, args, folder: Pat
     chosen, least_certain = tool_orders(args.base, pool, folder / "pool", args.backbone)
     drawn = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
     for k in args.ks:
-        for how, order in (("chosen by the tool", chosen), ("least certain first", least_certain),
-                           ("at random", drawn)):
+        orders = {"tool": ("chosen by the tool", chosen), "least": ("least certain first", least_certain),
+                  "random": ("at random", drawn)}
+        for how, order in (orders[name] for name in args.how):
             added = order[:k]
             data = replace(base, samples=base.samples + added)
-            row = scores(fit_and_load(data, folder / "runs", args.backbone), test, names, args.groups)
+            row = scores(fit_and_load(data, folder / "runs", args.backbone, args.train), test, names, args.groups)
             row[f"{names[-1]} among the added"] = sum(s.label == len(names) - 1 for s in added)
             rows[f"+ {k} {how}"] = row
             print(f"seed {seed}, + {k} {how}: " + ", ".join(f"{key} {round(value, 3)}" for key, value in row.items()),
@@ -140,15 +145,20 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.5)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--groups", action="store_true", help="also the recall of each file-name prefix")
+    parser.add_argument("--how", type=lambda text: text.split(","), default=["tool", "least", "random"],
+                        help="which orders to add in: tool, least (certain first), random")
+    parser.add_argument("--train", type=lambda text: {k: int(v) if v.isdigit() else v for k, v in
+                                                      (item.split("=") for item in text.split(","))}, default={},
+                        help="settings of every training, e.g. finetune=1")
     args = parser.parse_args()
     base, new = load_data(args.base), load_data(args.new)
     runs = []
     with tempfile.TemporaryDirectory() as temporary:
-        base_model = fit_and_load(base, Path(temporary) / "base", args.backbone)
+        base_model = fit_and_load(base, Path(temporary) / "base", args.backbone, args.train)
         for seed in range(args.seeds):
             runs.append(one_seed(base, new, seed, args, Path(temporary) / f"seed-{seed}", base_model))
     print(f"\n{args.new}: pool and test part split per class ({args.test_fraction:g} to the test part), "
-          f"{args.seeds} seed(s), base {args.base}, {args.backbone}")
+          f"{args.seeds} seed(s), base {args.base}, {args.backbone}, settings {args.train or 'the defaults'}")
     print("\n".join(table(runs)))
 
 

@@ -44,7 +44,9 @@ SETS = {
     "sign-crops 1:33": (SIGN_CROPS, None),
 }
 CONFIGS = {f"{pooling}, {head}": {"pooling": pooling, "head": head, "tiles": 2}
-           for pooling in ("avg", "max", "gem", "regions") for head in ("logistic", "sgd")}
+           for pooling in ("avg", "max", "gem", "regions") for head in ("logistic", "sgd")} | {
+    f"regions, logistic, class weight {weight}": {"pooling": "regions", "head": "logistic", "tiles": 2,
+                                                  "class_weight": weight} for weight in ("balanced", "auto")}
 DEFAULT = "regions, logistic"  # train's defaults: marked in the table
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -83,7 +83,7 @@ def test_c_is_chosen_by_held_out_log_loss_smaller_c_on_ties(extractor, three_cla
     source = CachedFeatures(extractor, train, val, config.model, config.recipe)
     monkeypatch.setattr(heads, "C_GRID", (0.01, 0.1, 1.0))
     scores = {0.01: 2.0, 0.1: 1.0, 1.0: 1.0}  # 0.1 and 1 tie: the smaller wins
-    monkeypatch.setattr(heads, "held_out_log_loss", lambda classifier, x, y: scores[current["C"]])
+    monkeypatch.setattr(heads, "held_out_log_loss", lambda classifier, x, y, balanced=False: scores[current["C"]])
     current = {}
     fit_quietly = heads.fit_quietly
 

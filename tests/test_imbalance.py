@@ -97,3 +97,56 @@ def test_a_model_no_better_than_the_majority_is_said_so_in_the_cli_and_atop_the_
     page = next((tmp_path / "runs").glob("*/report.html")).read_text()
     assert page.index("The head learned nothing") < page.index("Balanced accuracy")
     assert page.index("This model is no better than always answering not_stop") < page.index("Balanced accuracy")
+
+
+def overlapping(ratio: int, count: int = 300) -> tuple[CachedFeatures, list[Sample]]:
+    """Two overlapping Gaussian classes, one positive for every `ratio` negatives: a plain fit gives the rare class
+    low probabilities."""
+    rng = np.random.default_rng(0)
+    labels = (np.arange(count) % (ratio + 1) == 0).astype(np.int64)
+    x = rng.normal(0, 1, (count, 4)) + 0.8 * labels[:, None]
+    samples = [Sample(Path(f"/train/{i}.jpg"), int(label)) for i, label in enumerate(labels)]
+    source = CachedFeatures.__new__(CachedFeatures)
+    source.train_rows, source.train_features = {s.path: i for i, s in enumerate(samples)}, x[:, None].astype(np.float32)
+    return source, samples
+
+
+def test_class_weight_auto_chooses_balanced_weights_where_the_rare_class_is_fit_poorly():
+    from stopsign.training.heads import choose_c
+
+    model = ModelConfig(pooling="max")
+    source, samples = overlapping(9)
+    c, scores, weight = choose_c(source, samples, model, TrainConfig(class_weight="auto"), None)
+    assert weight == "balanced" and c in dict(scores)
+    # a fixed weight is kept, and scored by the plain log-loss, which the larger class dominates
+    plain_c, plain_scores, kept = choose_c(source, samples, model, TrainConfig(class_weight="none"), None)
+    assert kept == "none" and min(loss for _, loss in plain_scores) < min(loss for _, loss in scores)
+
+
+def test_class_weight_auto_is_judged_against_the_class_balanced_prior():
+    """auto's held-out scores are class-balanced log-losses: at 1:9 the prior's is 1.204, not 0.325."""
+    train = [Sample(Path(f"/{i}.jpg"), int(i % 10 == 0)) for i in range(100)]
+    row = {"epoch": 1, "train_loss": 0.1, "C_scores": [[0.1, 0.5], [1.0, 0.6]]}
+    result = FitResult([row], row, None, [], None)
+    assert learned_nothing(result, train, ModelConfig(), TrainConfig(class_weight="auto")) is None
+    assert "against the prior's 0.3251" in learned_nothing(result, train, ModelConfig(), TrainConfig())
+
+
+def test_class_weight_auto_is_recorded_and_refused_without_the_logistic_head(tmp_path, make_images, tiny_backbone,
+                                                                             capsys, caplog):
+    import json
+
+    from stopsign import train
+    from stopsign.cli import main
+
+    data = make_images(tmp_path / "data", {"stop": 6, "not_stop": 24}, size=(48, 40))
+    caplog.set_level(logging.INFO)
+    result = train(data, backbone="tiny", class_weight="auto", out=str(tmp_path / "runs"), progress=False,
+                   num_workers=0, val_fraction=0.25)
+    chosen = torch.load(result.run_dir / "best.pt", weights_only=True)["config"]
+    weight = json.loads((result.run_dir / "summary.json").read_text())["parameters"]["class_weight"]
+    assert chosen["class_weight"] == "auto" and weight in ("none", "balanced")
+    assert f"class weight: {weight}, chosen out of fold" in caplog.text
+    assert main(["train", str(data), "--backbone", "tiny", "--head", "sgd", "--class-weight", "auto",
+                 "--out", str(tmp_path / "runs"), "--workers", "0"]) == 2
+    assert "--class-weight auto is chosen by the logistic head's K-fold" in capsys.readouterr().err

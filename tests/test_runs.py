@@ -130,13 +130,14 @@ def test_summary_shape():
 
 def test_summary_of_a_logistic_head_lists_its_c_and_the_evaluation_beside_its_baseline():
     config = Settings().replace(val_fraction=0.2).to_dict()  # the default head: logistic, no epochs or learning rate
-    best = dict(epoch=1, val_acc=0.9, val_loss=0.3, train_acc=0.95, train_loss=0.2, C=0.1)
+    best = dict(epoch=1, val_acc=0.9, val_loss=0.3, train_acc=0.95, train_loss=0.2, C=0.1, class_weight="none")
     evaluation = {"n": 20, "accuracy": 0.9, "balanced_accuracy": 0.9, "log_loss": 0.3,
                   "baseline": {"majority_class": "stop", "accuracy": 0.5},
                   "verdict": {"lead": "accuracy", "beats_baseline": True, "message": None}}
     result = summary(config, [best], best, "s", "c", share_trained=0.8,
                      metrics=evaluation | {"confusion": [[9, 1], [1, 9]]})
-    assert result["parameters"] == {"head": "logistic", "C": 0.1, "percentage used training": 80}
+    assert result["parameters"] == {"head": "logistic", "C": 0.1, "class_weight": "none",
+                                    "percentage used training": 80}
     assert result["evaluation"] == evaluation  # the figures beside their baselines, not the whole report
 
 

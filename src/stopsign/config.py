@@ -29,7 +29,7 @@ BACKBONE_NAMES = ("resnet18", "efficientnet_lite0", "efficientnet_lite1", "effic
 SCHEDULER_NAMES = ("triangular2", "cosine", "constant")
 POOLINGS = ("avg", "max", "gem", "regions")  # every one is computed by each backbone pass and cached (model/features.py)
 HEADS = ("sgd", "logistic")
-CLASS_WEIGHTS = ("none", "balanced")
+CLASS_WEIGHTS = ("none", "balanced")  # what `tune` searches; train also takes "auto" (the logistic head's K-fold)
 DEVICE_HELP = ("where the backbone (and an SGD head) runs: auto (a CUDA GPU when PyTorch sees one, else the CPU), "
                "cpu, cuda, cuda:N or mps; CUDA autocasts to bf16 (else fp16), so its features are cached apart")
 
@@ -138,8 +138,10 @@ class ModelConfig(Part):
 @dataclass
 class TrainConfig(Part):
     """The recipe that fits the head: how the data is split and augmented, and the optimisation."""
-    class_weight: str = setting("none", "balanced: weigh each class by the inverse of its share of the training images",
-                                choices=CLASS_WEIGHTS)
+    class_weight: str = setting("none", "balanced: weigh each class by the inverse of its share of the training "
+                                        "images; auto (logistic head): none or balanced, whichever has the lower "
+                                        "class-balanced held-out log-loss in the K-fold that chooses C, so it is "
+                                        "chosen again whenever photos are added", choices=(*CLASS_WEIGHTS, "auto"))
     # data
     val_fraction: float = setting(0.1, "share of each class held out for validation when the data gives no split",
                                   low=0, high=1, low_open=True, high_open=True)

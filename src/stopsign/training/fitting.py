@@ -38,14 +38,16 @@ def learned_nothing(result: FitResult, train_samples: list[Sample], model: Model
     weighted = model.head == "sgd" and recipe.class_weight == "balanced"
     prior = float(np.log(len(shares)) if weighted else -(shares * np.log(shares)).sum())
     held_out = min((loss for _, loss in result.best.get("C_scores") or []), default=None)
+    # --class-weight auto scores C by the class-balanced log-loss, whose prior is the mean of each class's -log share
+    held_prior = float(-np.log(shares).mean()) if recipe.class_weight == "auto" else prior
     fix = ("Fix: check the labels; try --pooling max (a convex fit) or --class-weight balanced; with --head sgd, "
            "more --epochs or a higher --lr-max")
     if result.best["train_loss"] >= prior - 1e-4:
         return (f"the head learned nothing: its training log-loss {result.best['train_loss']:.4f} is not below the "
                 f"class prior's {prior:.4f}, so it answers every photo with the class shares. {fix}")
-    if held_out is not None and held_out >= prior - 1e-4:
+    if held_out is not None and held_out >= held_prior - 1e-4:
         return (f"the head is no better than the class prior out of fold: held-out log-loss {held_out:.4f} against "
-                f"the prior's {prior:.4f}. {fix}")
+                f"the prior's {held_prior:.4f}. {fix}")
     return None
 
 
@@ -118,6 +120,10 @@ def is_better(row: dict, best: dict | None) -> bool:
 
 # --- the epoch loop -----------------------------------------------------------------------------------------
 
+AUTO_NEEDS_LOGISTIC = ("--class-weight auto is chosen by the logistic head's K-fold, and --head sgd has none. Fix: "
+                       "--class-weight none or balanced with --head sgd, or drop --head sgd")
+
+
 def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
     """The "balanced" weights: n / (num_classes * count_c) for each class c over `samples`' labels (0 for a class
     with none), so every class weighs as much in the loss as if the classes were equally common."""
@@ -131,8 +137,10 @@ def make_criterion(recipe: TrainConfig, train_samples: list[Sample], num_classes
     if recipe.class_weight == "balanced":
         return nn.CrossEntropyLoss(weight=class_weights(train_samples, num_classes),
                                    label_smoothing=recipe.label_smoothing)
+    if recipe.class_weight == "auto":
+        raise StopsignError(AUTO_NEEDS_LOGISTIC)
     if recipe.class_weight != "none":
-        raise StopsignError(f"unknown class weight {recipe.class_weight!r}; choose none or balanced")
+        raise StopsignError(f"unknown class weight {recipe.class_weight!r}; choose none, balanced or auto")
     return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 

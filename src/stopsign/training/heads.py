@@ -72,8 +72,8 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
                                 f"training images ({len(readable)}) have {len(present)}. Fix: add images of the "
                                 "other classes, or check why they could not be read")
         features, labels = training_rows(source, readable)
-        chosen, scores = choose_c(source, readable, model, recipe, groups, positive)
-        pipeline = fit_model(features, labels, chosen, model, recipe, positive=positive)
+        chosen, scores, weight = choose_c(source, readable, model, recipe, groups, positive)
+        pipeline = fit_model(features, labels, chosen, model, recipe.replace(class_weight=weight), positive=positive)
         head = folded_head(pipeline["scaler"], pipeline["classifier"], num_features, num_classes)
 
         train_logits = logits(head, features)
@@ -86,8 +86,9 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
             val_loss, val_acc = scores_of(val_logits, np.array([s.label for s in kept], dtype=np.int64))
             val_probs = val_logits.softmax(1).numpy()
         row = dict(epoch=1, lr=None, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                   seconds=round(time.perf_counter() - tick, 4), C=chosen, C_scores=[[c, s] for c, s in scores])
-        log.debug("logistic head: C=%g chosen from %s (mean held-out log-loss)", chosen,
+                   seconds=round(time.perf_counter() - tick, 4), C=chosen, C_scores=[[c, s] for c, s in scores],
+                   class_weight=weight)
+        log.debug("logistic head: C=%g, class weight %s, chosen from %s (mean held-out log-loss)", chosen, weight,
                   ", ".join(f"{c:g}: {s:.4f}" for c, s in scores))
         if on_epoch:
             weights = {k: v.clone() for k, v in head.state_dict().items()}
@@ -107,9 +108,15 @@ def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.nda
 
 
 def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, recipe: TrainConfig,
-             groups: dict[str, int] | None, positive: int | None = None) -> tuple[float, list[tuple[float, float]]]:
+             groups: dict[str, int] | None, positive: int | None = None
+             ) -> tuple[float, list[tuple[float, float]], str]:
     """The grid's C with the lowest mean held-out log-loss over a grouped stratified K-fold of `samples` (ties to
-    the smaller C), and every grid value's score. With a class of one image there is nothing to hold out: C = 1.
+    the smaller C), every grid value's score, and the class weight fit with. With a class of one image there is
+    nothing to hold out: C = 1.
+
+    recipe.class_weight "auto": the folds fit both weights, none and balanced, each scored by the class-balanced
+    log-loss (the mean of each class's mean, which balanced accuracy's goal asks for, and which a plain log-loss,
+    dominated by the larger class, would not); the weight and C with the lowest win, ties to none.
 
     With --pooling regions, C is chosen for the max-pooled logistic regression of the same rows (the best region's
     features, a convex problem, a twentieth of the width) over the grid up to REGIONS_MAX_C, and the regions head is
@@ -122,32 +129,39 @@ def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, 
     from scratch and chose the same C, at more than the 1.5× the time that would have justified it."""
     present = sorted({s.label for s in samples})
     smallest = int(min(np.bincount([s.label for s in samples])[present]))
+    weights = ("none", "balanced") if recipe.class_weight == "auto" else (recipe.class_weight,)
     if smallest < 2:
         log.warning("a class has a single training image, too few to choose C by cross-validation: "
                     "the logistic head uses C = 1")
-        return 1.0, []
+        return 1.0, [], weights[0]
     folds = kfold_samples(samples, min(MAX_FOLDS, smallest), recipe.seed, groups=groups)
     regions = model.pooling == "regions"
     grid = [c for c in C_GRID if c <= REGIONS_MAX_C] if regions else C_GRID  # no larger C is fit: none is scored
-    losses = np.zeros((len(grid), len(folds)))
+    losses = np.zeros((len(weights), len(grid), len(folds)))
     proxy = model.replace(pooling="max") if regions else model
     for fold, (fit_on, held_out) in enumerate(folds):
         (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), model) for part in (fit_on, held_out))
-        scaler, classifier = make_model(proxy, recipe, grid[0], positive, warm_start=True).steps
-        x, x_held = scaler[1].fit_transform(x), scaler[1].transform(x_held)
-        for i, c in enumerate(grid):
-            fit_quietly(classifier[1].set_params(C=c), x, y)
-            losses[i, fold] = held_out_log_loss(classifier[1], x_held, y_held)
-    scores = [(c, float(loss)) for c, loss in zip(grid, losses.mean(axis=1))]
-    return min(scores, key=lambda pair: pair[1])[0], scores  # the first of equal scores: the smaller C
+        for w, weight in enumerate(weights):
+            scaler, classifier = make_model(proxy, recipe.replace(class_weight=weight), grid[0], positive,
+                                            warm_start=True).steps
+            x_fit, x_test = scaler[1].fit_transform(x), scaler[1].transform(x_held)
+            for i, c in enumerate(grid):
+                fit_quietly(classifier[1].set_params(C=c), x_fit, y)
+                losses[w, i, fold] = held_out_log_loss(classifier[1], x_test, y_held, balanced=len(weights) > 1)
+    mean = losses.mean(axis=2)
+    w = int(np.unravel_index(np.argmin(mean), mean.shape)[0])  # the first of equal scores: none, the smaller C
+    scores = [(c, float(loss)) for c, loss in zip(grid, mean[w])]
+    return min(scores, key=lambda pair: pair[1])[0], scores, weights[w]
 
 
-def held_out_log_loss(classifier, x: np.ndarray, y: np.ndarray) -> float:
-    """The mean log-loss of `classifier` on (x, y); a class its fit lacked has probability 0, clipped as
-    scikit-learn's log_loss clips it (which costs more in parameter checks than the fit, on these small folds)."""
+def held_out_log_loss(classifier, x: np.ndarray, y: np.ndarray, balanced: bool = False) -> float:
+    """The mean log-loss of `classifier` on (x, y), or with `balanced` the mean over classes of each class's mean;
+    a class its fit lacked has probability 0, clipped as scikit-learn's log_loss clips it (which costs more in
+    parameter checks than the fit, on these small folds)."""
     probs = np.zeros((len(y), max(int(y.max()), int(classifier.classes_.max())) + 1))
     probs[:, classifier.classes_] = classifier.predict_proba(x)
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], EPSILON, 1)).mean())
+    losses = -np.log(np.clip(probs[np.arange(len(y)), y], EPSILON, 1))
+    return float(np.mean([losses[y == k].mean() for k in np.unique(y)]) if balanced else losses.mean())
 
 
 def pooled_rows(rows: tuple[np.ndarray, np.ndarray], model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -83,10 +83,10 @@ def summary(config: dict, history: list[dict], best: dict, started: str, complet
 
 def parameters(config: dict, best: dict, share_trained: float) -> dict:
     """summary.json's "parameters": CV Studio's optimisation settings for the SGD head; for the logistic head,
-    which has none of them (config.relevant_settings), the C its K-fold chose."""
+    which has none of them (config.relevant_settings), the C and class weight its K-fold chose."""
     share = {"percentage used training": round(100 * share_trained)}
     if "lr_max" not in relevant_settings(config):
-        return {"head": config["head"], "C": best.get("C")} | share
+        return {"head": config["head"], "C": best.get("C"), "class_weight": best.get("class_weight")} | share
     return {"epochs": config["epochs"], "learningRate": config["lr_max"], "momentum": config["momentum"]} | share | {
         "learningRatescheduler": {"lr_scheduler": config["scheduler"], "base_lr": config["lr_base"],
                                   "max_lr": config["lr_max"]}}

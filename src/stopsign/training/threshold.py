@@ -123,7 +123,8 @@ def fold_head(source: CachedFeatures, samples: list[Sample], num_features: int, 
     "C" a logistic head chose): the out-of-fold fits of the threshold and the learning curve."""
     if model.head != "logistic":
         return fit(source, num_features, num_classes, samples, [], model, recipe, keep="last", positive=positive).head
-    pipeline = make_model(model, recipe, fitted["C"], positive)
+    pipeline = make_model(model, recipe.replace(class_weight=fitted.get("class_weight", recipe.class_weight)),
+                          fitted["C"], positive)
     if model.pooling == "regions":  # a looser tolerance: the threshold moved by < 0.005, in less time
         pipeline.set_params(classifier__tol=FOLD_TOLERANCE)
     fit_quietly(pipeline, *training_rows(source, samples))

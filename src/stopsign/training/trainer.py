@@ -30,7 +30,7 @@ from ..reporting.card import write_card
 from ..reporting.report import write_report
 from .crossval import cross_validate
 from .finetune import finetune
-from .fitting import fit, learned_nothing, rising_epochs, stop_after_epoch
+from .fitting import AUTO_NEEDS_LOGISTIC, fit, learned_nothing, rising_epochs, stop_after_epoch
 from .plan import Plan, extract, make_extractor, prepare, ranks, share
 from ..storage import check_writable, exists, is_url, join
 from ..runs import create_run_dir, local_run, remove_partial_files, run_upload
@@ -158,6 +158,8 @@ def check_recipe(settings: Settings, val: str | Path | None) -> None:
         log.warning("%d epochs are fewer than one learning-rate cycle (%d up, %d down): the cycle rises over %d "
                     "epoch(s) instead, so the rate reaches --lr-max", recipe.epochs, recipe.cycle_epochs,
                     recipe.cycle_epochs, rising_epochs(recipe))
+    if recipe.class_weight == "auto" and settings.model.head != "logistic":
+        raise StopsignError(AUTO_NEEDS_LOGISTIC)
     if settings.model.tile_pixels and settings.model.tiles <= 1:
         raise StopsignError("--tile-pixels sizes the crops of --tiles K, at most K×K of them, and --tiles is 1 (the "
                             "whole image only). Fix: add --tiles 4 (up to 16 crops), or drop --tile-pixels")
@@ -380,7 +382,8 @@ def tune_backbone(run_dir: Path, extractor: FeatureExtractor, source, plan: Plan
         first = fit(source, extractor.feature_size, len(names), plan.training, plan.val, model, recipe,
                     groups=plan.groups, positive=model.positive_index(names))
         try:
-            tuned = finetune(extractor, first.head, plan.training, plan.val, model, recipe, progress=progress)
+            weighted = recipe.replace(class_weight=first.best.get("class_weight", recipe.class_weight))  # auto's
+            tuned = finetune(extractor, first.head, plan.training, plan.val, model, weighted, progress=progress)
         except KeyboardInterrupt:
             raise Interrupted(f"stopped while fine-tuning; the frozen features are cached. {resume_hint}") from None
     tuned_extractor = make_extractor(model, plan.settings.run, tuned=tuned)
@@ -441,6 +444,8 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
         result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, model, recipe,
                      state=state, on_epoch=save_epoch, progress=progress, groups=groups,
                      keep="last" if recipe.folds > 1 else "best", positive=arguments["positive_index"])
+    if recipe.class_weight == "auto":
+        log.info("class weight: %s, chosen out of fold with C = %g", result.best["class_weight"], result.best["C"])
     rendered = set(synthetic)
     real = [s for s in train_samples if s not in rendered]
     result.threshold = out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe,

@@ -141,13 +141,14 @@ def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, 
     proxy = model.replace(pooling="max") if regions else model
     for fold, (fit_on, held_out) in enumerate(folds):
         (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), model) for part in (fit_on, held_out))
+        scaler = make_model(proxy, recipe, grid[0], positive)["scaler"]  # the same for either class weight
+        x, x_held = scaler.fit_transform(x), scaler.transform(x_held)
         for w, weight in enumerate(weights):
-            scaler, classifier = make_model(proxy, recipe.replace(class_weight=weight), grid[0], positive,
-                                            warm_start=True).steps
-            x_fit, x_test = scaler[1].fit_transform(x), scaler[1].transform(x_held)
+            classifier = make_model(proxy, recipe.replace(class_weight=weight), grid[0], positive,
+                                    warm_start=True)["classifier"]
             for i, c in enumerate(grid):
-                fit_quietly(classifier[1].set_params(C=c), x_fit, y)
-                losses[w, i, fold] = held_out_log_loss(classifier[1], x_test, y_held, balanced=len(weights) > 1)
+                fit_quietly(classifier.set_params(C=c), x, y)
+                losses[w, i, fold] = held_out_log_loss(classifier, x_held, y_held, balanced=len(weights) > 1)
     mean = losses.mean(axis=2)
     w = int(np.unravel_index(np.argmin(mean), mean.shape)[0])  # the first of equal scores: none, the smaller C
     scores = [(c, float(loss)) for c, loss in zip(grid, mean[w])]

@@ -151,7 +151,7 @@ def resolve_run(given: dict, resume: str | Path | None) -> tuple[Settings, Path 
 
 def check_recipe(settings: Settings, val: str | Path | None) -> None:
     """A warning when training is shorter than one learning-rate cycle; an error for --val or --finetune with
-    --folds, and for --tile-pixels without tiles."""
+    --folds, for --class-weight auto without the logistic head, and for --tile-pixels without tiles."""
     recipe = settings.recipe
     cycled = settings.model.head == "sgd" and recipe.scheduler == "triangular2"
     if cycled and rising_epochs(recipe) < recipe.cycle_epochs:

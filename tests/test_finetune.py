@@ -109,3 +109,23 @@ def test_finetune_is_refused_where_it_cannot_apply(tmp_path, make_images, tiny_b
     assert main(["train", *common, "--finetune", "3"]) == 2
     assert "--finetune 3: tiny's trunk has 2 stages. Fix: --finetune 1 to 2" in capsys.readouterr().err
     assert not list((tmp_path / "runs").glob("*/best.pt"))
+
+
+def test_the_frozen_stages_give_the_same_outputs_in_decode_workers_as_in_the_main_process(tmp_path, make_images,
+                                                                                         tiny_backbone, monkeypatch):
+    from stopsign.config import ModelConfig, TrainConfig
+    from stopsign.data.datasets import load_data
+    from stopsign.model.features import FeatureExtractor
+    from stopsign.training.finetune import lower_outputs
+
+    samples = load_data(make_images(tmp_path / "data", {"stop": 6, "not_stop": 6}, size=(48, 40))).samples
+    model, recipe = ModelConfig(backbone="tiny", tiles=2), TrainConfig()
+    outputs = {}
+    for workers in (0, 2):
+        monkeypatch.setattr("stopsign.model.features.available_cores", lambda: 2)  # workers run the stages
+        extractor = FeatureExtractor("tiny", num_workers=workers, device="cpu")
+        lower = torch.nn.Sequential(*trunk_stages(extractor.backbone.model.trunk)[:1])
+        outputs[workers], labels = lower_outputs(lower, extractor, samples, model, recipe, 2, progress=False)
+    assert outputs[0].shape == (12, 2, 5, 8, 15, 15) and outputs[0].dtype == np.float16
+    assert np.array_equal(outputs[0], outputs[2]) and outputs[0].any()
+    assert labels.tolist() == [s.label for s in samples]

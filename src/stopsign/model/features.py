@@ -136,7 +136,7 @@ class FeatureExtractor:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Every pooling of a batch of preprocessed images: (N, STORED, feature_size)."""
-        return _forward(self.inference_model, images, self.autocast, self.device)
+        return forward_chunks(self.inference_model, images, self.autocast, self.device)
 
     def image_features(self, images: list, *, pooling: str = "avg", tiles: int = 1, tile_pixels: int = 0
                        ) -> np.ndarray:
@@ -247,12 +247,8 @@ class FeatureExtractor:
         )
         per_batch = max(1, forward_chunk(self.device, self.preprocessing["size"]) // count)
         workers = decode_workers(self.device, self.num_workers) if len(rows) > per_batch else 0
-        # With no more cores than workers, each worker runs the backbone on the images it decoded, one thread
-        # each (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48 for the same model run
-        # here with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread layer waits for the slower,
-        # often descheduled, thread).
-        in_workers = 0 < workers and available_cores() <= workers and self.device.type == "cpu"
-        collate = _ForwardViews(self.inference_model, self.autocast) if in_workers else list
+        in_workers = runs_in_workers(self.device, workers)
+        collate = ForwardInWorkers(self.inference_model, self.autocast) if in_workers else list
         computed = 0
         loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda")
@@ -281,8 +277,8 @@ class FeatureExtractor:
         return computed
 
 
-def _forward(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None,
-             device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def forward_chunks(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None,
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """The backbone over `images` in calls of FORWARD_CHUNK views on the CPU, of as many as the GPU holds on CUDA;
     the features always come back float32 on the CPU."""
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -295,7 +291,15 @@ def _forward(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | 
                           .float() for part in images.split(chunk)]).cpu()
 
 
-class _ForwardViews:
+def runs_in_workers(device: torch.device, workers: int) -> bool:
+    """Whether each decode worker runs the backbone on the images it decoded, one thread each (ForwardInWorkers):
+    on a CPU with no more cores than workers (bench/bench_pass.py, 2 cores: 0.43 of the floor's time against 0.48
+    for the same model run in the main process with 2 threads; on a busy machine 0.36 against 0.86, as a 2-thread
+    layer waits for the slower, often descheduled, thread)."""
+    return 0 < workers and available_cores() <= workers and device.type == "cpu"
+
+
+class ForwardInWorkers:
     """A DataLoader collate_fn that runs the backbone in the worker: (index, None, error) items and the features."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
@@ -303,7 +307,7 @@ class _ForwardViews:
 
     def __call__(self, batch: list) -> tuple[list, torch.Tensor | None]:
         tensors = [tensor for _, tensor, error in batch if error is None]
-        features = _forward(self.model, torch.cat(tensors), self.dtype) if tensors else None
+        features = forward_chunks(self.model, torch.cat(tensors), self.dtype) if tensors else None
         return [(index, None, error) for index, _, error in batch], features
 
 

@@ -32,7 +32,9 @@ from ..data.datasets import Sample
 from ..data.images import file_digest, read_image
 from ..errors import StopsignError
 from ..model.backbones import trunk_stages
-from ..model.features import FORWARD_CHUNK, FeatureExtractor, allocate
+from ..model.devices import decode_workers
+from ..model.features import (FORWARD_CHUNK, FeatureExtractor, ForwardInWorkers, allocate, forward_chunks,
+                              runs_in_workers)
 from ..model.pooling import AllPoolings, combine_tiles, pooled
 from ..model.transforms import decode_size, jittered, tile_count, tile_views
 from .fitting import make_criterion
@@ -151,27 +153,29 @@ def lower_outputs(lower: nn.Module, extractor: FeatureExtractor, samples: list[S
     per_image = max(1, views) * tile_count(model.tiles)
     out = allocate((len(samples), max(1, views), tile_count(model.tiles), *shape), extractor.store, np.float16)
     read = np.zeros(len(samples), dtype=bool)
-    loader = DataLoader(dataset, batch_size=max(1, FORWARD_CHUNK // per_image), collate_fn=list,
-                        num_workers=extractor.num_workers if len(samples) > 8 else 0)
-    with torch.inference_mode(), tqdm(total=len(samples), desc="frozen stages", unit="img", disable=not progress,
-                                      leave=False) as bar:
+    per_batch = max(1, FORWARD_CHUNK // per_image)
+    workers = decode_workers(extractor.device, extractor.num_workers) if len(samples) > per_batch else 0
+    in_workers = runs_in_workers(extractor.device, workers)  # as the feature pass runs the backbone
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers,
+                        collate_fn=ForwardInWorkers(lower, None) if in_workers else list)
+    with tqdm(total=len(samples), desc="frozen stages", unit="img", disable=not progress, leave=False) as bar:
         for batch in loader:
-            good = [(index, tensor) for index, tensor in batch if tensor is not None]
-            if good:
-                images = torch.cat([tensor for _, tensor in good]).to(extractor.device)
-                result = torch.cat([lower(part.contiguous(memory_format=torch.channels_last))
-                                    for part in images.split(FORWARD_CHUNK)]).half().cpu().numpy()
-                for at, (index, _) in enumerate(good):
-                    out[index] = result[at * per_image:(at + 1) * per_image].reshape(out.shape[1:])
-                    read[index] = True
+            batch, result = batch if in_workers else (batch, None)
+            good = [index for index, _, error in batch if error is None]
+            if good and result is None:
+                result = forward_chunks(lower, torch.cat([tensor for _, tensor, error in batch if error is None]),
+                                        None, extractor.device)
+            for at, index in enumerate(good):
+                out[index] = result[at * per_image:(at + 1) * per_image].half().numpy().reshape(out.shape[1:])
+                read[index] = True
             bar.update(len(batch))
     labels = np.array([s.label for s in samples], dtype=np.int64)
     return out[read] if not read.all() else out, labels[read]
 
 
 class _Views(Dataset):
-    """Item i: every view of sample i's every tile as one (V × T, 3, S, S) tensor, or None where it cannot be read
-    (the feature pass before this one named it)."""
+    """Item i: (i, every view of sample i's every tile as one (V × T, 3, S, S) tensor, None), or (i, None, the reason
+    it cannot be read), as model/features.py's ViewsDataset gives them (the feature pass before this one logged it)."""
 
     def __init__(self, samples: list[Sample], preprocessing: dict, model: ModelConfig, recipe: TrainConfig,
                  views: int):
@@ -187,8 +191,8 @@ class _Views(Dataset):
         try:
             image = read_image(path, draft=(side, side))
             seed = int(file_digest(path)[:15], 16)
-        except (StopsignError, OSError):
-            return index, None
+        except (StopsignError, OSError) as error:
+            return index, None, str(error)
         arrays = []
         for view in range(1, self.views + 1):
             rng = np.random.default_rng([self.recipe.seed, view, seed, 2])
@@ -196,4 +200,4 @@ class _Views(Dataset):
             arrays += tile_views(crop, self.preprocessing, model.tiles, flip, angle, model.tile_pixels)
         if not self.views:
             arrays = tile_views(image, self.preprocessing, model.tiles, pixels=model.tile_pixels)
-        return index, torch.from_numpy(np.stack(arrays))
+        return index, torch.from_numpy(np.stack(arrays)), None

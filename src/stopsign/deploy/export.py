@@ -40,7 +40,6 @@ from ..inference.exported import (EXPORT_FORMAT, EXPORT_VERSION, EXTRA_FILE, INP
 from ..inference.load import resolve_model_path
 from ..inference.pytorch import CheckpointClassifier
 from ..inference.torchscript import TorchScriptClassifier, load_torchscript, quiet_torch
-from ..model.pooling import combine_tiles, pooled
 from ..model.transforms import REGIONS, tile_count
 from ..storage import is_url, join, mirror_dir, upload_file
 
@@ -118,9 +117,7 @@ class _Exported(nn.Module):
     def forward(self, images: torch.Tensor):
         flat = images.reshape(-1, *images.shape[2:]) if self.tiled else images
         maps = self.backbone.feature_maps(flat.contiguous(memory_format=torch.channels_last))
-        features = pooled(self.backbone.pool(maps), self.pooling)
-        if self.tiled:
-            features = combine_tiles(features.reshape(images.shape[0], -1, features.shape[1]), self.pooling)
+        features = self.backbone.image_features(maps, images.shape[0], self.pooling)
         probabilities = self.head(features).softmax(dim=1)
         if self.pooling == "regions":
             return probabilities, self.head.region_scores(features), self.head.cell_scores(maps, features)

@@ -1,4 +1,5 @@
-"""Pooling and the head's forward: every pooling of a backbone's last feature map in one pass (AllPoolings),
+"""Pooling and the head's forward: every pooling of a backbone's last feature map in one pass (AllPoolings; from
+tiles' feature maps to a head's input, AllPoolings.image_features),
 one pooling of it (pooled), tiles combined into one row per image (combine_tiles), the regions head's forward
 (region_logits, RegionHead), what a head scores each region or feature-map cell by (score_weights), a new head for
 a pooling (make_head), and a frozen backbone with its head as one model (FrozenBackboneClassifier).
@@ -38,6 +39,13 @@ class AllPoolings(nn.Module):
         """The trunk's last feature maps (N, C, h, w); a trunk that pools by itself gives 1×1 maps."""
         maps = self.trunk(images)
         return maps[:, :, None, None] if maps.dim() == 2 else maps
+
+    @staticmethod
+    def image_features(maps: torch.Tensor, images: int, pooling: str) -> torch.Tensor:
+        """What a head is fed (images, width) from the last feature maps of each image's tiles (images × T, C, h, w),
+        as model/features.py stores and combines them: one pooling of each map, the tiles combined."""
+        features = pooled(AllPoolings.pool(maps), pooling)
+        return combine_tiles(features.reshape(images, -1, features.shape[1]), pooling)
 
     @staticmethod
     def pool(maps: torch.Tensor) -> torch.Tensor:

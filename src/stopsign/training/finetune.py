@@ -35,7 +35,7 @@ from ..model.backbones import trunk_stages
 from ..model.devices import decode_workers
 from ..model.features import (FORWARD_CHUNK, FeatureExtractor, ForwardInWorkers, allocate, forward_chunks,
                               runs_in_workers)
-from ..model.pooling import AllPoolings, combine_tiles, pooled
+from ..model.pooling import AllPoolings
 from ..model.transforms import decode_size, jittered, tile_count, tile_views
 from .fitting import make_criterion
 
@@ -66,7 +66,7 @@ def finetune(extractor: FeatureExtractor, head: nn.Linear, train: list[Sample], 
     views = FINETUNE_VIEWS if recipe.augment else 0  # --no-augment: the plain view alone
     train_inputs, train_labels = lower_outputs(lower, extractor, train, model, recipe, views, progress)
     val_inputs, val_labels = lower_outputs(lower, extractor, val, model, recipe, 0, progress)
-    network = _Upper(upper, head, model.pooling).to(device)
+    network = _Upper(upper, head, model.pooling)
     criterion = make_criterion(recipe, train, head.out_features).to(device)
     scorer = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.Adam([{"params": upper.parameters(), "lr": STAGE_LR},
@@ -125,8 +125,7 @@ class _Upper(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         maps = self.stages(inputs.flatten(0, 1).float().contiguous(memory_format=torch.channels_last))
         maps = maps[:, :, None, None] if maps.dim() == 2 else maps
-        features = pooled(AllPoolings.pool(maps), self.pooling)
-        return self.head(combine_tiles(features.reshape(*inputs.shape[:2], -1), self.pooling))
+        return self.head(AllPoolings.image_features(maps, inputs.shape[0], self.pooling))
 
 
 def _score(network: nn.Module, inputs: np.ndarray, labels: np.ndarray, scorer, batch_size: int, device

@@ -222,8 +222,9 @@ class RegionScaler(TransformerMixin, BaseEstimator):
         self.width = width
 
     def fit(self, features: np.ndarray, labels=None) -> "RegionScaler":
-        regions = np.asarray(features, dtype=np.float64).reshape(-1, self.width)
-        self.mean_, self.scale_ = regions.mean(axis=0), regions.std(axis=0)
+        regions = np.asarray(features, dtype=np.float32).reshape(-1, self.width)  # summed in float64
+        self.mean_ = regions.mean(axis=0, dtype=np.float64)
+        self.scale_ = np.sqrt(np.square(regions - self.mean_.astype(np.float32)).mean(axis=0, dtype=np.float64))
         self.scale_[self.scale_ == 0] = 1.0  # a constant feature, as StandardScaler leaves it
         return self
 
@@ -249,7 +250,7 @@ class RegionLogistic(ClassifierMixin, BaseEstimator):
     converged_ is true only when the solver moved from that start and met its tolerance."""
 
     def __init__(self, C: float = 1.0, width: int = 1, class_weight: str | None = None, positive: int | None = None,
-                 warm_start: bool = False, tol: float = 1e-5):
+                 warm_start: bool = False, tol: float = 1e-4):
         self.C, self.width, self.class_weight, self.positive, self.warm_start, self.tol = C, width, class_weight, \
             positive, warm_start, tol
 

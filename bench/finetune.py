@@ -10,7 +10,8 @@ the seeds:
              of stop signs, street photos with a stop sign, street frames without)
   crops      ../shared/data/sign-crops (GTSRB): the stop crops called stop, and the other signs called stop
   train s    the run's wall seconds (the frozen features are cached after the first configuration), and the
-             fine-tuning's own: passes of the frozen stages, epochs run
+             fine-tuning's own: passes of the frozen stages, epochs run (of the kept number of stages), seconds,
+             and the number of stages each seed kept (--finetune N chooses 1 to N on the validation split)
 The machine is shared: compare seconds within one run.
 """
 
@@ -55,7 +56,8 @@ def run(config: dict, seed: int, shared: Path, scratch: Path) -> dict:
     tuned = torch.load(result.run_dir / "best.pt", weights_only=True).get("tuned")
     return share | {"val": metrics["balanced_accuracy"], "2nd-src": (stop + 1 - share["street, none"]) / 2,
                     "train s": seconds, "passes": tuned["passes"] if tuned else 0,
-                    "epochs": len(tuned["history"]) if tuned else 0, "tune s": tuned["seconds"] if tuned else 0}
+                    "epochs": len(tuned["history"]) if tuned else 0, "tune s": tuned["seconds"] if tuned else 0,
+                    "stages": tuned["stages"] if tuned else 0}
 
 
 def cell(values: list[float]) -> str:
@@ -70,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.shared / "second-source").is_dir() or not (args.shared / "sign-crops").is_dir():
         raise SystemExit(f"needs {args.shared}/second-source and sign-crops")
-    print("| configuration | " + " | ".join(COLUMNS) + " | fine-tuning: passes, epochs, s |\n|" + "---|" * 10)
+    print("| configuration | " + " | ".join(COLUMNS) + " | fine-tuning: passes, epochs, s; stages kept |\n|"
+          + "---|" * 10)
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as scratch:
         for name in args.configs.split(","):
             results = [run(CONFIGS[name], int(seed), args.shared, Path(scratch)) for seed in args.seeds.split(",")]
@@ -79,7 +82,8 @@ def main() -> None:
             flags = " ".join(f"--{k} {v}" for k, v in CONFIGS[name].items()) or "defaults"
             cost = (f"{statistics.mean(r['passes'] for r in results):.0f}, "
                     f"{statistics.mean(r['epochs'] for r in results):.1f}, "
-                    f"{statistics.mean(r['tune s'] for r in results):.0f}") if CONFIGS[name] else "-"
+                    f"{statistics.mean(r['tune s'] for r in results):.0f}; "
+                    f"{', '.join(str(r['stages']) for r in results)}") if CONFIGS[name] else "-"
             print(f"| {name} (`{flags}`) | " + " | ".join(
                 f"{statistics.mean(r[c] for r in results):.0f}" if c == "train s" else cell([r[c] for r in results])
                 for c in COLUMNS) + f" | {cost} |", flush=True)

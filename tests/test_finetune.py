@@ -1,5 +1,5 @@
-"""--finetune N: the backbone's last N stages trained with the head (training/finetune.py), kept in the checkpoint, and
-used by everything that loads it."""
+"""--finetune N: at most the backbone's last N stages trained with the head (training/finetune.py), kept in the
+checkpoint, and used by everything that loads it."""
 
 import csv
 
@@ -63,6 +63,8 @@ def test_a_finetuned_model_predicts_and_exports_what_it_validated(tuned_run, cap
     tuned = checkpoint["tuned"]
     base = torch.load(BACKBONES["tiny"].weights_file(None), weights_only=True)
     assert tuned["stages"] == 2 and set(tuned["state"]) >= {"trunk.conv.weight", "trunk.norm.weight"}
+    first, second = tuned["tried"]  # two kept: one stage more lowered the validation loss
+    assert (first["stages"], second["stages"]) == (1, 2) and second["val_loss"] < first["val_loss"]
     assert not torch.equal(tuned["state"]["trunk.conv.weight"], base["conv.weight"])  # the stages were trained
     assert 1 <= tuned["best_epoch"] <= len(tuned["history"]) and tuned["passes"] == (18 * 4 + 6) * 5
 
@@ -99,6 +101,31 @@ def test_a_resumed_finetuned_run_keeps_its_tuned_stages(tuned_run, monkeypatch):
     monkeypatch.setattr("stopsign.training.trainer.finetune", refuse)
     resumed = train(resume=result.run_dir, progress=False)
     assert torch.load(resumed.run_dir / "best.pt", weights_only=True)["tuned"]["sha256"] == before
+
+
+def test_one_stage_more_is_kept_only_where_it_lowers_the_validation_loss(tmp_path, make_images, tiny_backbone,
+                                                                          monkeypatch, caplog):
+    """The depth stops early as the epochs do: here the second stage's best validation loss is made worse than the
+    first's, so the top stage alone is kept, and the checkpoint holds that stage's state and no other's."""
+    from stopsign.training import finetune
+
+    real = finetune.train_stages
+
+    def second_is_worse(original, count, *args):
+        history, best, kept = real(original, count, *args)
+        if count == 2:
+            history = [row | {"val_loss": row["val_loss"] + 10} for row in history]
+        return history, best, kept
+
+    monkeypatch.setattr(finetune, "train_stages", second_is_worse)
+    data = make_images(tmp_path / "data", {"stop": 12, "not_stop": 12}, size=(48, 40))
+    with caplog.at_level("INFO", logger="stopsign.training.finetune"):
+        result = train_tiny(tmp_path, data, finetune=2, pooling="max", head="logistic")
+    tuned = torch.load(result.run_dir / "best.pt", weights_only=True)["tuned"]
+    assert tuned["stages"] == 1 and [t["stages"] for t in tuned["tried"]] == [1, 2]
+    assert set(tuned["state"]) == {"trunk.norm.weight", "trunk.norm.bias", "trunk.norm.running_mean",
+                                   "trunk.norm.running_var", "trunk.norm.num_batches_tracked"}
+    assert "fine-tuned the backbone's last 1 stage(s) of at most 2" in caplog.text
 
 
 def test_finetune_is_refused_where_it_cannot_apply(tmp_path, make_images, tiny_backbone, capsys):

@@ -166,11 +166,12 @@ class TrainConfig(Part):
     cycle_epochs: int = setting(5, "CyclicLR is stepped once per epoch: the LR rises linearly from --lr-base to "
                                    "--lr-max over this many epochs, falls back over as many, and each later "
                                    "cycle's height halves", low=1)
-    finetune: int = setting(0, "N > 0: once the head is fit, train it with the backbone's last N stages (residual "
-                               "or MBConv blocks; EfficientNet-Lite's last stage is its head convolution) on augmented "
-                               "views (random resized crop, colour jitter, flip, rotation; --no-augment: the plain "
-                               "view), stopping early on the validation split, then fit the head again on the tuned "
-                               "features; the frozen stages run once per view (README: Fine-tuning)", low=0)
+    finetune: int = setting(0, "N > 0: once the head is fit, train it with at most the backbone's last N stages "
+                               "(residual or MBConv blocks; EfficientNet-Lite's last stage is its head convolution) on "
+                               "augmented views (random resized crop, colour jitter, flip, rotation; --no-augment: the "
+                               "plain view), stopping early on the validation split, in epochs and in stages (the top "
+                               "one, then one more while the validation loss falls), then fit the head again on the "
+                               "tuned features; the frozen stages run once per view (README: Fine-tuning)", low=0)
     folds: int = setting(0, "K > 1: stratified K-fold cross-validation (report on out-of-fold predictions), "
                             "then the final model on all data", low=0)
     target_recall: float | None = setting(None, "two classes: the decision threshold is the largest whose "

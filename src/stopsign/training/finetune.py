@@ -1,12 +1,13 @@
 """--finetune N: transfer learning's second stage (fastai's fine_tune, the Keras transfer-learning guide). Once a head
-is fit on the frozen backbone's features, the backbone's last N stages (model/backbones.py trunk_stages) are trained
+is fit on the frozen backbone's features, the backbone's last stages (model/backbones.py trunk_stages) are trained
 with it on augmented views (a random resized crop, colour jitter, flip, rotation: model/transforms.py jittered) at a
-small learning rate, stopping early on the validation split's loss.
+small learning rate, stopping early on the validation split's loss: first the top stage alone, then the top two and
+so on up to N, while one stage more lowers the best validation loss (early stopping in depth as in epochs).
 
 The frozen stages below are most of a pass, so their output for each tile of each view is computed once
 (FINETUNE_VIEWS augmented views per training image, the plain view of each validation image) and kept as float16,
-and every epoch runs only the N stages over it. BatchNorm keeps its ImageNet statistics (eval mode): batches of a
-few photos would make poor ones.
+and every epoch runs only the N stages over it (those not trained as they are). BatchNorm keeps its ImageNet
+statistics (eval mode): batches of a few photos would make poor ones.
 
 finetune() returns what the checkpoint keeps as "tuned": the trained stages' state, which FeatureExtractor puts in
 place and keys its features by (model/features.py). The rest of training (the head refit on the tuned features, the
@@ -49,31 +50,65 @@ STAGE_LR, HEAD_LR = 1e-4, 1e-3  # Adam; the pretrained stages move ten times slo
 
 def finetune(extractor: FeatureExtractor, head: nn.Linear, train: list[Sample], val: list[Sample],
              model: ModelConfig, recipe: TrainConfig, *, progress: bool = False) -> dict:
-    """Train the backbone's last recipe.finetune stages with `head` (a copy; the fitted head is the start) and
-    return {"stages", "state", "sha256", "history", "best_epoch", "passes", "seconds"}: the kept epoch's state of
-    those stages by their names in the backbone's model, its digest, each epoch's losses, and the cost."""
-    start, count = time.perf_counter(), recipe.finetune
+    """Train at most the backbone's last recipe.finetune stages with `head` (a copy; the fitted head is the start),
+    the number chosen by early stopping on the validation split: the top stage alone, then one stage more, on top of
+    the same cached outputs of the frozen stages below, while the best validation loss falls. Returns
+    {"stages", "state", "sha256", "history", "best_epoch", "tried", "passes", "seconds"}: the number kept, the kept
+    epoch's state of those stages by their names in the backbone's model, its digest, its epochs' losses, each number
+    tried with its best validation loss, and the cost."""
+    start, most = time.perf_counter(), recipe.finetune
     backbone = extractor.backbone.model
     stages = trunk_stages(backbone.trunk)
-    if count > len(stages):
-        raise StopsignError(f"--finetune {count}: {extractor.name}'s trunk has {len(stages)} stages. Fix: --finetune "
+    if most > len(stages):
+        raise StopsignError(f"--finetune {most}: {extractor.name}'s trunk has {len(stages)} stages. Fix: --finetune "
                             f"1 to {len(stages)} (1 or 2 is usual: the fewer, the faster and the less it can overfit)")
-    device = extractor.device
-    lower = nn.Sequential(*stages[:-count]).to(device)
-    original = nn.Sequential(*stages[-count:])
-    upper = copy.deepcopy(original).to(device).requires_grad_(True)
-    head = copy.deepcopy(head).to(device).requires_grad_(True)
+    lower, original = nn.Sequential(*stages[:-most]).to(extractor.device), nn.Sequential(*stages[-most:])
     views = FINETUNE_VIEWS if recipe.augment else 0  # --no-augment: the plain view alone
     train_inputs, train_labels = lower_outputs(lower, extractor, train, model, recipe, views, progress)
     val_inputs, val_labels = lower_outputs(lower, extractor, val, model, recipe, 0, progress)
+    data = (train_inputs, train_labels, val_inputs, val_labels)
+    tried, chosen = [], None
+    for count in range(1, most + 1):
+        history, best, kept = train_stages(original, count, head, data, train, model, recipe, extractor.device,
+                                           progress)
+        tried.append({"stages": count, "val_loss": history[best - 1]["val_loss"], "epochs": len(history)})
+        if chosen is not None and tried[-1]["val_loss"] >= tried[chosen[0] - 1]["val_loss"]:
+            break  # one stage more did not help: the depth's early stop
+        chosen = (count, history, best, kept)
+    count, history, best, kept = chosen
+    names = {id(tensor): name for name, tensor in backbone.state_dict(keep_vars=True).items()}
+    state = {names[id(tensor)]: kept[key].contiguous() for key, tensor in original.state_dict(keep_vars=True).items()
+             if key in kept}
+    seconds = time.perf_counter() - start
+    passes = (len(train_labels) * train_inputs.shape[1] + len(val_labels)) * tile_count(model.tiles)
+    log.info("fine-tuned the backbone's last %d stage(s) of at most %d (best validation loss for %s): %d epoch(s), "
+             "kept epoch %d (validation loss %.4f, accuracy %.3f); %d passes of the frozen stages, %.1f s", count,
+             most, ", ".join(f"{t['stages']}: {t['val_loss']:.4f}" for t in tried), len(history), best,
+             history[best - 1]["val_loss"], history[best - 1]["val_acc"], passes, seconds)
+    return {"stages": count, "state": state, "sha256": digest(state), "history": history, "best_epoch": best,
+            "tried": tried, "passes": passes, "seconds": round(seconds, 1)}
+
+
+def train_stages(original: nn.Sequential, count: int, head: nn.Linear, data: tuple, train: list[Sample],
+                 model: ModelConfig, recipe: TrainConfig, device, progress: bool) -> tuple[list[dict], int, dict]:
+    """The last `count` of `original`'s stages trained with a copy of `head`, those above the frozen cache and below
+    them run as they are, until the validation loss has not fallen for PATIENCE epochs: the epochs' losses, the best
+    epoch, and the trained stages' state at it (keys of `original`'s state dict)."""
+    train_inputs, train_labels, val_inputs, val_labels = data
+    upper = copy.deepcopy(original).to(device)
+    trained = [index >= len(upper) - count for index in range(len(upper))]
+    for stage, on in zip(upper, trained):
+        stage.requires_grad_(on)
+    head = copy.deepcopy(head).to(device).requires_grad_(True)
     network = _Upper(upper, head, model.pooling)
     criterion = make_criterion(recipe, train, head.out_features).to(device)
     scorer = nn.CrossEntropyLoss().to(device)
-    optimizer = torch.optim.Adam([{"params": upper.parameters(), "lr": STAGE_LR},
+    optimizer = torch.optim.Adam([{"params": [p for p in upper.parameters() if p.requires_grad], "lr": STAGE_LR},
                                   {"params": head.parameters(), "lr": HEAD_LR}])
-    rng = np.random.default_rng([recipe.seed, 1])
+    rng = np.random.default_rng([recipe.seed, count])
     history, best, kept = [], None, None
-    bar = tqdm(range(1, MAX_EPOCHS + 1), desc="fine-tuning", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(1, MAX_EPOCHS + 1), desc=f"fine-tuning {count} stage(s)", unit="epoch", disable=not progress,
+               leave=False)
     for epoch in bar:
         order = rng.permutation(len(train_labels))
         drawn = rng.integers(0, train_inputs.shape[1], len(order))
@@ -91,18 +126,12 @@ def finetune(extractor: FeatureExtractor, head: nn.Linear, train: list[Sample], 
                         "val_acc": val_acc})
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
         if best is None or val_loss < history[best - 1]["val_loss"]:
-            best, kept = epoch, {k: v.detach().cpu().clone() for k, v in upper.state_dict().items()}
+            best = epoch
+            kept = {key: value.detach().cpu().clone() for key, value in upper.state_dict().items()
+                    if trained[int(key.split(".")[0])]}
         elif epoch - best >= PATIENCE:
             break
-    names = {id(tensor): name for name, tensor in backbone.state_dict(keep_vars=True).items()}
-    state = {names[id(tensor)]: kept[key].contiguous() for key, tensor in original.state_dict(keep_vars=True).items()}
-    seconds = time.perf_counter() - start
-    passes = (len(train_labels) * train_inputs.shape[1] + len(val_labels)) * tile_count(model.tiles)
-    log.info("fine-tuned the backbone's last %d stage(s): %d epoch(s), kept epoch %d (validation loss %.4f, "
-             "accuracy %.3f); %d passes of the frozen stages, %.1f s", count, len(history), best,
-             history[best - 1]["val_loss"], history[best - 1]["val_acc"], passes, seconds)
-    return {"stages": count, "state": state, "sha256": digest(state), "history": history, "best_epoch": best,
-            "passes": passes, "seconds": round(seconds, 1)}
+    return history, best, kept
 
 
 def digest(state: dict) -> str:

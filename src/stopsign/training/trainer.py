@@ -393,7 +393,9 @@ def tune_backbone(run_dir: Path, extractor: FeatureExtractor, source, plan: Plan
 def describe_tuned(tuned: dict) -> str:
     """The report's line on the fine-tuning: what was trained, for how long, and its cost."""
     best = tuned["history"][tuned["best_epoch"] - 1]
-    return (f"the last {tuned['stages']} stage(s), {len(tuned['history'])} epoch(s), kept epoch {tuned['best_epoch']} "
+    tried = ", ".join(f"{t['stages']}: {t['val_loss']:.4f}" for t in tuned["tried"])
+    return (f"the last {tuned['stages']} stage(s) (best validation loss for {tried}), {len(tuned['history'])} "
+            f"epoch(s), kept epoch {tuned['best_epoch']} "
             f"(validation loss {best['val_loss']:.4f}, accuracy {best['val_acc']:.3f}); {tuned['passes']} passes of "
             f"the frozen stages, {tuned['seconds']} s; state sha256 {tuned['sha256'][:16]}")
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from stopsign.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, describe, load_checkpoint, make_checkpoint,
-                                 save_checkpoint)
+from stopsign.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, describe, describe_settings,
+                                 load_checkpoint, make_checkpoint, save_checkpoint)
 from stopsign.errors import CheckpointError
 
 BACKBONE = {"name": "tiny", "weights_sha256": "ab" * 32, "feature_size": 8,
@@ -145,3 +145,11 @@ def test_describe_says_what_info_shows_without_raw_dicts_or_tensors():
     assert lines["trained on"] == "not recorded (before stopsign 0.2)" and lines["head parameters"] == "18"
     assert lines["resumable"] == "yes: the training state after epoch 3"
     assert "resumable" not in dict(describe(a_checkpoint(), "best.pt"))
+
+
+def test_info_lists_only_the_settings_the_head_read():
+    recorded = {"head": "logistic", "pooling": "regions", "epochs": 10, "lr_max": 0.01, "scheduler": "triangular2"}
+    logistic = dict(describe_settings(a_checkpoint(config=recorded)))
+    assert logistic == {"head": "logistic", "pooling": "regions"}  # no epochs or learning rates it never used
+    sgd = dict(describe_settings(a_checkpoint(config=recorded | {"head": "sgd"})))
+    assert sgd["epochs"] == "10" and sgd["lr_max"] == "0.01" and sgd["scheduler"] == "triangular2"

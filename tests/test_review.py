@@ -98,6 +98,17 @@ def test_review_shows_its_progress_and_quiet_silences_it(tmp_path, make_images, 
     assert "%|" not in quiet and "labelling" not in quiet  # no bar, no progress line (a warning may remain)
 
 
+def test_add_names_the_subfolders_it_does_not_read(tmp_path, make_images, tiny_backbone, caplog):
+    root = make_images(tmp_path / "data", {"stop": 4, "not_stop": 4}, layout="folders")
+    (tmp_path / "new" / "monday").mkdir(parents=True)
+    make_image(1001).save(tmp_path / "new" / "monday" / "photo.png")
+    review = find_suspects(root, backbone="tiny", tiles=1, pooling="avg", num_workers=0, out=tmp_path / "review",
+                           add=tmp_path / "new", folds=2)
+    assert not [s for s in review.suspects if s.new]
+    assert (f"--add {tmp_path / 'new'}: no images directly in that folder (its subfolders are not read: give one "
+            "of them, monday)") in caplog.text
+
+
 def test_new_photos_get_the_model_label_least_certain_first(tmp_path, make_images, tiny_backbone):
     root = make_images(tmp_path / "data", {"stop": 8, "not_stop": 8}, layout="folders")
     new = tmp_path / "new"

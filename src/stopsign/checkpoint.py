@@ -13,7 +13,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .config import positive_index
+from .config import positive_index, relevant_settings
 from .errors import CheckpointError
 from .files import atomic_write_bytes
 
@@ -167,6 +167,8 @@ def describe(checkpoint: dict, path: str | Path) -> list[tuple[str, str]]:
 
 
 def describe_settings(checkpoint: dict) -> list[tuple[str, str]]:
-    """The training settings the checkpoint recorded, (name, value) pairs, less those describe() shows already."""
+    """The training settings the checkpoint recorded, (name, value) pairs, less those describe() shows already and
+    those its head never read (a logistic head's epochs and learning rates: config.relevant_settings)."""
     shown = ("backbone_weights_sha256", "preprocessing", "versions")
-    return [(key, short(value)) for key, value in (checkpoint.get("config") or {}).items() if key not in shown]
+    return [(key, short(value)) for key, value in relevant_settings(checkpoint.get("config") or {}).items()
+            if key not in shown]

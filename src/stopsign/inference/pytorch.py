@@ -3,7 +3,8 @@ feature cache and decode workers of training, so predicting a folder twice compu
 
 The features are read from and written to training's own store (model/features.py, under cache.cache_root()):
 keyed by image content, backbone weights, preprocessing and tiles, they are the same numbers whichever command
-computed them, so evaluating a run's own training images, or predicting a folder again, runs no backbone pass.
+computed them, so predicting or evaluating a folder again, or a run's validation images, runs no backbone pass. (A
+run trained with augmentation cached its training images' augmented views, not the plain ones predict reads.)
 """
 
 from __future__ import annotations

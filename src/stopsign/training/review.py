@@ -219,7 +219,9 @@ def new_photo_suggestions(folder: Path, extractor, source: CachedFeatures, sampl
         raise StopsignError(f"--add {folder}: not a folder of photos")
     photos = list_images(folder)
     if not photos:
-        log.warning("--add %s: no images in that folder", folder)
+        below = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and list_images(entry))
+        log.warning("--add %s: no images directly in that folder%s", folder,
+                    f" (its subfolders are not read: give one of them, {', '.join(below)})" if below else "")
         return []
     new = {"new": Request(photos, [0], config.model.tiles, config.model.pooling,  # plain, as the head sees them
                           tile_pixels=config.model.tile_pixels)}

@@ -56,6 +56,7 @@ CONFIGS = {
     "regions, logistic": {"pooling": "regions", "head": "logistic"},
     "regions, tiles 2, logistic": {"pooling": "regions", "tiles": 2, "head": "logistic"},
     "regions, tiles 2, sgd": {"pooling": "regions", "tiles": 2},
+    "regions, tiles 3, logistic": {"pooling": "regions", "tiles": 3, "head": "logistic"},
     "regions, tiles 4, logistic": {"pooling": "regions", "tiles": 4, "head": "logistic"},
     "regions, tiles 4, tile-pixels 280, logistic": {"pooling": "regions", "tiles": 4, "tile_pixels": 280,
                                                     "head": "logistic"},

@@ -5,7 +5,7 @@ on a cold cache and on the warm cache the cold call filled.
     .venv/bin/python bench/bench_predict.py [--repeats 3] [--model runs/NAME/best.pt] [--device cpu]
 
 Without --model, a model is trained first with stopsign's defaults (efficientnet_lite0: regions of the whole
-image and a 2×2 grid of tiles), in a feature cache of its own, so that the cold calls find none of its features.
+image and a 3×3 grid of tiles), in a feature cache of its own, so that the cold calls find none of its features.
 Each case is the whole command in a fresh interpreter, imports included, as a user times it; each repeat starts
 from empty caches (predict and evaluate each have their own: evaluate's cold call is cold). predict reads the
 197 photos of images/, evaluate the labelled export. Prints median wall seconds, the ratio to the same command's

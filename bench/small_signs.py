@@ -34,8 +34,8 @@ from stopsign.data.demo import draw_confusers, draw_pole, log_uniform, render_sc
 from stopsign.data.images import photo_size
 from stopsign.model.transforms import pixel_grid
 
-CONFIGS = {"default": {"tiles": 2}, "grid4": {"tiles": 4}, "px280": {"tiles": 4, "tile_pixels": 280},
-           "px400": {"tiles": 3, "tile_pixels": 400}}
+CONFIGS = {"default": {"tiles": 2}, "grid3": {"tiles": 3}, "grid4": {"tiles": 4},
+           "px280": {"tiles": 4, "tile_pixels": 280}, "px400": {"tiles": 3, "tile_pixels": 400}}
 WIDTH, HEIGHT = 1360, 800
 
 

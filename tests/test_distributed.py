@@ -158,9 +158,9 @@ def test_each_image_has_one_rank_by_content_and_the_requests_are_what_train_extr
     train, val = [Sample(p, 0) for p in paths[:30]], [Sample(p, 1) for p in paths[30:]]
     requests = Plan(listing, Settings().replace(views=2), train, val, {}).requests()
     assert [(len(r.paths), r.views, r.tiles) for r in requests.values()] == [
-        (30, [1, 2], 2), (10, [0], 2), (30, [0], 1), (10, [0], 1), (0, [0], 2), (0, [0], 1)]
+        (30, [1, 2], 3), (10, [0], 3), (30, [0], 1), (10, [0], 1), (0, [0], 3), (0, [0], 1)]
     folds = Plan(listing, Settings().replace(folds=3, augment=False), train, [], {}).requests()
-    assert [(len(r.paths), r.views, r.tiles) for r in folds.values()][:2] == [(30, [0], 2), (30, [0], 2)]
+    assert [(len(r.paths), r.views, r.tiles) for r in folds.values()][:2] == [(30, [0], 3), (30, [0], 3)]
 
 
 def trials_without_time(folder: Path) -> list[dict]:

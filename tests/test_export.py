@@ -96,7 +96,8 @@ def test_without_validation_files_the_check_uses_generated_images(trained, tmp_p
 def test_efficientnet_lite0_exports_to_onnx(tmp_path, make_images):
     data = make_images(tmp_path / "data", {"stop": 4, "not_stop": 4}, layout="folders")
     result = train(data, backbone="efficientnet_lite0", epochs=2, out=str(tmp_path / "runs"), progress=False,
-                   num_workers=0, val_fraction=0.5, augment=False, cache_dir=str(tmp_path / "cache"))
+                   num_workers=0, val_fraction=0.5, augment=False, cache_dir=str(tmp_path / "cache"),
+                   tiles=2)  # a tiled model, with half the default's passes
     path, report = export(result.run_dir / "best.pt")
     assert report["max_abs_diff"] < 1e-4 and report["same_predictions"] and report["images"] == 4
     assert OnnxClassifier(path).preprocessing == {"size": 224, "mean": [127 / 255] * 3, "std": [128 / 255] * 3}

@@ -61,7 +61,8 @@ def test_int8_export_reports_its_agreement_and_loads_in_predict_and_serve(tiny_c
 def test_int8_file_is_smaller_than_the_float_one(tmp_path, make_images):
     data = make_images(tmp_path / "data", {"stop": 4, "not_stop": 4}, layout="folders")
     result = train(data, backbone="efficientnet_lite0", epochs=1, out=str(tmp_path / "runs"), progress=False,
-                   num_workers=0, val_fraction=0.5, augment=False, cache_dir=str(tmp_path / "cache"))
+                   num_workers=0, val_fraction=0.5, augment=False, cache_dir=str(tmp_path / "cache"),
+                   tiles=2)  # a tiled model, with half the default's passes
     float_path, _ = export(result.run_dir / "best.pt")
     int8_path, report = export(result.run_dir / "best.pt", int8=True)
     assert int8_path == float_path.with_name("best.int8.onnx")

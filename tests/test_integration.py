@@ -11,9 +11,10 @@ pytestmark = pytest.mark.slow
 
 def test_real_photos_train_and_the_test_images_are_predicted_as_named(shared_photos, photo_features, tmp_path):
     # The defaults but for runtime options: decoding in this process (on two busy cores the backbone runs
-    # fastest in one process), and the real-photo tests' shared feature cache, which evaluate below reads too.
+    # fastest in one process), and the real-photo tests' shared feature cache, which evaluate below reads too;
+    # and a 2×2 grid, not the default 3×3: half the backbone passes, so a cold cache stays under a minute.
     result = train(shared_photos, backbone="efficientnet_lite0", out=str(tmp_path / "runs"), num_workers=0,
-                   cache_dir=photo_features, progress=False)
+                   cache_dir=photo_features, progress=False, tiles=2)
     assert result.best_val_acc >= 0.8
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert len(summary["accuracy"]["accuracy"]) == 1 and summary["accuracy"]["measured_on"] == "validation"  # logistic: one fit

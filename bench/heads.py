@@ -139,8 +139,8 @@ def main() -> None:
                           file=sys.stderr, flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(results, indent=1))
-    print(f"{BACKBONE}, tiles 2 unless named, 5-fold out-of-fold predictions; seeds {args.seeds}; mean ± sd. Baselines: always "
-          f"not-stop (balanced accuracy 0.5) and the class shares (the prior's log-loss).")
+    print(f"{BACKBONE}, tiles 2 unless named, 5-fold out-of-fold predictions; seeds {args.seeds}; mean ± sd. "
+          "Baselines: always not-stop (balanced accuracy 0.5) and the class shares (the prior's log-loss).")
     print(table(results))
     notes = warnings_seen(results)
     if notes:

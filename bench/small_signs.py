@@ -1,7 +1,7 @@
 """Small signs in big frames: --tiles K grids against --tile-pixels crops, accuracy against seconds per image.
 
     .venv/bin/python bench/small_signs.py [--frames 60] [--train-frames 160] [--shared ../shared/data]
-        [--configs default,grid4,px280] [--beds generated,second-source]
+        [--configs grid2,grid3,grid4,px280] [--beds generated,second-source]
 
 Two test beds, each scored by every tiling:
   generated  --frames dash-camera-like test frames, 1360×800 (the demo's street renderer at 1360 px, cut to the
@@ -34,7 +34,7 @@ from stopsign.data.demo import draw_confusers, draw_pole, log_uniform, render_sc
 from stopsign.data.images import photo_size
 from stopsign.model.transforms import pixel_grid
 
-CONFIGS = {"default": {"tiles": 2}, "grid3": {"tiles": 3}, "grid4": {"tiles": 4},
+CONFIGS = {"grid2": {"tiles": 2}, "grid3": {"tiles": 3}, "grid4": {"tiles": 4},
            "px280": {"tiles": 4, "tile_pixels": 280}, "px400": {"tiles": 3, "tile_pixels": 400}}
 WIDTH, HEIGHT = 1360, 800
 
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--train-frames", type=int, default=160)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--configs", default="default,grid4,px280")
+    parser.add_argument("--configs", default="grid2,grid3,grid4,px280")  # grid3: the default
     parser.add_argument("--beds", default="generated,second-source")
     args = parser.parse_args()
     names = args.configs.split(",")

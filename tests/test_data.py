@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image
+from stopsign.data import datasets
 from stopsign.data.datasets import Sample, kfold_samples, load_data, split_samples
 from stopsign.errors import DataError
 
@@ -363,6 +364,19 @@ def test_kfold_validates_every_sample_exactly_once():
     assert kfold_samples(everything, 5, seed=4) != folds
     with pytest.raises(DataError, match="class 'stop'.*fewer than 5"):
         kfold_samples(samples({0: 9, 1: 4}), 5, seed=0, class_names=["not_stop", "stop"])
+
+
+def test_kfold_keeps_a_group_in_one_fold_and_splits_once_for_the_same_question(monkeypatch):
+    everything = samples({0: 23, 1: 12})
+    groups = {str(s.path): 7 for s in everything[:3]} | {str(everything[-1].path): 7}
+    splits, split = [], datasets.StratifiedGroupKFold.split
+    monkeypatch.setattr(datasets.StratifiedGroupKFold, "split", lambda *a, **k: splits.append(1) or split(*a, **k))
+    datasets._fold_indices.cache_clear()
+    folds = kfold_samples(everything, 5, seed=3, groups=groups)
+    grouped = {s for s in everything if str(s.path) in groups}
+    assert sum(grouped <= set(val) for _, val in folds) == 1  # the group's four images: one fold's
+    assert kfold_samples(list(everything), 5, seed=3, groups=dict(groups)) == folds and len(splits) == 1
+    assert kfold_samples(everything, 5, seed=4, groups=groups) != folds and len(splits) == 2
 
 
 def test_the_real_cv_studio_export_loads(shared_photos):

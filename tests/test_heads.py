@@ -145,6 +145,17 @@ def test_on_epoch_gets_one_row_and_a_resumable_state(extractor, three_classes):
     assert state["optimizer"] == {} and state["scheduler"] == {}
 
 
+def test_on_chosen_gets_the_c_and_class_weight_before_the_final_fit(extractor, three_classes, monkeypatch):
+    _, train, val = three_classes
+    config = tiny_config(class_weight="auto")
+    events, fit_model = [], heads.fit_model
+    monkeypatch.setattr(heads, "fit_model", lambda *args, **kwargs: events.append("final fit") or fit_model(*args,
+                                                                                                          **kwargs))
+    result = fit(CachedFeatures(extractor, train, val, config.model, config.recipe), 8, 3, train, val, config.model,
+                 config.recipe, on_chosen=events.append)
+    assert events == [{"C": result.best["C"], "class_weight": result.best["class_weight"]}, "final fit"]
+
+
 def test_live_images_are_refused_naming_the_fix(extractor, three_classes):
     _, train, val = three_classes
     config = tiny_config(cache=False)

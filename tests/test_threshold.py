@@ -2,12 +2,15 @@
 evaluate and exports decide with it unless told another."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from stopsign import evaluate, load_classifier, train
 from stopsign.deploy.export import export
+from stopsign.training import heads, threshold, trainer
 from stopsign.training.threshold import choose_threshold
 from conftest import make_image
 
@@ -89,3 +92,49 @@ def test_added_photos_of_a_new_source_move_the_threshold(tmp_path, make_images, 
     assert new["images"] > old["images"] + 4  # chosen again, over the new photos too
     assert abs(new["value"] - old["value"]) > 0.01
     assert load_classifier(after.run_dir / "best.pt").threshold == new["value"]
+
+
+@pytest.mark.parametrize("head", ["logistic", "sgd"])
+def test_a_logistic_heads_threshold_folds_run_beside_its_final_fit(imbalanced, tmp_path, tiny_backbone, monkeypatch,
+                                                                   head):
+    """They need only the chosen C and class weight, so they start before the final fit, on another thread; the
+    threshold they give is the one a run stores. An SGD head's folds share the source's batches: after its fit."""
+    calls, choose = [], trainer.out_of_fold_threshold
+
+    def spy(*args, **kwargs):
+        calls.append((threading.current_thread() is threading.main_thread(), args[6], choose(*args, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(trainer, "out_of_fold_threshold", spy)
+    result = train(imbalanced, backbone="tiny", out=str(tmp_path / "runs"), progress=False, num_workers=0,
+                   val_fraction=0.2, head=head, **({"pooling": "avg", "tiles": 1, "epochs": 2} if head == "sgd" else {}))
+    (on_main, fitted, chosen), = calls
+    assert on_main == (head == "sgd")
+    if head == "logistic":
+        row, = result.history
+        assert fitted == {"C": row["C"], "class_weight": row["class_weight"]}
+    stored = json.loads((result.run_dir / "summary.json").read_text())["threshold"]
+    assert stored == chosen and load_classifier(result.run_dir / "best.pt").threshold == chosen["value"]
+
+
+def test_no_more_fits_run_at_once_than_the_slots_allow(imbalanced, tmp_path, tiny_backbone, monkeypatch):
+    """The final fit and the threshold's fold fits share heads.FIT_SLOTS (one per core): a third fit on two cores
+    only slows the other two. Here 4 fold threads beside the final fit, and 2 slots."""
+    monkeypatch.setattr(threshold, "available_cores", lambda: 4)
+    monkeypatch.setattr(heads, "FIT_SLOTS", threading.BoundedSemaphore(2))
+    running, most, lock, fit = [0], [0], threading.Lock(), heads.RegionLogistic.fit
+
+    def counted(self, *args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for the others to start, were they allowed
+        try:
+            return fit(self, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(heads.RegionLogistic, "fit", counted)
+    train(imbalanced, backbone="tiny", out=str(tmp_path / "runs"), progress=False, num_workers=0, val_fraction=0.2)
+    assert most[0] == 2

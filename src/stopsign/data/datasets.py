@@ -24,6 +24,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -422,16 +423,22 @@ def kfold_samples(samples: list[Sample], folds: int, seed: int, *, class_names: 
     if folds < 2:
         raise DataError(f"folds must be 2 or more, got {folds}")
     ordered = _checked(samples, folds, f"for {folds}-fold cross-validation", class_names)
-    labels = [sample.label for sample in ordered]
     keys = [(groups or {}).get(str(sample.path)) for sample in ordered]
-    if any(key is not None for key in keys):
-        ids = [str(key) if key is not None else f"image {i}" for i, key in enumerate(keys)]
+    ids = tuple(str(key) if key is not None else f"image {i}" for i, key in enumerate(keys)) \
+        if any(key is not None for key in keys) else None
+    return [([ordered[i] for i in train], [ordered[i] for i in val])
+            for train, val in _fold_indices(tuple(s.label for s in ordered), ids, folds, seed)]
+
+
+@lru_cache(maxsize=16)
+def _fold_indices(labels: tuple[int, ...], ids: tuple[str, ...] | None, folds: int, seed: int) -> list:
+    """kfold_samples' (train, val) index pairs, remembered: a run asks for the same folds to choose C, then the
+    threshold (StratifiedGroupKFold's shuffle takes 60 ms for 200 images)."""
+    if ids is not None:
         numbers = {key: n for n, key in enumerate(dict.fromkeys(ids))}  # in order of first appearance
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        pairs = splitter.split(np.zeros(len(ordered)), labels, groups=[numbers[key] for key in ids])
-    else:
-        pairs = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(ordered)), labels)
-    return [([ordered[i] for i in train], [ordered[i] for i in val]) for train, val in pairs]
+        return list(splitter.split(np.zeros(len(labels)), labels, groups=[numbers[key] for key in ids]))
+    return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
 
 
 def _order(sample: Sample) -> tuple[str, int]:

@@ -17,13 +17,11 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import curve_fit
 from sklearn.metrics import balanced_accuracy_score
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
-from ..model.devices import torch_threads
-from .heads import MAX_FOLDS
+from .heads import MAX_FOLDS, head_threads
 from .sources import CachedFeatures
 from .threshold import fold_head, held_out_probabilities, in_parallel
 
@@ -60,7 +58,7 @@ def learning_curve(source, samples: list[Sample], class_names: list[str], num_fe
             found.append((len(part) / len(class_names), balanced_accuracy_score(truth, predicted)))
         return found
 
-    with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
+    with head_threads(source):
         scored = list(tqdm(in_parallel(score, list(range(len(folds))), model.head), total=len(folds),
                            desc="learning curve", unit="fold", disable=not progress, leave=False))
     sizes, scores = np.transpose(np.array(scored), (2, 1, 0))  # each (shares, folds)

@@ -147,7 +147,7 @@ def make_criterion(recipe: TrainConfig, train_samples: list[Sample], num_classes
 def fit(source, num_features: int, num_classes: int, train_samples: list[Sample], val_samples: list[Sample],
         model: ModelConfig, recipe: TrainConfig, *, keep: str = "best", state: dict | None = None,
         on_epoch: Callable | None = None, progress: bool = False, groups: dict[str, int] | None = None,
-        positive: int | None = None) -> FitResult:
+        positive: int | None = None, on_chosen: Callable[[dict], None] | None = None) -> FitResult:
     """Train a new head for recipe.epochs epochs and keep its best epoch, or its last (`keep="last"`, and
     always without validation images): cross-validation must not choose epochs on its held-out fold.
 
@@ -156,8 +156,8 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
     so a resumed run draws exactly what an uninterrupted one would.
 
     model.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
-    K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side; the SGD
-    recipe ignores groups. With recipe.class_weight == "balanced" the training loss weighs each class by
+    K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side, and calls
+    `on_chosen` with them before its final fit (heads.fit_logistic); the SGD recipe ignores groups and on_chosen. With recipe.class_weight == "balanced" the training loss weighs each class by
     n / (classes * count); the validation loss stays unweighted, comparable across runs. `positive`: the
     positive class of two-class data (model.positive_index), which a --pooling regions head scores regions by.
     """
@@ -165,7 +165,8 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
         from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for
 
         return fit_logistic(source, num_features, num_classes, train_samples, val_samples, model, recipe,
-                            on_epoch=on_epoch, groups=groups, positive=positive)  # one fit: nothing to keep or resume
+                            on_epoch=on_epoch, on_chosen=on_chosen, groups=groups,
+                            positive=positive)  # one fit: nothing to keep or resume
     if model.head != "sgd":
         raise StopsignError(f"unknown head {model.head!r}; choose sgd or logistic")
     with torch_threads(source.threads):

@@ -13,8 +13,10 @@ so its fit starts from a convex problem's solution, and its C is chosen on the c
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -25,7 +27,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, available_cores
 from ..data.datasets import Sample, kfold_samples
 from ..errors import StopsignError
 from ..model.backbones import get_spec
@@ -44,26 +46,28 @@ MAX_FOLDS = 5
 # turns confidently positive, even where the max-pooled proxy is best at a larger C (bench/regions_fit.py and
 # bench/heads.py measure it). So its C is chosen among the grid's values up to this one.
 REGIONS_MAX_C = 1.0
+# Fits at once, on any thread: the threshold's fold fits run beside the final fit (trainer.fit_and_save), and a
+# third fit on two cores only slows the other two (each pass over the rows is bound by memory).
+FIT_SLOTS = threading.BoundedSemaphore(available_cores())
 
 
 def fit_logistic(source, num_features: int, num_classes: int, train_samples: list[Sample],
                  val_samples: list[Sample], model: ModelConfig, recipe: TrainConfig, *,
-                 groups: dict[str, int] | None = None,
-                 on_epoch: Callable | None = None, positive: int | None = None) -> FitResult:
+                 groups: dict[str, int] | None = None, on_epoch: Callable | None = None,
+                 on_chosen: Callable[[dict], None] | None = None, positive: int | None = None) -> FitResult:
     """fit() for model.head == "logistic": the same FitResult, with one history row (epoch 1, lr None) that
     also records the chosen C ("C") and each grid value's mean held-out log-loss ("C_scores": [[C, loss]]).
 
     Every cached view of every readable training image is one row. C is chosen by K-fold over the training
     samples only (K = min(5, the smallest class's count), each image's views and each duplicate group of
     `groups` on one side); validation images are scored once, never used to choose anything. There is one fit:
-    no epoch to keep, and a resumed run refits.
+    no epoch to keep, and a resumed run refits. on_chosen({"C", "class_weight"}) is called once they are chosen,
+    before the final fit: work that needs only them (the threshold's fold fits) can run beside it.
     """
     if not isinstance(source, CachedFeatures):
         raise StopsignError("--head logistic fits on cached backbone features, and --no-cache recomputes them "
                             "every epoch instead. Fix: drop --no-cache, or use --head sgd with --no-cache")
-    # One BLAS thread: the grid's fits multiply matrices of a few hundred rows, where more threads only wait on
-    # each other (bench/bench_speed.py, warm)
-    with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
+    with head_threads(source):
         tick = time.perf_counter()
         readable = [s for s in train_samples if s.path in source.train_rows]
         present = sorted({s.label for s in readable})
@@ -73,6 +77,8 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
                                 "other classes, or check why they could not be read")
         features, labels = training_rows(source, readable)
         chosen, scores, weight = choose_c(source, readable, model, recipe, groups, positive)
+        if on_chosen:
+            on_chosen({"C": chosen, "class_weight": weight})
         pipeline = fit_model(features, labels, chosen, model, recipe.replace(class_weight=weight), positive=positive)
         head = folded_head(pipeline["scaler"], pipeline["classifier"], num_features, num_classes)
 
@@ -95,6 +101,16 @@ def fit_logistic(source, num_features: int, num_classes: int, train_samples: lis
             on_epoch(row, {"head": head.state_dict(), "history": [row], "best": row, "best_head": weights,
                            "optimizer": {}, "scheduler": {}})
         return FitResult([row], row, head, kept, val_probs)
+
+
+@contextmanager
+def head_threads(source):
+    """The logistic head's fits' threads: torch's as the source asks, and one BLAS thread (the fits multiply
+    matrices of a few hundred rows, where more threads only wait on each other: bench/bench_speed.py, warm). Both
+    are process-wide, so fits on several threads at once run inside one such block around them all, or the
+    first to end would change the others' settings mid-fit."""
+    with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +213,7 @@ def fit_quietly(model, features: np.ndarray, labels: np.ndarray) -> bool:
     ConvergenceWarning, or RegionLogistic.converged_)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    with warnings.catch_warnings(record=True) as caught:
+    with FIT_SLOTS, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(features, labels)
     classifier = model[-1] if isinstance(model, Pipeline) else model
@@ -224,7 +240,8 @@ class RegionScaler(TransformerMixin, BaseEstimator):
     def fit(self, features: np.ndarray, labels=None) -> "RegionScaler":
         regions = np.asarray(features, dtype=np.float32).reshape(-1, self.width)  # summed in float64
         self.mean_ = regions.mean(axis=0, dtype=np.float64)
-        self.scale_ = np.sqrt(np.square(regions - self.mean_.astype(np.float32)).mean(axis=0, dtype=np.float64))
+        deviations = regions - self.mean_.astype(np.float32)
+        self.scale_ = np.sqrt(np.square(deviations, out=deviations).mean(axis=0, dtype=np.float64))
         self.scale_[self.scale_ == 0] = 1.0  # a constant feature, as StandardScaler leaves it
         return self
 

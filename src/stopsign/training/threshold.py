@@ -17,15 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from scipy.special import expit
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig, available_cores
 from ..data.datasets import Sample, kfold_samples
 from ..decision import POSITIVE
-from ..model.devices import torch_threads
 from .fitting import fit
-from .heads import MAX_FOLDS, fit_quietly, folded_head, logits, make_model, training_rows
+from .heads import MAX_FOLDS, fit_quietly, folded_head, head_threads, logits, make_model, training_rows
 from .sources import CachedFeatures
 
 log = logging.getLogger(__name__)
@@ -99,7 +97,7 @@ def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str],
         head = fold_head(source, fold[0] + extra, num_features, 2, model, recipe, fitted, positive)
         return held_out_probabilities(head, source, fold[1]), [s.label for s in fold[1]]
 
-    with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):  # as fit_logistic's fits
+    with head_threads(source):
         scored = list(tqdm(in_parallel(score, folds, model.head), total=len(folds), desc="threshold folds",
                            unit="fold", disable=not progress, leave=False))
     probs, truth = (np.concatenate(part) for part in zip(*scored))
@@ -133,6 +131,7 @@ def fold_head(source: CachedFeatures, samples: list[Sample], num_features: int, 
 
 @torch.no_grad()
 def held_out_probabilities(head, source: CachedFeatures, samples: list[Sample]) -> np.ndarray:
-    """(N, K) probabilities of training-split images from their plain view (each cached image's view 0)."""
+    """(N, K) probabilities of training-split images from the first view the source cached of each: the plain
+    view, or with augmentation (the default) its first draw, a flip and a rotation of at most 5°."""
     rows = np.array([source.train_rows[s.path] for s in samples], dtype=np.int64)
     return logits(head, source.train_features[rows, 0]).softmax(1).numpy()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ..reporting.report import write_report
 from .crossval import cross_validate
 from .finetune import finetune
 from .fitting import AUTO_NEEDS_LOGISTIC, fit, learned_nothing, rising_epochs, stop_after_epoch
+from .heads import head_threads
 from .plan import Plan, extract, make_extractor, prepare, ranks, share
 from ..storage import check_writable, exists, is_url, join
 from ..runs import create_run_dir, local_run, remove_partial_files, run_upload
@@ -442,17 +444,26 @@ def fit_and_save(run_dir: Path, source, extractor: FeatureExtractor, class_names
             raise Interrupted(f"stopped after epoch {row['epoch']} of {recipe.epochs}; its files are written. "
                               f"{resume_hint}")
 
-    with stop_after_epoch() as stop:
-        result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, model, recipe,
-                     state=state, on_epoch=save_epoch, progress=progress, groups=groups,
-                     keep="last" if recipe.folds > 1 else "best", positive=arguments["positive_index"])
-    if recipe.class_weight == "auto":
-        log.info("class weight: %s, chosen out of fold with C = %g", result.best["class_weight"], result.best["C"])
     rendered = set(synthetic)
     real = [s for s in train_samples if s not in rendered]
-    result.threshold = out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe,
-                                             result.best, groups=groups, extra_train=synthetic,
-                                             oof=cv["oof"] if cv else None, progress=progress)
+
+    def threshold(fitted: dict) -> dict | None:
+        return out_of_fold_threshold(source, real, class_names, extractor.feature_size, model, recipe, fitted,
+                                     groups=groups, extra_train=synthetic, oof=cv["oof"] if cv else None,
+                                     progress=progress)
+
+    # A logistic head's threshold needs only its chosen C and class weight: its fold fits run beside the final fit
+    beside = []
+    logistic = model.head == "logistic" and isinstance(source, CachedFeatures)
+    with stop_after_epoch() as stop, ThreadPoolExecutor(1) as pool, \
+            head_threads(source) if logistic else nullcontext():
+        result = fit(source, extractor.feature_size, len(class_names), train_samples, val_samples, model, recipe,
+                     state=state, on_epoch=save_epoch, progress=progress, groups=groups,
+                     keep="last" if recipe.folds > 1 else "best", positive=arguments["positive_index"],
+                     on_chosen=lambda fitted: beside.append(pool.submit(threshold, fitted)))
+        result.threshold = beside[0].result() if beside else threshold(result.best)
+    if recipe.class_weight == "auto":
+        log.info("class weight: %s, chosen out of fold with C = %g", result.best["class_weight"], result.best["C"])
     if result.threshold:
         log.info("decision threshold: p(%s) >= %.3f (%s: %.3f, against %.3f at 0.5)", class_names[1],
                  result.threshold["value"], result.threshold["rule"], result.threshold["oof_balanced_accuracy"],

@@ -117,6 +117,26 @@ def test_c_is_chosen_without_the_validation_images(extractor, three_classes, mon
     assert second.best["val_loss"] != first.best["val_loss"]  # the validation images did change
 
 
+@pytest.mark.parametrize("pooling", ["max", "regions"])
+def test_each_folds_scores_are_its_own_images_views(extractor, three_classes, pooling):
+    """choose_c pools every training row once and each fold takes its images' rows: the scores are those of a
+    logistic regression fit on each fold's own views (max-pooled over the regions), scored on its held-out part."""
+    _, train, val = three_classes
+    config = tiny_config(views=2, pooling=pooling)
+    source = CachedFeatures(extractor, train, val, config.model, config.recipe)
+    chosen, scores, _ = heads.choose_c(source, train, config.model, config.recipe, None)
+    folds = heads.kfold_samples(train, 5, config.recipe.seed)
+    for c, score in [(c, score) for c, score in scores if c <= 1]:  # above, nearly separable: slow to converge
+        losses = []
+        for fit_on, held_out in folds:
+            (x, y), (x_held, y_held) = (heads.pooled_rows(heads.training_rows(source, part), config.model)
+                                        for part in (fit_on, held_out))
+            scaler = StandardScaler().fit(x)
+            model = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(x), y)
+            losses.append(heads.held_out_log_loss(model, scaler.transform(x_held), y_held))
+        assert score == pytest.approx(np.mean(losses), rel=0.01), c  # warm starts stop a hair elsewhere
+
+
 def test_the_folds_keep_duplicate_groups_and_an_images_views_together(extractor, three_classes, monkeypatch):
     _, train, val = three_classes
     config = tiny_config(views=2)

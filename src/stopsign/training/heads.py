@@ -155,8 +155,12 @@ def choose_c(source: CachedFeatures, samples: list[Sample], model: ModelConfig, 
     grid = [c for c in C_GRID if c <= REGIONS_MAX_C] if regions else C_GRID  # no larger C is fit: none is scored
     losses = np.zeros((len(weights), len(grid), len(folds)))
     proxy = model.replace(pooling="max") if regions else model
+    pooled, truth = pooled_rows(training_rows(source, samples), model)  # once: each fold's rows are some of them
+    views, at = len(pooled) // len(samples), {s.path: i for i, s in enumerate(samples)}
     for fold, (fit_on, held_out) in enumerate(folds):
-        (x, y), (x_held, y_held) = (pooled_rows(training_rows(source, part), model) for part in (fit_on, held_out))
+        (x, y), (x_held, y_held) = ((pooled[rows], truth[rows]) for rows in (
+            (np.array([at[s.path] for s in part])[:, None] * views + np.arange(views)).ravel()
+            for part in (fit_on, held_out)))
         scaler = make_model(proxy, recipe, grid[0], positive)["scaler"]  # the same for either class weight
         x, x_held = scaler.fit_transform(x), scaler.transform(x_held)
         for w, weight in enumerate(weights):

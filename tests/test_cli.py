@@ -46,6 +46,24 @@ def test_train_says_what_it_reads_and_each_epoch_unless_quiet(tmp_path, data, ti
     assert "epoch 1/" not in capsys.readouterr().err
 
 
+def test_a_message_while_a_progress_bar_runs_gets_a_line_of_its_own(capsys):
+    """The threshold's fold fits run beside the final fit, under their bar: the fit's line must not end up glued
+    to the bar, as print() would leave it."""
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from stopsign.cli import configure_logging
+
+    configure_logging(quiet=False)
+    with tqdm(total=5, desc="threshold folds") as bar:
+        bar.update(2)
+        logging.getLogger("stopsign.training").info("epoch 1/1  train loss 0.0377")
+        bar.update(3)
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]
+    assert "epoch 1/1  train loss 0.0377" in lines
+
+
 def test_predict_formats_and_exit_status(tmp_path, data, tiny_backbone, capsys):
     train_cli(tmp_path, data)
     checkpoint = str(tmp_path / "runs" / "cli" / "best.pt")

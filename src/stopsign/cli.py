@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .arguments import REVIEW_FIELDS, TRAIN_FIELDS, TUNE_FIELDS, build_parser, given
 from .config import read_config, recipe_settings
 from .errors import Interrupted, StopsignError
@@ -169,12 +171,14 @@ RUNS = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "i
 
 class _Messages(logging.Handler):
     """stopsign's own INFO messages (the data line, a row per epoch) as plain lines on stderr, unless -q: the
-    sys.stderr of each moment, so whoever replaced it since (a test runner) gets them."""
+    sys.stderr of each moment, so whoever replaced it since (a test runner) gets them; above any progress bar, which
+    a message from another thread (the threshold's folds run beside the final fit) would otherwise cut."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno == logging.INFO and record.name.startswith("stopsign"):
             try:
-                print(self.format(record), file=sys.stderr, flush=True)
+                tqdm.write(self.format(record), file=sys.stderr)
+                sys.stderr.flush()
             except Exception:  # as StreamHandler does: a failed write is reported, never raised
                 self.handleError(record)
 

@@ -10,7 +10,7 @@ import pytest
 
 from stopsign import evaluate, load_classifier, train
 from stopsign.deploy.export import export
-from stopsign.training import heads, threshold, trainer
+from stopsign.training import heads, trainer
 from stopsign.training.threshold import choose_threshold
 from conftest import make_image
 
@@ -120,7 +120,7 @@ def test_a_logistic_heads_threshold_folds_run_beside_its_final_fit(imbalanced, t
 def test_no_more_fits_run_at_once_than_the_slots_allow(imbalanced, tmp_path, tiny_backbone, monkeypatch):
     """The final fit and the threshold's fold fits share heads.FIT_SLOTS (one per core): a third fit on two cores
     only slows the other two. Here 4 fold threads beside the final fit, and 2 slots."""
-    monkeypatch.setattr(threshold, "available_cores", lambda: 4)
+    monkeypatch.setattr(heads, "available_cores", lambda: 4)
     monkeypatch.setattr(heads, "FIT_SLOTS", threading.BoundedSemaphore(2))
     running, most, lock, fit = [0], [0], threading.Lock(), heads.RegionLogistic.fit
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from stopsign.cli import main
 from stopsign.data.datasets import kfold_samples, load_data
 from stopsign.errors import DataError, StopsignError
 from stopsign.model.features import FeatureExtractor
+from stopsign.training import crossval
 from stopsign.training.sources import CachedFeatures
 from stopsign.training.tune import SEARCH_SPACE, recipe_name, tune
 
@@ -470,11 +472,13 @@ def test_a_finished_tune_leaves_only_its_study_db(tmp_path, data, tiny_backbone)
     assert len(loaded.trials) == 1  # what the WAL held is in study.db
 
 
-def test_tune_shows_each_trial_s_folds_as_they_go(tmp_path, data, tiny_backbone, capsys):
+def test_tune_shows_each_trial_s_folds_as_they_go(tmp_path, data, tiny_backbone, capsys, monkeypatch):
+    monkeypatch.setattr(crossval, "tqdm", partial(crossval.tqdm, mininterval=0, miniters=1))  # every update drawn
     tune(data, trials=1, out=str(tmp_path / "runs"), **(SETTINGS | {"progress": True}))
     err = capsys.readouterr().err
     assert "trials: 100%" in err
-    assert err.count("folds:") >= 2 * 3  # the starting recipe's 3 folds and the trial's, each as it ends
+    # the starting recipe's 3 folds and the trial's, each as it ends
+    assert len(re.findall(r"folds:\s+\d+%\|[^|]*\| [123]/3 ", err)) >= 2 * 3
 
 
 def test_when_no_trial_beats_the_starting_recipe_the_final_model_uses_it(tmp_path, data, tiny_backbone, monkeypatch,

@@ -16,6 +16,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..reporting.metrics import Predictions, compute_metrics
 from .fitting import fit
+from .heads import in_parallel
 
 SUMMARISED = ("accuracy", "log_loss", "macro_f1", "roc_auc", "ece")
 
@@ -26,13 +27,19 @@ def held_out_predictions(source, samples: list[Sample], class_names: list[str], 
     """The K-fold loop (K = recipe.folds): for each fold, a head fit on the others (its last epoch kept) and
     its predictions on the held-out fold. `source` is CachedFeatures or LiveImages over all samples; `groups`
     (duplicate groups) stay within one fold; `extra_train` (rendered images) joins every fold's training part
-    and is never held out. progress: a bar over the folds (a fold's own epochs show none)."""
+    and is never held out. progress: a bar over the folds (a fold's own epochs show none). A logistic head's folds
+    are fit on a thread per core (heads.in_parallel), yielded in order."""
     folds = kfold_samples(samples, recipe.folds, recipe.seed, class_names=class_names, groups=groups)
-    for train_samples, val_samples in tqdm(folds, desc="folds", unit="fold", disable=not progress, leave=False):
+
+    def held_out(fold: tuple[list[Sample], list[Sample]]) -> Predictions:
+        train_samples, val_samples = fold
         result = fit(source, num_features, len(class_names), train_samples + list(extra_train), val_samples, model,
                      recipe, keep="last", groups=groups, positive=model.positive_index(class_names))
-        yield Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
-                          result.val_probs, class_names)
+        return Predictions([str(s.path) for s in result.val_samples], [s.label for s in result.val_samples],
+                           result.val_probs, class_names)
+
+    yield from tqdm(in_parallel(held_out, folds, source, model.head), total=len(folds), desc="folds", unit="fold",
+                    disable=not progress, leave=False)
 
 
 def cross_validate(source, samples: list[Sample], class_names: list[str], num_features: int,

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
-from .heads import MAX_FOLDS, head_threads
+from .heads import MAX_FOLDS, in_parallel
 from .sources import CachedFeatures
-from .threshold import fold_head, held_out_probabilities, in_parallel
+from .threshold import fold_head, held_out_probabilities
 
 log = logging.getLogger(__name__)
 SHARES = (0.2, 0.4, 0.6, 0.8, 1.0)  # of each fold's training part
@@ -58,9 +58,8 @@ def learning_curve(source, samples: list[Sample], class_names: list[str], num_fe
             found.append((len(part) / len(class_names), balanced_accuracy_score(truth, predicted)))
         return found
 
-    with head_threads(source):
-        scored = list(tqdm(in_parallel(score, list(range(len(folds))), model.head), total=len(folds),
-                           desc="learning curve", unit="fold", disable=not progress, leave=False))
+    scored = list(tqdm(in_parallel(score, list(range(len(folds))), source, model.head), total=len(folds),
+                       desc="learning curve", unit="fold", disable=not progress, leave=False))
     sizes, scores = np.transpose(np.array(scored), (2, 1, 0))  # each (shares, folds)
     points = [{"images_per_class": float(n), "score": float(mean), "low": float(low), "high": float(high)}
               for n, mean, (low, high) in zip(sizes.mean(1), scores.mean(1), map(interval, scores))]

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable
 
@@ -111,6 +112,17 @@ def head_threads(source):
     first to end would change the others' settings mid-fit."""
     with torch_threads(source.threads), threadpool_limits(1, user_api="blas"):
         yield
+
+
+def in_parallel(function, items: list, source, head: str):
+    """map(function, items): a logistic head's fits (its folds) on a thread per core, inside one head_threads block;
+    they spend their time in numpy and scipy, which release the GIL, and only read the cached features
+    (bench/bench_speed.py, warm). An SGD head's fits share the source's batch state: one at a time."""
+    if head != "logistic" or len(items) < 2:
+        yield from map(function, items)
+        return
+    with head_threads(source), ThreadPoolExecutor(min(len(items), available_cores())) as pool:
+        yield from pool.map(function, items)
 
 
 def training_rows(source: CachedFeatures, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:

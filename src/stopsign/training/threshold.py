@@ -12,18 +12,17 @@ otherwise. Photos of a new source added to the training split move it: it is cho
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, TrainConfig, available_cores
+from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Sample, kfold_samples
 from ..decision import POSITIVE
 from .fitting import fit
-from .heads import MAX_FOLDS, fit_quietly, folded_head, head_threads, logits, make_model, training_rows
+from .heads import MAX_FOLDS, fit_quietly, folded_head, in_parallel, logits, make_model, training_rows
 from .sources import CachedFeatures
 
 log = logging.getLogger(__name__)
@@ -97,22 +96,10 @@ def out_of_fold_threshold(source, samples: list[Sample], class_names: list[str],
         head = fold_head(source, fold[0] + extra, num_features, 2, model, recipe, fitted, positive)
         return held_out_probabilities(head, source, fold[1]), [s.label for s in fold[1]]
 
-    with head_threads(source):
-        scored = list(tqdm(in_parallel(score, folds, model.head), total=len(folds), desc="threshold folds",
-                           unit="fold", disable=not progress, leave=False))
+    scored = list(tqdm(in_parallel(score, folds, source, model.head), total=len(folds), desc="threshold folds",
+                       unit="fold", disable=not progress, leave=False))
     probs, truth = (np.concatenate(part) for part in zip(*scored))
     return choose_threshold(truth, probs[:, POSITIVE], recipe.target_recall)
-
-
-def in_parallel(function, items: list, head: str):
-    """map(function, items), the logistic head's folds on a thread per core: their fits spend their time in numpy
-    and scipy, which release the GIL, and only read the cached features (bench/bench_speed.py, warm). An SGD head's
-    fits share the source's batch state: one at a time."""
-    if head != "logistic" or len(items) < 2:
-        yield from map(function, items)
-        return
-    with ThreadPoolExecutor(min(len(items), available_cores())) as pool:
-        yield from pool.map(function, items)
 
 
 def fold_head(source: CachedFeatures, samples: list[Sample], num_features: int, num_classes: int,

@@ -106,8 +106,9 @@ def test_a_logistic_heads_threshold_folds_run_beside_its_final_fit(imbalanced, t
         return calls[-1][2]
 
     monkeypatch.setattr(trainer, "out_of_fold_threshold", spy)
+    sgd = {"pooling": "avg", "tiles": 1, "epochs": 2} if head == "sgd" else {}
     result = train(imbalanced, backbone="tiny", out=str(tmp_path / "runs"), progress=False, num_workers=0,
-                   val_fraction=0.2, head=head, **({"pooling": "avg", "tiles": 1, "epochs": 2} if head == "sgd" else {}))
+                   val_fraction=0.2, head=head, **sgd)
     (on_main, fitted, chosen), = calls
     assert on_main == (head == "sgd")
     if head == "logistic":

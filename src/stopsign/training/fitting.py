@@ -157,9 +157,10 @@ def fit(source, num_features: int, num_classes: int, train_samples: list[Sample]
 
     model.head == "logistic" fits the head by logistic regression instead (training/heads.py), choosing C by
     K-fold over the training samples that keeps each of `groups` (duplicate groups) on one side, and calls
-    `on_chosen` with them before its final fit (heads.fit_logistic); the SGD recipe ignores groups and on_chosen. With recipe.class_weight == "balanced" the training loss weighs each class by
-    n / (classes * count); the validation loss stays unweighted, comparable across runs. `positive`: the
-    positive class of two-class data (model.positive_index), which a --pooling regions head scores regions by.
+    `on_chosen` with them before its final fit (heads.fit_logistic); the SGD recipe ignores groups and on_chosen.
+    With recipe.class_weight == "balanced" the training loss weighs each class by n / (classes * count); the
+    validation loss stays unweighted, comparable across runs. `positive`: the positive class of two-class data
+    (model.positive_index), which a --pooling regions head scores regions by.
     """
     if model.head == "logistic":
         from .heads import fit_logistic  # scikit-learn's solver: imported only when asked for

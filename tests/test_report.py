@@ -360,3 +360,30 @@ def test_the_run_settings_list_only_what_the_head_reads(images):
         assert f"<th>{name}</th>" not in logistic and f"<th>{name}</th>" in sgd, name
     for name in ("head", "pooling", "class_weight", "views", "seed"):
         assert f"<th>{name}</th>" in logistic, name
+
+
+def test_the_threshold_table_marks_the_decision_rule_beside_the_best_f1_row(images):
+    from stopsign.reporting.html import render_report
+
+    def threshold_rows(threshold):
+        metrics = compute_metrics(predictions(images, P1_WITH_MISTAKES), threshold=threshold)
+        page = render_report("t", metrics, images={})
+        section = page[page.index('<section id="threshold">'):page.index("</section>", page.index('id="threshold"'))]
+        rows = {}
+        for row in section.split("<tr")[2:]:  # after the header row
+            marks = row.split('class="')[1].split('"')[0].split() if row.startswith(' class="') else []
+            cells = [float(cell.split("<")[0]) for cell in row.split('<td class="num">')[1:]]
+            rows[cells[0]] = (marks, cells[1:3])
+        return metrics, section, rows
+
+    metrics, section, rows = threshold_rows(0.4)
+    # p(stop) >= 0.4 predicts what the lowest score at or above it (0.45) predicts: that row is the rule's, and its
+    # precision and recall are the Metrics section's
+    assert [t for t, (marks, _) in rows.items() if "rule" in marks] == [0.45]
+    stop = metrics["per_class"]["stop"]
+    assert rows[0.45][1] == [round(stop["precision"], 3), round(stop["recall"], 3)]
+    assert [t for t, (marks, _) in rows.items() if "best" in marks] == [round(metrics["best_f1_threshold"]["threshold"], 3)]
+    assert "The decision rule (" in section and "uses 0.400" in section
+
+    _, section, rows = threshold_rows(None)  # a model without a threshold: argmax, no rule row in the table
+    assert not any("rule" in marks for marks, _ in rows.values()) and "The decision rule" not in section

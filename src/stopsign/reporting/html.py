@@ -107,7 +107,11 @@ def render_report(title: str, metrics: dict, *, images: dict[str, str], run_info
     cv, checks = cv or {}, checks or {}
     folds, counts = cv.get("per_fold", []), checks.get("class_counts") or {}
     classes = list(next(iter(counts.values()), {}))
-    best = (metrics.get("best_f1_threshold") or {}).get("threshold")
+    points, rule = metrics.get("thresholds") or [], metrics.get("threshold")
+    # the threshold table's marked rows: the best F1's, and the decision rule's (the lowest score at or above it)
+    marked = {"best": (metrics.get("best_f1_threshold") or {}).get("threshold"),
+              "rule": min((p["threshold"] for p in points if p["threshold"] >= rule), default=None) if rule is not None
+              else None}
     if run_info and isinstance(run_info.get("settings"), dict):
         run_info = run_info | {"settings": relevant_settings(run_info["settings"])}
     per_class = per_class_rows(metrics)
@@ -117,7 +121,7 @@ def render_report(title: str, metrics: dict, *, images: dict[str, str], run_info
         wrong=metrics["n"] - sum(row[k] for k, row in enumerate(metrics["confusion"])),
         calibration=[[f"{b['lo']:.1f}–{b['hi']:.1f}", b["count"], b["confidence"], b["accuracy"]]
                      for b in metrics["calibration"]["bins"] if b["count"]],
-        marks=["best" if row["threshold"] == best else "" for row in metrics.get("thresholds") or []],
+        marks=[" ".join(name for name, t in marked.items() if p["threshold"] == t) for p in points],
         cv_header=["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))],
         cv_rows=[[key, value, cv.get("std", {}).get(key)] + [fold.get(key) for fold in folds]
                  for key, value in cv.get("mean", {}).items() if isinstance(value, (int, float))],

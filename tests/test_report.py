@@ -387,3 +387,21 @@ def test_the_threshold_table_marks_the_decision_rule_beside_the_best_f1_row(imag
 
     _, section, rows = threshold_rows(None)  # a model without a threshold: argmax, no rule row in the table
     assert not any("rule" in marks for marks, _ in rows.values()) and "The decision rule" not in section
+
+
+def test_thresholds_of_a_confident_head_are_shown_apart_and_each_as_shown_predicts_its_row(images):
+    from stopsign.reporting.html import render_report
+
+    # two stop photos at 0.999961 and 0.999932: at 3 decimals both read 1.000, though each is its own row
+    p1 = np.array([0.1, 0.999961, 0.2, 0.999932, 0.3, 0.8, 0.05, 0.6, 0.4, 0.7, 0.15, 0.9])
+    metrics = compute_metrics(predictions(images, p1), threshold=0.5)
+    page = render_report("t", metrics, images={})
+    section = page[page.index('<section id="threshold">'):page.index("</section>", page.index('id="threshold"'))]
+    shown = [row.split('<td class="num">')[1].split("<")[0] for row in section.split("<tr")[2:]]
+    points = [p["threshold"] for p in metrics["thresholds"]]
+    assert len(set(shown)) == len(shown) == len(points)
+    assert shown[:3] == ["0.99996", "0.999", "0.900"]  # rounded down, to the fewest decimals above the next row
+    for text, threshold in zip(shown, points):  # copied into --threshold, each predicts what its row does
+        assert np.array_equal(p1 >= float(text), p1 >= threshold), text
+    best = metrics["best_f1_threshold"]["threshold"]
+    assert f"at threshold {shown[points.index(best)]} (" in section

@@ -7,6 +7,7 @@ the numbers and computes the rows the templates cannot simply copy from the metr
 from __future__ import annotations
 
 import math
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import jinja2
@@ -55,6 +56,21 @@ def number(value, short: bool = False) -> str:
 
 class Shown(str):
     """Text that stands in a numeric column (n/a): right-aligned like the numbers around it."""
+
+
+def operating_rows(points: list[dict]) -> list[list]:
+    """The threshold table's rows (thresholds falling), each threshold rounded down to the fewest decimals, from 3,
+    that keep it above the next row's: a confident head's 0.999961 and 0.999932 read 0.99996 and 0.99993, not 1.000
+    twice, and a threshold copied from the table (--threshold) predicts what its row does."""
+    def floor(value: float, decimals: int) -> Decimal:
+        return Decimal(str(float(value))).quantize(Decimal(10) ** -decimals, ROUND_FLOOR)
+
+    rows = []
+    for point, below in zip(points, [point["threshold"] for point in points[1:]] + [None]):
+        decimals = next((d for d in range(3, 13) if below is None or floor(point["threshold"], d) > below), 12)
+        rows.append([Shown(str(floor(point["threshold"], decimals))), point["precision"], point["recall"],
+                     point["fpr"]])
+    return rows
 
 
 def records(values: list[dict]) -> tuple[list, list[list]]:
@@ -112,6 +128,7 @@ def render_report(title: str, metrics: dict, *, images: dict[str, str], run_info
     marked = {"best": (metrics.get("best_f1_threshold") or {}).get("threshold"),
               "rule": min((p["threshold"] for p in points if p["threshold"] >= rule), default=None) if rule is not None
               else None}
+    operating = operating_rows(points)
     if run_info and isinstance(run_info.get("settings"), dict):
         run_info = run_info | {"settings": relevant_settings(run_info["settings"])}
     per_class = per_class_rows(metrics)
@@ -121,6 +138,8 @@ def render_report(title: str, metrics: dict, *, images: dict[str, str], run_info
         wrong=metrics["n"] - sum(row[k] for k, row in enumerate(metrics["confusion"])),
         calibration=[[f"{b['lo']:.1f}–{b['hi']:.1f}", b["count"], b["confidence"], b["accuracy"]]
                      for b in metrics["calibration"]["bins"] if b["count"]],
+        operating_points=operating, best_threshold=next(
+            (row[0] for row, p in zip(operating, points) if p["threshold"] == marked["best"]), None),
         marks=[" ".join(name for name, t in marked.items() if p["threshold"] == t) for p in points],
         cv_header=["metric", "mean", "std"] + [f"fold {i + 1}" for i in range(len(folds))],
         cv_rows=[[key, value, cv.get("std", {}).get(key)] + [fold.get(key) for fold in folds]

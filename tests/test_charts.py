@@ -131,3 +131,19 @@ def test_scored_classes_skip_a_class_absent_from_y_true():
     assert list(scored_classes(every)) == [0, 1, 2]
     one = Predictions([f"p{i}" for i in range(6)], [1] * 6, probs, ["a", "b", "c"])
     assert list(scored_classes(one)) == []  # class 1 has no negatives, the others no positives
+
+
+def test_roc_and_pr_mark_the_decision_rule_where_its_predictions_sit(tmp_path, monkeypatch):
+    from stopsign.reporting import charts
+
+    figures = []
+    monkeypatch.setattr(charts, "save_figure", lambda figure, path: figures.append(figure) or path)
+    pred = two_class_predictions().with_threshold(0.4)  # stop when p >= 0.4: 5 of 6 stop photos, 2 of 6 others
+    plot_roc(pred, tmp_path / "roc.png")
+    plot_pr(pred, tmp_path / "pr.png")
+    for figure, expected in zip(figures, [(2 / 6, 5 / 6), (5 / 6, 5 / 7)]):  # (fpr, recall), (recall, precision)
+        axis = figure.axes[0]
+        [marker] = [line for line in axis.lines if line.get_marker() == "o"]
+        assert marker.get_label() == "decision rule (p ≥ 0.400)"
+        assert np.allclose(np.ravel(marker.get_data()), expected)
+        assert "decision rule (p ≥ 0.400)" in [text.get_text() for text in axis.get_legend().get_texts()]

@@ -167,8 +167,19 @@ def scored_classes(pred: Predictions) -> list[int]:
     return [k for k in candidates if 0 < (pred.y_true == k).sum() < len(pred.y_true)]
 
 
+def rule_point(pred: Predictions) -> dict | None:
+    """Two classes: where the model's decisions sit on its curves (false-positive rate, recall and, when it
+    predicts the positive class at all, precision), and the rule's name; None for more classes."""
+    if pred.num_classes != 2 or POSITIVE not in scored_classes(pred):
+        return None
+    positive, predicted = pred.y_true == POSITIVE, pred.y_pred == POSITIVE
+    rule = "argmax" if pred.threshold is None else f"p ≥ {pred.threshold:.3f}"
+    return {"fpr": predicted[~positive].mean(), "recall": predicted[positive].mean(),
+            "precision": positive[predicted].mean() if predicted.any() else None, "label": f"decision rule ({rule})"}
+
+
 def plot_roc(pred: Predictions, path) -> Path:
-    """ROC curve (one-vs-rest per class when there are more than two)."""
+    """ROC curve (one-vs-rest per class when there are more than two), with the decision rule's point."""
     figure = new_figure(5, 4.5, margins=CURVE_MARGINS)
     axis = figure.subplots()
     for n, k in enumerate(scored_classes(pred)):
@@ -176,12 +187,16 @@ def plot_roc(pred: Predictions, path) -> Path:
         fpr, tpr, _ = roc_curve(is_k, scores)
         display = RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=roc_auc_score(is_k, scores))
         display.plot(ax=axis, name=pred.class_names[k], plot_chance_level=n == 0)
+    if point := rule_point(pred):
+        axis.plot(point["fpr"], point["recall"], "o", color="black", label=point["label"])
+        axis.legend(loc="lower right")
     _title(axis, "ROC")
     return save_figure(figure, path)
 
 
 def plot_pr(pred: Predictions, path) -> Path:
-    """Precision-recall curve with average precision (one-vs-rest per class when there are more than two)."""
+    """Precision-recall curve with average precision (one-vs-rest per class when there are more than two), with the
+    decision rule's point."""
     figure = new_figure(5, 4.5, margins=CURVE_MARGINS)
     axis = figure.subplots()
     for k in scored_classes(pred):
@@ -190,6 +205,8 @@ def plot_pr(pred: Predictions, path) -> Path:
         display = PrecisionRecallDisplay(precision, recall, average_precision=average_precision_score(is_k, scores))
         display.plot(ax=axis, name=pred.class_names[k])
         axis.axhline(is_k.mean(), color="gray", linestyle="--", linewidth=1, label=f"chance ({is_k.mean():.2f})")
+    if (point := rule_point(pred)) and point["precision"] is not None:
+        axis.plot(point["recall"], point["precision"], "o", color="black", label=point["label"])
     axis.set_ylim(-0.02, 1.02)
     axis.legend(loc="lower left")
     _title(axis, "precision-recall")

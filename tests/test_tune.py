@@ -17,7 +17,7 @@ import torch
 
 import stopsign.training.tune as tune_module
 from stopsign.config import Settings
-from stopsign.config import SGD_SETTINGS
+from stopsign.config import SGD_SETTINGS, relevant_settings
 from stopsign.model.backbones import BACKBONES
 from stopsign.cli import main
 from stopsign.data.datasets import kfold_samples, load_data
@@ -163,7 +163,9 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
     best = json.loads((run_dir / "best.json").read_text())
     assert {"trial", "value", "objective", "folds", "accuracy", "balanced_accuracy", "accuracy_std", "log_loss",
             "fold_accuracy", "params", "starting_recipe", "baseline", "verdict", "trials", "final_run"} <= set(best)
-    assert set(best["params"]) == set(SEARCH_SPACE) and best["folds"] == 3 and best["trials"]["complete"] >= 1
+    # the settings its head reads: the SGD head's only for it
+    assert set(best["params"]) == set(relevant_settings(dict.fromkeys(SEARCH_SPACE) | {"head": best["params"]["head"]}))
+    assert best["folds"] == 3 and best["trials"]["complete"] >= 1
     assert best["value"] == pytest.approx(best["accuracy"] - 1e-3 * best["log_loss"])
     # the recipe compared with is named by the settings it records: the defaults' logistic head, not the seed's
     start = best["starting_recipe"]
@@ -189,7 +191,7 @@ def test_cli_writes_the_tune_folder_and_final_model(tmp_path, data, tiny_backbon
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["cv"]["mean"]["accuracy"] == pytest.approx(best["accuracy"])  # the same folds, the same recipe
     config = json.loads((final / "config.json").read_text())
-    assert {k: config[k] for k in SEARCH_SPACE} == best["params"]
+    assert {k: config[k] for k in best["params"]} == best["params"]
     sgd = best["params"]["head"] == "sgd"  # the final run's summary and settings: only what its head reads
     parameters = json.loads((final / "summary.json").read_text())["parameters"]
     assert ("learningRate" in parameters) == sgd and ("C" in parameters) == (not sgd)
@@ -515,3 +517,33 @@ def test_a_backbone_that_cannot_load_leaves_no_tune_folder(tmp_path, data, tiny_
     with pytest.raises(StopsignError, match="missing.pt"):
         tune(data, trials=1, out=str(tmp_path / "runs"), weights=str(missing), **SETTINGS)
     assert not list((tmp_path / "runs").glob("tune-*"))
+
+
+def test_a_logistic_trial_draws_no_sgd_setting_and_settings_drawn_again_reuse_their_score(
+        tmp_path, data, tiny_backbone, monkeypatch):
+    calls = []
+    real_fit = crossval.fit
+    monkeypatch.setattr(crossval, "fit", lambda *args, **kwargs: calls.append(1) or real_fit(*args, **kwargs))
+    # a space of two settings for the logistic head (and the SGD head's own): eight trials must repeat some
+    space = {name: SEARCH_SPACE[name] for name in SGD_SETTINGS if name in SEARCH_SPACE} | {
+        "head": optuna.distributions.CategoricalDistribution(["logistic"]),
+        "pooling": optuna.distributions.CategoricalDistribution(["max", "avg"])}
+    monkeypatch.setattr(tune_module, "SEARCH_SPACE", space)
+    result = tune(data, trials=8, out=str(tmp_path / "runs"), **SETTINGS)
+
+    rows = read_trials(result.run_dir)
+    assert all(row[name] == "" for row in rows for name in SGD_SETTINGS if name in space)  # not drawn, not read
+    first = {}
+    for row in rows:
+        key = row["pooling"]
+        if key in first:  # the same settings on the same folds: the earlier trial's score, no fit
+            assert row["same_as"] == first[key]["number"] and row["accuracy"] == first[key]["accuracy"]
+        else:
+            assert row["same_as"] == "" and row["state"] == "complete"
+            first[key] = row
+    assert len(first) == 2 and len(calls) == 3 * (len(first) + 1)  # 3 folds of each distinct trial and the start
+    best = json.loads((result.run_dir / "best.json").read_text())
+    assert best["trials"] == {"complete": 8, "repeats": 6}
+    assert set(best["params"]) == {"head", "pooling"}
+    page = (result.run_dir / "report.html").read_text()
+    assert "<h3>The 2 best trials</h3>" in page and "Repeats:" in page  # each setting listed once

@@ -113,7 +113,8 @@ def write_tune_report(run_dir, rows: list[dict], best: dict, search_space: dict,
         if len(slice_rows(rows, name)) >= MIN_POINTS:
             images[f"slice_{name}"] = plot_slice(rows, name, space, plots / f"slice_{name}.png")
     uris = {name: file_data_uri(path) for name, path in images.items()}
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["value"])[:TOP_TRIALS]
+    done = sorted((r for r in rows if r["state"] == "complete" and r.get("same_as") is None),
+                  key=lambda r: -r["value"])[:TOP_TRIALS]  # each setting once: a repeat reused its first score
     shown = [name for name in search_space if any(uses(r, name) for r in done)]
     columns = ["number", "accuracy", "accuracy_std", "log_loss", "seconds"]
     trials = [[r[c] for c in columns] + [r[c] if uses(r, c) else None for c in shown] for r in done]

@@ -31,8 +31,8 @@ try:
 except ImportError as error:  # the optional `tune` extra
     raise StopsignError("stopsign tune needs optuna: pip install 'stopsign[tune]'") from error
 
-from ..config import (CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, ModelConfig, RunOptions, Settings, TrainConfig,
-                      given_settings, names, settings_yaml)
+from ..config import (CLASS_WEIGHTS, HEADS, POOLINGS, SEED_RECIPE, SGD_SETTINGS, ModelConfig, RunOptions, Settings,
+                      TrainConfig, given_settings, names, settings_yaml)
 from ..data.datasets import LabelledData, Sample, load_data
 from ..files import atomic_write_text, now, read_json, relative, write_csv, write_json
 from ..reporting.metrics import baseline, verdict
@@ -99,14 +99,18 @@ class TuneResult:
 
 
 def suggest(trial: optuna.Trial, space: dict = SEARCH_SPACE) -> dict:
-    """A trial's draw from `space` (search_space()'s), as flat settings."""
+    """A trial's draw from `space` (search_space()'s), as flat settings: those the drawn head reads, so the SGD
+    head's settings (SGD_SETTINGS) only for it. Trials of the logistic head then differ only where its fit does,
+    and two that draw the same are one (see tune's objective)."""
     def draw(name: str, drawn) -> object:
         if isinstance(drawn, CategoricalDistribution):
             return trial.suggest_categorical(name, drawn.choices)
         number = trial.suggest_int if isinstance(drawn, IntDistribution) else trial.suggest_float
         return number(name, drawn.low, drawn.high, log=drawn.log)
 
-    return {name: draw(name, drawn) for name, drawn in space.items()}
+    drawn = {name: draw(name, value) for name, value in space.items() if name not in SGD_SETTINGS}
+    return drawn | {name: draw(name, value) for name, value in space.items()
+                    if name in SGD_SETTINGS and drawn.get("head") == "sgd"}
 
 
 def cross_validated_score(source: CachedFeatures, samples: list[Sample], num_features: int, class_names: list[str],
@@ -189,7 +193,13 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                 trial.set_user_attr("scores", scores)  # one attribute: one commit
                 raise optuna.TrialPruned()
 
-        scores = score(config.replace(**suggest(trial, space)), on_fold)
+        drawn = suggest(trial, space)
+        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if same := next((t for t in done if t.params == trial.params), None):  # scored already: the same folds
+            trial.set_user_attr("same_as", same.number)
+            trial.set_user_attr("scores", same.user_attrs["scores"])
+            return same.value
+        scores = score(config.replace(**drawn), on_fold)
         trial.set_user_attr("scores", scores)
         return scores["value"]
 
@@ -382,7 +392,8 @@ def trial_rows(study: optuna.Study, folds: int, space: dict = SEARCH_SPACE) -> l
         row = {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
                "accuracy": attrs.get("accuracy"), "accuracy_std": attrs.get("accuracy_std"),
                "log_loss": attrs.get("log_loss"),
-               "seconds": round(trial.duration.total_seconds(), 3) if trial.duration else None}
+               "seconds": round(trial.duration.total_seconds(), 3) if trial.duration else None,
+               "same_as": trial.user_attrs.get("same_as")}
         row |= {name: trial.params.get(name) for name in space}
         for key in ("accuracy", "log_loss"):
             values = attrs.get(f"fold_{key}", [])
@@ -415,7 +426,8 @@ def write_outputs(study: optuna.Study, run_dir: Path, start: dict, trivial: dict
         **({"final_from": "the best trial", "final_params": trial.params} if trial.value >= start["value"] else
            {"final_from": f"the {start['name']}", "final_params": start["params"]}),
         "starting_recipe": start,
-        "trials": {state: states.count(state) for state in sorted(set(states))},
+        "trials": {state: states.count(state) for state in sorted(set(states))}
+        | {"repeats": sum(row["same_as"] is not None for row in rows)},  # of the complete: a score reused
         "final_run": str(final_dir) if final_dir else None,
     }
     write_json(run_dir / "best.json", best)

@@ -185,24 +185,6 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     score, skipped = scorer(plan, progress)  # the backbone loads (or says why not) before any folder is made
     run_dir = Path(resume) if resume else create_tune_folder(config, studied, plan.train, search)
     space = search_space(search)
-
-    def objective(trial: optuna.Trial) -> float:
-        def on_fold(index: int, scores: dict) -> None:
-            trial.report(scores["accuracy"], index)
-            if trial.should_prune():
-                trial.set_user_attr("scores", scores)  # one attribute: one commit
-                raise optuna.TrialPruned()
-
-        drawn = suggest(trial, space)
-        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if same := next((t for t in done if t.params == trial.params), None):  # scored already: the same folds
-            trial.set_user_attr("same_as", same.number)
-            trial.set_user_attr("scores", same.user_attrs["scores"])
-            return same.value
-        scores = score(config.replace(**drawn), on_fold)
-        trial.set_user_attr("scores", scores)
-        return scores["value"]
-
     storage = sqlite_storage(run_dir / "study.db")
     try:
         study = open_study(storage, config.recipe.seed, space)
@@ -219,7 +201,7 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
                 bar.set_postfix(best_cv_accuracy=f"{best.user_attrs['scores']['accuracy']:.3f}", trial=best.number)
 
         try:
-            study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[show])
+            study.optimize(objective(score, config, space), n_trials=trials, timeout=timeout, callbacks=[show])
         except KeyboardInterrupt:
             write_outputs(study, run_dir, start, trivial, None, space)
             raise Interrupted(f"stopped; finished trials are in {run_dir}. Continue with: "
@@ -239,6 +221,30 @@ def tune(data: str | Path | LabelledData, *, trials: int = 50, folds: int | None
     found = (best["final_params"], best["value"], best["accuracy"]) if best else ({}, float("nan"), float("nan"))
     return TuneResult(run_dir, *found, final_run, config.recipe.folds, start["accuracy"], start["name"], trivial,
                       best["verdict"] if best else None, best["final_from"] if best else "the best trial")
+
+
+def objective(score: Callable[..., dict], config: Settings, space: dict) -> Callable[[optuna.Trial], float]:
+    """The study's objective: a trial's draw from `space` scored by score() (scorer's), pruned after a fold where
+    its running accuracy is below the median's; or, where an earlier trial drew the same settings, that trial's
+    score, which the same heads on the same folds would give again."""
+    def scored(trial: optuna.Trial) -> float:
+        def on_fold(index: int, scores: dict) -> None:
+            trial.report(scores["accuracy"], index)
+            if trial.should_prune():
+                trial.set_user_attr("scores", scores)  # one attribute: one commit
+                raise optuna.TrialPruned()
+
+        drawn = suggest(trial, space)
+        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if same := next((t for t in done if t.params == trial.params), None):
+            trial.set_user_attr("same_as", same.number)
+            trial.set_user_attr("scores", same.user_attrs["scores"])
+            return same.value
+        scores = score(config.replace(**drawn), on_fold)
+        trial.set_user_attr("scores", scores)
+        return scores["value"]
+
+    return scored
 
 
 def study_settings(data: LabelledData, given: dict, resume: str | Path | None, folds: int | None,
